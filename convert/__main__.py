@@ -1,0 +1,43 @@
+"""`python -m convert HF_DIR OUT_DIR`: convert a Hugging Face Qwen3-VL checkpoint once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
+    parser.add_argument("out_dir", help="output directory (must not exist unless --force)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                        help="dtype of the stored params (auto: keep the checkpoint's)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from convert.core import MANIFEST_FILE, convert_checkpoint
+    from qvl_jax.errors import QvlError
+
+    start = time.perf_counter()
+    try:
+        out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force)
+    except QvlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import json
+
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    print(f"converted {args.hf_dir} -> {out}: {manifest['num_params'] / 1e6:.1f}M params, "
+          f"{manifest['params_bytes'] / 2**20:.1f} MiB ({manifest['dtype']}) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

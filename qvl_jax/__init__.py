@@ -1,0 +1,19 @@
+"""qvl_jax: a JAX inference engine for the Qwen3-VL vision-language models."""
+
+from qvl_jax.config import Qwen3VLConfig, TextConfig, VisionConfig
+from qvl_jax.errors import CheckpointError, ConfigError, InputError, QvlError
+from qvl_jax.model import Model, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "Model",
+    "QvlError",
+    "Qwen3VLConfig",
+    "TextConfig",
+    "VisionConfig",
+    "load",
+]

@@ -1,0 +1,92 @@
+"""Reading params: a converted qvl_jax directory (memory-mapped safetensors) or, converted in memory,
+a Hugging Face checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qvl_jax.config import Qwen3VLConfig
+from qvl_jax.errors import CheckpointError
+
+FORMAT_NAME = "qvl_jax.params"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "qvl_jax.json"
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def is_converted(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: not a qvl_jax params manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in params format version {version}; this qvl_jax reads version "
+            f"{FORMAT_VERSION}: convert the checkpoint again")
+    return manifest
+
+
+def load_converted(path: Path, dtype: jnp.dtype | None = None) -> tuple[Qwen3VLConfig, dict]:
+    from safetensors import safe_open
+
+    manifest = read_manifest(path)
+    config = Qwen3VLConfig.from_json_file(path / "config.json")
+    params_file = path / manifest.get("params_file", "params.safetensors")
+    if not params_file.is_file():
+        raise CheckpointError(f"{params_file} is missing")
+    size = params_file.stat().st_size
+    if size != manifest.get("params_bytes"):
+        raise CheckpointError(
+            f"{params_file} is {size} bytes but was written as {manifest.get('params_bytes')}: "
+            "the converted checkpoint was changed or truncated; convert it again")
+    flat = {}
+    try:
+        with safe_open(str(params_file), framework="numpy") as f:
+            for key in f.keys():
+                arr = f.get_tensor(key)  # read from the memory map, one tensor at a time
+                flat[key] = jax.device_put(arr if dtype is None else arr.astype(dtype))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{params_file}: cannot read params ({str(e).splitlines()[0]})") from None
+    return config, unflatten(flat)
+
+
+def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None) -> tuple[Qwen3VLConfig, dict]:
+    """(config, params) from a converted directory or a Hugging Face checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    np_dtype = None if dtype is None else jnp.dtype(dtype)
+    if is_converted(path):
+        return load_converted(path, np_dtype)
+    if (path / "config.json").is_file():
+        from convert.core import load_hf_params
+
+        config, flat = load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
+        return config, unflatten({k: jax.device_put(v) for k, v in flat.items()})
+    raise CheckpointError(f"{path} is neither a converted qvl_jax directory ({MANIFEST_FILE}) "
+                          "nor a Hugging Face checkpoint (config.json)")

@@ -1,0 +1,238 @@
+"""Model configuration: frozen dataclasses built from a Hugging Face `config.json`.
+
+`Qwen3VLConfig.from_hf_dict` reads both dialects of the Qwen3-VL config: the released checkpoints'
+(`text_config.rope_scaling` + `text_config.rope_theta`) and the one transformers 5 writes
+(`text_config.rope_parameters`). Every dense Qwen3-VL size (2B, 4B, 8B, 32B) is described by these
+fields alone; architectures qvl_jax does not implement (the MoE variants, other model types) are
+rejected with a `ConfigError` rather than loaded half-right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from qvl_jax.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+
+
+def _get(d: dict, key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is dataclasses.MISSING:
+        raise ConfigError(f"config.json: {where} is missing required key {key!r}")
+    return default
+
+
+def _as_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config.json: {where}.{key} must be an integer, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    attention_bias: bool = False
+    max_position_embeddings: int = 262144
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "TextConfig":
+        where = "text_config"
+        act = _get(d, "hidden_act", where, "silu")
+        if act != "silu":
+            raise ConfigError(f"config.json: text_config.hidden_act={act!r} is not supported (only 'silu')")
+        # transformers 5 writes rope_parameters (theta inside); released checkpoints have rope_scaling
+        # with rope_theta beside it in text_config.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json: text_config rope parameters must be a dict, got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise ConfigError(f"config.json: text_config rope_type={rope_type!r} is not supported (only 'default')")
+        if rope.get("mrope_interleaved", True) is not True:
+            raise ConfigError("config.json: text_config mrope_interleaved=false (Qwen2.5-VL style) is not supported")
+        theta = rope.get("rope_theta", d.get("rope_theta", 5_000_000.0))
+        section = tuple(int(s) for s in rope.get("mrope_section", (24, 20, 20)))
+        hidden = _as_int(_get(d, "hidden_size", where), "hidden_size", where)
+        heads = _as_int(_get(d, "num_attention_heads", where), "num_attention_heads", where)
+        kv_heads = _as_int(_get(d, "num_key_value_heads", where, heads), "num_key_value_heads", where)
+        head_dim = _as_int(_get(d, "head_dim", where, hidden // heads if heads else 0), "head_dim", where)
+        cfg = cls(
+            vocab_size=_as_int(_get(d, "vocab_size", where), "vocab_size", where),
+            hidden_size=hidden,
+            intermediate_size=_as_int(_get(d, "intermediate_size", where), "intermediate_size", where),
+            num_hidden_layers=_as_int(_get(d, "num_hidden_layers", where), "num_hidden_layers", where),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(_get(d, "rms_norm_eps", where, 1e-6)),
+            rope_theta=float(theta),
+            mrope_section=section,  # type: ignore[arg-type]
+            attention_bias=bool(_get(d, "attention_bias", where, False)),
+            max_position_embeddings=int(_get(d, "max_position_embeddings", where, 262144)),
+        )
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config.json: text_config.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config.json: text_config.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: text_config.head_dim={self.head_dim} must be even for rotary embeddings")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            raise ConfigError(
+                f"config.json: mrope_section={list(self.mrope_section)} must have 3 entries summing to "
+                f"head_dim/2={self.head_dim // 2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    deepstack_visual_indexes: tuple[int, ...]
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_grid_per_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened (C, T, P, P) patch: the width of `pixel_values`."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "VisionConfig":
+        where = "vision_config"
+        act = _get(d, "hidden_act", where, "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ConfigError(f"config.json: vision_config.hidden_act={act!r} is not supported (only tanh GELU)")
+        rope = d.get("rope_parameters") or {}
+        cfg = cls(
+            depth=_as_int(_get(d, "depth", where), "depth", where),
+            hidden_size=_as_int(_get(d, "hidden_size", where), "hidden_size", where),
+            intermediate_size=_as_int(_get(d, "intermediate_size", where), "intermediate_size", where),
+            num_heads=_as_int(_get(d, "num_heads", where), "num_heads", where),
+            out_hidden_size=_as_int(_get(d, "out_hidden_size", where), "out_hidden_size", where),
+            deepstack_visual_indexes=tuple(int(i) for i in _get(d, "deepstack_visual_indexes", where)),
+            in_channels=int(_get(d, "in_channels", where, 3)),
+            patch_size=int(_get(d, "patch_size", where, 16)),
+            temporal_patch_size=int(_get(d, "temporal_patch_size", where, 2)),
+            spatial_merge_size=int(_get(d, "spatial_merge_size", where, 2)),
+            num_position_embeddings=int(_get(d, "num_position_embeddings", where, 2304)),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        )
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"config.json: vision_config.hidden_size={self.hidden_size} is not a multiple of "
+                f"num_heads={self.num_heads}")
+        if self.head_dim % 4:
+            raise ConfigError(f"config.json: vision head_dim={self.head_dim} must be a multiple of 4 (2-D rotary)")
+        if self.num_grid_per_side ** 2 != self.num_position_embeddings:
+            raise ConfigError(
+                f"config.json: vision_config.num_position_embeddings={self.num_position_embeddings} "
+                "is not a perfect square")
+        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"config.json: deepstack_visual_indexes {bad} outside the {self.depth} vision blocks")
+        if sorted(set(self.deepstack_visual_indexes)) != list(self.deepstack_visual_indexes):
+            raise ConfigError(
+                f"config.json: deepstack_visual_indexes {list(self.deepstack_visual_indexes)} must be increasing")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLConfig:
+    text: TextConfig
+    vision: VisionConfig
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "Qwen3VLConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type")
+        if model_type != "qwen3_vl":
+            hint = " (the Mixture-of-Experts variants are not supported)" if "moe" in str(model_type) else ""
+            raise ConfigError(
+                f"config.json: model_type={model_type!r} is not supported{hint}; qvl_jax runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+        text_d = d.get("text_config")
+        vision_d = d.get("vision_config")
+        if not isinstance(text_d, dict):
+            raise ConfigError("config.json: missing 'text_config' object")
+        if not isinstance(vision_d, dict):
+            raise ConfigError("config.json: missing 'vision_config' object")
+        # The tie flag lives at the top level in both dialects; some exports only have it in text_config.
+        tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", False))
+        text = TextConfig.from_hf_dict(text_d)
+        vision = VisionConfig.from_hf_dict(vision_d)
+        if vision.out_hidden_size != text.hidden_size:
+            raise ConfigError(
+                f"config.json: vision_config.out_hidden_size={vision.out_hidden_size} != "
+                f"text_config.hidden_size={text.hidden_size}")
+        if len(vision.deepstack_visual_indexes) > text.num_hidden_layers:
+            raise ConfigError("config.json: more deepstack mergers than decoder layers")
+        return cls(
+            text=text,
+            vision=vision,
+            tie_word_embeddings=bool(tie),
+            image_token_id=int(d.get("image_token_id", 151655)),
+            video_token_id=int(d.get("video_token_id", 151656)),
+            vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
+            vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "Qwen3VLConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {os.fspath(path)}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)

@@ -1,0 +1,22 @@
+"""The exception family of qvl_jax.
+
+Every error a user can cause (a bad checkpoint, a bad config, bad inputs) is raised as a subclass of
+`QvlError`, with a one-line message that names the problem. Library code never lets such a problem
+surface as a traceback from deep inside JAX.
+"""
+
+
+class QvlError(Exception):
+    """Base class of every error qvl_jax raises on purpose."""
+
+
+class ConfigError(QvlError, ValueError):
+    """A config.json that is malformed, or describes a model qvl_jax does not support."""
+
+
+class CheckpointError(QvlError, ValueError):
+    """A checkpoint (Hugging Face or converted) that is missing, corrupt, truncated or misshapen."""
+
+
+class InputError(QvlError, ValueError):
+    """Model inputs that are inconsistent or malformed (shapes, placeholder counts, types)."""

@@ -1,0 +1,145 @@
+"""The Qwen3-VL text decoder as pure functions of an explicit param pytree.
+
+RMSNorm, grouped-query attention with per-head QK-norm, interleaved multimodal RoPE (3-D positions),
+SwiGLU MLP, DeepStack injection after the first layers. Layers are stacked (leading layer axis in every
+`layers/...` array) and run with `lax.scan`, so the compiled program holds one layer body whatever
+the depth.
+
+Einsum letters: b batch, t query time, s key time, d model width, n query heads, k kv heads,
+g query heads per kv head, h head_dim, f MLP width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qvl_jax.config import TextConfig
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    # As the reference: normalise in float32, cast back to the input dtype, then apply the weight.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * y.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    # float32 arithmetic, as the reference builds its inv_freq buffer.
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def mrope_axis(head_dim: int, section: tuple[int, int, int]) -> np.ndarray:
+    """Which position axis (0 = t, 1 = h, 2 = w) drives each of the head_dim/2 frequencies.
+
+    Interleaved layout: frequency i is h when i % 3 == 1 and i < 3 * section[1], w when i % 3 == 2 and
+    i < 3 * section[2], else t.
+    """
+    i = np.arange(head_dim // 2)
+    axis = np.zeros_like(i)
+    axis[(i % 3 == 1) & (i < 3 * section[1])] = 1
+    axis[(i % 3 == 2) & (i < 3 * section[2])] = 2
+    return axis
+
+
+def mrope_cos_sin(positions: jax.Array, cfg: TextConfig) -> tuple[jax.Array, jax.Array]:
+    """positions [3, b, t] (t, h, w) -> cos, sin [b, t, head_dim] in float32."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, b, t, h/2]
+    axis = mrope_axis(cfg.head_dim, cfg.mrope_section)
+    sel = jnp.where(axis == 0, freqs[0], jnp.where(axis == 1, freqs[1], freqs[2]))
+    emb = jnp.concatenate([sel, sel], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [b, t, heads, h]; cos/sin [b, t, h]. Rotation in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def _proj(x: jax.Array, p: dict, spec: str) -> jax.Array:
+    y = jnp.einsum(spec, x, p["kernel"])
+    return y + p["bias"] if "bias" in p else y
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, stacked: k, v [layers, b, s, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: TextConfig,
+              cache: tuple[jax.Array, jax.Array] | None = None,
+              write_pos: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Causal GQA self-attention with QK-norm and MRoPE.
+
+    mask [b, t, s] is True where query t may attend key s. Without a cache the keys are this call's
+    own (s == t). With a cache (k, v [b, s, k, h]) the new keys are written at `write_pos` (a scalar
+    offset shared by the batch) and the queries attend over the whole cache.
+    """
+    eps = cfg.rms_norm_eps
+    q = rms_norm(_proj(x, p["q_proj"], "btd,dnh->btnh"), p["q_norm"]["scale"], eps)
+    k = rms_norm(_proj(x, p["k_proj"], "btd,dkh->btkh"), p["k_norm"]["scale"], eps)
+    v = _proj(x, p["v_proj"], "btd,dkh->btkh")
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    if cache is not None:
+        ck, cv = cache
+        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_pos, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_pos, axis=1)
+    new_kv = (k, v)
+
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # query head n = kv_head * groups + g, as HF's repeat_kv
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, n, h)
+    return _proj(out, p["o_proj"], "btnh,nhd->btd"), new_kv
+
+
+def mlp(p: dict, x: jax.Array) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"]["kernel"])
+    up = jnp.einsum("btd,df->btf", x, p["up_proj"]["kernel"])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"]["kernel"])
+
+
+def decoder(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
+            deepstack: jax.Array | None = None, cache: KVCache | None = None,
+            write_pos: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """All decoder layers and the final norm.
+
+    x [b, t, d] input embeddings; positions [3, b, t]; mask [b, t, s] (see `attention`).
+    deepstack [n, b, t, d]: visual features already placed at their token positions (zero elsewhere);
+    entry i is added to the hidden state right after layer i, for i < n.
+    """
+    cos, sin = mrope_cos_sin(positions, cfg)
+    n_ds = 0 if deepstack is None else deepstack.shape[0]
+    layer_ids = jnp.arange(cfg.num_hidden_layers)
+
+    def body(h, xs):
+        p, i, kv = xs
+        a, new_kv = attention(p["self_attn"], rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps),
+                              cos, sin, mask, cfg, kv, write_pos)
+        h = h + a
+        h = h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps))
+        if n_ds:
+            ds = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
+            h = h + jnp.where(i < n_ds, ds, jnp.zeros_like(ds)).astype(h.dtype)
+        return h, (new_kv if kv is not None else None)
+
+    kv_in = None if cache is None else (cache.k, cache.v)
+    x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_in))
+    x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+    return x, (None if cache is None else KVCache(*kv_out))
