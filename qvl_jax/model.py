@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qvl_jax import positions as positions_mod
 from qvl_jax import text
+from qvl_jax import vision as vision_mod
 from qvl_jax.checkpoint import load_params
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import InputError
@@ -43,20 +45,40 @@ def causal_mask(valid: jax.Array) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), dtype=bool))[None] & valid[:, None, :]
 
 
+def splice_vision(x: jax.Array, feat_index: jax.Array, feats: jax.Array) -> jax.Array:
+    """Replaces the embedding of each vision placeholder token by its feature row.
+
+    feat_index [b, t]: row of `feats` for that token, -1 for every other token."""
+    rows = jnp.take(feats, jnp.maximum(feat_index, 0), axis=0).astype(x.dtype)
+    return jnp.where(feat_index[..., None] >= 0, rows, x)
+
+
+def deepstack_at_tokens(deepstack: jax.Array, feat_index: jax.Array) -> jax.Array:
+    """[K, n_feats, d] DeepStack features -> [K, b, t, d], zero away from vision tokens."""
+    rows = jnp.take(deepstack, jnp.maximum(feat_index, 0), axis=1)
+    return jnp.where(feat_index[None, ..., None] >= 0, rows, jnp.zeros_like(rows))
+
+
+def embed_inputs(params: dict, cfg: Qwen3VLConfig, input_ids: jax.Array, vision: tuple | None):
+    """Token embeddings with vision features spliced in, and the per-token DeepStack features."""
+    x = embed(params, input_ids)
+    if vision is None:
+        return x, None
+    feats, deepstack, feat_index = vision
+    x = splice_vision(x, feat_index, feats)
+    return x, (deepstack_at_tokens(deepstack, feat_index).astype(x.dtype) if deepstack.shape[0] else None)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def forward_logits(params: dict, cfg: Qwen3VLConfig, input_ids: jax.Array, positions: jax.Array,
-                   valid: jax.Array) -> jax.Array:
-    """Full-prompt forward: logits [b, t, vocab] in float32."""
-    x = embed(params, input_ids)
-    h, _ = text.decoder(params["model"]["language_model"], cfg.text, x, positions, causal_mask(valid))
+                   valid: jax.Array, vision: tuple | None = None) -> jax.Array:
+    """Full-prompt forward: logits [b, t, vocab] in float32.
+
+    vision: (features [n, d], deepstack [K, n, d], feat_index [b, t]) or None for text-only input."""
+    x, deepstack = embed_inputs(params, cfg, input_ids, vision)
+    h, _ = text.decoder(params["model"]["language_model"], cfg.text, x, positions, causal_mask(valid),
+                        deepstack=deepstack)
     return lm_head(params, cfg, h).astype(jnp.float32)
-
-
-def text_positions(attention_mask: np.ndarray) -> np.ndarray:
-    """[b, t] mask -> [3, b, t] positions counting real tokens only (pads get 0), t = h = w."""
-    pos = np.cumsum(attention_mask, axis=-1) - 1
-    pos = np.where(attention_mask > 0, pos, 0)
-    return np.broadcast_to(pos[None], (3, *pos.shape)).astype(np.int32)
 
 
 def _as_batch(name: str, value, dtype_kind: str = "iu") -> np.ndarray:
@@ -73,6 +95,94 @@ def _as_batch(name: str, value, dtype_kind: str = "iu") -> np.ndarray:
     return arr
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedInputs:
+    """Host-side result of checking and laying out one batch of model inputs (unpadded)."""
+
+    input_ids: np.ndarray  # [b, t] int32
+    mask: np.ndarray  # [b, t] int32
+    positions: np.ndarray  # [3, b, t] int32
+    rope_delta: np.ndarray  # [b] int32
+    feat_index: np.ndarray | None  # [b, t] int32 row of the vision features, -1 elsewhere
+    vision: vision_mod.VisionInputs | None
+
+
+def _feature_index(ids: np.ndarray, cfg: Qwen3VLConfig, n_image: int, n_video: int) -> np.ndarray:
+    """Image tokens take image features in row-major order, video tokens the video features (which
+    follow the image features in the tower's output), as transformers' masked_scatter does."""
+    is_img, is_vid = ids == cfg.image_token_id, ids == cfg.video_token_id
+    for kind, mask, n in (("image", is_img, n_image), ("video", is_vid, n_video)):
+        if int(mask.sum()) != n:
+            raise InputError(f"{kind} features and {kind} tokens do not match: {int(mask.sum())} "
+                             f"{kind} placeholder tokens in input_ids, {n} {kind} features from the grids")
+    index = np.full(ids.shape, -1, np.int32)
+    index[is_img] = np.arange(n_image)
+    index[is_vid] = n_image + np.arange(n_video)
+    return index
+
+
+def _mask(attention_mask, shape) -> np.ndarray:
+    if attention_mask is None:
+        return np.ones(shape, np.int32)
+    mask = _as_batch("attention_mask", attention_mask, "iub")
+    if mask.shape != shape:
+        raise InputError(f"attention_mask shape {list(mask.shape)} != input_ids shape {list(shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise InputError("attention_mask must hold only 0 and 1")
+    if not mask.any(axis=1).all():
+        raise InputError("attention_mask has a row with no real tokens")
+    return mask.astype(np.int32)
+
+
+def prepare_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None) -> PreparedInputs:
+    """Checks a batch of HF-style inputs and computes everything shape- or data-dependent on the host."""
+    ids = _as_batch("input_ids", input_ids)
+    vocab = cfg.text.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise InputError(f"input_ids must lie in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
+    mask = _mask(attention_mask, ids.shape)
+    types = positions_mod.token_types(ids, cfg.image_token_id, cfg.video_token_id)
+    if mm_token_type_ids is not None:
+        given = _as_batch("mm_token_type_ids", mm_token_type_ids)
+        if given.shape != ids.shape or not np.array_equal(given, types):
+            raise InputError("mm_token_type_ids disagrees with the image/video placeholder tokens in input_ids")
+
+    vcfg = cfg.vision
+    grid = {}
+    for kind, pix, g in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
+        if (pix is None) != (g is None):
+            raise InputError(f"{kind} pixel values and {kind}_grid_thw must be given together")
+        grid[kind] = None if g is None else vision_mod.check_grid_thw(g, vcfg, f"{kind}_grid_thw")
+    positions, delta = positions_mod.rope_index(types, mask, grid["image"], grid["video"], vcfg.spatial_merge_size)
+
+    group = vcfg.spatial_merge_size ** 2
+    n_feats = {k: 0 if g is None else int(g.prod(-1).sum()) // group for k, g in grid.items()}
+    feat_index = _feature_index(ids, cfg, n_feats["image"], n_feats["video"])
+    vis = None
+    present = [(pix, grid[k]) for k, pix in (("image", pixel_values), ("video", pixel_values_videos))
+               if pix is not None]
+    if present:
+        # Images and videos go through the tower in one call: attention never crosses a frame, so
+        # this equals running them apart, and the video features land right after the image ones.
+        all_grids = np.concatenate([g for _, g in present])
+        pix = [np.asarray(p) for p, _ in present]
+        widths = {p.shape[-1] for p in pix if p.ndim == 2}
+        if any(p.ndim != 2 for p in pix) or len(widths) != 1:
+            raise InputError(f"pixel values must be [patches, {vcfg.patch_dim}] arrays, got shapes "
+                             f"{[list(p.shape) for p in pix]}")
+        n_patches = int(all_grids.prod(-1).sum())
+        vis = vision_mod.VisionInputs.build(np.concatenate(pix), all_grids, vcfg, bucket_length(n_patches, 64))
+    return PreparedInputs(ids.astype(np.int32), mask, positions, delta, feat_index if present else None, vis)
+
+
+def run_vision(params: dict, cfg: Qwen3VLConfig, vis: vision_mod.VisionInputs) -> tuple[jax.Array, jax.Array]:
+    """Merged features [n_bucket, d] and DeepStack features [K, n_bucket, d] of all images and videos."""
+    return vision_mod.tower_jit(params["model"]["visual"], cfg.vision, jnp.asarray(vis.patches),
+                                jnp.asarray(vis.pos_idx), jnp.asarray(vis.pos_w), jnp.asarray(vis.rope_pos),
+                                jnp.asarray(vis.frame))
+
+
 @dataclasses.dataclass
 class Model:
     """A loaded Qwen3-VL model: `config`, `params` (the param pytree) and the inference entry points."""
@@ -80,36 +190,24 @@ class Model:
     config: Qwen3VLConfig
     params: dict
 
-    def _prepare(self, input_ids, attention_mask):
-        ids = _as_batch("input_ids", input_ids)
-        vocab = self.config.text.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise InputError(f"input_ids must lie in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
-        if attention_mask is None:
-            mask = np.ones_like(ids, dtype=np.int32)
-        else:
-            mask = _as_batch("attention_mask", attention_mask, "iub")
-            if mask.shape != ids.shape:
-                raise InputError(f"attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}")
-            if not np.isin(mask, (0, 1)).all():
-                raise InputError("attention_mask must hold only 0 and 1")
-            if not mask.any(axis=1).all():
-                raise InputError("attention_mask has a row with no real tokens")
-            mask = mask.astype(np.int32)
-        return ids.astype(np.int32), mask
-
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None) -> np.ndarray:
-        """Logits of every prompt position: np.float32 [batch, length, vocab]."""
-        if pixel_values is not None or pixel_values_videos is not None:
-            raise InputError("image and video inputs are not supported yet")
-        ids, mask = self._prepare(input_ids, attention_mask)
-        positions = text_positions(mask)
-        b, t = ids.shape
+        """Logits of every prompt position: np.float32 [batch, length, vocab].
+
+        Inputs as Hugging Face's processor returns them; mm_token_type_ids is derived from input_ids
+        when not given. Positions of padding tokens (attention_mask == 0) hold unspecified values."""
+        inp = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                             pixel_values_videos, video_grid_thw, mm_token_type_ids)
+        b, t = inp.input_ids.shape
         tb = bucket_length(t)
         pad = ((0, 0), (0, tb - t))
-        out = forward_logits(self.params, self.config, jnp.asarray(np.pad(ids, pad)),
-                             jnp.asarray(np.pad(positions, ((0, 0), *pad))), jnp.asarray(np.pad(mask, pad) > 0))
+        vision = None
+        if inp.vision is not None:
+            feats, deepstack = run_vision(self.params, self.config, inp.vision)
+            vision = (feats, deepstack, jnp.asarray(np.pad(inp.feat_index, pad, constant_values=-1)))
+        out = forward_logits(self.params, self.config, jnp.asarray(np.pad(inp.input_ids, pad)),
+                             jnp.asarray(np.pad(inp.positions, ((0, 0), *pad))),
+                             jnp.asarray(np.pad(inp.mask, pad) > 0), vision)
         return np.asarray(out[:, :t])
 
 

@@ -28,9 +28,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    # float32 arithmetic, as the reference builds its inv_freq buffer.
+    """1 / theta^(2i/head_dim) as the reference builds it: a float32 exponent, the power rounded to
+    float32, a float32 reciprocal. (numpy's float32 power differs from torch's by up to 4 ulp, and a
+    frequency error grows with the position it multiplies.)"""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def mrope_axis(head_dim: int, section: tuple[int, int, int]) -> np.ndarray:

@@ -48,8 +48,12 @@ def hf_config(name: str):
 
 
 def build_tiny(name: str, seed: int = 0):
-    """A float32 HF model in eval mode with random weights (norm weights randomised too, so that a
-    dropped or misplaced norm cannot hide behind an all-ones weight)."""
+    """A float32 HF model in eval mode with random weights at realistic activation scale.
+
+    transformers' init (std 0.02) keeps every activation near zero, where a tanh-GELU is
+    indistinguishable from an exact one and a misplaced norm barely moves the logits. Here matrices get
+    std 1/sqrt(fan_in), embeddings std 1, norm weights 1 +- 0.2 and biases +-0.1, so that every
+    component leaves a visible mark on the logits."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -57,10 +61,15 @@ def build_tiny(name: str, seed: int = 0):
     model = Qwen3VLForConditionalGeneration(hf_config(name)).eval().to(torch.float32)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight") or ".norm" in pname and pname.endswith("weight"):
+            if "norm" in pname and pname.endswith("weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif pname.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "embed_tokens" in pname or "pos_embed" in pname:
+                p.copy_(torch.randn_like(p))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn_like(p) / fan_in ** 0.5)
     return model
 
 

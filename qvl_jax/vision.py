@@ -1,0 +1,220 @@
+"""The Qwen3-VL vision tower: patch embed, learned position embedding, 2-D rotary, ViT blocks,
+patch merger and DeepStack mergers.
+
+Everything that depends on the image grids (`grid_thw`) is computed on the host with numpy
+(`VisionInputs.build`): the bilinear taps into the learned 48x48 position table, the (row, col) rotary
+positions, and which frame each patch belongs to (attention is full inside a frame and blocked across
+frames and images). Patch counts are padded to buckets, so a new image size reuses a compiled tower
+when it falls in a known bucket; padding patches belong to no frame and their outputs are never used.
+
+Patches arrive in Hugging Face's order: per image/frame, merge blocks of spatial_merge_size**2
+neighbouring patches, row-major over blocks.
+
+Einsum letters: p patches (queries), q patches (keys), d width, j heads, h head_dim, c the q/k/v
+triple, f MLP width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qvl_jax.config import VisionConfig
+from qvl_jax.errors import InputError
+from qvl_jax.text import rope_inv_freq
+
+
+def _merge_block_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each patch of an h x w frame, listed in merge-block order."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge, merge, w // merge, merge)
+    return rows.reshape(shape).transpose(0, 2, 1, 3).ravel(), cols.reshape(shape).transpose(0, 2, 1, 3).ravel()
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear, align_corners=True taps of `size` target points into a `side`-long table (float32 as
+    the reference): source coordinate i * (side - 1) / (size - 1)."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(src)
+    taps = floor.astype(np.int64)[:, None] + np.arange(2)
+    weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - np.arange(2, dtype=np.float32)), 0, None)
+    return np.clip(taps, 0, side - 1), weights.astype(np.float32)
+
+
+def pos_embed_taps(grid_thw: np.ndarray, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """For every patch, 4 indices into the learned position table and their bilinear weights:
+    the side x side table resized to each frame's (h, w), tiled over t, in merge-block order."""
+    side, merge = cfg.num_grid_per_side, cfg.spatial_merge_size
+    idx, wts = [], []
+    for t, h, w in grid_thw:
+        rows, cols = _merge_block_rows_cols(h, w, merge)
+        rt, rw = _axis_taps(rows, h, side)
+        ct, cw = _axis_taps(cols, w, side)
+        i = (rt[:, :, None] * side + ct[:, None, :]).reshape(-1, 4)
+        wt = (rw[:, :, None] * cw[:, None, :]).reshape(-1, 4)
+        idx.append(np.tile(i, (t, 1)))
+        wts.append(np.tile(wt, (t, 1)))
+    return np.concatenate(idx).astype(np.int32), np.concatenate(wts).astype(np.float32)
+
+
+def rope_positions(grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    """[patches, 2] (row, col) of every patch, merge-block order, repeated for each of the t frames."""
+    out = []
+    for t, h, w in grid_thw:
+        rows, cols = _merge_block_rows_cols(h, w, merge)
+        out.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
+    return np.concatenate(out).astype(np.int32)
+
+
+def frame_ids(grid_thw: np.ndarray) -> np.ndarray:
+    """[patches] index of the frame (temporal step of an image or video) each patch belongs to."""
+    sizes = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+
+
+def vision_rope_inv_freq(cfg: VisionConfig) -> np.ndarray:
+    """head_dim/4 frequencies shared by the row and the column halves of each head."""
+    return rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)
+
+
+def check_grid_thw(grid_thw, cfg: VisionConfig, name: str) -> np.ndarray:
+    try:
+        grid = np.asarray(grid_thw)
+    except Exception:
+        raise InputError(f"{name} must be an integer array of shape [n, 3]") from None
+    if grid.dtype.kind not in "iu" or grid.ndim != 2 or grid.shape[1] != 3 or len(grid) == 0:
+        raise InputError(f"{name} must be an integer array of shape [n, 3], got {grid.dtype} {list(grid.shape)}")
+    if (grid <= 0).any():
+        raise InputError(f"{name} entries must be positive, got {grid.tolist()}")
+    m = cfg.spatial_merge_size
+    if (grid[:, 1] % m).any() or (grid[:, 2] % m).any():
+        raise InputError(f"{name} heights and widths must be multiples of spatial_merge_size={m}, got {grid.tolist()}")
+    return grid.astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionInputs:
+    """Host-computed, bucket-padded inputs of one vision-tower call."""
+
+    patches: np.ndarray  # [P, C*T*P*P] float
+    pos_idx: np.ndarray  # [P, 4] int32
+    pos_w: np.ndarray  # [P, 4] float32
+    rope_pos: np.ndarray  # [P, 2] int32
+    frame: np.ndarray  # [P] int32, -1 for padding
+    num_patches: int  # real patches before padding
+
+    @classmethod
+    def build(cls, pixel_values, grid_thw: np.ndarray, cfg: VisionConfig, bucket: int) -> "VisionInputs":
+        pixels = np.asarray(pixel_values)
+        if pixels.dtype.kind != "f":
+            raise InputError(f"pixel values must be floating point, got dtype {pixels.dtype}")
+        n = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
+        if pixels.ndim != 2 or pixels.shape != (n, cfg.patch_dim):
+            raise InputError(f"pixel values have shape {list(pixels.shape)}; the grids imply [{n}, {cfg.patch_dim}]")
+        if not np.isfinite(pixels).all():
+            raise InputError("pixel values contain NaN or inf")
+        pad = bucket - n
+        pos_idx, pos_w = pos_embed_taps(grid_thw, cfg)
+        return cls(
+            patches=np.pad(pixels, ((0, pad), (0, 0))),
+            pos_idx=np.pad(pos_idx, ((0, pad), (0, 0))),
+            pos_w=np.pad(pos_w, ((0, pad), (0, 0))),
+            rope_pos=np.pad(rope_positions(grid_thw, cfg.spatial_merge_size), ((0, pad), (0, 0))),
+            frame=np.pad(frame_ids(grid_thw), (0, pad), constant_values=-1),
+            num_patches=n,
+        )
+
+
+def layer_norm(x: jax.Array, p: dict, eps: float = 1e-6) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    # As torch's layer_norm: affine in float32 too, one rounding at the end.
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _linear(x: jax.Array, p: dict) -> jax.Array:
+    return x @ p["kernel"] + p["bias"]
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual."""
+    h = layer_norm(x, p["norm1"])
+    qkv = jnp.einsum("pd,dcjh->pcjh", h, p["attn"]["qkv"]["kernel"]) + p["attn"]["qkv"]["bias"]
+    q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
+    scores = jnp.einsum("pjh,qjh->jpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    attn = jnp.einsum("jpq,qjh->pjh", probs, v)
+    x = x + jnp.einsum("pjh,jhd->pd", attn, p["attn"]["proj"]["kernel"]) + p["attn"]["proj"]["bias"]
+    h = layer_norm(x, p["norm2"])
+    h = jax.nn.gelu(_linear(h, p["mlp"]["linear_fc1"]), approximate=True)
+    return x + _linear(h, p["mlp"]["linear_fc2"])
+
+
+def merger(p: dict, x: jax.Array, group: int, postshuffle_norm: bool) -> jax.Array:
+    """Groups `group` consecutive patches (one merge block) into one token of the text width.
+
+    The main merger normalises each patch and then groups; the DeepStack mergers group first and
+    normalise the grouped vector. Both use exact (erf) GELU.
+    """
+    if postshuffle_norm:
+        x = layer_norm(x.reshape(-1, x.shape[-1] * group), p["norm"])
+    else:
+        x = layer_norm(x, p["norm"]).reshape(-1, x.shape[-1] * group)
+    x = jax.nn.gelu(_linear(x, p["linear_fc1"]), approximate=False)
+    return _linear(x, p["linear_fc2"])
+
+
+def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Array, pos_w: jax.Array,
+          rope_pos: jax.Array, frame: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(merged [P/m^2, out], deepstack [K, P/m^2, out]) for bucket-padded patches [P, C*T*P*P]."""
+    dtype = params["patch_embed"]["proj"]["kernel"].dtype
+    x = _linear(patches.astype(dtype), params["patch_embed"]["proj"])
+    pos = jnp.take(params["pos_embed"]["embedding"], pos_idx, axis=0)  # [P, 4, d]
+    x = x + jnp.sum(pos * pos_w[..., None].astype(pos.dtype), axis=1).astype(x.dtype)
+
+    inv_freq = jnp.asarray(vision_rope_inv_freq(cfg))
+    freqs = rope_pos.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim/4]
+    emb = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+    emb = jnp.concatenate([emb, emb], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    mask = (frame[:, None] == frame[None, :]) & (frame[None, :] >= 0)
+
+    # One scan over all blocks; the DeepStack taps are kept in a [K, P, d] buffer as the scan passes
+    # their layers, and their mergers run afterwards in one batched call.
+    ds_idx = cfg.deepstack_visual_indexes
+    slot_of_layer = np.full(cfg.depth, -1, np.int32)
+    slot_of_layer[list(ds_idx)] = np.arange(len(ds_idx), dtype=np.int32)
+    taps0 = jnp.zeros((max(len(ds_idx), 1), *x.shape), x.dtype)
+
+    def body(carry, xs):
+        h, taps = carry
+        p, slot = xs
+        h = block(p, h, cos, sin, mask)
+        at = jnp.maximum(slot, 0)
+        kept = jnp.where(slot >= 0, h, jax.lax.dynamic_index_in_dim(taps, at, keepdims=False))
+        return (h, jax.lax.dynamic_update_index_in_dim(taps, kept, at, axis=0)), None
+
+    (x, taps), _ = jax.lax.scan(body, (x, taps0), (params["blocks"], jnp.asarray(slot_of_layer)))
+    group = cfg.spatial_merge_size ** 2
+    merged = merger(params["merger"], x, group, postshuffle_norm=False)
+    if not ds_idx:
+        return merged, jnp.zeros((0, *merged.shape), merged.dtype)
+    deepstack = jax.vmap(lambda p, t: merger(p, t, group, postshuffle_norm=True))(
+        params["deepstack_merger_list"], taps)
+    return merged, deepstack
+
+
+tower_jit = jax.jit(tower, static_argnames=("cfg",))
