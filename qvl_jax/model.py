@@ -189,6 +189,37 @@ class Model:
 
     config: Qwen3VLConfig
     params: dict
+    generation_defaults: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
+
+    @property
+    def dtype(self):
+        """Activation / KV-cache dtype: that of the decoder weights."""
+        return self.params["model"]["language_model"]["embed_tokens"]["embedding"].dtype
+
+    def generate(self, max_new_tokens: int = 64, **kwargs):
+        """Generates up to max_new_tokens new tokens for each row of a batch.
+
+        Inputs as for `logits` (any padding side). With no sampling argument decoding is greedy.
+        Keyword arguments: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
+        frequency_penalty, presence_penalty (each a number or one per row), seed, stop_token_ids
+        (default: the checkpoint's eos ids), pad_token_id, return_logprobs, return_logits.
+        Returns a `GenerateOutput`: tokens np.int32 [b, n] (stop token included, pad after it),
+        lengths [b], and optionally logprobs [b, n] and raw logits [b, n, vocab]."""
+        from qvl_jax import generate
+
+        return generate.generate(self, max_new_tokens, **kwargs)
+
+    def stream(self, max_new_tokens: int = 64, **kwargs):
+        """Like `generate`, as an iterator of np.int32 [b] tokens, one step at a time."""
+        from qvl_jax import generate
+
+        return generate.stream(self, max_new_tokens, **kwargs)
+
+    def chat_session(self, max_cache_len: int | None = None):
+        """A `ChatSession`: multi-turn generation that reuses the KV cache across turns."""
+        from qvl_jax import generate
+
+        return generate.ChatSession(self, max_cache_len)
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None) -> np.ndarray:
@@ -219,4 +250,25 @@ def load(path: str | os.PathLike, dtype=None, mesh=None) -> Model:
     if mesh is not None:
         raise NotImplementedError("loading under a mesh is not implemented yet")
     config, params = load_params(path, dtype)
-    return Model(config, params)
+    return Model(config, params, _generation_defaults(path))
+
+
+def _generation_defaults(path) -> dict:
+    """eos_token_id (as a list) and pad_token_id from generation_config.json, when the model has one."""
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    eos = d.get("eos_token_id")
+    out = {}
+    if eos is not None:
+        out["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+    if isinstance(d.get("pad_token_id"), int):
+        out["pad_token_id"] = d["pad_token_id"]
+    return out

@@ -11,8 +11,6 @@ g query heads per kv head, h head_dim, f MLP width.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,43 +71,28 @@ def _proj(x: jax.Array, p: dict, spec: str) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
-class KVCache(NamedTuple):
-    """Per-layer keys and values, stacked: k, v [layers, b, s, kv_heads, head_dim]."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: TextConfig,
-              cache: tuple[jax.Array, jax.Array] | None = None,
-              write_pos: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Causal GQA self-attention with QK-norm and MRoPE.
-
-    mask [b, t, s] is True where query t may attend key s. Without a cache the keys are this call's
-    own (s == t). With a cache (k, v [b, s, k, h]) the new keys are written at `write_pos` (a scalar
-    offset shared by the batch) and the queries attend over the whole cache.
-    """
+def qkv(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: TextConfig):
+    """Queries [b, t, n, h] and keys/values [b, t, k, h]: projections, per-head QK-norm, then MRoPE."""
     eps = cfg.rms_norm_eps
     q = rms_norm(_proj(x, p["q_proj"], "btd,dnh->btnh"), p["q_norm"]["scale"], eps)
     k = rms_norm(_proj(x, p["k_proj"], "btd,dkh->btkh"), p["k_norm"]["scale"], eps)
     v = _proj(x, p["v_proj"], "btd,dkh->btkh")
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    if cache is not None:
-        ck, cv = cache
-        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), write_pos, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), write_pos, axis=1)
-    new_kv = (k, v)
 
+def attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA attention of q [b, t, n, h] over k, v [b, s, k, h]; mask [b, t, s] True where allowed.
+
+    Query head n uses kv head n // groups, as transformers' repeat_kv. Softmax in float32."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # query head n = kv_head * groups + g, as HF's repeat_kv
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) * (h ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype)).reshape(b, t, n, h)
-    return _proj(out, p["o_proj"], "btnh,nhd->btd"), new_kv
+    return _proj(out, p["o_proj"], "btnh,nhd->btd")
 
 
 def mlp(p: dict, x: jax.Array) -> jax.Array:
@@ -119,30 +102,41 @@ def mlp(p: dict, x: jax.Array) -> jax.Array:
 
 
 def decoder(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,
-            deepstack: jax.Array | None = None, cache: KVCache | None = None,
-            write_pos: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-    """All decoder layers and the final norm.
+            deepstack: jax.Array | None = None, cache: tuple[jax.Array, jax.Array] | None = None,
+            write_pos: jax.Array | None = None, read_len: int | None = None):
+    """All decoder layers and the final norm: (hidden [b, t, d], updated cache or None).
 
-    x [b, t, d] input embeddings; positions [3, b, t]; mask [b, t, s] (see `attention`).
-    deepstack [n, b, t, d]: visual features already placed at their token positions (zero elsewhere);
-    entry i is added to the hidden state right after layer i, for i < n.
+    x [b, t, d] input embeddings; positions [3, b, t]; deepstack [n, b, t, d]: visual features already
+    placed at their token positions (zero elsewhere), entry i added right after layer i.
+
+    Without a cache, attention is over this call's own tokens and mask is [b, t, t]. With a cache
+    (k, v [layers, b, max_len, kv_heads, head_dim]) this call's keys and values are written at
+    `write_pos` (shared by the batch) and attention reads the first `read_len` (static) cache entries:
+    mask is [b, t, read_len]. The cache travels in the scan carry so that XLA updates it in place.
     """
     cos, sin = mrope_cos_sin(positions, cfg)
     n_ds = 0 if deepstack is None else deepstack.shape[0]
-    layer_ids = jnp.arange(cfg.num_hidden_layers)
+    b, t = x.shape[:2]
 
-    def body(h, xs):
-        p, i, kv = xs
-        a, new_kv = attention(p["self_attn"], rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps),
-                              cos, sin, mask, cfg, kv, write_pos)
-        h = h + a
+    def body(carry, xs):
+        h, kv = carry
+        p, i = xs
+        q, k, v = qkv(p["self_attn"], rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps), cos, sin, cfg)
+        if kv is not None:
+            ck, cv = kv
+            at = (i, 0, write_pos, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            size = (1, b, read_len, *ck.shape[3:])
+            k = jax.lax.dynamic_slice(ck, (i, 0, 0, 0, 0), size)[0]
+            v = jax.lax.dynamic_slice(cv, (i, 0, 0, 0, 0), size)[0]
+            kv = (ck, cv)
+        h = h + attend(p["self_attn"], q, k, v, mask)
         h = h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps))
         if n_ds:
             ds = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
             h = h + jnp.where(i < n_ds, ds, jnp.zeros_like(ds)).astype(h.dtype)
-        return h, (new_kv if kv is not None else None)
+        return (h, kv), None
 
-    kv_in = None if cache is None else (cache.k, cache.v)
-    x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_in))
-    x = rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
-    return x, (None if cache is None else KVCache(*kv_out))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(cfg.num_hidden_layers)))
+    return rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps), cache

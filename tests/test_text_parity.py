@@ -78,26 +78,13 @@ def test_batch_of_one_dimensional_ids(jax_model):
 # --- The contract can fail: break one component at a time and the parity check must notice. ---
 
 def _qk_norm_after_rope(text_mod):
-    orig_apply = text_mod.apply_rope
-
-    def attention(p, x, cos, sin, mask, cfg, cache=None, write_pos=None):
-        # Rope first, QK-norm second: the wrong order.
-        def rms(y, s):
+    def qkv(p, x, cos, sin, cfg):  # rope first, QK-norm second: the wrong order
+        def norm(y, s):
             return text_mod.rms_norm(y, s, cfg.rms_norm_eps)
-        q = text_mod._proj(x, p["q_proj"], "btd,dnh->btnh")
-        k = text_mod._proj(x, p["k_proj"], "btd,dkh->btkh")
-        q = rms(orig_apply(q, cos, sin), p["q_norm"]["scale"])
-        k = rms(orig_apply(k, cos, sin), p["k_norm"]["scale"])
-        v = text_mod._proj(x, p["v_proj"], "btd,dkh->btkh")
-        b, t, n, h = q.shape
-        kvh = k.shape[2]
-        qg = q.reshape(b, t, kvh, n // kvh, h)
-        s = jax.numpy.einsum("btkgh,bskh->bkgts", qg, k) * h ** -0.5
-        s = jax.numpy.where(mask[:, None, None], s, -1e30)
-        o = jax.numpy.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v).reshape(b, t, n, h)
-        return text_mod._proj(o, p["o_proj"], "btnh,nhd->btd"), (k, v)
-
-    return "attention", attention
+        q = norm(text_mod.apply_rope(text_mod._proj(x, p["q_proj"], "btd,dnh->btnh"), cos, sin), p["q_norm"]["scale"])
+        k = norm(text_mod.apply_rope(text_mod._proj(x, p["k_proj"], "btd,dkh->btkh"), cos, sin), p["k_norm"]["scale"])
+        return q, k, text_mod._proj(x, p["v_proj"], "btd,dkh->btkh")
+    return "qkv", qkv
 
 
 def _rope_wrong_half(text_mod):

@@ -1,0 +1,538 @@
+"""Generation: jitted prefill, then a jitted `lax.while_loop` decode over the static KV cache.
+
+Prefill writes a (bucket-padded) chunk of prompt tokens into the cache at its current end and samples
+the first new token from the last prompt position's logits; the last prompt token is never fed twice.
+Each decode step feeds the previous token at the cache end, with rotary position (index - start) +
+rope_delta, and samples the next one inside the loop. The loop runs while some row is unfinished, the
+token budget lasts, and the cache end stays inside the static `read_len` that attention reads: the
+host re-enters with the next length bucket, so attention only reads the filled part of the cache and
+each bucket compiles once. `stream` drives the same step function from Python, one token at a time.
+
+`ChatSession` keeps the cache between turns: a follow-up prompt that extends the cached tokens (same
+token ids, same images) prefills only its new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import time
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qvl_jax import kv_cache, sampling
+from qvl_jax.config import Qwen3VLConfig
+from qvl_jax.errors import InputError
+from qvl_jax.model import bucket_length, embed_inputs, lm_head, prepare_inputs, run_vision
+from qvl_jax.text import decoder
+
+MIN_READ = 64  # smallest attention window bucket during decode
+
+
+class DecodeState(NamedTuple):
+    step: jax.Array  # [] int32: tokens produced so far
+    max_new: jax.Array  # [] int32
+    tokens: jax.Array  # [b, n] int32 (pad after a row's stop token)
+    logprobs: jax.Array  # [b, n] float32: log-probability of each chosen token under the model
+    logits: jax.Array | None  # [b, n, vocab] raw logits of each step (return_logits=True only)
+    done: jax.Array  # [b] bool
+    cache: kv_cache.KVCache
+    key: jax.Array  # PRNG key
+    seen: jax.Array | None  # [b, vocab] bool: in prompt or output (repetition penalty only)
+    counts: jax.Array | None  # [b, vocab] int32: occurrences in the output (frequency/presence only)
+
+
+class Controls(NamedTuple):
+    """Per-call constants of the loop (arrays, so new values do not recompile)."""
+
+    sampling: sampling.SamplingParams
+    stop_ids: jax.Array  # [n_stop] int32 (-1 = unused slot)
+    pad_id: jax.Array  # [] int32
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # [b, n] int32 new tokens; stop token included, pad id after it
+    lengths: np.ndarray  # [b] number of new tokens of each row (stop token included)
+    logprobs: np.ndarray | None = None  # [b, n] float32 (return_logprobs=True)
+    logits: np.ndarray | None = None  # [b, n, vocab] float32 raw logits (return_logits=True)
+    prompt_tokens: int = 0  # prompt length (after padding removal) of the longest row
+    reused_tokens: int = 0  # tokens taken from a chat session's cache instead of prefilled
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, logits: jax.Array) -> DecodeState:
+    """Chooses the token of step `state.step` from `logits` and records it."""
+    step = state.step
+    tok, lp = sampling.choose(jax.random.fold_in(state.key, step), logits, ctl.sampling, flags,
+                              state.seen, state.counts)
+    tok = jnp.where(state.done, ctl.pad_id, tok)
+    live = ~state.done
+    b = tok.shape[0]
+    seen, counts = state.seen, state.counts
+    if seen is not None:
+        seen = seen.at[jnp.arange(b), tok].set(seen[jnp.arange(b), tok] | live)
+    if counts is not None:
+        counts = counts.at[jnp.arange(b), tok].add(live.astype(jnp.int32))
+    out_logits = state.logits
+    if out_logits is not None:
+        out_logits = jax.lax.dynamic_update_index_in_dim(out_logits, logits.astype(jnp.float32), step, axis=1)
+    done = state.done | jnp.isin(tok, ctl.stop_ids)
+    return state._replace(
+        step=step + 1,
+        tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, tok, step, axis=1),
+        logprobs=jax.lax.dynamic_update_index_in_dim(state.logprobs, jnp.where(live, lp, 0.0), step, axis=1),
+        logits=out_logits, done=done, seen=seen, counts=counts)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "n_out", "want_logits"),
+                   donate_argnames=("cache",))
+def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int, n_out: int,
+            want_logits: bool, ids: jax.Array, positions: jax.Array, valid: jax.Array, last_idx: jax.Array,
+            vision, cache: kv_cache.KVCache, delta: jax.Array, ctl: Controls, max_new: jax.Array, key: jax.Array,
+            seen_ids: jax.Array | None) -> DecodeState:
+    """Writes the chunk ids [b, t] at cache.end, then chooses the first new token.
+
+    valid [b, t] marks real tokens; last_idx [b] is each row's last real token in the chunk (all rows
+    end together: left padding, or a single row)."""
+    b, t = ids.shape
+    offset = cache.end
+    x, deepstack = embed_inputs(params, cfg, ids, vision)
+    j = jnp.arange(read_len)
+    in_chunk = (j >= offset) & (j < offset + t)
+    chunk_valid = jnp.take_along_axis(valid, jnp.clip(j - offset, 0, t - 1)[None].repeat(b, 0), axis=1)
+    key_ok = (j[None] >= cache.start[:, None]) & ((j[None] < offset) | (in_chunk[None] & chunk_valid))
+    causal = j[None, :] <= (offset + jnp.arange(t))[:, None]  # [t, read_len]
+    mask = key_ok[:, None, :] & causal[None]
+    h, (k, v) = decoder(params["model"]["language_model"], cfg.text, x, positions, mask, deepstack,
+                        (cache.k, cache.v), offset, read_len)
+    last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
+    logits = lm_head(params, cfg, last)[:, 0].astype(jnp.float32)
+    # A fresh cache starts each row at its first real token; a continued one keeps its starts.
+    start = jnp.where(offset == 0, jnp.argmax(valid, axis=1).astype(jnp.int32), cache.start)
+    new_cache = cache._replace(k=k, v=v, start=start, end=offset + jnp.max(last_idx) + 1, delta=delta)
+    vocab = cfg.text.vocab_size
+    seen = counts = None
+    if flags.repetition:
+        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], seen_ids].max(seen_ids >= 0)
+        seen = seen.at[:, 0].set(seen[:, 0] | jnp.any(seen_ids == 0, axis=1))
+    if flags.frequency_presence:
+        counts = jnp.zeros((b, vocab), jnp.int32)
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32), max_new=max_new,
+        tokens=jnp.zeros((b, n_out), jnp.int32), logprobs=jnp.zeros((b, n_out), jnp.float32),
+        logits=jnp.zeros((b, n_out, vocab), jnp.float32) if want_logits else None,
+        done=jnp.zeros((b,), bool), cache=new_cache, key=key, seen=seen, counts=counts)
+    return _record(state, ctl, flags, logits)
+
+
+def _decode_step(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
+                 state: DecodeState, ctl: Controls) -> DecodeState:
+    """Feeds the last chosen token at the cache end and chooses the next one."""
+    cache = state.cache
+    tok = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)
+    pos = cache.end - cache.start + cache.delta  # [b]
+    positions = jnp.broadcast_to(pos[None, :, None], (3, tok.shape[0], 1))
+    j = jnp.arange(read_len)
+    mask = ((j[None] >= cache.start[:, None]) & (j[None] <= cache.end))[:, None, :]
+    x, _ = embed_inputs(params, cfg, tok[:, None], None)
+    h, (k, v) = decoder(params["model"]["language_model"], cfg.text, x, positions, mask, None,
+                        (cache.k, cache.v), cache.end, read_len)
+    logits = lm_head(params, cfg, h)[:, 0].astype(jnp.float32)
+    state = state._replace(cache=cache._replace(k=k, v=v, end=cache.end + 1))
+    return _record(state, ctl, flags, logits)
+
+
+def _running(state: DecodeState, read_len: int) -> jax.Array:
+    return (state.step < state.max_new) & ~jnp.all(state.done) & (state.cache.end < read_len)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len"), donate_argnames=("state",))
+def decode_loop(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
+                state: DecodeState, ctl: Controls) -> DecodeState:
+    """Decodes until every row stopped, the budget is spent, or the cache end reaches read_len."""
+    return jax.lax.while_loop(lambda s: _running(s, read_len),
+                              lambda s: _decode_step(params, cfg, flags, read_len, s, ctl), state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len"), donate_argnames=("state",))
+def decode_one(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
+               state: DecodeState, ctl: Controls) -> DecodeState:
+    """One decode step (the streaming path): the same step function as the loop body."""
+    return _decode_step(params, cfg, flags, read_len, state, ctl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked generation request: the prompt chunk to prefill and the loop's controls."""
+
+    ids: np.ndarray  # [b, t] left-padded (or one row, right-padded to the bucket)
+    positions: np.ndarray  # [3, b, t]
+    valid: np.ndarray  # [b, t] bool
+    last_idx: np.ndarray  # [b]
+    delta: np.ndarray  # [b]
+    vision: object  # VisionInputs or None
+    feat_index: np.ndarray | None  # [b, t]
+    seen_ids: np.ndarray | None  # [b, any] token ids whose presence counts for the repetition penalty
+    prompt_len: int  # longest real prompt
+
+
+def _compact_left(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Moves each row's real tokens to the right end (left padding), whatever padding came in."""
+    lengths = mask.sum(1)
+    t = int(lengths.max())
+    out = np.zeros((len(ids), t), ids.dtype)
+    new_mask = np.zeros((len(ids), t), np.int32)
+    for r in range(len(ids)):
+        out[r, t - lengths[r]:] = ids[r][mask[r] > 0]
+        new_mask[r, t - lengths[r]:] = 1
+    return out, new_mask
+
+
+def _stop_ids(stop_token_ids, default) -> np.ndarray:
+    ids = default if stop_token_ids is None else stop_token_ids
+    if isinstance(ids, (int, np.integer)):
+        ids = [ids]
+    ids = np.asarray(list(ids) if ids is not None else [], dtype=np.int64)
+    if ids.ndim != 1:
+        raise InputError(f"stop_token_ids must be an int or a list of ints, got {stop_token_ids!r}")
+    # A fixed-size slot array keeps the compiled loop independent of how many stop tokens there are.
+    out = np.full(max(8, len(ids)), -1, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+class Generator:
+    """Runs requests against one model; holds nothing but the model and its defaults."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cfg: Qwen3VLConfig = model.config
+
+    # -- checks ------------------------------------------------------------------------------------
+    def _controls(self, batch, max_new_tokens, stop_token_ids, pad_token_id, kw) -> tuple:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        gen = self.model.generation_defaults
+        stop = _stop_ids(stop_token_ids, gen.get("eos_token_id"))
+        vocab = self.cfg.text.vocab_size
+        if ((stop >= vocab) | (stop < -1)).any():
+            raise InputError(f"stop_token_ids must lie in [0, {vocab}), got {stop[stop >= 0].tolist()}")
+        pad = gen.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
+        if pad is None:
+            pad = int(stop[0]) if stop[0] >= 0 else 0
+        if not 0 <= int(pad) < vocab:
+            raise InputError(f"pad_token_id must lie in [0, {vocab}), got {pad}")
+        seed = kw.pop("seed", None)
+        unknown = set(kw) - {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                             "presence_penalty"}
+        if unknown:
+            raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        sp, flags = sampling.make_sampling(batch, **kw)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise InputError(f"seed must be an integer, got {seed!r}")
+        key = jax.random.key(0 if seed is None else int(seed))
+        ctl = Controls(sp, jnp.asarray(stop), jnp.asarray(int(pad), jnp.int32))
+        return ctl, flags, key
+
+    def _check_capacity(self, needed: int, prompt_len: int, max_new: int):
+        limit = self.cfg.text.max_position_embeddings
+        if needed > limit:
+            raise InputError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new} = {prompt_len + max_new} "
+                             f"exceeds the model's context of {limit} tokens")
+
+    # -- requests -----------------------------------------------------------------------------------
+    def request(self, inputs: dict) -> Request:
+        """Checks a batch and lays it out left-padded to a length bucket."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise InputError("generate needs input_ids")
+        first = prepare_inputs(self.cfg, **inputs)  # validates everything, in the caller's layout
+        ids, mask = _compact_left(first.input_ids, first.mask)
+        rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        inp = prepare_inputs(self.cfg, ids, mask, **rest)
+        b, t = ids.shape
+        tb = bucket_length(t)
+        pad = ((0, 0), (tb - t, 0))
+        seen = np.where(mask > 0, ids, -1).astype(np.int32)
+        return Request(
+            ids=np.pad(inp.input_ids, pad), positions=np.pad(inp.positions, ((0, 0), *pad)),
+            valid=np.pad(inp.mask, pad) > 0, last_idx=np.full(b, tb - 1, np.int32), delta=inp.rope_delta,
+            vision=inp.vision, feat_index=None if inp.feat_index is None else np.pad(inp.feat_index, pad,
+                                                                                      constant_values=-1),
+            seen_ids=seen, prompt_len=t)
+
+    def _vision(self, req: Request):
+        if req.vision is None:
+            return None
+        feats, deepstack = run_vision(self.model.params, self.cfg, req.vision)
+        return feats, deepstack, jnp.asarray(req.feat_index)
+
+    def start(self, req: Request, cache: kv_cache.KVCache, max_new: int, ctl, flags, key, want_logits: bool):
+        n_out = bucket_length(max_new, 16)
+        read_len = min(cache.max_len, bucket_length(int(cache.end) + req.ids.shape[1], MIN_READ))
+        return prefill(self.model.params, self.cfg, flags, read_len, n_out, want_logits,
+                       jnp.asarray(req.ids), jnp.asarray(req.positions), jnp.asarray(req.valid),
+                       jnp.asarray(req.last_idx), self._vision(req), cache, jnp.asarray(req.delta), ctl,
+                       jnp.asarray(max_new, jnp.int32), key,
+                       jnp.asarray(req.seen_ids) if flags.repetition else None)
+
+    def run_loop(self, state: DecodeState, ctl, flags) -> DecodeState:
+        max_len = state.cache.max_len
+        while True:
+            step, end, all_done = jax.device_get((state.step, state.cache.end, jnp.all(state.done)))
+            if all_done or step >= int(state.max_new):
+                return state
+            read_len = min(max_len, bucket_length(int(end) + 1, MIN_READ))
+            state = decode_loop(self.model.params, self.cfg, flags, read_len, state, ctl)
+
+    def steps(self, state: DecodeState, ctl, flags) -> Iterator[DecodeState]:
+        """The streaming driver: one jitted step per token, yielding the state after each."""
+        max_len = state.cache.max_len
+        yield state
+        while True:
+            step, end, all_done = jax.device_get((state.step, state.cache.end, jnp.all(state.done)))
+            if all_done or step >= int(state.max_new):
+                return
+            read_len = min(max_len, bucket_length(int(end) + 1, MIN_READ))
+            state = decode_one(self.model.params, self.cfg, flags, read_len, state, ctl)
+            yield state
+
+    def new_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
+        return kv_cache.allocate(self.cfg.text, batch, max_len, self.model.dtype)
+
+
+def finish(state: DecodeState, ctl: Controls, return_logprobs: bool, return_logits: bool,
+           **extra) -> GenerateOutput:
+    tokens, logprobs, step, stop = jax.device_get((state.tokens, state.logprobs, state.step, ctl.stop_ids))
+    n = int(step)
+    tokens = np.asarray(tokens[:, :n], np.int32)
+    is_stop = np.isin(tokens, stop[stop >= 0])
+    lengths = np.where(is_stop.any(1), is_stop.argmax(1) + 1, n).astype(np.int32)
+    out = GenerateOutput(tokens=tokens, lengths=lengths, **extra)
+    if return_logprobs:
+        out.logprobs = np.asarray(logprobs[:, :n], np.float32)
+    if return_logits:
+        out.logits = np.asarray(jax.device_get(state.logits)[:, :n], np.float32)
+    return out
+
+
+def _split_generate_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in _INPUT_NAMES}
+    return inputs, kwargs
+
+
+_INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                "video_grid_thw", "mm_token_type_ids")
+
+
+def _cache_len(needed: int) -> int:
+    return bucket_length(needed, MIN_READ)
+
+
+def generate(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, return_logprobs=False,
+             return_logits=False, **kwargs) -> GenerateOutput:
+    """See `Model.generate`."""
+    inputs, kw = _split_generate_kwargs(kwargs)
+    gen = Generator(model)
+    req = gen.request(inputs)
+    b, t = req.ids.shape
+    ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
+    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens)
+    cache = gen.new_cache(b, _cache_len(t + max_new_tokens))
+    t0 = time.perf_counter()
+    state = gen.start(req, cache, max_new_tokens, ctl, flags, key, return_logits)
+    jax.block_until_ready(state.tokens)
+    t1 = time.perf_counter()
+    state = gen.run_loop(state, ctl, flags)
+    jax.block_until_ready(state.tokens)
+    return finish(state, ctl, return_logprobs, return_logits, prompt_tokens=req.prompt_len,
+                  prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+
+
+def stream(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, **kwargs) -> Iterator[np.ndarray]:
+    """See `Model.stream`: yields np.int32 [b] (the next token of each row, pad once a row stopped)."""
+    inputs, kw = _split_generate_kwargs(kwargs)
+    gen = Generator(model)
+    req = gen.request(inputs)
+    b, t = req.ids.shape
+    ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
+    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens)
+    cache = gen.new_cache(b, _cache_len(t + max_new_tokens))
+    state = gen.start(req, cache, max_new_tokens, ctl, flags, key, False)
+    for state in gen.steps(state, ctl, flags):
+        step = int(state.step)
+        yield np.asarray(jax.device_get(state.tokens[:, step - 1]), np.int32)
+
+
+def _image_digests(pixels, grid) -> list[str]:
+    """One digest per image/video (its grid and pixel bytes): tells apart different images behind the
+    same placeholder token ids."""
+    if grid is None:
+        return []
+    grid = np.asarray(grid)
+    pixels = np.ascontiguousarray(np.asarray(pixels, np.float32))
+    out, at = [], 0
+    for g in grid:
+        n = int(np.prod(g))
+        out.append(hashlib.sha256(g.astype(np.int64).tobytes() + pixels[at:at + n].tobytes()).hexdigest())
+        at += n
+    return out
+
+
+class ChatSession:
+    """Multi-turn generation that keeps the KV cache between turns (one conversation, batch 1).
+
+    Each call takes the whole conversation so far (as a processor renders it, e.g. with the previous
+    answer and a new user turn appended). When it extends the tokens already in the cache, with the
+    same images, only the new tokens are prefilled; otherwise the session starts over. Either way the
+    result equals running the whole conversation from scratch.
+    """
+
+    def __init__(self, model, max_cache_len: int | None = None):
+        self.model = model
+        self._gen = Generator(model)
+        self._max_cache_len = max_cache_len
+        self.reset()
+
+    def reset(self):
+        self._cache: kv_cache.KVCache | None = None
+        self._cached_ids = np.zeros(0, np.int32)  # token ids whose keys/values are in the cache
+        self._digests: list[str] = []  # images then videos, in prompt order, of the cached tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._cached_ids)
+
+    def _reusable(self, ids: np.ndarray, digests: list[str], n_prefix_media: int) -> bool:
+        n = len(self._cached_ids)
+        return (self._cache is not None and 0 < n < len(ids) and np.array_equal(ids[:n], self._cached_ids)
+                and digests[:n_prefix_media] == self._digests[:n_prefix_media]
+                and len(self._digests) == n_prefix_media)
+
+    def generate(self, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, return_logprobs=False,
+                 return_logits=False, **kwargs) -> GenerateOutput:
+        inputs, kw = _split_generate_kwargs(kwargs)
+        cfg = self.model.config
+        full = prepare_inputs(cfg, **inputs)
+        if full.input_ids.shape[0] != 1:
+            raise InputError(f"a chat session holds one conversation; got a batch of {full.input_ids.shape[0]}")
+        ids = full.input_ids[0][full.mask[0] > 0]
+        inputs = dict(inputs, input_ids=ids[None], attention_mask=None, mm_token_type_ids=None)
+        full = prepare_inputs(cfg, **inputs)
+        img_grid, vid_grid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+        digests = (_image_digests(inputs.get("pixel_values"), img_grid)
+                   + _image_digests(inputs.get("pixel_values_videos"), vid_grid))
+        ctl, flags, key = self._gen._controls(1, max_new_tokens, stop_token_ids, pad_token_id, kw)
+        total = len(ids)
+        self._gen._check_capacity(total + max_new_tokens, total, max_new_tokens)
+
+        # Which images / videos lie in the cached prefix (their placeholder runs end before it).
+        n = len(self._cached_ids)
+        media = _media_runs(ids, cfg, img_grid, vid_grid)  # [(kind, index, start, end)] in prompt order
+        in_prefix = [m for m in media if m[3] <= n]
+        split = any(m[2] < n < m[3] for m in media)
+        reuse = not split and self._reusable(ids, _order_digests(digests, media), len(in_prefix))
+        if not reuse:
+            self.reset()
+            n, in_prefix = 0, []
+        new_media = media[len(in_prefix):]
+
+        # The chunk to prefill: the new tokens, right-padded to a bucket, at the cache end.
+        chunk = ids[n:]
+        tb = bucket_length(len(chunk))
+        pad = tb - len(chunk)
+        vision, feat_index = _suffix_vision(cfg, inputs, new_media, ids, n, tb)
+        req = Request(
+            ids=np.pad(chunk, (0, pad))[None], positions=np.pad(full.positions[:, :, n:], ((0, 0), (0, 0), (0, pad))),
+            valid=(np.arange(tb) < len(chunk))[None], last_idx=np.array([len(chunk) - 1], np.int32),
+            delta=full.rope_delta, vision=vision, feat_index=feat_index,
+            seen_ids=ids[None].astype(np.int32), prompt_len=total)
+        needed = n + tb + max_new_tokens
+        cap = max(self._max_cache_len or 0, needed)
+        if self._cache is None:
+            self._cache = self._gen.new_cache(1, _cache_len(cap))
+        elif self._cache.max_len < needed:
+            self._cache = kv_cache.grow(self._cache, _cache_len(cap))
+        t0 = time.perf_counter()
+        state = self._gen.start(req, self._cache, max_new_tokens, ctl, flags, key, return_logits)
+        jax.block_until_ready(state.tokens)
+        t1 = time.perf_counter()
+        state = self._gen.run_loop(state, ctl, flags)
+        out = finish(state, ctl, return_logprobs, return_logits, prompt_tokens=total, reused_tokens=n,
+                     prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+        # The cache now holds the conversation and every new token but the last (never fed).
+        self._cache = state.cache
+        fed = out.tokens[0, : out.lengths[0] - 1]
+        self._cached_ids = np.concatenate([ids, fed]).astype(np.int32)
+        self._digests = _order_digests(digests, media)
+        return out
+
+
+def _media_runs(ids: np.ndarray, cfg: Qwen3VLConfig, img_grid, vid_grid) -> list[tuple[str, int, int, int]]:
+    """(kind, index within its kind, first token, end token) of every image and video, in prompt order.
+
+    A video's temporal steps are separate runs; its span runs from its first step to its last."""
+    from qvl_jax.positions import IMAGE, VIDEO, _runs, token_types
+
+    runs = [r for r in _runs(token_types(ids, cfg.image_token_id, cfg.video_token_id)) if r[0] != 0]
+    out, r = [], 0
+    counters = {IMAGE: 0, VIDEO: 0}
+    grids = {IMAGE: [] if img_grid is None else list(np.asarray(img_grid)),
+             VIDEO: [] if vid_grid is None else list(np.asarray(vid_grid))}
+    while r < len(runs):
+        kind = runs[r][0]
+        i = counters[kind]
+        counters[kind] += 1
+        steps = int(grids[kind][i][0]) if kind == VIDEO else 1
+        first, last = runs[r], runs[r + steps - 1]
+        out.append(("image" if kind == IMAGE else "video", i, first[1], last[2]))
+        r += steps
+    return out
+
+
+def _order_digests(digests: list[str], media) -> list[str]:
+    """Digests in prompt order (the input lists all images first, then all videos)."""
+    n_img = sum(1 for m in media if m[0] == "image")
+    return [digests[i] if kind == "image" else digests[n_img + i] for kind, i, _, _ in media]
+
+
+def _suffix_vision(cfg: Qwen3VLConfig, inputs: dict, new_media, ids: np.ndarray, n: int, tb: int):
+    """VisionInputs for the images/videos whose tokens are in the new chunk, and the chunk's feature
+    index into their features (images first, then videos, as prepare_inputs orders them)."""
+    from qvl_jax import vision as vision_mod
+
+    if not new_media:
+        return None, None
+    pix, grids, n_img_patches = [], [], 0
+    for kind in ("image", "video"):
+        grid = inputs.get(f"{kind}_grid_thw")
+        if grid is None:
+            continue
+        grid = np.asarray(grid)
+        pixels = np.asarray(inputs.get("pixel_values" if kind == "image" else "pixel_values_videos"))
+        offsets = np.concatenate([[0], np.cumsum(grid.prod(-1))])
+        for m in new_media:
+            if m[0] == kind:
+                pix.append(pixels[offsets[m[1]]:offsets[m[1] + 1]])
+                grids.append(grid[m[1]])
+                n_img_patches += int(grid[m[1]].prod()) if kind == "image" else 0
+    grids = vision_mod.check_grid_thw(np.stack(grids), cfg.vision, "grid_thw")
+    vis = vision_mod.VisionInputs.build(np.concatenate(pix), grids, cfg.vision,
+                                        bucket_length(int(grids.prod(-1).sum()), 64))
+    chunk = ids[n:]
+    index = np.full(tb, -1, np.int32)
+    n_img = n_img_patches // cfg.vision.spatial_merge_size ** 2
+    is_img, is_vid = chunk == cfg.image_token_id, chunk == cfg.video_token_id
+    index[: len(chunk)][is_img] = np.arange(int(is_img.sum()))
+    index[: len(chunk)][is_vid] = n_img + np.arange(int(is_vid.sum()))
+    return vis, index[None]

@@ -1,0 +1,46 @@
+"""The preallocated static KV cache: a pytree threaded through prefill and decode.
+
+k, v [layers, batch, max_len, kv_heads, head_dim] hold every fed token's keys and values. A row's
+real tokens occupy [start, end): prompts are left-padded, so rows start at different places and all
+end at the same `end`, the next write index. `delta` is each row's rope_delta: a token at cache index
+i has rotary position (i - start) + delta on all three axes once the prompt is past.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qvl_jax.config import TextConfig
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [layers, b, max_len, kv_heads, head_dim]
+    v: jax.Array
+    start: jax.Array  # [b] int32: first real index of each row
+    end: jax.Array  # [] int32: next write index (shared by the batch)
+    delta: jax.Array  # [b] int32: rope_delta of each row
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def allocate(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32),
+                   jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def grow(cache: KVCache, max_len: int) -> KVCache:
+    """The same cache with room for max_len entries (one copy; used when a chat outgrows its cache)."""
+    pad = [(0, 0)] * 5
+    pad[2] = (0, max_len - cache.max_len)
+    return cache._replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad))
+
+
+def cache_bytes(cfg: TextConfig, batch: int, max_len: int, dtype) -> int:
+    return 2 * cfg.num_hidden_layers * batch * max_len * cfg.num_key_value_heads * cfg.head_dim * \
+        jnp.dtype(dtype).itemsize

@@ -1,0 +1,182 @@
+"""Token sampling inside the jitted decode loop: penalties, temperature, top-k, top-p, min-p.
+
+The order follows transformers' generate: repetition penalty, then (OpenAI-style) frequency and
+presence penalties, then temperature, top-k, top-p, min-p, then a categorical draw, or argmax for
+rows with temperature 0. Every parameter is a per-row array, so one batch can mix requests; which
+stages run at all is decided statically (`SamplingFlags`), so greedy decoding pays for none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qvl_jax.errors import InputError
+
+NEG_INF = -jnp.inf
+
+
+class SamplingParams(NamedTuple):
+    """Per-row sampling parameters, each [b]. Neutral values switch a stage off for that row."""
+
+    temperature: jax.Array  # float32; 0 = greedy
+    top_k: jax.Array  # int32; 0 = off
+    top_p: jax.Array  # float32; 1 = off
+    min_p: jax.Array  # float32; 0 = off
+    repetition_penalty: jax.Array  # float32; 1 = off (transformers' definition, over prompt + output)
+    frequency_penalty: jax.Array  # float32; 0 = off (subtracts penalty * count over output tokens)
+    presence_penalty: jax.Array  # float32; 0 = off (subtracts penalty once a token was output)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingFlags:
+    """Which stages the compiled sampler contains (static: part of the jit cache key)."""
+
+    sample: bool = False
+    top_k: bool = False
+    top_p: bool = False
+    min_p: bool = False
+    repetition: bool = False
+    frequency_presence: bool = False
+
+    @property
+    def penalties(self) -> bool:
+        return self.repetition or self.frequency_presence
+
+
+def _per_row(name: str, value, batch: int, dtype, neutral) -> np.ndarray:
+    if value is None:
+        value = neutral
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf" or arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != batch):
+        raise InputError(f"{name} must be a number or one number per batch row ({batch}), got {value!r}")
+    if not np.isfinite(arr.astype(np.float64)).all():
+        raise InputError(f"{name} must be finite, got {value!r}")
+    return np.broadcast_to(arr, (batch,)).astype(dtype)
+
+
+def make_sampling(batch: int, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+                  frequency_penalty=None, presence_penalty=None) -> tuple[SamplingParams, SamplingFlags]:
+    """Validates the user's sampling arguments (numbers or per-row sequences). No argument = greedy."""
+    t = _per_row("temperature", temperature, batch, np.float32, 0.0)
+    k = _per_row("top_k", top_k, batch, np.float64, 0)
+    p = _per_row("top_p", top_p, batch, np.float32, 1.0)
+    mp = _per_row("min_p", min_p, batch, np.float32, 0.0)
+    rp = _per_row("repetition_penalty", repetition_penalty, batch, np.float32, 1.0)
+    fp = _per_row("frequency_penalty", frequency_penalty, batch, np.float32, 0.0)
+    pp = _per_row("presence_penalty", presence_penalty, batch, np.float32, 0.0)
+    if (t < 0).any():
+        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if (k < 0).any() or (k != np.round(k)).any():
+        raise InputError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+    if ((p <= 0) | (p > 1)).any():
+        raise InputError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if ((mp < 0) | (mp > 1)).any():
+        raise InputError(f"min_p must lie in [0, 1], got {min_p!r}")
+    if (rp <= 0).any():
+        raise InputError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+    sample = bool((t > 0).any())
+    flags = SamplingFlags(
+        sample=sample,
+        top_k=sample and bool((k > 0).any()),
+        top_p=sample and bool((p < 1).any()),
+        min_p=sample and bool((mp > 0).any()),
+        repetition=bool((rp != 1).any()),
+        frequency_presence=bool((fp != 0).any() or (pp != 0).any()),
+    )
+    params = SamplingParams(*(jnp.asarray(a) for a in (t, k.astype(np.int32), p, mp, rp, fp, pp)))
+    return params, flags
+
+
+def apply_penalties(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags, seen: jax.Array | None,
+                    counts: jax.Array | None) -> jax.Array:
+    """seen [b, v]: token occurs in prompt or output; counts [b, v]: occurrences in the output."""
+    if flags.repetition:
+        rp = sp.repetition_penalty[:, None]
+        penalised = jnp.where(logits > 0, logits / rp, logits * rp)
+        logits = jnp.where(seen, penalised, logits)
+    if flags.frequency_presence:
+        c = counts.astype(jnp.float32)
+        logits = logits - sp.frequency_penalty[:, None] * c - sp.presence_penalty[:, None] * (c > 0)
+    return logits
+
+
+def warp(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags) -> jax.Array:
+    """Temperature, top-k, top-p, min-p as transformers' warpers: filtered tokens get -inf."""
+    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+    logits = logits / t
+    if flags.top_k or flags.top_p:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+    if flags.top_k:
+        k = jnp.clip(sp.top_k, 1, logits.shape[-1])
+        kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+        keep = (sp.top_k[:, None] <= 0) | (logits >= kth)
+        logits = jnp.where(keep, logits, NEG_INF)
+        sorted_desc = jnp.where(sp.top_k[:, None] > 0,
+                                jnp.where(jnp.arange(logits.shape[-1]) < k[:, None], sorted_desc, NEG_INF),
+                                sorted_desc)
+    if flags.top_p:
+        # transformers cuts a token when the ascending cumulative mass up to and including it is
+        # <= 1 - top_p; in descending order that mass is 1 - (cumsum before the token). The top
+        # token always stays.
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_from_token_down = 1.0 - jnp.cumsum(probs, axis=-1) + probs
+        cut = mass_from_token_down <= (1.0 - sp.top_p[:, None])
+        cut = cut.at[:, 0].set(False)
+        kept_min = jnp.min(jnp.where(cut, jnp.inf, sorted_desc), axis=-1, keepdims=True)
+        logits = jnp.where((sp.top_p[:, None] >= 1.0) | (logits >= kept_min), logits, NEG_INF)
+    if flags.min_p:
+        probs = jax.nn.softmax(logits, axis=-1)
+        top = jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(probs < sp.min_p[:, None] * top, NEG_INF, logits)
+    return logits
+
+
+def choose(key: jax.Array, logits: jax.Array, sp: SamplingParams, flags: SamplingFlags,
+           seen: jax.Array | None = None, counts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(tokens [b] int32, log-probability of each chosen token under the model [b])."""
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    processed = apply_penalties(logits, sp, flags, seen, counts)
+    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    if flags.sample:
+        drawn = jax.random.categorical(key, warp(processed, sp, flags), axis=-1).astype(jnp.int32)
+        tokens = jnp.where(sp.temperature > 0, drawn, greedy)
+    else:
+        tokens = greedy
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def processed_logits_reference(logits: np.ndarray, prompt_and_output: list[list[int]], output: list[list[int]],
+                               temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                               frequency_penalty=0.0, presence_penalty=0.0) -> np.ndarray:
+    """Plain-numpy statement of what the sampler draws from (for tests and documentation)."""
+    out = np.array(logits, np.float64)
+    for row in range(out.shape[0]):
+        x = out[row]
+        if repetition_penalty != 1.0:
+            for tok in set(prompt_and_output[row]):
+                x[tok] = x[tok] / repetition_penalty if x[tok] > 0 else x[tok] * repetition_penalty
+        for tok in set(output[row]):
+            x[tok] -= frequency_penalty * output[row].count(tok) + presence_penalty
+        x /= temperature if temperature > 0 else 1.0
+        if top_k > 0:
+            kth = np.sort(x)[::-1][min(top_k, len(x)) - 1]
+            x[x < kth] = -np.inf
+        if top_p < 1.0:
+            order = np.argsort(x, kind="stable")  # ascending, as transformers
+            p = np.exp(x[order] - x[order].max())
+            p /= p.sum()
+            remove = np.cumsum(p) <= 1 - top_p
+            remove[-1] = False
+            x[order[remove]] = -np.inf
+        if min_p > 0:
+            p = np.exp(x - x.max())
+            p /= p.sum()
+            x[p < min_p * p.max()] = -np.inf
+        out[row] = x
+    return out
