@@ -1,0 +1,716 @@
+"""Image and video preprocessing for Qwen3-VL, in numpy + PIL (no torch, no transformers).
+
+What it holds:
+  - `smart_resize` / `smart_resize_video`: the target (height, width) rules of the reference processors.
+  - `load_image`: any accepted image input -> RGB uint8 [H, W, 3], converted the way transformers does.
+  - `ImageProcessor`: images -> {"pixel_values" [patches, C*T*P*P] float32, "image_grid_thw" [n, 3] int64},
+    numerically equal to transformers' `Qwen2VLImageProcessorPil` (what `AutoImageProcessor` returns for
+    Qwen3-VL when torchvision is absent) configured by Qwen3-VL's preprocessor_config.json.
+  - `VideoProcessor`: frames -> {"pixel_values_videos", "video_grid_thw", "video_metadata"}, following
+    transformers' `Qwen3VLVideoProcessor` (fps-based frame sampling, even frame count, the video
+    smart_resize that also sees the frame count).
+  - `sample_frame_indices` and `video_timestamps`: the frame choice and the per-temporal-step times
+    that `Qwen3VLProcessor` writes into the prompt as `<{t:.1f} seconds>`.
+
+Reference behaviours reproduced on purpose (some are surprising):
+  - File paths: EXIF orientation IS applied (transformers' `load_image` calls `ImageOps.exif_transpose`),
+    then the file is converted with a plain `convert("RGB")`, which DROPS an alpha channel without
+    blending. PIL images passed directly are NOT EXIF-transposed, and their transparency IS composited
+    onto white. So a transparent PNG gives different pixels from its path and from `Image.open(path)`.
+  - Mode conversion is PIL's own: CMYK uses PIL's naive formula, I;16 / I / F are clipped to 0..255
+    (not scaled), a palette image with a transparent index is blended onto white.
+  - uint8 arrays with 4 channels are blended onto white in float64 and rounded half-to-even (numpy's
+    path in transformers), PIL images with alpha through PIL's alpha_composite.
+  - 3-D arrays are always read as [H, W, C]; transformers guesses the layout and reads e.g. a
+    (3, 40, 3) array as channels-first.
+
+Video differences from transformers (which resizes video with torchvision only):
+  - Frames are resized with PIL's bicubic filter, as images are. torchvision's uint8 bicubic
+    (antialiased) kernel on CPU differs from PIL's by one or two uint8 levels on under 1% of pixels,
+    and its GPU path differs again, so video pixel values agree with transformers to ~2/127.5, not
+    bit for bit. Everything else (frame choice, sizes, normalisation arithmetic, patch order) matches.
+  - Frames are converted to RGB uint8 with the image rules above; transformers keeps a blended RGBA
+    video in float before resizing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from qvl_jax.errors import ConfigError, InputError
+
+# Qwen3-VL's preprocessor_config.json (what the released checkpoints ship).
+QWEN3_VL_IMAGE_MIN_PIXELS = 65536  # 256 * 256
+QWEN3_VL_IMAGE_MAX_PIXELS = 16777216  # 4096 * 4096
+# Qwen3VLVideoProcessor's class defaults; the checkpoints' video_preprocessor_config.json overrides them
+# (Qwen3-VL-2B ships shortest_edge 4096, longest_edge 25165824), see VideoProcessor.from_dict.
+QWEN3_VL_VIDEO_MIN_PIXELS = 128 * 32 * 32
+QWEN3_VL_VIDEO_MAX_PIXELS = 768 * 32 * 32
+MAX_ASPECT_RATIO = 200
+# transformers assumes this source frame rate whenever a video's own rate is unknown.
+DEFAULT_VIDEO_FPS = 24.0
+_BICUBIC = 3
+_PIL_FILTERS = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+
+
+# ----------------------------------------------------------------------------------------------------
+# target sizes
+
+
+def _check_aspect(height: int, width: int, what: str = "image") -> None:
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise InputError(
+            f"{what} aspect ratio {ratio:g}:1 (height {height}, width {width}) exceeds the "
+            f"{MAX_ASPECT_RATIO}:1 limit of Qwen3-VL preprocessing"
+        )
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 32,
+    min_pixels: int = QWEN3_VL_IMAGE_MIN_PIXELS,
+    max_pixels: int = QWEN3_VL_IMAGE_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Target (height, width) of an image: multiples of `factor`, area within [min_pixels, max_pixels]
+    (up to the rounding of each side), aspect ratio kept as well as that allows. Same arithmetic as
+    transformers' `smart_resize` (Python's half-to-even `round`, then floor / ceil when out of budget)."""
+    if height <= 0 or width <= 0:
+        raise InputError(f"image has zero size (height {height}, width {width})")
+    _check_aspect(height, width)
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def smart_resize_video(
+    num_frames: int,
+    height: int,
+    width: int,
+    temporal_factor: int = 2,
+    factor: int = 32,
+    min_pixels: int = QWEN3_VL_VIDEO_MIN_PIXELS,
+    max_pixels: int = QWEN3_VL_VIDEO_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Target (height, width) of every frame of a `num_frames`-frame video: Qwen3-VL's video rule, where
+    the pixel budget covers all frames and a side shorter than `factor` is first scaled up to it."""
+    if num_frames < temporal_factor:
+        raise InputError(
+            f"video has {num_frames} frame(s) after sampling; Qwen3-VL needs at least "
+            f"temporal_patch_size={temporal_factor} (pass a single frame as an image instead)"
+        )
+    if height <= 0 or width <= 0:
+        raise InputError(f"video frames have zero size (height {height}, width {width})")
+    if height < factor or width < factor:
+        # the reference truncates here (int), not rounds
+        scale = max(factor / height, factor / width)
+        height = int(height * scale)
+        width = int(width * scale)
+    _check_aspect(height, width, "video frame")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        # beta uses the raw frame count, not t_bar, as the reference does
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoding and RGB conversion
+
+
+def _describe(x: Any) -> str:
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    # transformers' convert_to_rgb: anything with an alpha band or a transparency key is blended onto
+    # white through RGBA; everything else goes through PIL's own convert("RGB").
+    if image.width == 0 or image.height == 0:
+        raise InputError(f"image has zero size (width {image.width}, height {image.height})")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba).convert("RGB")
+    else:
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise InputError(
+            f"image array must be uint8 (0..255), got dtype {array.dtype}; "
+            "convert with np.clip(x, 0, 255).round().astype(np.uint8)"
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise InputError(
+            f"image array must be [H, W] or [H, W, C] with C in (1, 3, 4), got shape {tuple(array.shape)}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"image has zero size (height {array.shape[0]}, width {array.shape[1]})")
+    channels = array.shape[2]
+    if channels == 1:
+        return np.repeat(array, 3, axis=2)
+    if channels == 4:
+        # float64 blend and numpy's half-to-even rounding, as transformers does for arrays
+        alpha = array[..., 3:4] / 255
+        blended = alpha * array[..., :3] + (1 - alpha) * 255
+        return np.round(blended).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _open_file(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        if path.startswith(("http://", "https://")):
+            raise InputError(f"image URLs are not fetched, download the file first: {path!r}")
+        raise InputError(f"image file not found: {path!r}")
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            # convert() forces the decode, so truncated files fail here, inside the try
+            image = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"cannot read image file {path!r}: {reason}") from None
+    # A palette file with a transparent index keeps that colour as info["transparency"] through
+    # convert("RGB"); the reference then blends exactly those pixels onto white.
+    return _pil_to_rgb(image)
+
+
+def load_image(image: Any) -> np.ndarray:
+    """One image (file path, PIL image, or uint8 array [H, W] / [H, W, C]) -> RGB uint8 [H, W, 3],
+    converted exactly as transformers' Qwen2-VL PIL image processor converts it."""
+    if isinstance(image, (str, os.PathLike)):
+        return _open_file(os.fspath(image))
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise InputError(
+        f"unsupported image type {_describe(image)}; expected a file path, a PIL.Image.Image or a "
+        "uint8 numpy array"
+    )
+
+
+def _resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    # Same PIL call on the same uint8 RGB data as the reference, so the resampled bytes are identical.
+    resized = Image.fromarray(rgb).resize((width, height), resample=resample)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# patchify
+
+
+def _patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int):
+    """frames [T, C, H, W] (T a multiple of temporal_patch_size) -> ([gt*gh*gw, C*Tp*P*P], (gt, gh, gw)).
+
+    Rows go in merge-block order: for each temporal step, the merge_size x merge_size blocks in raster
+    order, and inside a block its patches in raster order; each row is (C, Tp, P, P) flattened."""
+    t, c, h, w = frames.shape
+    gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
+    m, p = merge_size, patch_size
+    x = frames.reshape(gt, temporal_patch_size, c, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal_patch_size * p * p), (gt, gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared option checks
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _triple(name: str, value: Any) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value) if not isinstance(value, (int, float)) else (float(value),) * 3
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be 3 numbers (one per RGB channel), got {value!r}") from None
+    if len(out) != 3:
+        raise ConfigError(f"{name} must have 3 values (one per RGB channel), got {value!r}")
+    return out
+
+
+def _pixel_limits(size: Any, min_pixels: Any, max_pixels: Any, default: tuple[int, int]) -> tuple[int, int]:
+    # transformers: `size` replaces the default dict wholesale, then min_pixels / max_pixels override it.
+    if size is None:
+        lo, hi = default
+    elif isinstance(size, dict):
+        lo = size.get("shortest_edge", size.get("min_pixels"))
+        hi = size.get("longest_edge", size.get("max_pixels"))
+    else:
+        raise ConfigError(f"size must be a dict with 'shortest_edge' and 'longest_edge', got {size!r}")
+    lo = lo if min_pixels is None else min_pixels
+    hi = hi if max_pixels is None else max_pixels
+    if lo is None or hi is None:
+        raise ConfigError(f"size must give both 'shortest_edge' and 'longest_edge' (pixel counts), got {size!r}")
+    lo, hi = _positive_int("min_pixels (size['shortest_edge'])", lo), _positive_int(
+        "max_pixels (size['longest_edge'])", hi
+    )
+    if lo > hi:
+        raise ConfigError(f"min_pixels {lo} is larger than max_pixels {hi}")
+    return lo, hi
+
+
+def _common_from_dict(d: dict, extra: Sequence[str]) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(f"a preprocessor config must be a dict, got {type(d).__name__}")
+    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+        if d.get(flag) is False:
+            raise ConfigError(f"preprocessor config sets {flag}=false, which qvl_jax does not support")
+    keys = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
+            "image_mean", "image_std", "rescale_factor", "resample", *extra)
+    return {k: d[k] for k in keys if d.get(k) is not None}
+
+
+class _Base:
+    def _init_common(self, size, min_pixels, max_pixels, default_pixels, patch_size, temporal_patch_size,
+                     merge_size, image_mean, image_std, rescale_factor, resample):
+        lo, hi = _pixel_limits(size, min_pixels, max_pixels, default_pixels)
+        std = _triple("image_std", image_std)
+        if any(s == 0 for s in std):
+            raise ConfigError(f"image_std must be non-zero, got {image_std!r}")
+        if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample not in _PIL_FILTERS:
+            raise ConfigError(f"resample must be a PIL filter code 0..5 (3 = bicubic), got {resample!r}")
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or not rescale_factor > 0:
+            raise ConfigError(f"rescale_factor must be a positive number, got {rescale_factor!r}")
+        fields = dict(
+            patch_size=_positive_int("patch_size", patch_size),
+            temporal_patch_size=_positive_int("temporal_patch_size", temporal_patch_size),
+            merge_size=_positive_int("merge_size", merge_size),
+            min_pixels=lo,
+            max_pixels=hi,
+            image_mean=_triple("image_mean", image_mean),
+            image_std=std,
+            rescale_factor=float(rescale_factor),
+            resample=int(resample),
+        )
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+
+    @property
+    def factor(self) -> int:
+        """Side lengths after resizing are multiples of this (patch_size * merge_size)."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def size(self) -> dict:
+        """The pixel limits in preprocessor_config.json's form."""
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+
+# ----------------------------------------------------------------------------------------------------
+# images
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class ImageProcessor(_Base):
+    """Qwen3-VL image preprocessing: resize (smart_resize, PIL bicubic), rescale 1/255, normalise,
+    patchify. Defaults are Qwen3-VL's preprocessor_config.json.
+
+    `ImageProcessor()(images)` accepts one image or a (nested) list of images, each a file path
+    (str / pathlib.Path), a PIL image, or a uint8 numpy array [H, W] or [H, W, C] (C = 1, 3 or 4), and
+    returns {"pixel_values": float32 [patches, 3*T*P*P], "image_grid_thw": int64 [n_images, 3]}.
+    File paths get their EXIF orientation applied (as transformers does); PIL images do not.
+    """
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float
+    resample: int
+
+    def __init__(
+        self,
+        *,
+        size: dict | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        patch_size: int = 16,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        rescale_factor: float = 1 / 255,
+        resample: int = _BICUBIC,
+    ):
+        self._init_common(size, min_pixels, max_pixels, (QWEN3_VL_IMAGE_MIN_PIXELS, QWEN3_VL_IMAGE_MAX_PIXELS),
+                          patch_size, temporal_patch_size, merge_size, image_mean, image_std,
+                          rescale_factor, resample)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageProcessor":
+        """Build from a preprocessor_config.json dict; keys it does not use (processor_class, ...) are
+        ignored, disabled steps (do_resize: false, ...) are refused."""
+        return cls(**_common_from_dict(d, ()))
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to."""
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
+        """image_grid_thw row of an image of this size; it takes grid_h * grid_w / merge_size**2 tokens."""
+        h, w = self.resized_size(height, width)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def _normalize(self, rgb: np.ndarray) -> np.ndarray:
+        # The reference's arithmetic, step for step: float64 rescale, cast to float32, then
+        # (x - mean) / std in float32. Fusing the steps changes the last bit.
+        x = (rgb.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = np.moveaxis(x, -1, 0)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        return (x - mean) / std
+
+    def preprocess_one(self, image: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One image -> (patches [gh*gw, 3*T*P*P] float32, (1, gh, gw))."""
+        rgb = load_image(image)
+        h, w = self.resized_size(rgb.shape[0], rgb.shape[1])
+        chw = self._normalize(_resize(rgb, h, w, self.resample))
+        # an image is a clip of temporal_patch_size identical frames
+        frames = np.broadcast_to(chw[None], (self.temporal_patch_size, *chw.shape))
+        patches, grid = _patchify(frames, self.patch_size, self.merge_size, self.temporal_patch_size)
+        return patches, grid
+
+    def __call__(self, images: Any) -> dict[str, np.ndarray]:
+        items = _flatten_images(images)
+        if not items:
+            raise InputError("no images given")
+        patches, grids = [], []
+        for item in items:
+            p, g = self.preprocess_one(item)
+            patches.append(p)
+            grids.append(g)
+        return {
+            "pixel_values": np.concatenate(patches, axis=0).astype(np.float32, copy=False),
+            "image_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
+        }
+
+
+def _flatten_images(images: Any) -> list:
+    if isinstance(images, (list, tuple)):
+        out = []
+        for x in images:
+            out.extend(_flatten_images(x))
+        return out
+    return [images]
+
+
+# ----------------------------------------------------------------------------------------------------
+# video
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoMetadata:
+    """Which source frames a processed video holds, and at what rate they were recorded."""
+
+    total_num_frames: int
+    fps: float  # source frame rate; DEFAULT_VIDEO_FPS (24) when the caller did not give one
+    frames_indices: tuple[int, ...]
+
+    def timestamps(self, temporal_patch_size: int = 2) -> list[float]:
+        """Seconds for each temporal grid step, as written into the prompt."""
+        return video_timestamps(self.frames_indices, self.fps, temporal_patch_size)
+
+
+def sample_frame_indices(
+    total_num_frames: int,
+    video_fps: float | None = None,
+    *,
+    fps: float | None = 2.0,
+    num_frames: int | None = None,
+    min_frames: int = 4,
+    max_frames: int = 768,
+) -> np.ndarray:
+    """Indices of the source frames Qwen3-VL keeps (Qwen3VLVideoProcessor.sample_frames).
+
+    With `fps`: int(duration * fps) frames, clamped to [min_frames, max_frames] and to the number of
+    frames there are, spread evenly from the first to the last frame. With `num_frames` instead: that
+    many, spread the same way (repeats allowed). `video_fps` is the source rate (24 if unknown)."""
+    if fps is not None and num_frames is not None:
+        raise InputError("fps and num_frames are mutually exclusive; set fps=None to sample a fixed count")
+    if total_num_frames <= 0:
+        raise InputError(f"video has {total_num_frames} frames")
+    if num_frames is None and fps is not None:
+        source_fps = DEFAULT_VIDEO_FPS if video_fps is None else video_fps
+        if not source_fps > 0:
+            raise InputError(f"video fps must be positive, got {video_fps!r}")
+        num_frames = int(total_num_frames / source_fps * fps)
+        num_frames = min(max(num_frames, min_frames), max_frames, total_num_frames)
+    elif num_frames is None:
+        num_frames = min(max(total_num_frames, min_frames), max_frames)
+    return np.linspace(0, total_num_frames - 1, num_frames).round().astype(np.int64)
+
+
+def video_timestamps(
+    frames_indices: Sequence[int] | np.ndarray, video_fps: float | None, temporal_patch_size: int = 2
+) -> list[float]:
+    """Seconds at each temporal grid step: the mean time of the first and last frame of the step, after
+    padding the indices with the last one to a multiple of temporal_patch_size (the frames are padded
+    the same way). `video_fps` None means DEFAULT_VIDEO_FPS, as in transformers."""
+    fps = DEFAULT_VIDEO_FPS if video_fps is None else video_fps
+    indices = [int(i) for i in frames_indices]
+    if not indices:
+        raise InputError("video has 0 frames")
+    if len(indices) % temporal_patch_size:
+        indices += [indices[-1]] * (temporal_patch_size - len(indices) % temporal_patch_size)
+    seconds = [i / fps for i in indices]
+    return [
+        (seconds[i] + seconds[i + temporal_patch_size - 1]) / 2 for i in range(0, len(seconds), temporal_patch_size)
+    ]
+
+
+def _is_frame(x: Any) -> bool:
+    return isinstance(x, (Image.Image, str, os.PathLike)) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
+
+
+def _split_videos(videos: Any) -> list:
+    """One video or a batch -> list of videos, each a [T, H, W, C] array or a list of frames."""
+    if isinstance(videos, np.ndarray):
+        if videos.ndim != 4:
+            raise InputError(
+                f"a video array must be [T, H, W, C], got shape {tuple(videos.shape)} "
+                "(pass one frame as an image instead)"
+            )
+        return [videos]
+    if isinstance(videos, (str, os.PathLike)):
+        raise InputError(f"cannot decode video file {os.fspath(videos)!r}; pass its frames instead")
+    if not isinstance(videos, (list, tuple)):
+        raise InputError(
+            f"unsupported video type {_describe(videos)}; expected a [T, H, W, C] uint8 array or a list of frames"
+        )
+    if len(videos) == 0 or _is_frame(videos[0]):
+        return [list(videos)]
+    out = []
+    for v in videos:
+        if isinstance(v, np.ndarray) and v.ndim == 4:
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.append(list(v))
+        else:
+            raise InputError(
+                f"unsupported video type {_describe(v)} in a batch of videos; each must be a "
+                "[T, H, W, C] uint8 array or a list of frames"
+            )
+    return out
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class VideoProcessor(_Base):
+    """Qwen3-VL video preprocessing: sample frames by fps, resize all frames to one size (the video
+    smart_resize), rescale + normalise, pad to an even frame count with the last frame, patchify.
+    Defaults are transformers' Qwen3VLVideoProcessor class defaults; use `from_dict` with a checkpoint's
+    video_preprocessor_config.json to get its limits.
+
+    `VideoProcessor()(videos, video_fps=None)` takes one video or a list of videos; a video is a uint8
+    [T, H, W, C] array or a list of frames (anything `load_image` accepts). `video_fps` is the source
+    frame rate (one number, or one per video); unknown means 24, as in transformers, which matters
+    for both sampling and timestamps. Returns {"pixel_values_videos": float32 [patches, 3*T*P*P],
+    "video_grid_thw": int64 [n_videos, 3], "video_metadata": [VideoMetadata, ...]}.
+    """
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float
+    resample: int
+    fps: float | None
+    num_frames: int | None
+    min_frames: int
+    max_frames: int
+    do_sample_frames: bool
+    cap_pixels_per_frame: bool
+    max_video_tokens: int
+
+    def __init__(
+        self,
+        *,
+        size: dict | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        patch_size: int = 16,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        rescale_factor: float = 1 / 255,
+        resample: int = _BICUBIC,
+        fps: float | None = 2.0,
+        num_frames: int | None = None,
+        min_frames: int = 4,
+        max_frames: int = 768,
+        do_sample_frames: bool = True,
+        cap_pixels_per_frame: bool = False,
+        max_video_tokens: int = 768,
+    ):
+        self._init_common(size, min_pixels, max_pixels, (QWEN3_VL_VIDEO_MIN_PIXELS, QWEN3_VL_VIDEO_MAX_PIXELS),
+                          patch_size, temporal_patch_size, merge_size, image_mean, image_std,
+                          rescale_factor, resample)
+        if fps is not None and num_frames is not None:
+            raise ConfigError("fps and num_frames are mutually exclusive; set fps=None to sample a fixed count")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+            raise ConfigError(f"fps must be a positive number, got {fps!r}")
+        object.__setattr__(self, "fps", None if fps is None else float(fps))
+        object.__setattr__(self, "num_frames", None if num_frames is None else _positive_int("num_frames", num_frames))
+        object.__setattr__(self, "min_frames", _positive_int("min_frames", min_frames))
+        object.__setattr__(self, "max_frames", _positive_int("max_frames", max_frames))
+        object.__setattr__(self, "do_sample_frames", bool(do_sample_frames))
+        object.__setattr__(self, "cap_pixels_per_frame", bool(cap_pixels_per_frame))
+        object.__setattr__(self, "max_video_tokens", _positive_int("max_video_tokens", max_video_tokens))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoProcessor":
+        """Build from a video_preprocessor_config.json dict (unused keys ignored)."""
+        kwargs = _common_from_dict(
+            d, ("fps", "num_frames", "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens")
+        )
+        if "do_sample_frames" in d and d["do_sample_frames"] is not None:
+            kwargs["do_sample_frames"] = d["do_sample_frames"]
+        if "num_frames" in kwargs and "fps" not in kwargs:
+            # a config that fixes the frame count means "no fps sampling" (the class default fps would clash)
+            kwargs["fps"] = None
+        return cls(**kwargs)
+
+    def sample_frame_indices(self, total_num_frames: int, video_fps: float | None = None) -> np.ndarray:
+        """Source frame indices this processor keeps for a video of `total_num_frames` frames."""
+        if not self.do_sample_frames:
+            if total_num_frames <= 0:
+                raise InputError(f"video has {total_num_frames} frames")
+            return np.arange(total_num_frames, dtype=np.int64)
+        return sample_frame_indices(
+            total_num_frames, video_fps, fps=self.fps, num_frames=self.num_frames,
+            min_frames=self.min_frames, max_frames=self.max_frames,
+        )
+
+    def resized_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        """(height, width) each frame of a `num_frames`-frame (already sampled) video is resized to."""
+        max_pixels = self.max_pixels
+        if self.cap_pixels_per_frame:
+            # qwen-vl-utils' per-frame cap, as transformers applies it when cap_pixels_per_frame=True
+            frame_cap = self.max_video_tokens * self.factor * self.factor
+            per_frame = max(min(frame_cap, self.max_pixels // num_frames), int(self.min_pixels * 1.05))
+            max_pixels = per_frame * num_frames
+        return smart_resize_video(num_frames, height, width, self.temporal_patch_size, self.factor,
+                                  self.min_pixels, max_pixels)
+
+    def grid_thw(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """video_grid_thw row for an already-sampled video of this shape."""
+        h, w = self.resized_size(num_frames, height, width)
+        t = -(-num_frames // self.temporal_patch_size)
+        return t, h // self.patch_size, w // self.patch_size
+
+    def _frames_rgb(self, video: Any, index: int) -> list[np.ndarray] | np.ndarray:
+        if isinstance(video, np.ndarray):
+            if video.shape[0] == 0:
+                raise InputError(f"video {index} has 0 frames")
+            if video.dtype != np.uint8:
+                raise InputError(f"video {index} must be uint8 (0..255), got dtype {video.dtype}")
+            if video.shape[-1] not in (1, 3, 4):
+                raise InputError(
+                    f"video {index} must be [T, H, W, C] with C in (1, 3, 4), got shape {tuple(video.shape)}"
+                )
+            return video  # converted frame by frame once sampled, so unsampled frames cost nothing
+        if len(video) == 0:
+            raise InputError(f"video {index} has 0 frames")
+        return list(video)
+
+    def _normalize(self, frames: np.ndarray) -> np.ndarray:
+        # transformers' video path fuses rescale into normalise: (x - mean/scale) / (std/scale) in float32
+        inv = np.float32(1.0 / self.rescale_factor)
+        mean = (np.asarray(self.image_mean, dtype=np.float32) * inv)[None, :, None, None]
+        std = (np.asarray(self.image_std, dtype=np.float32) * inv)[None, :, None, None]
+        return (np.moveaxis(frames, -1, 1).astype(np.float32) - mean) / std
+
+    def preprocess_one(self, video: Any, video_fps: float | None = None, index: int = 0):
+        """One video -> (patches float32, (gt, gh, gw), VideoMetadata)."""
+        frames = self._frames_rgb(video, index)
+        total = len(frames)
+        indices = self.sample_frame_indices(total, video_fps)
+        rgb = [load_image(frames[int(i)]) for i in indices]
+        height, width = rgb[0].shape[:2]
+        for k, f in enumerate(rgb):
+            if f.shape != rgb[0].shape:
+                raise InputError(
+                    f"video {index}: frame {int(indices[k])} is {f.shape[0]}x{f.shape[1]}, "
+                    f"frame {int(indices[0])} is {height}x{width}; all frames must share one size"
+                )
+        h, w = self.resized_size(len(rgb), height, width)
+        resized = np.stack([_resize(f, h, w, self.resample) for f in rgb])
+        x = self._normalize(resized)
+        if pad := -len(x) % self.temporal_patch_size:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+        patches, grid = _patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
+        fps = DEFAULT_VIDEO_FPS if video_fps is None else float(video_fps)
+        meta = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=tuple(int(i) for i in indices))
+        return patches, grid, meta
+
+    def __call__(self, videos: Any, video_fps: float | Sequence[float | None] | None = None) -> dict[str, Any]:
+        batch = _split_videos(videos)
+        if video_fps is None or isinstance(video_fps, (int, float, np.integer, np.floating)):
+            rates = [video_fps] * len(batch)
+        else:
+            rates = list(video_fps)
+            if len(rates) != len(batch):
+                raise InputError(f"got {len(batch)} videos but {len(rates)} video_fps values")
+        patches, grids, metas = [], [], []
+        for i, (video, rate) in enumerate(zip(batch, rates)):
+            p, g, m = self.preprocess_one(video, rate, i)
+            patches.append(p)
+            grids.append(g)
+            metas.append(m)
+        return {
+            "pixel_values_videos": np.concatenate(patches, axis=0).astype(np.float32, copy=False),
+            "video_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
+            "video_metadata": metas,
+        }
+
+
+__all__ = [
+    "DEFAULT_VIDEO_FPS",
+    "ImageProcessor",
+    "VideoMetadata",
+    "VideoProcessor",
+    "load_image",
+    "sample_frame_indices",
+    "smart_resize",
+    "smart_resize_video",
+    "video_timestamps",
+]
