@@ -183,13 +183,45 @@ def run_vision(params: dict, cfg: Qwen3VLConfig, vis: vision_mod.VisionInputs) -
                                 jnp.asarray(vis.frame))
 
 
+def unstack_layers(params: dict) -> dict:
+    """The converter stores decoder layers and vision blocks stacked along a leading axis (one tensor
+    per weight kind); the model runs them from separate per-layer arrays. Returns the tree with
+    `layers` / `blocks` as lists of per-layer dicts (already-split trees pass through). Each stacked
+    array is dropped as soon as it is split, so the transient extra memory is one weight kind."""
+
+    def split(stacked):
+        if isinstance(stacked, list):
+            return stacked
+        leaves, treedef = jax.tree.flatten(stacked)
+        n = leaves[0].shape[0]
+        per_leaf = []
+        for i in range(len(leaves)):
+            per_leaf.append([leaves[i][j] for j in range(n)])
+            leaves[i] = None
+        return [jax.tree.unflatten(treedef, [pl[j] for pl in per_leaf]) for j in range(n)]
+
+    out = dict(params)
+    out["model"] = dict(params["model"])
+    lm = out["model"]["language_model"] = dict(params["model"]["language_model"])
+    lm["layers"] = split(lm["layers"])
+    vis = out["model"]["visual"] = dict(params["model"]["visual"])
+    vis["blocks"] = split(vis["blocks"])
+    return out
+
+
 @dataclasses.dataclass
 class Model:
-    """A loaded Qwen3-VL model: `config`, `params` (the param pytree) and the inference entry points."""
+    """A loaded Qwen3-VL model: `config`, `params` (the param pytree) and the inference entry points.
+
+    `params` is the converter's tree with the stacked decoder layers and vision blocks split into
+    lists of per-layer dicts (`unstack_layers`)."""
 
     config: Qwen3VLConfig
     params: dict
     generation_defaults: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
+
+    def __post_init__(self):
+        self.params = unstack_layers(self.params)
 
     @property
     def dtype(self):

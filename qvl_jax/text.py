@@ -1,9 +1,8 @@
 """The Qwen3-VL text decoder as pure functions of an explicit param pytree.
 
 RMSNorm, grouped-query attention with per-head QK-norm, interleaved multimodal RoPE (3-D positions),
-SwiGLU MLP, DeepStack injection after the first layers. Layers are stacked (leading layer axis in every
-`layers/...` array) and run with `lax.scan`, so the compiled program holds one layer body whatever
-the depth.
+SwiGLU MLP, DeepStack injection after the first layers. `params["layers"]` is a list of per-layer
+param dicts, run as an unrolled loop.
 
 Einsum letters: b batch, t query time, s key time, d model width, n query heads, k kv heads,
 g query heads per kv head, h head_dim, f MLP width.
@@ -112,31 +111,25 @@ def decoder(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, m
     Without a cache, attention is over this call's own tokens and mask is [b, t, t]. With a cache
     (k, v [layers, b, max_len, kv_heads, head_dim]) this call's keys and values are written at
     `write_pos` (shared by the batch) and attention reads the first `read_len` (static) cache entries:
-    mask is [b, t, read_len]. The cache travels in the scan carry so that XLA updates it in place.
+    mask is [b, t, read_len]. params["layers"] is a list of per-layer dicts (see model.unstack_layers).
     """
     cos, sin = mrope_cos_sin(positions, cfg)
     n_ds = 0 if deepstack is None else deepstack.shape[0]
-    b, t = x.shape[:2]
-
-    def body(carry, xs):
-        h, kv = carry
-        p, i = xs
-        q, k, v = qkv(p["self_attn"], rms_norm(h, p["input_layernorm"]["scale"], cfg.rms_norm_eps), cos, sin, cfg)
-        if kv is not None:
-            ck, cv = kv
+    # Layers run as an unrolled loop over separate per-layer arrays: slicing a layer out of stacked
+    # weights (what lax.scan does) makes XLA copy the slice before every matmul, which tripled the
+    # weight traffic of a CPU decode step (docs/performance.md).
+    for i, p in enumerate(params["layers"]):
+        q, k, v = qkv(p["self_attn"], rms_norm(x, p["input_layernorm"]["scale"], cfg.rms_norm_eps), cos, sin, cfg)
+        if cache is not None:
+            ck, cv = cache
             at = (i, 0, write_pos, 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            size = (1, b, read_len, *ck.shape[3:])
-            k = jax.lax.dynamic_slice(ck, (i, 0, 0, 0, 0), size)[0]
-            v = jax.lax.dynamic_slice(cv, (i, 0, 0, 0, 0), size)[0]
-            kv = (ck, cv)
-        h = h + attend(p["self_attn"], q, k, v, mask)
-        h = h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps))
-        if n_ds:
-            ds = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n_ds - 1), keepdims=False)
-            h = h + jnp.where(i < n_ds, ds, jnp.zeros_like(ds)).astype(h.dtype)
-        return (h, kv), None
-
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(cfg.num_hidden_layers)))
+            k = ck[i, :, :read_len]
+            v = cv[i, :, :read_len]
+            cache = (ck, cv)
+        x = x + attend(p["self_attn"], q, k, v, mask)
+        x = x + mlp(p["mlp"], rms_norm(x, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps))
+        if i < n_ds:
+            x = x + deepstack[i].astype(x.dtype)
     return rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps), cache

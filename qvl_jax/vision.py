@@ -192,28 +192,19 @@ def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Arra
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     mask = (frame[:, None] == frame[None, :]) & (frame[None, :] >= 0)
 
-    # One scan over all blocks; the DeepStack taps are kept in a [K, P, d] buffer as the scan passes
-    # their layers, and their mergers run afterwards in one batched call.
-    ds_idx = cfg.deepstack_visual_indexes
-    slot_of_layer = np.full(cfg.depth, -1, np.int32)
-    slot_of_layer[list(ds_idx)] = np.arange(len(ds_idx), dtype=np.int32)
-    taps0 = jnp.zeros((max(len(ds_idx), 1), *x.shape), x.dtype)
-
-    def body(carry, xs):
-        h, taps = carry
-        p, slot = xs
-        h = block(p, h, cos, sin, mask)
-        at = jnp.maximum(slot, 0)
-        kept = jnp.where(slot >= 0, h, jax.lax.dynamic_index_in_dim(taps, at, keepdims=False))
-        return (h, jax.lax.dynamic_update_index_in_dim(taps, kept, at, axis=0)), None
-
-    (x, taps), _ = jax.lax.scan(body, (x, taps0), (params["blocks"], jnp.asarray(slot_of_layer)))
+    # Blocks run unrolled over per-block arrays (see text.decoder for why not lax.scan); the DeepStack
+    # mergers stay stacked and run as one vmapped call over the tapped hidden states.
+    taps = []
+    for i, p in enumerate(params["blocks"]):
+        x = block(p, x, cos, sin, mask)
+        if i in cfg.deepstack_visual_indexes:
+            taps.append(x)
     group = cfg.spatial_merge_size ** 2
     merged = merger(params["merger"], x, group, postshuffle_norm=False)
-    if not ds_idx:
+    if not taps:
         return merged, jnp.zeros((0, *merged.shape), merged.dtype)
     deepstack = jax.vmap(lambda p, t: merger(p, t, group, postshuffle_norm=True))(
-        params["deepstack_merger_list"], taps)
+        params["deepstack_merger_list"], jnp.stack(taps))
     return merged, deepstack
 
 

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Benchmark qvl_jax against transformers on the same device, in the same process.
+
+    python scripts/bench.py [--config 2b|4b|8b] [--layers N] [--model PATH] [--quick] [--no-hf]
+
+Random weights in the real shapes of the chosen config (or real weights with --model). Cases:
+text-only decode at batch 1 / 8 / 64, one 1024x1024 image + short prompt (time to first token), and a
+4k-token context. One JSON line per case: device, dtype, batch, prompt tokens, image size, prefill
+ms, TTFT ms, decode tokens/s (median of repeats after warm-up, synchronised with
+block_until_ready), cold compile seconds, peak device memory, and the fraction of the bandwidth
+floor (weights + KV bytes read per decode step over the measured copy bandwidth). When torch and
+transformers import, the same case runs through transformers' generate (static cache) on the same
+device, and the line carries their numbers and our/their ratios.
+
+--quick: a small config and few tokens, a smoke run for CPUs (well under 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+SIZES = {  # text_config / vision_config of the released checkpoints (transformers 5 dialect)
+    "2b": ({"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
+           {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "out_hidden_size": 2048,
+            "deepstack_visual_indexes": [5, 11, 17]}, True),
+    "4b": ({"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
+           {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "out_hidden_size": 2560,
+            "deepstack_visual_indexes": [5, 11, 17]}, True),
+    "8b": ({"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
+           {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
+            "deepstack_visual_indexes": [8, 16, 24]}, False),
+    "quick": ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192},
+              {"depth": 2, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2, "out_hidden_size": 256,
+               "deepstack_visual_indexes": [0]}, True),
+}
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 151655, 151656, 151652, 151653
+
+
+def hf_config_dict(size: str, layers: int | None) -> dict:
+    text, vision, tied = copy.deepcopy(SIZES[size])
+    if layers:
+        text["num_hidden_layers"] = layers
+        vision["depth"] = max(layers, max(vision["deepstack_visual_indexes"]) + 1)
+    vocab = text["vocab_size"]
+    ids = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN, "vision_start_token_id": VISION_START,
+           "vision_end_token_id": VISION_END}
+    if vocab < 151936:  # small vocabularies keep the special ids inside
+        ids = {k: vocab - 4 + i for i, k in enumerate(ids)}
+    text.update(model_type="qwen3_vl_text", hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=262144,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20]
+                                 if text["head_dim"] == 128 else [12, 10, 10], "mrope_interleaved": True})
+    vision.update(model_type="qwen3_vl_vision", patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                  in_channels=3, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")
+    return {"model_type": "qwen3_vl", "tie_word_embeddings": tied, "text_config": text, "vision_config": vision, **ids}
+
+
+def random_params(cfg, dtype) -> dict:
+    """Our param tree, random, built on the device (no checkpoint needed)."""
+    from convert.table import rules_for
+    from qvl_jax.checkpoint import unflatten
+
+    key = jax.random.key(0)
+    flat = {}
+    for i, rule in enumerate(rules_for(cfg)):
+        shape = rule.target_shape
+        flat[rule.target] = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * 0.02).astype(dtype)
+    return unflatten(flat)
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')}".strip(":")
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS on CPU
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device copy (read + write counted once each)."""
+    n = 256 * 2**20 if jax.devices()[0].platform != "cpu" else 64 * 2**20
+    x = jnp.ones((n // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n / min(times)
+
+
+def text_weight_bytes(params, cfg) -> int:
+    """Bytes of the language model read per decode step (embedding row reads aside; lm_head once)."""
+    lm = params["model"]["language_model"]
+    n = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["scale"].nbytes
+    head = lm["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    return n + head.nbytes
+
+
+def make_image_inputs(cfg, prompt_len: int, image_size: int | None, batch: int, rng):
+    """HF-style inputs: `batch` rows of prompt_len text tokens (plus one image if asked)."""
+    vocab = cfg.text.vocab_size
+    text_vocab = min(vocab - 8, 150000)
+    rows, pix, grids = [], [], []
+    for _ in range(batch):
+        ids = list(rng.randint(0, text_vocab, size=prompt_len))
+        if image_size:
+            g = image_size // cfg.vision.patch_size
+            grids.append((1, g, g))
+            ids = ids[:4] + [cfg.vision_start_token_id] + [cfg.image_token_id] * (g * g // 4) + \
+                [cfg.vision_end_token_id] + ids[4:]
+            pix.append(rng.uniform(-1, 1, size=(g * g, cfg.vision.patch_dim)).astype(np.float32))
+        rows.append(ids)
+    out = {"input_ids": np.array(rows, np.int64)}
+    if image_size:
+        out["pixel_values"] = np.concatenate(pix)
+        out["image_grid_thw"] = np.array(grids, np.int64)
+    return out
+
+
+def bench_ours(model, inputs, new_tokens, repeats):
+    cold = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=new_tokens, stop_token_ids=[])
+    cold = time.perf_counter() - cold
+    prefill, decode, total = [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new_tokens, stop_token_ids=[])
+        total.append(time.perf_counter() - t)
+        prefill.append(out.prefill_s)
+        decode.append(out.decode_s)
+    warm = statistics.median(total)
+    return {"prefill_ms": 1e3 * statistics.median(prefill), "ttft_ms": 1e3 * statistics.median(prefill),
+            "decode_tok_s": (new_tokens - 1) * inputs["input_ids"].shape[0] / statistics.median(decode),
+            "step_ms": 1e3 * statistics.median(decode) / (new_tokens - 1),
+            "compile_s": max(cold - warm, 0.0), "prompt_tokens": int(out.prompt_tokens)}
+
+
+def bench_hf(hf_model, inputs, new_tokens, repeats, device):
+    import torch
+
+    t_in = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+    if "pixel_values" in t_in:
+        t_in["pixel_values"] = t_in["pixel_values"].to(hf_model.dtype)
+        t_in["mm_token_type_ids"] = (t_in["input_ids"] == hf_model.config.image_token_id).int()
+
+    def run(n):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf_model.generate(**t_in, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              cache_implementation="static", pad_token_id=0)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(new_tokens)  # warm-up
+    first = statistics.median(run(1) for _ in range(repeats))
+    # Decode speed from the difference of two long runs: generate(1) carries fixed costs (cache set-up,
+    # input preparation) that (T_n - T_1) would wrongly credit to decoding.
+    half = max(new_tokens // 2, 2)
+    t_half = statistics.median(run(half) for _ in range(repeats))
+    t_full = statistics.median(run(new_tokens) for _ in range(repeats))
+    batch = inputs["input_ids"].shape[0]
+    return {"hf_ttft_ms": 1e3 * first,
+            "hf_decode_tok_s": (new_tokens - half) * batch / max(t_full - t_half, 1e-9)}
+
+
+def load_hf(cfg_dict, dtype_name):
+    try:
+        import torch
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    except Exception:
+        return None, None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(cfg_dict))).to(device, tdtype).eval()
+    return model, device
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="2b", choices=[k for k in SIZES if k != "quick"])
+    ap.add_argument("--layers", type=int, default=None, help="override the decoder / vision depth (CPU runs)")
+    ap.add_argument("--model", default=None, help="real weights: a converted or HF checkpoint directory")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--cases", default="decode1,decode8,decode64,image,long",
+                    help="comma list of decode1, decode8, decode64, image, long")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small config and sizes: a smoke run on CPU")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-compilation-cache", action="store_true")
+    args = ap.parse_args(argv)
+
+    import qvl_jax
+    from qvl_jax.config import Qwen3VLConfig
+
+    if not args.no_compilation_cache:
+        from qvl_jax.cli import enable_compilation_cache
+
+        enable_compilation_cache()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtype_name = args.dtype or ("float32" if on_cpu else "bfloat16")
+    dtype = jnp.dtype(dtype_name)
+    cases = args.cases.split(",")
+    image_size, long_len = 1024, 4096
+    if args.quick:
+        cases = ["decode1", "decode8", "image"]
+        args.new_tokens, args.repeats, image_size = 16, 2, 128
+
+    if args.model:
+        model = qvl_jax.load(args.model, dtype=dtype_name)
+        cfg_dict = json.loads((Path(args.model) / "config.json").read_text())
+    else:
+        cfg_dict = hf_config_dict("quick" if args.quick else args.config, args.layers)
+        cfg = Qwen3VLConfig.from_hf_dict(cfg_dict)
+        model = qvl_jax.Model(cfg, random_params(cfg, dtype))
+    cfg = model.config
+    hf_model, hf_device = (None, None) if args.no_hf else load_hf(cfg_dict, dtype_name)
+    bandwidth = copy_bandwidth()
+    weights = text_weight_bytes(model.params, cfg)
+    kv_per_token = 2 * cfg.text.num_hidden_layers * cfg.text.num_key_value_heads * cfg.text.head_dim * dtype.itemsize
+
+    rng = np.random.RandomState(0)
+    for case in cases:
+        batch = {"decode1": 1, "decode8": 8, "decode64": 64}.get(case, 1)
+        prompt = long_len if case == "long" else args.prompt_len
+        img = image_size if case == "image" else None
+        inputs = make_image_inputs(cfg, prompt, img, batch, rng)
+        ours = bench_ours(model, inputs, args.new_tokens, args.repeats)
+        context = ours["prompt_tokens"] + args.new_tokens // 2
+        floor_s = (weights + batch * context * kv_per_token) / bandwidth
+        line = {"case": case, "device": device_name(), "dtype": dtype_name, "batch": batch,
+                "prompt_tokens": ours["prompt_tokens"], "image_size": img, "new_tokens": args.new_tokens,
+                "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
+                "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),
+                "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes()}
+        if hf_model is not None:
+            hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)
+            line.update({k: round(v, 3) for k, v in hf.items()})
+            line["decode_speedup_vs_hf"] = round(ours["decode_tok_s"] / hf["hf_decode_tok_s"], 2)
+            line["ttft_speedup_vs_hf"] = round(hf["hf_ttft_ms"] / ours["ttft_ms"], 2)
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
