@@ -3,6 +3,7 @@
 from qvl_jax.config import Qwen3VLConfig, TextConfig, VisionConfig
 from qvl_jax.errors import CheckpointError, ConfigError, InputError, QvlError
 from qvl_jax.model import Model, load
+from qvl_jax.processor import Processor
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "ConfigError",
     "InputError",
     "Model",
+    "Processor",
     "QvlError",
     "Qwen3VLConfig",
     "TextConfig",

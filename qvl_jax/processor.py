@@ -1,0 +1,796 @@
+"""Chat messages and prompts -> model inputs, the way transformers' Qwen3VLProcessor builds them.
+
+What it holds:
+  - `Processor`: tokenizer (a `tokenizers.Tokenizer` read from tokenizer.json) + `ImageProcessor` +
+    `VideoProcessor` + chat template. `Processor.from_pretrained(dir)` reads a checkpoint directory.
+      * `proc(text=..., images=..., videos=...)` expands every `<|image_pad|>` to
+        grid_t * grid_h * grid_w / merge_size**2 pads and every `<|video_pad|>` to one
+        `<{t:.1f} seconds><|vision_start|>pads<|vision_end|>` group per temporal grid step, tokenizes,
+        pads, and returns numpy arrays under Hugging Face's names (input_ids, attention_mask,
+        mm_token_type_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw).
+      * `apply_chat_template(messages, ...)` renders HF-format chat messages with the checkpoint's
+        Jinja template in the same sandboxed environment transformers uses, and with tokenize=True
+        collects the images / videos from the messages in order and runs `__call__`.
+      * `decode` / `batch_decode`, `eos_token_ids` for stopping generation.
+  - `QWEN3_VL_CHAT_TEMPLATE`: the Qwen3-VL-Instruct chat template, used when a checkpoint ships none.
+
+Deliberate differences from transformers:
+  - Padding is on by default (to the longest prompt) and on the left, because the outputs are
+    rectangular numpy arrays meant for generation; transformers defaults to no padding, on the right.
+  - A video's source frame rate is passed as `video_fps=` (or a video content item's "video_fps" key);
+    transformers takes it inside `video_metadata`, which is also accepted here.
+  - Malformed messages and placeholder / media count mismatches raise a one-line `InputError` before
+    any image is decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.sandbox
+import numpy as np
+
+from qvl_jax.errors import CheckpointError, ConfigError, InputError
+from qvl_jax.image_processing import ImageProcessor, VideoProcessor, _split_videos
+
+# The chat template of Qwen/Qwen3-VL-*-Instruct (chat_template.json), unchanged.
+QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+IM_END_TOKEN = "<|im_end|>"
+ENDOFTEXT_TOKEN = "<|endoftext|>"
+
+# mm_token_type_ids values (text is 0), as transformers' ProcessorMixin.create_mm_token_type_ids assigns them.
+_IMAGE_TYPE, _VIDEO_TYPE = 1, 2
+_CONTENT_TYPES = ("text", "image", "video")
+# Message keys the template reads a model's reasoning from; transformers copies whichever is given
+# into both reasoning_content and thinking, so "thinking" templates see it under either name.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _describe(x: Any) -> str:
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Jinja: the environment transformers renders chat templates in (templates are untrusted code from the
+# Hub, so: sandboxed, and nothing the template sees is a live Python object)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering
+    ignores it, but a template using it must still parse."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+class _TemplateError(Exception):
+    """raise_exception() from inside a template: the template rejected its input."""
+
+
+def _raise_exception(message):
+    raise _TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson HTML-escapes <, >, & and ' which would change the prompt
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    # dict() and dict.fromkeys() for templates, without exposing the dict type itself
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    # namespace() that refuses underscore names, so a template cannot reach CPython internals through it
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(template: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"chat template does not parse (line {e.lineno}): {e.message}") from None
+
+
+def _template_data(value: Any) -> Any:
+    """What the template may see: plain JSON-like data. Media and other objects become an inert
+    "<TypeName>" string (templates only test whether an "image" key exists), as in transformers."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):  # subclasses (enums, numpy strings) carry methods: keep the plain value
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_template_data(k): _template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_template_data(v) for v in value)
+    if isinstance(value, np.generic):
+        return _template_data(value.item())
+    return f"<{type(value).__name__}>"
+
+
+# ----------------------------------------------------------------------------------------------------
+# messages
+
+
+def _split_conversations(messages: Any) -> tuple[list, bool]:
+    if not isinstance(messages, (list, tuple)):
+        raise InputError(
+            f"messages must be a list of message dicts (or a list of such lists), got {_describe(messages)}"
+        )
+    if not messages:
+        raise InputError("messages is empty")
+    if isinstance(messages[0], (list, tuple)):
+        return list(messages), True
+    return [messages], False
+
+
+def _normalize_conversation(conversation: Any, c: int, batched: bool) -> list[dict]:
+    """Checked copy of one conversation: None-valued keys dropped (as transformers does), OpenAI
+    image_url items turned into image items, every content item's type known."""
+    where0 = f"conversation {c}, " if batched else ""
+    if not isinstance(conversation, (list, tuple)):
+        raise InputError(f"conversation {c} must be a list of message dicts, got {_describe(conversation)}")
+    if not conversation:
+        raise InputError(f"conversation {c} is empty")
+    out = []
+    for m, message in enumerate(conversation):
+        if not isinstance(message, Mapping):
+            raise InputError(
+                f"{where0}message {m}: expected a dict with 'role' and 'content', got {_describe(message)}"
+            )
+        message = {k: v for k, v in message.items() if v is not None}
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise InputError(f"{where0}message {m}: 'role' must be a string, got {_describe(role)}")
+        where = f"{where0}message {m} ({role})"
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            items = []
+            for i, item in enumerate(content):
+                items.append(_normalize_item(item, f"{where}, content item {i}"))
+            message["content"] = items
+        elif content is not None and not isinstance(content, str):
+            raise InputError(
+                f"{where}: 'content' must be a string or a list of content items, got {_describe(content)}"
+            )
+        out.append(message)
+    return out
+
+
+def _normalize_item(item: Any, where: str) -> dict:
+    if not isinstance(item, Mapping):
+        raise InputError(f"{where}: expected a dict like {{'type': 'text', 'text': ...}}, got {_describe(item)}")
+    item = {k: v for k, v in item.items() if v is not None}
+    kind = item.get("type")
+    if kind == "image_url" and "image_url" in item:
+        url = item["image_url"]
+        return {"type": "image", "url": url.get("url", "") if isinstance(url, Mapping) else url}
+    if kind not in _CONTENT_TYPES:
+        got = "no 'type'" if kind is None else f"unknown content type {kind!r}"
+        raise InputError(f"{where}: {got}; expected one of {', '.join(map(repr, _CONTENT_TYPES))}")
+    if kind == "text" and not isinstance(item.get("text"), str):
+        raise InputError(f"{where}: 'text' must be a string, got {_describe(item.get('text'))}")
+    if kind in ("image", "video") and _media(item) is None:
+        keys = "'image', 'url' or 'path'" if kind == "image" else "'video', 'url' or 'path'"
+        raise InputError(f"{where}: {kind} item has no {keys} key")
+    return item
+
+
+def _media(item: Mapping) -> Any:
+    for key in (item["type"], "url", "path"):
+        if key in item:
+            return item[key]
+    return None
+
+
+def _collect_media(conversations: list[list[dict]]) -> tuple[list, list, list]:
+    """Images, videos and per-video source fps of every message, in conversation order (transformers
+    collects from all roles; the placeholder count check then catches media the template dropped)."""
+    images, videos, rates = [], [], []
+    for conversation in conversations:
+        for message in conversation:
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for item in content:
+                if item["type"] == "image":
+                    images.append(_media(item))
+                elif item["type"] == "video":
+                    videos.append(_media(item))
+                    rates.append(item.get("video_fps"))
+    return images, videos, rates
+
+
+# continue_final_message: the final text is tagged before rendering and the prompt cut where the tag
+# lands, which drops whatever the template writes after the message (its end-of-turn), as transformers does
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(chat: list[dict]) -> str:
+    content = chat[-1].get("content")
+    if isinstance(content, str):
+        chat[-1]["content"] = content + _CONTINUE_TAG
+        return content
+    for block in reversed(content or []):
+        if "text" in block:
+            final = block["text"]
+            block["text"] = final + _CONTINUE_TAG
+            return final
+    raise InputError("continue_final_message is set but the last message has no text to continue")
+
+
+def _cut_at_tag(prompt: str, final_text: str) -> str:
+    tag = _CONTINUE_TAG.strip()
+    if final_text.strip() not in prompt or tag not in prompt:
+        raise InputError(
+            "continue_final_message is set but the chat template does not write the last message's text"
+        )
+    at = prompt.rindex(tag)
+    # a template that strips the message keeps the tag's trailing space out too: strip what precedes it
+    return prompt[:at] if prompt[at: at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else prompt[:at].rstrip()
+
+
+def _alias_reasoning(message: dict) -> dict:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"cannot read {path}: {reason}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config.json writes special tokens as strings, or as AddedToken dicts in older files
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_template(value: Any, source: str) -> str | None:
+    # a template string, or a list of {"name", "template"} where "default" is the chat template
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for entry in value:
+            if isinstance(entry, Mapping) and entry.get("name") == "default":
+                return entry.get("template")
+        return None
+    raise CheckpointError(f"{source}: chat_template must be a string, got {type(value).__name__}")
+
+
+def _load_chat_template(model_dir: Path, tokenizer_config: dict) -> str:
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {jinja_file}: {e}") from None
+    json_file = model_dir / "chat_template.json"
+    if json_file.is_file():
+        template = _pick_template(_read_json(json_file).get("chat_template"), str(json_file))
+        if template:
+            return template
+    template = _pick_template(tokenizer_config.get("chat_template"), str(model_dir / "tokenizer_config.json"))
+    return template or QWEN3_VL_CHAT_TEMPLATE
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ids_list(ids: Any, what: str) -> list[int]:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"{what} takes a 1-D sequence of token ids, got shape {arr.shape} dtype {arr.dtype}")
+    return [int(i) for i in arr]
+
+
+class Processor:
+    """Qwen3-VL processor: text + images + videos -> model inputs, chat messages -> prompt, ids -> text.
+
+    Build with `Processor.from_pretrained(model_dir)`; see the module docstring for the calls."""
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor: ImageProcessor | None = None,
+        video_processor: VideoProcessor | None = None,
+        chat_template: str | None = None,
+        special_tokens: Mapping[str, str | None] | None = None,
+    ):
+        """tokenizer: a `tokenizers.Tokenizer` holding Qwen's added tokens. special_tokens: the
+        tokenizer_config.json names (eos_token, pad_token, bos_token, unk_token) -> token text, which
+        templates may read and which set the pad id."""
+        self.tokenizer = tokenizer
+        # Padding and truncation are done here, explicitly; a tokenizer.json may carry either.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self.image_processor = image_processor if image_processor is not None else ImageProcessor()
+        self.video_processor = video_processor if video_processor is not None else VideoProcessor()
+        self.chat_template = chat_template if chat_template is not None else QWEN3_VL_CHAT_TEMPLATE
+        self.special_tokens = {k: v for k, v in dict(special_tokens or {}).items() if v is not None}
+        self.special_tokens.setdefault("eos_token", IM_END_TOKEN)
+        self.special_tokens.setdefault("pad_token", ENDOFTEXT_TOKEN)
+
+        def required(token: str) -> int:
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ConfigError(f"the tokenizer has no {token} token; it is not a Qwen-VL tokenizer")
+            return token_id
+
+        self.image_token_id = required(IMAGE_TOKEN)
+        self.video_token_id = required(VIDEO_TOKEN)
+        self.vision_start_token_id = required(VISION_START_TOKEN)
+        self.vision_end_token_id = required(VISION_END_TOKEN)
+        self.pad_token_id = required(self.special_tokens["pad_token"])
+        eos = [tokenizer.token_to_id(t) for t in (IM_END_TOKEN, ENDOFTEXT_TOKEN, self.special_tokens["eos_token"])]
+        self._eos_token_ids = list(dict.fromkeys(i for i in eos if i is not None))
+        if not self._eos_token_ids:
+            raise ConfigError(f"the tokenizer has neither {IM_END_TOKEN} nor {ENDOFTEXT_TOKEN}")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Processor":
+        """Reads tokenizer.json, tokenizer_config.json, the chat template (chat_template.jinja, else
+        chat_template.json, else tokenizer_config.json's, else the built-in Qwen3-VL one) and
+        preprocessor_config.json / video_preprocessor_config.json (defaults when absent)."""
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"no such model directory: {model_dir}")
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise CheckpointError(f"{model_dir} has no tokenizer.json (qvl_jax reads the fast tokenizer file)")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust side raises plain Exception on malformed files
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"cannot read {tokenizer_file}: {reason}") from None
+        config_file = model_dir / "tokenizer_config.json"
+        tokenizer_config = _read_json(config_file) if config_file.is_file() else {}
+        special = {k: _token_content(tokenizer_config.get(k)) for k in ("bos_token", "eos_token", "pad_token",
+                                                                         "unk_token")}
+        image_file = model_dir / "preprocessor_config.json"
+        video_file = model_dir / "video_preprocessor_config.json"
+        image_processor = ImageProcessor.from_dict(_read_json(image_file)) if image_file.is_file() else None
+        video_processor = VideoProcessor.from_dict(_read_json(video_file)) if video_file.is_file() else None
+        return cls(tokenizer, image_processor, video_processor, _load_chat_template(model_dir, tokenizer_config),
+                   special)
+
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end an answer: <|im_end|>, <|endoftext|> (and tokenizer_config's eos if another)."""
+        return list(self._eos_token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Plain tokenization of one string, no placeholder expansion."""
+        if not isinstance(text, str):
+            raise InputError(f"text must be a string, got {_describe(text)}")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Token ids (1-D) -> text; no stopping at eos (the caller trims)."""
+        return self.tokenizer.decode(_ids_list(ids, "decode"), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        """A batch of id sequences ([B, T] array or list of lists) -> list of texts."""
+        if isinstance(ids, np.ndarray) and ids.ndim != 2:
+            raise InputError(f"batch_decode takes a [batch, length] array, got shape {ids.shape}")
+        rows = [_ids_list(row, "batch_decode") for row in ids]
+        return self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _image_replacements(self, grids: np.ndarray) -> list[str]:
+        merge = self.image_processor.merge_size ** 2
+        return [IMAGE_TOKEN * (int(np.prod(g)) // merge) for g in grids]
+
+    def _video_replacements(self, grids: np.ndarray, metadata: list) -> list[str]:
+        merge = self.video_processor.merge_size ** 2
+        out = []
+        for (t, h, w), meta in zip(grids, metadata):
+            seconds = meta.timestamps(self.video_processor.temporal_patch_size)
+            frame = VISION_START_TOKEN + VIDEO_TOKEN * (int(h) * int(w) // merge) + VISION_END_TOKEN
+            out.append("".join(f"<{seconds[k]:.1f} seconds>" + frame for k in range(int(t))))
+        return out
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        videos: Any = None,
+        *,
+        video_fps: float | Sequence[float | None] | None = None,
+        video_metadata: Sequence[Any] | None = None,
+        padding: bool | str = True,
+        padding_side: str = "left",
+        add_special_tokens: bool = True,
+        return_tensors: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Prompt text(s) with one `<|image_pad|>` / `<|video_pad|>` per image / video (as the chat
+        template writes them) -> dict of numpy arrays under transformers' names.
+
+        images: one image or a (nested) list, taken in order across the batch. videos: one video or a
+        list ([T, H, W, C] uint8 arrays or lists of frames). video_fps: source frame rate (one, or one
+        per video); video_metadata: transformers' alternative, a list of dicts with "fps"."""
+        if return_tensors not in (None, "np"):
+            raise InputError(f"return_tensors={return_tensors!r}: qvl_jax returns numpy arrays only (use 'np')")
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if padding not in (True, False, "longest", "do_not_pad"):
+            raise InputError(f"padding must be True/'longest' or False/'do_not_pad', got {padding!r}")
+        texts = self._check_text(text)
+        image_list = _flat_images(images)
+        video_list = _split_videos(videos) if videos is not None else []
+        video_fps = self._video_rates(video_fps, video_metadata, len(video_list))
+        if texts is None:
+            if not image_list and not video_list:
+                raise InputError("nothing to process: pass text, images or videos")
+        else:
+            self._check_counts(texts, IMAGE_TOKEN, "image", len(image_list))
+            self._check_counts(texts, VIDEO_TOKEN, "video", len(video_list))
+
+        out: dict[str, np.ndarray] = {}
+        replacements: dict[str, list[str]] = {}
+        if image_list:
+            pixels = self.image_processor(image_list)
+            out["pixel_values"], out["image_grid_thw"] = pixels["pixel_values"], pixels["image_grid_thw"]
+            replacements[IMAGE_TOKEN] = self._image_replacements(pixels["image_grid_thw"])
+        if video_list:
+            frames = self.video_processor(video_list, video_fps=video_fps)
+            out["pixel_values_videos"], out["video_grid_thw"] = frames["pixel_values_videos"], frames["video_grid_thw"]
+            replacements[VIDEO_TOKEN] = self._video_replacements(frames["video_grid_thw"], frames["video_metadata"])
+        if texts is None:
+            return out
+        return {**self._tokenize(self._expand(texts, replacements), padding, padding_side, add_special_tokens), **out}
+
+    def _check_text(self, text: Any) -> list[str] | None:
+        if text is None:
+            return None
+        if isinstance(text, str):
+            return [text]
+        if isinstance(text, (list, tuple)):
+            if not text:
+                raise InputError("text is an empty list")
+            for i, t in enumerate(text):
+                if not isinstance(t, str):
+                    raise InputError(f"text must be a string or a list of strings; item {i} is {_describe(t)}")
+            return list(text)
+        raise InputError(f"text must be a string or a list of strings, got {_describe(text)}")
+
+    @staticmethod
+    def _check_counts(texts: list[str], token: str, what: str, given: int) -> None:
+        found = sum(t.count(token) for t in texts)
+        if found != given:
+            raise InputError(
+                f"the text has {found} {token} placeholder(s) but {given} {what}(s) were given; each {what} "
+                f"needs exactly one {token} in the text (the chat template writes them)"
+            )
+
+    @staticmethod
+    def _video_rates(video_fps: Any, video_metadata: Any, n: int) -> Any:
+        if video_metadata is None:
+            return video_fps
+        if video_fps is not None:
+            raise InputError("pass the source frame rate as video_fps or video_metadata, not both")
+        metadata = [video_metadata] if isinstance(video_metadata, Mapping) else list(video_metadata)
+        if len(metadata) != n:
+            raise InputError(f"got {n} video(s) but {len(metadata)} video_metadata entries")
+        return [m.get("fps") if isinstance(m, Mapping) else getattr(m, "fps", None) for m in metadata]
+
+    @staticmethod
+    def _expand(texts: list[str], replacements: dict[str, list[str]]) -> list[str]:
+        """Each placeholder, in order across the batch, replaced by its image's / video's expansion."""
+        if not replacements:
+            return texts
+        pending = {token: iter(reps) for token, reps in replacements.items()}
+        pattern = re.compile("|".join(re.escape(token) for token in replacements))
+        return [pattern.sub(lambda m: next(pending[m.group()]), t) for t in texts]
+
+    def _tokenize(self, texts: list[str], padding, padding_side: str, add_special_tokens: bool) -> dict:
+        rows = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        for row, t in zip(rows, texts):
+            for token, token_id in ((IMAGE_TOKEN, self.image_token_id), (VIDEO_TOKEN, self.video_token_id)):
+                if row.count(token_id) != t.count(token):
+                    raise ConfigError(f"the tokenizer does not encode {token} as the single id {token_id}")
+        longest = max(len(r) for r in rows)
+        if padding in (False, "do_not_pad") and any(len(r) != longest for r in rows):
+            raise InputError(
+                f"prompts have different lengths ({sorted({len(r) for r in rows})} tokens) and padding=False; "
+                "pass padding=True to pad them into one array"
+            )
+        input_ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for b, row in enumerate(rows):
+            cols = slice(longest - len(row), longest) if padding_side == "left" else slice(0, len(row))
+            input_ids[b, cols] = row
+            attention_mask[b, cols] = 1
+        mm_token_type_ids = np.zeros_like(input_ids)
+        mm_token_type_ids[input_ids == self.image_token_id] = _IMAGE_TYPE
+        mm_token_type_ids[input_ids == self.video_token_id] = _VIDEO_TYPE
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+
+    # ------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Any,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        *,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        continue_final_message: bool = False,
+        padding: bool | str = True,
+        padding_side: str = "left",
+        **template_kwargs,
+    ):
+        """HF chat messages (one conversation, or a list of conversations) -> prompt.
+
+        tokenize=False: the rendered prompt (a str, or a list for a batch). tokenize=True: with
+        return_dict the full `__call__` output for the rendered prompt(s) and the messages' images /
+        videos, else only input_ids. Extra keyword arguments are template variables (e.g.
+        add_vision_id=True), as in transformers. A video item may carry "video_fps" (its source
+        frame rate; 24 when absent, as in transformers). continue_final_message=True leaves the last
+        message open (no end-of-turn after its text) so that generation continues it."""
+        if continue_final_message and add_generation_prompt:
+            raise InputError("continue_final_message and add_generation_prompt cannot both be set: the first "
+                             "continues the last message, the second starts a new assistant message")
+        conversations, batched = _split_conversations(messages)
+        conversations = [_normalize_conversation(conv, c, batched) for c, conv in enumerate(conversations)]
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
+            raise InputError("tools must be a list of JSON-schema dicts")
+        if documents is not None and not (
+            isinstance(documents, list) and all(isinstance(d, Mapping) for d in documents)
+        ):
+            raise InputError("documents must be a list of dicts with 'title' and 'text'")
+        template = _compile_template(chat_template if chat_template is not None else self.chat_template)
+        variables = _template_data({**self.special_tokens, **template_kwargs})
+        prompts = []
+        for conversation in conversations:
+            chat = [_alias_reasoning(m) for m in _template_data(conversation)]
+            final_text = _tag_final_message(chat) if continue_final_message else None
+            try:
+                prompt = template.render(
+                    messages=chat, tools=_template_data(tools), documents=_template_data(documents),
+                    add_generation_prompt=add_generation_prompt, **variables,
+                )
+            except _TemplateError as e:
+                raise InputError(f"the chat template rejected the messages: {e}") from None
+            except jinja2.TemplateError as e:
+                raise InputError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+            prompts.append(prompt if final_text is None else _cut_at_tag(prompt, final_text))
+        if not tokenize:
+            return prompts if batched else prompts[0]
+
+        images, videos, rates = _collect_media(conversations)
+        for token, what, given in ((IMAGE_TOKEN, "image", len(images)), (VIDEO_TOKEN, "video", len(videos))):
+            found = sum(p.count(token) for p in prompts)
+            if found != given:
+                raise InputError(
+                    f"the messages hold {given} {what} item(s) but the chat template wrote {found} {token} "
+                    f"placeholder(s) (this template renders {what}s only in some roles' messages)"
+                )
+        bos = self.special_tokens.get("bos_token")
+        # the template already wrote the BOS token, so the tokenizer must not add another (transformers)
+        add_special_tokens = not (bos and prompts[0].startswith(bos))
+        out = self(
+            text=prompts,
+            images=images or None,
+            videos=videos or None,
+            video_fps=rates if any(r is not None for r in rates) else None,
+            padding=padding,
+            padding_side=padding_side,
+            add_special_tokens=add_special_tokens,
+        )
+        return out if return_dict else out["input_ids"]
+
+
+def _flat_images(images: Any) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        out = []
+        for x in images:
+            out.extend(_flat_images(x))
+        return out
+    return [images]
+
+
+__all__ = ["Processor", "QWEN3_VL_CHAT_TEMPLATE"]
