@@ -1,7 +1,7 @@
 """qvl_jax: a JAX inference engine for the Qwen3-VL vision-language models."""
 
 from qvl_jax.config import Qwen3VLConfig, TextConfig, VisionConfig
-from qvl_jax.errors import CheckpointError, ConfigError, InputError, QvlError
+from qvl_jax.errors import CheckpointError, ConfigError, InputError, NumericalError, QvlError, ResourceError
 from qvl_jax.model import Model, load
 from qvl_jax.processor import Processor
 
@@ -12,8 +12,10 @@ __all__ = [
     "ConfigError",
     "InputError",
     "Model",
+    "NumericalError",
     "Processor",
     "QvlError",
+    "ResourceError",
     "Qwen3VLConfig",
     "TextConfig",
     "VisionConfig",

@@ -49,7 +49,7 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_converted(path: Path, dtype: jnp.dtype | None = None) -> tuple[Qwen3VLConfig, dict]:
+def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None) -> tuple[Qwen3VLConfig, dict]:
     from safetensors import safe_open
 
     manifest = read_manifest(path)
@@ -62,12 +62,18 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None) -> tuple[Qwen3VLC
         raise CheckpointError(
             f"{params_file} is {size} bytes but was written as {manifest.get('params_bytes')}: "
             "the converted checkpoint was changed or truncated; convert it again")
+    shardings = None if mesh is None else _shardings(config, mesh)
     flat = {}
     try:
         with safe_open(str(params_file), framework="numpy") as f:
             for key in f.keys():
-                arr = f.get_tensor(key)  # read from the memory map, one tensor at a time
-                flat[key] = jax.device_put(arr if dtype is None else arr.astype(dtype))
+                if shardings is None:
+                    arr = f.get_tensor(key)  # read from the memory map, one tensor at a time
+                    flat[key] = jax.device_put(arr if dtype is None else arr.astype(dtype))
+                elif key not in shardings:
+                    raise CheckpointError(f"{params_file}: unexpected param {key!r} for this config")
+                else:
+                    flat[key] = _load_sharded(f.get_slice(key), shardings[key], dtype)
     except CheckpointError:
         raise
     except Exception as e:
@@ -75,18 +81,46 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None) -> tuple[Qwen3VLC
     return config, unflatten(flat)
 
 
-def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None) -> tuple[Qwen3VLConfig, dict]:
-    """(config, params) from a converted directory or a Hugging Face checkpoint directory."""
+def _shardings(config: Qwen3VLConfig, mesh) -> dict:
+    from qvl_jax.sharding import flat_param_shardings
+
+    return flat_param_shardings(config, mesh)
+
+
+def _load_sharded(tensor, sharding, dtype) -> jax.Array:
+    """A param placed straight into its sharding: each device's block is read from the memory-mapped
+    file on its own (a block shared by several devices once), so no device, and no host buffer,
+    ever holds more than one tensor, and a split param is never whole on one device."""
+    shape = tuple(tensor.get_shape())
+    blocks: dict = {}
+
+    def read(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            block = tensor[tuple(index)] if shape else tensor[...]
+            blocks[key] = np.asarray(block if dtype is None else block.astype(dtype))
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
+def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None,
+                mesh=None) -> tuple[Qwen3VLConfig, dict]:
+    """(config, params) from a converted directory or a Hugging Face checkpoint directory.
+
+    mesh: place each param straight into its NamedSharding (qvl_jax.sharding) instead of one device."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     if is_converted(path):
-        return load_converted(path, np_dtype)
+        return load_converted(path, np_dtype, mesh)
     if (path / "config.json").is_file():
         from convert.core import load_hf_params
 
         config, flat = load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
-        return config, unflatten({k: jax.device_put(v) for k, v in flat.items()})
+        shardings = {} if mesh is None else _shardings(config, mesh)
+        # device_put of a host array with a NamedSharding copies only each device's block.
+        return config, unflatten({k: jax.device_put(v, shardings.get(k)) for k, v in flat.items()})
     raise CheckpointError(f"{path} is neither a converted qvl_jax directory ({MANIFEST_FILE}) "
                           "nor a Hugging Face checkpoint (config.json)")

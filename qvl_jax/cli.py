@@ -121,6 +121,19 @@ def _load_video(path: str):
         raise InputError(f"cannot decode video {p}: {e}") from None
 
 
+def parse_mesh(spec: str | None):
+    """'DPxTP' (e.g. 1x8: tensor parallel over 8 devices) -> a ("data", "model") mesh, or None."""
+    if not spec:
+        return None
+    from qvl_jax.sharding import make_mesh
+
+    try:
+        dp, tp = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--mesh takes DPxTP, e.g. 1x8 or 2x4, got {spec!r}") from None
+    return make_mesh(dp, tp)
+
+
 def _sampling_kwargs(args) -> dict:
     kw = {}
     for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
@@ -138,7 +151,7 @@ def cmd_generate(args) -> int:
     enable_compilation_cache()
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)
-    model = qvl_jax.load(model_dir, dtype=args.dtype)
+    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=parse_mesh(args.mesh))
     proc = Processor.from_pretrained(model_dir)
     content = [{"type": "image", "image": f} for f in args.image]
     content += [{"type": "video", "video": _load_video(v)} for v in args.video]
@@ -243,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (default: as stored)")
+    g.add_argument("--mesh", default=None, metavar="DPxTP",
+                   help="shard over a data x model device mesh, e.g. 1x8 (tensor parallel over 8 devices)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     g.set_defaults(func=cmd_generate)

@@ -20,3 +20,11 @@ class CheckpointError(QvlError, ValueError):
 
 class InputError(QvlError, ValueError):
     """Model inputs that are inconsistent or malformed (shapes, placeholder counts, types)."""
+
+
+class NumericalError(QvlError, ArithmeticError):
+    """The model produced NaN or inf logits (broken weights, or an overflow in a low-precision dtype)."""
+
+
+class ResourceError(QvlError, MemoryError):
+    """A request that would not fit in device memory, refused before anything is allocated."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import time
 from typing import Iterator, NamedTuple
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from qvl_jax import kv_cache, sampling
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.errors import InputError
+from qvl_jax.errors import InputError, NumericalError, ResourceError
 from qvl_jax.model import bucket_length, embed_inputs, lm_head, prepare_inputs, run_vision
 from qvl_jax.text import decoder
 
@@ -40,6 +41,7 @@ class DecodeState(NamedTuple):
     logprobs: jax.Array  # [b, n] float32: log-probability of each chosen token under the model
     logits: jax.Array | None  # [b, n, vocab] raw logits of each step (return_logits=True only)
     done: jax.Array  # [b] bool
+    bad_step: jax.Array  # [b] int32: first step whose logits were not finite, -1 if none
     cache: kv_cache.KVCache
     key: jax.Array  # PRNG key
     seen: jax.Array | None  # [b, vocab] bool: in prompt or output (repetition penalty only)
@@ -69,9 +71,12 @@ class GenerateOutput:
 def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, logits: jax.Array) -> DecodeState:
     """Chooses the token of step `state.step` from `logits` and records it."""
     step = state.step
-    tok, lp = sampling.choose(jax.random.fold_in(state.key, step), logits, ctl.sampling, flags,
-                              state.seen, state.counts)
-    tok = jnp.where(state.done, ctl.pad_id, tok)
+    # A row whose logits are not finite is stopped and reported, never sampled from.
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    bad_step = jnp.where((state.bad_step < 0) & ~finite & ~state.done, step, state.bad_step)
+    tok, lp = sampling.choose(jax.random.fold_in(state.key, step), jnp.where(finite[:, None], logits, 0.0),
+                              ctl.sampling, flags, state.seen, state.counts)
+    tok = jnp.where(state.done | ~finite, ctl.pad_id, tok)
     live = ~state.done
     b = tok.shape[0]
     seen, counts = state.seen, state.counts
@@ -82,8 +87,8 @@ def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, lo
     out_logits = state.logits
     if out_logits is not None:
         out_logits = jax.lax.dynamic_update_index_in_dim(out_logits, logits.astype(jnp.float32), step, axis=1)
-    done = state.done | jnp.isin(tok, ctl.stop_ids)
-    return state._replace(
+    done = state.done | jnp.isin(tok, ctl.stop_ids) | ~finite
+    return state._replace(bad_step=bad_step,
         step=step + 1,
         tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, tok, step, axis=1),
         logprobs=jax.lax.dynamic_update_index_in_dim(state.logprobs, jnp.where(live, lp, 0.0), step, axis=1),
@@ -127,7 +132,8 @@ def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, rea
         step=jnp.zeros((), jnp.int32), max_new=max_new,
         tokens=jnp.zeros((b, n_out), jnp.int32), logprobs=jnp.zeros((b, n_out), jnp.float32),
         logits=jnp.zeros((b, n_out, vocab), jnp.float32) if want_logits else None,
-        done=jnp.zeros((b,), bool), cache=new_cache, key=key, seen=seen, counts=counts)
+        done=jnp.zeros((b,), bool), bad_step=jnp.full((b,), -1, jnp.int32), cache=new_cache, key=key,
+        seen=seen, counts=counts)
     return _record(state, ctl, flags, logits)
 
 
@@ -198,6 +204,18 @@ def _compact_left(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     return out, new_mask
 
 
+def device_free_bytes() -> int | None:
+    """Free memory of the first device where the backend reports it (GPUs); host RAM on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages) * int(size)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _stop_ids(stop_token_ids, default) -> np.ndarray:
     ids = default if stop_token_ids is None else stop_token_ids
     if isinstance(ids, (int, np.integer)):
@@ -244,11 +262,27 @@ class Generator:
         ctl = Controls(sp, jnp.asarray(stop), jnp.asarray(int(pad), jnp.int32))
         return ctl, flags, key
 
-    def _check_capacity(self, needed: int, prompt_len: int, max_new: int):
+    def _check_capacity(self, needed: int, prompt_len: int, max_new: int, batch: int = 1,
+                        cache_len: int | None = None):
         limit = self.cfg.text.max_position_embeddings
         if needed > limit:
             raise InputError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new} = {prompt_len + max_new} "
                              f"exceeds the model's context of {limit} tokens")
+        if cache_len is not None:
+            need = kv_cache.cache_bytes(self.cfg.text, batch, cache_len, self.model.dtype)
+            mesh = getattr(self.model, "mesh", None)
+            if mesh is not None:  # each device holds one block of the sharded cache
+                from qvl_jax.sharding import cache_sharding
+
+                shape = (self.cfg.text.num_hidden_layers, batch, cache_len, self.cfg.text.num_key_value_heads,
+                         self.cfg.text.head_dim)
+                need = need * int(np.prod(cache_sharding(self.cfg.text, mesh, batch).k.shard_shape(shape))) // \
+                    int(np.prod(shape))
+            free = device_free_bytes()
+            if free is not None and need > free:
+                raise ResourceError(f"the KV cache for batch {batch} x {cache_len} positions needs "
+                                    f"{need / 2**30:.2f} GiB but the device has {free / 2**30:.2f} GiB free: "
+                                    "use a smaller batch or max_new_tokens")
 
     # -- requests -----------------------------------------------------------------------------------
     def request(self, inputs: dict) -> Request:
@@ -308,12 +342,18 @@ class Generator:
             yield state
 
     def new_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
-        return kv_cache.allocate(self.cfg.text, batch, max_len, self.model.dtype)
+        mesh = getattr(self.model, "mesh", None)  # a sharded model's cache is sharded alike
+        return kv_cache.allocate(self.cfg.text, batch, max_len, self.model.dtype, mesh)
 
 
 def finish(state: DecodeState, ctl: Controls, return_logprobs: bool, return_logits: bool,
            **extra) -> GenerateOutput:
-    tokens, logprobs, step, stop = jax.device_get((state.tokens, state.logprobs, state.step, ctl.stop_ids))
+    tokens, logprobs, step, stop, bad = jax.device_get((state.tokens, state.logprobs, state.step, ctl.stop_ids,
+                                                        state.bad_step))
+    if (bad >= 0).any():
+        row = int(np.flatnonzero(bad >= 0)[0])
+        raise NumericalError(f"the model produced NaN/inf logits (batch row {row}, new token {int(bad[row])}); "
+                             "check the weights, or use float32 if a low-precision dtype overflowed")
     n = int(step)
     tokens = np.asarray(tokens[:, :n], np.int32)
     is_stop = np.isin(tokens, stop[stop >= 0])
@@ -347,7 +387,8 @@ def generate(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=
     req = gen.request(inputs)
     b, t = req.ids.shape
     ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
-    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens)
+    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens, b,
+                        _cache_len(t + max_new_tokens))
     cache = gen.new_cache(b, _cache_len(t + max_new_tokens))
     t0 = time.perf_counter()
     state = gen.start(req, cache, max_new_tokens, ctl, flags, key, return_logits)
@@ -366,7 +407,8 @@ def stream(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=No
     req = gen.request(inputs)
     b, t = req.ids.shape
     ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
-    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens)
+    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens, b,
+                        _cache_len(t + max_new_tokens))
     cache = gen.new_cache(b, _cache_len(t + max_new_tokens))
     state = gen.start(req, cache, max_new_tokens, ctl, flags, key, False)
     for state in gen.steps(state, ctl, flags):

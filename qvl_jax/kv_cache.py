@@ -28,10 +28,19 @@ class KVCache(NamedTuple):
         return self.k.shape[2]
 
 
-def allocate(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
+def allocate(cfg: TextConfig, batch: int, max_len: int, dtype, mesh=None) -> KVCache:
+    """A zeroed cache; under a mesh each field is created directly in its sharding
+    (qvl_jax.sharding.cache_sharding), never whole on one device."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32),
-                   jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    if mesh is None:
+        where = KVCache(None, None, None, None, None)
+    else:
+        from qvl_jax.sharding import cache_sharding
+
+        where = cache_sharding(cfg, mesh, batch)
+    return KVCache(jnp.zeros(shape, dtype, device=where.k), jnp.zeros(shape, dtype, device=where.v),
+                   jnp.zeros((batch,), jnp.int32, device=where.start), jnp.zeros((), jnp.int32, device=where.end),
+                   jnp.zeros((batch,), jnp.int32, device=where.delta))
 
 
 def grow(cache: KVCache, max_len: int) -> KVCache:

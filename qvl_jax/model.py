@@ -219,6 +219,7 @@ class Model:
     config: Qwen3VLConfig
     params: dict
     generation_defaults: dict = dataclasses.field(default_factory=dict)  # from generation_config.json
+    mesh: jax.sharding.Mesh | None = None  # the params' (and KV caches') mesh; None: one device
 
     def __post_init__(self):
         self.params = unstack_layers(self.params)
@@ -278,11 +279,16 @@ def load(path: str | os.PathLike, dtype=None, mesh=None) -> Model:
     """Loads a converted qvl_jax directory, or a Hugging Face checkpoint directory (converted in memory).
 
     dtype: cast every param to this dtype on load (default: as stored).
+    mesh: a ("data", "model") mesh (qvl_jax.sharding.make_mesh, or jax.make_mesh with those axis
+    names): each param is read straight into its NamedSharding (tensor parallel on "model"), KV
+    caches are split the same way, and the jitted functions run partitioned by XLA.
     """
     if mesh is not None:
-        raise NotImplementedError("loading under a mesh is not implemented yet")
-    config, params = load_params(path, dtype)
-    return Model(config, params, _generation_defaults(path))
+        from qvl_jax.sharding import check_mesh
+
+        mesh = check_mesh(mesh)
+    config, params = load_params(path, dtype, mesh)
+    return Model(config, params, _generation_defaults(path), mesh)
 
 
 def _generation_defaults(path) -> dict:

@@ -217,6 +217,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small config and sizes: a smoke run on CPU")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-compilation-cache", action="store_true")
+    ap.add_argument("--mesh", default=None, metavar="DPxTP", help="shard over a data x model mesh, e.g. 1x8")
     args = ap.parse_args(argv)
 
     import qvl_jax
@@ -235,13 +236,21 @@ def main(argv=None) -> int:
         cases = ["decode1", "decode8", "image"]
         args.new_tokens, args.repeats, image_size = 16, 2, 128
 
+    from qvl_jax.cli import parse_mesh
+
+    mesh = parse_mesh(args.mesh)
     if args.model:
-        model = qvl_jax.load(args.model, dtype=dtype_name)
+        model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh)
         cfg_dict = json.loads((Path(args.model) / "config.json").read_text())
     else:
         cfg_dict = hf_config_dict("quick" if args.quick else args.config, args.layers)
         cfg = Qwen3VLConfig.from_hf_dict(cfg_dict)
-        model = qvl_jax.Model(cfg, random_params(cfg, dtype))
+        params = random_params(cfg, dtype)
+        if mesh is not None:
+            from qvl_jax.sharding import param_shardings
+
+            params = jax.device_put(params, param_shardings(cfg, mesh, per_layer=False))
+        model = qvl_jax.Model(cfg, params, mesh=mesh)
     cfg = model.config
     hf_model, hf_device = (None, None) if args.no_hf else load_hf(cfg_dict, dtype_name)
     bandwidth = copy_bandwidth()
@@ -257,7 +266,7 @@ def main(argv=None) -> int:
         ours = bench_ours(model, inputs, args.new_tokens, args.repeats)
         context = ours["prompt_tokens"] + args.new_tokens // 2
         floor_s = (weights + batch * context * kv_per_token) / bandwidth
-        line = {"case": case, "device": device_name(), "dtype": dtype_name, "batch": batch,
+        line = {"case": case, "device": device_name(), "mesh": args.mesh, "dtype": dtype_name, "batch": batch,
                 "prompt_tokens": ours["prompt_tokens"], "image_size": img, "new_tokens": args.new_tokens,
                 "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
                 "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),

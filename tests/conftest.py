@@ -7,6 +7,9 @@ import sys
 
 # Tests compare float32 against PyTorch: full-precision matmuls on every backend.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# 8 fake CPU devices for the sharding tests (JAX reads this once, at start); everything else still
+# runs on the first device.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402

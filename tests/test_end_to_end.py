@@ -137,3 +137,14 @@ def test_bench_quick_emits_json(tmp_path):
                     "decode_speedup_vs_hf"):
             assert key in line, key
         assert line["decode_tok_s"] > 0
+
+
+def test_cli_mesh(tmp_path):
+    """--mesh shards the model (the test session has 8 fake CPU devices, inherited via XLA_FLAGS)."""
+    run = _cli("generate", "--prompt", "Hi", "--max-new-tokens", "4", "--mesh", "2x4", "--json", cache=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["new_tokens"] >= 1
+    bad = _cli("generate", "--prompt", "Hi", "--mesh", "3x3", cache=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: dp * tp = 3 * 3 = 9")
+    worse = _cli("generate", "--prompt", "Hi", "--mesh", "eight", cache=tmp_path)
+    assert worse.returncode == 2 and "--mesh takes DPxTP" in worse.stderr

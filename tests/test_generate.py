@@ -359,3 +359,22 @@ def test_bad_generation_arguments(kw, match, jax_model):
         m.generate(input_ids=np.arange(10, 20)[None], **kw)
     assert "\n" not in str(e.value)
     assert gen_mod.prefill._cache_size() == before  # rejected before anything compiled
+
+
+def test_non_finite_logits_are_reported_not_sampled(jax_model):
+    from qvl_jax import Model, NumericalError
+
+    m = jax_model("tied")
+    lm = dict(m.params["model"]["language_model"], norm={"scale": m.params["model"]["language_model"]["norm"]["scale"]
+                                                          * np.nan})
+    broken = Model(m.config, dict(m.params, model=dict(m.params["model"], language_model=lm)))
+    with pytest.raises(NumericalError, match=r"NaN/inf logits \(batch row 0, new token 0\)"):
+        broken.generate(input_ids=np.arange(10, 20)[None], max_new_tokens=4, stop_token_ids=[])
+
+
+def test_cache_too_large_for_device_refused_before_allocating(jax_model, monkeypatch):
+    from qvl_jax import ResourceError
+
+    monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: 4096)
+    with pytest.raises(ResourceError, match=r"KV cache for batch 2 x 64 positions needs 0\.00 GiB but the device"):
+        jax_model("tied").generate(input_ids=np.ones((2, 10), np.int32), max_new_tokens=4)
