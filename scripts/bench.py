@@ -166,27 +166,40 @@ def bench_hf(hf_model, inputs, new_tokens, repeats, device):
         t_in["pixel_values"] = t_in["pixel_values"].to(hf_model.dtype)
         t_in["mm_token_type_ids"] = (t_in["input_ids"] == hf_model.config.image_token_id).int()
 
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        """Called once per generated token, right after that step's forward: the gaps between calls
+        are transformers' decode step times, free of generate()'s fixed start-up costs."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
     def run(n):
+        clock = StepClock()
         if device != "cpu":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        start = time.perf_counter()
         with torch.no_grad():
             hf_model.generate(**t_in, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              cache_implementation="static", pad_token_id=0)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+                              cache_implementation="static", pad_token_id=0,
+                              logits_processor=LogitsProcessorList([clock]))
+        return clock.times[0] - start, np.diff(clock.times)
 
-    run(new_tokens)  # warm-up
-    first = statistics.median(run(1) for _ in range(repeats))
-    # Decode speed from the difference of two long runs: generate(1) carries fixed costs (cache set-up,
-    # input preparation) that (T_n - T_1) would wrongly credit to decoding.
-    half = max(new_tokens // 2, 2)
-    t_half = statistics.median(run(half) for _ in range(repeats))
-    t_full = statistics.median(run(new_tokens) for _ in range(repeats))
+    run(min(new_tokens, 8))  # warm-up
+    ttft, steps = [], []
+    for _ in range(repeats):
+        first, gaps = run(new_tokens)
+        ttft.append(first)
+        steps.append(statistics.median(gaps))
     batch = inputs["input_ids"].shape[0]
-    return {"hf_ttft_ms": 1e3 * first,
-            "hf_decode_tok_s": (new_tokens - half) * batch / max(t_full - t_half, 1e-9)}
+    return {"hf_ttft_ms": 1e3 * statistics.median(ttft), "hf_decode_tok_s": batch / statistics.median(steps)}
 
 
 def load_hf(cfg_dict, dtype_name):
@@ -213,6 +226,7 @@ def main(argv=None) -> int:
                     help="comma list of decode1, decode8, decode64, image, long")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=1024, help="side of the square image case (pixels)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small config and sizes: a smoke run on CPU")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -231,7 +245,7 @@ def main(argv=None) -> int:
     dtype_name = args.dtype or ("float32" if on_cpu else "bfloat16")
     dtype = jnp.dtype(dtype_name)
     cases = args.cases.split(",")
-    image_size, long_len = 1024, 4096
+    image_size, long_len = args.image_size, 4096
     if args.quick:
         cases = ["decode1", "decode8", "image"]
         args.new_tokens, args.repeats, image_size = 16, 2, 128
