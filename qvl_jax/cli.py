@@ -96,8 +96,9 @@ def _download(repo_id: str) -> Path:
                               ) from None
 
 
-def _load_video(path: str):
-    """A directory of frame images (sorted by name), or a video file when PyAV is installed."""
+def _load_video(path: str, fps: float | None) -> dict:
+    """A chat content item for a directory of frame images (sorted by name; frame rate from
+    --video-fps) or a video file (needs PyAV; frame rate from the file)."""
     from PIL import Image
 
     p = Path(path)
@@ -106,7 +107,7 @@ def _load_video(path: str):
                   if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")]
         if not frames:
             raise InputError(f"video directory {p} holds no frame images")
-        return frames
+        return {"type": "video", "video": frames, **({"video_fps": fps} if fps else {})}
     if not p.is_file():
         raise InputError(f"no video file or frame directory {p}")
     try:
@@ -116,21 +117,21 @@ def _load_video(path: str):
                          ) from None
     try:
         with av.open(str(p)) as container:
-            return [f.to_image() for f in container.decode(video=0)]
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate) if stream.average_rate else None
+            frames = [f.to_image() for f in container.decode(video=0)]
     except Exception as e:
-        raise InputError(f"cannot decode video {p}: {e}") from None
+        raise InputError(f"cannot decode video {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return {"type": "video", "video": frames, **({"video_fps": fps or rate} if (fps or rate) else {})}
 
 
-def parse_mesh(spec: str | None):
-    """'DPxTP' (e.g. 1x8: tensor parallel over 8 devices) -> a ("data", "model") mesh, or None."""
-    if not spec:
+def parse_mesh(dp: int | None, tp: int | None):
+    """--dp / --tp -> a ("data", "model") mesh over the visible devices, or None (one device).
+    Giving one size derives the other from the device count."""
+    if dp is None and tp is None:
         return None
     from qvl_jax.sharding import make_mesh
 
-    try:
-        dp, tp = (int(x) for x in spec.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--mesh takes DPxTP, e.g. 1x8 or 2x4, got {spec!r}") from None
     return make_mesh(dp, tp)
 
 
@@ -151,10 +152,10 @@ def cmd_generate(args) -> int:
     enable_compilation_cache()
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)
-    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=parse_mesh(args.mesh))
+    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=parse_mesh(args.dp, args.tp))
     proc = Processor.from_pretrained(model_dir)
     content = [{"type": "image", "image": f} for f in args.image]
-    content += [{"type": "video", "video": _load_video(v)} for v in args.video]
+    content += [_load_video(v, args.video_fps) for v in args.video]
     content.append({"type": "text", "text": args.prompt})
     messages = ([{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else [])
     messages.append({"role": "user", "content": content})
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help=f"model dir, HF dir, hub id or {DEFAULT_MODEL} (default)")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     g.add_argument("--video", action="append", default=[], help="video file (needs PyAV) or frame directory")
+    g.add_argument("--video-fps", type=float, default=None,
+                   help="frame rate of --video frame directories (files carry their own)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", default=None, help="system message")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -256,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (default: as stored)")
-    g.add_argument("--mesh", default=None, metavar="DPxTP",
-                   help="shard over a data x model device mesh, e.g. 1x8 (tensor parallel over 8 devices)")
+    g.add_argument("--tp", type=int, default=None, help="tensor-parallel size: shard heads/MLP/vocab over N devices")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel size: shard the batch over N devices")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     g.set_defaults(func=cmd_generate)

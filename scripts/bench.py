@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small config and sizes: a smoke run on CPU")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-compilation-cache", action="store_true")
-    ap.add_argument("--mesh", default=None, metavar="DPxTP", help="shard over a data x model mesh, e.g. 1x8")
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (a data x model mesh)")
+    ap.add_argument("--dp", type=int, default=None, help="data-parallel size")
     args = ap.parse_args(argv)
 
     import qvl_jax
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
 
     from qvl_jax.cli import parse_mesh
 
-    mesh = parse_mesh(args.mesh)
+    mesh = parse_mesh(args.dp, args.tp)
     if args.model:
         model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh)
         cfg_dict = json.loads((Path(args.model) / "config.json").read_text())
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
         ours = bench_ours(model, inputs, args.new_tokens, args.repeats)
         context = ours["prompt_tokens"] + args.new_tokens // 2
         floor_s = (weights + batch * context * kv_per_token) / bandwidth
-        line = {"case": case, "device": device_name(), "mesh": args.mesh, "dtype": dtype_name, "batch": batch,
+        line = {"case": case, "device": device_name(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype_name, "batch": batch,
                 "prompt_tokens": ours["prompt_tokens"], "image_size": img, "new_tokens": args.new_tokens,
                 "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
                 "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),

@@ -140,11 +140,54 @@ def test_bench_quick_emits_json(tmp_path):
 
 
 def test_cli_mesh(tmp_path):
-    """--mesh shards the model (the test session has 8 fake CPU devices, inherited via XLA_FLAGS)."""
-    run = _cli("generate", "--prompt", "Hi", "--max-new-tokens", "4", "--mesh", "2x4", "--json", cache=tmp_path)
+    """--tp / --dp shard the model (the test session has 8 fake CPU devices, inherited via XLA_FLAGS)."""
+    run = _cli("generate", "--prompt", "Hi", "--max-new-tokens", "4", "--dp", "2", "--tp", "4", "--json",
+               cache=tmp_path)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["new_tokens"] >= 1
-    bad = _cli("generate", "--prompt", "Hi", "--mesh", "3x3", cache=tmp_path)
+    bad = _cli("generate", "--prompt", "Hi", "--dp", "3", "--tp", "3", cache=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: dp * tp = 3 * 3 = 9")
-    worse = _cli("generate", "--prompt", "Hi", "--mesh", "eight", cache=tmp_path)
-    assert worse.returncode == 2 and "--mesh takes DPxTP" in worse.stderr
+
+
+def test_cli_video_file_and_frame_directory(tmp_path):
+    """A video file (decoded with PyAV, the `video` extra) and a directory of frames both reach the
+    model: the same frames give the same answer either way."""
+    import av
+
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(6)]
+    frame_dir = tmp_path / "frames"
+    frame_dir.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(frame_dir / f"{i:03d}.png")
+    video = tmp_path / "clip.mkv"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("ffv1", rate=2)  # lossless: decoded frames equal the PNG frames
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "bgr0"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="bgr0")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    answers = []
+    for src, extra in ((video, ()), (frame_dir, ("--video-fps", "2"))):
+        run = _cli("generate", "--video", str(src), *extra, "--prompt", "What happens?", "--max-new-tokens", "6",
+                   "--json", cache=tmp_path)
+        assert run.returncode == 0, run.stderr
+        answers.append(json.loads(run.stdout))
+    assert answers[0]["tokens"] == answers[1]["tokens"]
+    assert answers[0]["prompt_tokens"] == answers[1]["prompt_tokens"] > 30
+    # the frame rate reaches the processor: at 24 fps the 6 frames last 0.25 s and sample differently
+    fast = _cli("generate", "--video", str(frame_dir), "--video-fps", "24", "--prompt", "What happens?",
+                "--max-new-tokens", "2", "--json", cache=tmp_path)
+    assert fast.returncode == 0, fast.stderr
+    assert json.loads(fast.stdout)["prompt_tokens"] != answers[1]["prompt_tokens"]
+
+
+def test_cli_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = _cli("generate", "--model", "Qwen/Qwen3-VL-2B-Instruct", "--prompt", "x", cache=tmp_path)
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot download Qwen/Qwen3-VL-2B-Instruct: "), run.stderr
+    assert not (tmp_path / "converted").exists()
