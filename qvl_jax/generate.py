@@ -379,38 +379,37 @@ def _cache_len(needed: int) -> int:
     return bucket_length(needed, MIN_READ)
 
 
-def generate(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, return_logprobs=False,
-             return_logits=False, **kwargs) -> GenerateOutput:
-    """See `Model.generate`."""
+def _begin(model, max_new_tokens, stop_token_ids, pad_token_id, want_logits, kwargs):
+    """Checks a request, allocates its cache and runs the prefill: (generator, request, controls,
+    flags, state after the first token, prefill seconds)."""
     inputs, kw = _split_generate_kwargs(kwargs)
     gen = Generator(model)
     req = gen.request(inputs)
     b, t = req.ids.shape
     ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
-    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens, b,
-                        _cache_len(t + max_new_tokens))
-    cache = gen.new_cache(b, _cache_len(t + max_new_tokens))
+    cache_len = _cache_len(t + max_new_tokens)
+    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens, b, cache_len)
     t0 = time.perf_counter()
-    state = gen.start(req, cache, max_new_tokens, ctl, flags, key, return_logits)
+    state = gen.start(req, gen.new_cache(b, cache_len), max_new_tokens, ctl, flags, key, want_logits)
     jax.block_until_ready(state.tokens)
+    return gen, req, ctl, flags, state, time.perf_counter() - t0
+
+
+def generate(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, return_logprobs=False,
+             return_logits=False, **kwargs) -> GenerateOutput:
+    """See `Model.generate`."""
+    gen, req, ctl, flags, state, prefill_s = _begin(model, max_new_tokens, stop_token_ids, pad_token_id,
+                                                    return_logits, kwargs)
     t1 = time.perf_counter()
     state = gen.run_loop(state, ctl, flags)
     jax.block_until_ready(state.tokens)
     return finish(state, ctl, return_logprobs, return_logits, prompt_tokens=req.prompt_len,
-                  prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+                  prefill_s=prefill_s, decode_s=time.perf_counter() - t1)
 
 
 def stream(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, **kwargs) -> Iterator[np.ndarray]:
     """See `Model.stream`: yields np.int32 [b] (the next token of each row, pad once a row stopped)."""
-    inputs, kw = _split_generate_kwargs(kwargs)
-    gen = Generator(model)
-    req = gen.request(inputs)
-    b, t = req.ids.shape
-    ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
-    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens, b,
-                        _cache_len(t + max_new_tokens))
-    cache = gen.new_cache(b, _cache_len(t + max_new_tokens))
-    state = gen.start(req, cache, max_new_tokens, ctl, flags, key, False)
+    gen, _, ctl, flags, state, _ = _begin(model, max_new_tokens, stop_token_ids, pad_token_id, False, kwargs)
     for state in gen.steps(state, ctl, flags):
         step = int(state.step)
         yield np.asarray(jax.device_get(state.tokens[:, step - 1]), np.int32)
