@@ -76,8 +76,8 @@ def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, lo
     bad_step = jnp.where((state.bad_step < 0) & ~finite & ~state.done, step, state.bad_step)
     tok, lp = sampling.choose(jax.random.fold_in(state.key, step), jnp.where(finite[:, None], logits, 0.0),
                               ctl.sampling, flags, state.seen, state.counts)
-    tok = jnp.where(state.done | ~finite, ctl.pad_id, tok)
-    live = ~state.done
+    live = ~state.done & finite
+    tok = jnp.where(live, tok, ctl.pad_id)
     b = tok.shape[0]
     seen, counts = state.seen, state.counts
     if seen is not None:
@@ -88,11 +88,11 @@ def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, lo
     if out_logits is not None:
         out_logits = jax.lax.dynamic_update_index_in_dim(out_logits, logits.astype(jnp.float32), step, axis=1)
     done = state.done | jnp.isin(tok, ctl.stop_ids) | ~finite
-    return state._replace(bad_step=bad_step,
+    return state._replace(
         step=step + 1,
         tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, tok, step, axis=1),
         logprobs=jax.lax.dynamic_update_index_in_dim(state.logprobs, jnp.where(live, lp, 0.0), step, axis=1),
-        logits=out_logits, done=done, seen=seen, counts=counts)
+        logits=out_logits, done=done, bad_step=bad_step, seen=seen, counts=counts)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "n_out", "want_logits"),
