@@ -3,6 +3,7 @@ a Hugging Face checkpoint directory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -39,6 +40,8 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / MANIFEST_FILE}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path / MANIFEST_FILE}: {e.strerror or e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path / MANIFEST_FILE}: not a qvl_jax params manifest")
     version = manifest.get("format_version")
@@ -49,7 +52,16 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None) -> tuple[Qwen3VLConfig, dict]:
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None,
+                   verify: bool = False) -> tuple[Qwen3VLConfig, dict]:
     from safetensors import safe_open
 
     manifest = read_manifest(path)
@@ -62,6 +74,15 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None) -> tup
         raise CheckpointError(
             f"{params_file} is {size} bytes but was written as {manifest.get('params_bytes')}: "
             "the converted checkpoint was changed or truncated; convert it again")
+    if verify:
+        expected = manifest.get("params_sha256")
+        if not isinstance(expected, str):
+            raise CheckpointError(f"{path / MANIFEST_FILE} records no params_sha256 to verify against; "
+                                  "convert the checkpoint again")
+        if _sha256(params_file) != expected:
+            raise CheckpointError(
+                f"{params_file}: sha256 differs from the one recorded at conversion: the converted "
+                "checkpoint was changed; convert it again")
     shardings = None if mesh is None else _shardings(config, mesh)
     flat = {}
     try:
@@ -105,16 +126,21 @@ def _load_sharded(tensor, sharding, dtype) -> jax.Array:
 
 
 def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None,
-                mesh=None) -> tuple[Qwen3VLConfig, dict]:
+                mesh=None, verify: bool = False) -> tuple[Qwen3VLConfig, dict]:
     """(config, params) from a converted directory or a Hugging Face checkpoint directory.
 
-    mesh: place each param straight into its NamedSharding (qvl_jax.sharding) instead of one device."""
+    mesh: place each param straight into its NamedSharding (qvl_jax.sharding) instead of one device.
+    verify: for a converted directory, also recompute the params file's sha256 and compare it with
+    the manifest's (reads the whole file once); by default only its size is checked."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     np_dtype = None if dtype is None else jnp.dtype(dtype)
     if is_converted(path):
-        return load_converted(path, np_dtype, mesh)
+        return load_converted(path, np_dtype, mesh, verify)
+    if (path / "params.safetensors").is_file():
+        raise CheckpointError(f"{path} holds params.safetensors but no {MANIFEST_FILE} manifest: "
+                              "the converted checkpoint is incomplete; convert it again")
     if (path / "config.json").is_file():
         from convert.core import load_hf_params
 

@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
     enable_compilation_cache()
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)
-    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=parse_mesh(args.dp, args.tp))
+    mesh = parse_mesh(args.dp, args.tp)
     proc = Processor.from_pretrained(model_dir)
     content = [{"type": "image", "image": f} for f in args.image]
     content += [_load_video(v, args.video_fps) for v in args.video]
@@ -161,6 +161,9 @@ def cmd_generate(args) -> int:
     messages.append({"role": "user", "content": content})
     inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
+    # Inputs are checked (images opened, prompt built) before the weights are loaded: a bad file
+    # fails in a second, not after loading a large model.
+    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh)
     load_s = time.perf_counter() - t0
     kw = dict(_sampling_kwargs(args), stop_token_ids=proc.eos_token_ids)
     if args.json or args.no_stream:

@@ -187,6 +187,8 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
 def _open_file(path: str) -> np.ndarray:
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise InputError(f"image file not found: {path!r} is a directory, not an image file")
         if path.startswith(("http://", "https://")):
             raise InputError(f"image URLs are not fetched, download the file first: {path!r}")
         raise InputError(f"image file not found: {path!r}")

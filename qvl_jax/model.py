@@ -86,6 +86,8 @@ def _as_batch(name: str, value, dtype_kind: str = "iu") -> np.ndarray:
         arr = np.asarray(value)
     except Exception as e:  # ragged lists and the like
         raise InputError(f"{name} must be an array of shape [batch, length] ({e})") from None
+    if arr.size == 0:  # before the dtype check: np.asarray([]) is float64
+        raise InputError(f"{name} is empty (shape {list(arr.shape)}); it needs at least one token per row")
     if arr.dtype.kind not in dtype_kind:
         raise InputError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.ndim == 1:
@@ -275,19 +277,21 @@ class Model:
         return np.asarray(out[:, :t])
 
 
-def load(path: str | os.PathLike, dtype=None, mesh=None) -> Model:
+def load(path: str | os.PathLike, dtype=None, mesh=None, verify: bool = False) -> Model:
     """Loads a converted qvl_jax directory, or a Hugging Face checkpoint directory (converted in memory).
 
     dtype: cast every param to this dtype on load (default: as stored).
     mesh: a ("data", "model") mesh (qvl_jax.sharding.make_mesh, or jax.make_mesh with those axis
     names): each param is read straight into its NamedSharding (tensor parallel on "model"), KV
     caches are split the same way, and the jitted functions run partitioned by XLA.
+    verify: recompute the converted params file's sha256 and compare it with the one recorded at
+    conversion (CheckpointError if it differs); without it only the file size is checked.
     """
     if mesh is not None:
         from qvl_jax.sharding import check_mesh
 
         mesh = check_mesh(mesh)
-    config, params = load_params(path, dtype, mesh)
+    config, params = load_params(path, dtype, mesh, verify)
     return Model(config, params, _generation_defaults(path), mesh)
 
 

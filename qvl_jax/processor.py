@@ -683,6 +683,9 @@ class Processor:
 
     def _tokenize(self, texts: list[str], padding, padding_side: str, add_special_tokens: bool) -> dict:
         rows = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        for i, row in enumerate(rows):
+            if not row:
+                raise InputError(f"text {i} is empty: it encodes to no tokens, and the model needs at least one")
         for row, t in zip(rows, texts):
             for token, token_id in ((IMAGE_TOKEN, self.image_token_id), (VIDEO_TOKEN, self.video_token_id)):
                 if row.count(token_id) != t.count(token):
