@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -26,22 +25,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 import qvl_jax
 from qvl_jax.checkpoint import MANIFEST_FILE
 from qvl_jax.config import Qwen3VLConfig
+from hf_reference import IMAGE_CONFIG, one_line_error
 from qvl_jax.errors import CheckpointError, InputError
 from qvl_jax.image_processing import ImageProcessor
 from qvl_jax.model import prepare_inputs
 from qvl_jax.processor import Processor
 
-# Qwen3-VL-2B-Instruct's preprocessor_config.json.
-IMAGE_CONFIG = {
-    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor",
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-}
 MAX_PIXELS = IMAGE_CONFIG["size"]["longest_edge"]
 
 
@@ -57,13 +46,6 @@ def hf_images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours():
     return ImageProcessor.from_dict(IMAGE_CONFIG)
-
-
-def one_line_error(exc, fn, pattern):
-    with pytest.raises(exc, match=pattern) as err:
-        fn()
-    assert "\n" not in str(err.value)
-    return err.value
 
 
 def assert_same(out, ref):

@@ -13,10 +13,8 @@ difference. Every expected value comes from transformers, never from qvl_jax.
 from __future__ import annotations
 
 import contextlib
-import enum
 import io
 import json
-import types
 
 import numpy as np
 import pytest
@@ -25,8 +23,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import transformers.image_processing_backends as hf_backends
-import transformers.video_processing_utils as hf_video_utils
 from transformers import AutoImageProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -34,6 +30,8 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_smart_resize_video
 from transformers.video_utils import VideoMetadata as HFVideoMetadata
 
+from hf_reference import (HF_VIDEO_KWARGS, IMAGE_CONFIG, VIDEO_CONFIG, InterpolationMode,
+                          install_torchvision_stand_in, pil_resize)
 from qvl_jax.errors import ConfigError
 from qvl_jax.image_processing import (
     ImageProcessor,
@@ -45,28 +43,7 @@ from qvl_jax.image_processing import (
     video_timestamps,
 )
 
-# Qwen3-VL-2B-Instruct's preprocessor_config.json / video_preprocessor_config.json.
-IMAGE_CONFIG = {
-    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor",
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-}
-VIDEO_CONFIG = {
-    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor",
-    "video_processor_type": "Qwen3VLVideoProcessor",
-}
-HF_VIDEO_KWARGS = {k: v for k, v in VIDEO_CONFIG.items() if not k.endswith(("_class", "_type"))}
+
 
 
 @pytest.fixture(scope="module")
@@ -384,48 +361,14 @@ def test_timestamps_match_the_processor_helper():
 # video: transformers' real pipeline with a stand-in for torchvision
 
 
-class _InterpolationMode(enum.Enum):
-    NEAREST = "nearest"
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    LANCZOS = "lanczos"
-
-
-def _pil_resize(x, size, interpolation, antialias=True):
-    assert interpolation is _InterpolationMode.BICUBIC and x.dtype == torch.uint8
-    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
-    frames = x.reshape(-1, c, h, w).permute(0, 2, 3, 1).numpy()
-    out = np.stack([np.asarray(Image.fromarray(f).resize((size[1], size[0]), resample=3)) for f in frames])
-    return torch.from_numpy(out).permute(0, 3, 1, 2).reshape(*lead, c, *size)
-
-
 def _torch_uint8_resize(x, size, interpolation, antialias=True):
     # what torchvision's resize runs for uint8 bicubic on CPU: torch's native uint8 antialiased kernel
-    assert interpolation is _InterpolationMode.BICUBIC and x.dtype == torch.uint8
+    assert interpolation is InterpolationMode.BICUBIC and x.dtype == torch.uint8
     lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
     out = torch.nn.functional.interpolate(
         x.reshape(-1, c, h, w), size=list(size), mode="bicubic", antialias=antialias, align_corners=False
     )
     return out.reshape(*lead, c, *size)
-
-
-def _normalize(x, mean, std, inplace=False):  # torchvision.transforms.v2.functional.normalize
-    mean = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
-    return (x.sub_(mean) if inplace else x.sub(mean)).div_(std)
-
-
-def _grayscale_to_rgb(x):
-    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
-
-
-def _stand_in(monkeypatch, resize):
-    tvf = types.SimpleNamespace(
-        InterpolationMode=_InterpolationMode, resize=resize, normalize=_normalize, grayscale_to_rgb=_grayscale_to_rgb
-    )
-    monkeypatch.setattr(hf_backends, "tvF", tvf, raising=False)
-    monkeypatch.setattr(hf_video_utils, "tvF", tvf, raising=False)
-    monkeypatch.setattr(hf_backends, "pil_torch_interpolation_mapping", {3: _InterpolationMode.BICUBIC})
 
 
 def _hf_video(videos, metadata=None, **kwargs):
@@ -463,7 +406,7 @@ VIDEO_CASES = {
 
 def _run_both(name, monkeypatch, resize):
     videos, rates, ours_opts, hf_opts = VIDEO_CASES[name]
-    _stand_in(monkeypatch, resize)
+    install_torchvision_stand_in(monkeypatch, resize)
     # with no rate at all, let transformers build its own default metadata, as a caller without one would
     meta = None if all(r is None for r in rates) else [{"total_num_frames": len(v), "fps": r}
                                                         for v, r in zip(videos, rates)]
@@ -475,7 +418,7 @@ def _run_both(name, monkeypatch, resize):
 
 @pytest.mark.parametrize("name", sorted(VIDEO_CASES))
 def test_video_matches_transformers_pipeline(name, monkeypatch):
-    out, ref = _run_both(name, monkeypatch, _pil_resize)
+    out, ref = _run_both(name, monkeypatch, pil_resize)
     np.testing.assert_array_equal(out["video_grid_thw"], ref["video_grid_thw"])
     assert out["video_grid_thw"].dtype == np.int64
     assert out["pixel_values_videos"].dtype == np.float32

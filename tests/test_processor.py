@@ -11,40 +11,22 @@ test_image_processing.py): the prompt expansion, timestamps and grids it produce
 
 from __future__ import annotations
 
-import enum
 import json
 import shutil
-import types
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import transformers.image_processing_backends as hf_backends
-import transformers.video_processing_utils as hf_video_utils
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from hf_reference import IMAGE_CONFIG, VIDEO_CONFIG, install_torchvision_stand_in, one_line_error
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
 from qvl_jax.processor import QWEN3_VL_CHAT_TEMPLATE, Processor
 from qvl_jax.tokenizer_files import write_tiny_tokenizer
-
-# Qwen3-VL-2B-Instruct's preprocessor_config.json / video_preprocessor_config.json.
-IMAGE_CONFIG = {
-    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast",
-}
-VIDEO_CONFIG = {
-    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
-    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor",
-}
 
 STRINGS = [
     "Hello world!",
@@ -96,13 +78,6 @@ def pixels(shape, seed):
 
 def image(h, w, seed):
     return Image.fromarray(pixels((h, w, 3), seed))
-
-
-def one_line_error(exc, fn, pattern):
-    with pytest.raises(exc, match=pattern) as err:
-        fn()
-    assert "\n" not in str(err.value)
-    return err.value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,34 +379,9 @@ def test_chat_to_inputs_matches_transformers(proc, hf_proc):
 # video: transformers' processor with a PIL stand-in for torchvision
 
 
-class _InterpolationMode(enum.Enum):
-    NEAREST = "nearest"
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    LANCZOS = "lanczos"
-
-
-def _pil_resize(x, size, interpolation, antialias=True):
-    assert interpolation is _InterpolationMode.BICUBIC and x.dtype == torch.uint8
-    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
-    frames = x.reshape(-1, c, h, w).permute(0, 2, 3, 1).numpy()
-    out = np.stack([np.asarray(Image.fromarray(f).resize((size[1], size[0]), resample=3)) for f in frames])
-    return torch.from_numpy(out).permute(0, 3, 1, 2).reshape(*lead, c, *size)
-
-
-def _normalize(x, mean, std, inplace=False):
-    mean = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
-    return (x.sub_(mean) if inplace else x.sub(mean)).div_(std)
-
-
 @pytest.fixture
 def torchvision_stand_in(monkeypatch):
-    tvf = types.SimpleNamespace(InterpolationMode=_InterpolationMode, resize=_pil_resize, normalize=_normalize,
-                                grayscale_to_rgb=lambda x: x)
-    monkeypatch.setattr(hf_backends, "tvF", tvf, raising=False)
-    monkeypatch.setattr(hf_video_utils, "tvF", tvf, raising=False)
-    monkeypatch.setattr(hf_backends, "pil_torch_interpolation_mapping", {3: _InterpolationMode.BICUBIC})
+    install_torchvision_stand_in(monkeypatch)
 
 
 VPAD = "<|vision_start|><|video_pad|><|vision_end|>"
