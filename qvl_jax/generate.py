@@ -237,7 +237,7 @@ class Generator:
         self.cfg: Qwen3VLConfig = model.config
 
     # -- checks ------------------------------------------------------------------------------------
-    def _controls(self, batch, max_new_tokens, stop_token_ids, pad_token_id, kw) -> tuple:
+    def _controls(self, batch, max_new_tokens, stop_token_ids, pad_token_id, kw, logprobs=False) -> tuple:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         gen = self.model.generation_defaults
@@ -256,33 +256,32 @@ class Generator:
         if unknown:
             raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
         sp, flags = sampling.make_sampling(batch, **kw)
+        flags = dataclasses.replace(flags, logprobs=bool(logprobs))
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise InputError(f"seed must be an integer, got {seed!r}")
         key = jax.random.key(0 if seed is None else int(seed))
         ctl = Controls(sp, jnp.asarray(stop), jnp.asarray(int(pad), jnp.int32))
         return ctl, flags, key
 
-    def _check_capacity(self, needed: int, prompt_len: int, max_new: int, batch: int = 1,
-                        cache_len: int | None = None):
+    def _check_capacity(self, prompt_len: int, max_new: int, batch: int, cache_len: int):
         limit = self.cfg.text.max_position_embeddings
-        if needed > limit:
+        if prompt_len + max_new > limit:
             raise InputError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new} = {prompt_len + max_new} "
                              f"exceeds the model's context of {limit} tokens")
-        if cache_len is not None:
-            need = kv_cache.cache_bytes(self.cfg.text, batch, cache_len, self.model.dtype)
-            mesh = getattr(self.model, "mesh", None)
-            if mesh is not None:  # each device holds one block of the sharded cache
-                from qvl_jax.sharding import cache_sharding
+        need = kv_cache.cache_bytes(self.cfg.text, batch, cache_len, self.model.dtype)
+        mesh = getattr(self.model, "mesh", None)
+        if mesh is not None:  # each device holds one block of the sharded cache
+            from qvl_jax.sharding import cache_sharding
 
-                shape = (self.cfg.text.num_hidden_layers, batch, cache_len, self.cfg.text.num_key_value_heads,
-                         self.cfg.text.head_dim)
-                need = need * int(np.prod(cache_sharding(self.cfg.text, mesh, batch).k.shard_shape(shape))) // \
-                    int(np.prod(shape))
-            free = device_free_bytes()
-            if free is not None and need > free:
-                raise ResourceError(f"the KV cache for batch {batch} x {cache_len} positions needs "
-                                    f"{need / 2**30:.2f} GiB but the device has {free / 2**30:.2f} GiB free: "
-                                    "use a smaller batch or max_new_tokens")
+            shape = (self.cfg.text.num_hidden_layers, batch, cache_len, self.cfg.text.num_key_value_heads,
+                     self.cfg.text.head_dim)
+            need = need * int(np.prod(cache_sharding(self.cfg.text, mesh, batch).k.shard_shape(shape))) // \
+                int(np.prod(shape))
+        free = device_free_bytes()
+        if free is not None and need > free:
+            raise ResourceError(f"the KV cache for batch {batch} x {cache_len} positions needs "
+                                f"{need / 2**30:.2f} GiB but the device has {free / 2**30:.2f} GiB free: "
+                                "use a smaller batch or max_new_tokens")
 
     # -- requests -----------------------------------------------------------------------------------
     def request(self, inputs: dict) -> Request:
@@ -379,16 +378,16 @@ def _cache_len(needed: int) -> int:
     return bucket_length(needed, MIN_READ)
 
 
-def _begin(model, max_new_tokens, stop_token_ids, pad_token_id, want_logits, kwargs):
+def _begin(model, max_new_tokens, stop_token_ids, pad_token_id, want_logits, kwargs, want_logprobs=False):
     """Checks a request, allocates its cache and runs the prefill: (generator, request, controls,
     flags, state after the first token, prefill seconds)."""
     inputs, kw = _split_generate_kwargs(kwargs)
     gen = Generator(model)
     req = gen.request(inputs)
     b, t = req.ids.shape
-    ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw)
+    ctl, flags, key = gen._controls(b, max_new_tokens, stop_token_ids, pad_token_id, kw, want_logprobs)
     cache_len = _cache_len(t + max_new_tokens)
-    gen._check_capacity(req.prompt_len + max_new_tokens, req.prompt_len, max_new_tokens, b, cache_len)
+    gen._check_capacity(req.prompt_len, max_new_tokens, b, cache_len)
     t0 = time.perf_counter()
     state = gen.start(req, gen.new_cache(b, cache_len), max_new_tokens, ctl, flags, key, want_logits)
     jax.block_until_ready(state.tokens)
@@ -399,7 +398,7 @@ def generate(model, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=
              return_logits=False, **kwargs) -> GenerateOutput:
     """See `Model.generate`."""
     gen, req, ctl, flags, state, prefill_s = _begin(model, max_new_tokens, stop_token_ids, pad_token_id,
-                                                    return_logits, kwargs)
+                                                    return_logits, kwargs, return_logprobs)
     t1 = time.perf_counter()
     state = gen.run_loop(state, ctl, flags)
     jax.block_until_ready(state.tokens)
@@ -473,9 +472,8 @@ class ChatSession:
         img_grid, vid_grid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
         digests = (_image_digests(inputs.get("pixel_values"), img_grid)
                    + _image_digests(inputs.get("pixel_values_videos"), vid_grid))
-        ctl, flags, key = self._gen._controls(1, max_new_tokens, stop_token_ids, pad_token_id, kw)
+        ctl, flags, key = self._gen._controls(1, max_new_tokens, stop_token_ids, pad_token_id, kw, return_logprobs)
         total = len(ids)
-        self._gen._check_capacity(total + max_new_tokens, total, max_new_tokens)
 
         # Which images / videos lie in the cached prefix (their placeholder runs end before it).
         n = len(self._cached_ids)
@@ -500,6 +498,7 @@ class ChatSession:
             seen_ids=ids[None].astype(np.int32), prompt_len=total)
         needed = n + tb + max_new_tokens
         cap = max(self._max_cache_len or 0, needed)
+        self._gen._check_capacity(total, max_new_tokens, 1, _cache_len(cap))
         if self._cache is None:
             self._cache = self._gen.new_cache(1, _cache_len(cap))
         elif self._cache.max_len < needed:

@@ -42,6 +42,7 @@ class SamplingFlags:
     min_p: bool = False
     repetition: bool = False
     frequency_presence: bool = False
+    logprobs: bool = False  # log-softmax over the vocabulary each step only when asked for
 
     @property
     def penalties(self) -> bool:
@@ -138,9 +139,9 @@ def warp(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags) -> jax.Arr
 
 def choose(key: jax.Array, logits: jax.Array, sp: SamplingParams, flags: SamplingFlags,
            seen: jax.Array | None = None, counts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(tokens [b] int32, log-probability of each chosen token under the model [b])."""
+    """(tokens [b] int32, log-probability of each chosen token under the model [b]; zeros unless
+    flags.logprobs)."""
     logits = logits.astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
     processed = apply_penalties(logits, sp, flags, seen, counts)
     greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     if flags.sample:
@@ -148,35 +149,7 @@ def choose(key: jax.Array, logits: jax.Array, sp: SamplingParams, flags: Samplin
         tokens = jnp.where(sp.temperature > 0, drawn, greedy)
     else:
         tokens = greedy
+    if not flags.logprobs:
+        return tokens, jnp.zeros(tokens.shape, jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-
-
-def processed_logits_reference(logits: np.ndarray, prompt_and_output: list[list[int]], output: list[list[int]],
-                               temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                               frequency_penalty=0.0, presence_penalty=0.0) -> np.ndarray:
-    """Plain-numpy statement of what the sampler draws from (for tests and documentation)."""
-    out = np.array(logits, np.float64)
-    for row in range(out.shape[0]):
-        x = out[row]
-        if repetition_penalty != 1.0:
-            for tok in set(prompt_and_output[row]):
-                x[tok] = x[tok] / repetition_penalty if x[tok] > 0 else x[tok] * repetition_penalty
-        for tok in set(output[row]):
-            x[tok] -= frequency_penalty * output[row].count(tok) + presence_penalty
-        x /= temperature if temperature > 0 else 1.0
-        if top_k > 0:
-            kth = np.sort(x)[::-1][min(top_k, len(x)) - 1]
-            x[x < kth] = -np.inf
-        if top_p < 1.0:
-            order = np.argsort(x, kind="stable")  # ascending, as transformers
-            p = np.exp(x[order] - x[order].max())
-            p /= p.sum()
-            remove = np.cumsum(p) <= 1 - top_p
-            remove[-1] = False
-            x[order[remove]] = -np.inf
-        if min_p > 0:
-            p = np.exp(x - x.max())
-            p /= p.sum()
-            x[p < min_p * p.max()] = -np.inf
-        out[row] = x
-    return out

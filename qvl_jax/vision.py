@@ -104,7 +104,6 @@ class VisionInputs:
     pos_w: np.ndarray  # [P, 4] float32
     rope_pos: np.ndarray  # [P, 2] int32
     frame: np.ndarray  # [P] int32, -1 for padding
-    num_patches: int  # real patches before padding
 
     @classmethod
     def build(cls, pixel_values, grid_thw: np.ndarray, cfg: VisionConfig, bucket: int) -> "VisionInputs":
@@ -124,7 +123,6 @@ class VisionInputs:
             pos_w=np.pad(pos_w, ((0, pad), (0, 0))),
             rope_pos=np.pad(rope_positions(grid_thw, cfg.spatial_merge_size), ((0, pad), (0, 0))),
             frame=np.pad(frame_ids(grid_thw), (0, pad), constant_values=-1),
-            num_patches=n,
         )
 
 

@@ -167,6 +167,37 @@ def test_streaming_equals_loop(hf_checkpoint, jax_model):
 
 # --- sampling ---
 
+def processed_logits_reference(logits: np.ndarray, prompt_and_output: list[list[int]], output: list[list[int]],
+                               temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                               frequency_penalty=0.0, presence_penalty=0.0) -> np.ndarray:
+    """Plain-numpy statement of what the sampler draws from (for tests and documentation)."""
+    out = np.array(logits, np.float64)
+    for row in range(out.shape[0]):
+        x = out[row]
+        if repetition_penalty != 1.0:
+            for tok in set(prompt_and_output[row]):
+                x[tok] = x[tok] / repetition_penalty if x[tok] > 0 else x[tok] * repetition_penalty
+        for tok in set(output[row]):
+            x[tok] -= frequency_penalty * output[row].count(tok) + presence_penalty
+        x /= temperature if temperature > 0 else 1.0
+        if top_k > 0:
+            kth = np.sort(x)[::-1][min(top_k, len(x)) - 1]
+            x[x < kth] = -np.inf
+        if top_p < 1.0:
+            order = np.argsort(x, kind="stable")  # ascending, as transformers
+            p = np.exp(x[order] - x[order].max())
+            p /= p.sum()
+            remove = np.cumsum(p) <= 1 - top_p
+            remove[-1] = False
+            x[order[remove]] = -np.inf
+        if min_p > 0:
+            p = np.exp(x - x.max())
+            p /= p.sum()
+            x[p < min_p * p.max()] = -np.inf
+        out[row] = x
+    return out
+
+
 # The tiny models' logits are very peaked (std-1 tied embeddings): sampling tests use a high
 # temperature so that different seeds have room to differ.
 HOT = 30.0
@@ -212,7 +243,7 @@ def test_processed_logits_match_numpy(kw):
     logits = (rng.randn(b, v) * 3).astype(np.float32)
     prompt = [list(rng.randint(0, v, 6)) for _ in range(b)]
     output = [list(rng.randint(0, v, 5)) for _ in range(b)]
-    ref = sampling.processed_logits_reference(logits, [p + o for p, o in zip(prompt, output)], output, **kw)
+    ref = processed_logits_reference(logits, [p + o for p, o in zip(prompt, output)], output, **kw)
     sp, flags = sampling.make_sampling(b, **kw)
     seen = np.zeros((b, v), bool)
     counts = np.zeros((b, v), np.int32)
@@ -379,3 +410,5 @@ def test_cache_too_large_for_device_refused_before_allocating(jax_model, monkeyp
     monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: 4096)
     with pytest.raises(ResourceError, match=r"KV cache for batch 2 x 64 positions needs 0\.00 GiB but the device"):
         jax_model("tied").generate(input_ids=np.ones((2, 10), np.int32), max_new_tokens=4)
+    with pytest.raises(ResourceError, match=r"KV cache for batch 1 x 64 positions"):
+        jax_model("tied").chat_session().generate(input_ids=np.ones((1, 10), np.int32), max_new_tokens=4)
