@@ -137,13 +137,26 @@ def warp(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags) -> jax.Arr
     return logits
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis (the first index of the maximum), int32.
+
+    Written as a max and a min over plain iotas: XLA CPU runs jnp.argmax's pair reduction at half
+    the speed of two simple ones (0.76 vs 0.35 ms over 151936 logits), and under a vocab-sharded mesh
+    these become two ordinary all-reduces. A row without a maximum (NaN) gives the last index; such
+    rows are stopped and reported by the caller."""
+    n = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(x == top, jnp.arange(n, dtype=jnp.int32), n - 1), axis=-1)
+    return idx.astype(jnp.int32)
+
+
 def choose(key: jax.Array, logits: jax.Array, sp: SamplingParams, flags: SamplingFlags,
            seen: jax.Array | None = None, counts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(tokens [b] int32, log-probability of each chosen token under the model [b]; zeros unless
     flags.logprobs)."""
     logits = logits.astype(jnp.float32)
     processed = apply_penalties(logits, sp, flags, seen, counts)
-    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(processed)
     if flags.sample:
         drawn = jax.random.categorical(key, warp(processed, sp, flags), axis=-1).astype(jnp.int32)
         tokens = jnp.where(sp.temperature > 0, drawn, greedy)

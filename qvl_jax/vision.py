@@ -24,7 +24,7 @@ import numpy as np
 
 from qvl_jax.config import VisionConfig
 from qvl_jax.errors import InputError
-from qvl_jax.text import rope_inv_freq
+from qvl_jax.text import out_proj, rope_inv_freq
 
 
 def _merge_block_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +155,7 @@ def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
     scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     attn = jnp.einsum("jpq,qjh->pjh", probs, v)
-    x = x + jnp.einsum("pjh,jhd->pd", attn, p["attn"]["proj"]["kernel"]) + p["attn"]["proj"]["bias"]
+    x = x + out_proj(attn.reshape(attn.shape[0], -1), p["attn"]["proj"])
     h = layer_norm(x, p["norm2"])
     h = jax.nn.gelu(_linear(h, p["mlp"]["linear_fc1"]), approximate=True)
     return x + _linear(h, p["mlp"]["linear_fc2"])

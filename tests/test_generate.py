@@ -259,6 +259,15 @@ def test_processed_logits_match_numpy(kw):
     np.testing.assert_allclose(ours[fin], ref[fin], rtol=1e-5, atol=1e-5)
 
 
+def test_first_argmax_equals_numpy_with_ties():
+    rng = np.random.RandomState(5)
+    x = rng.randint(-3, 4, size=(64, 37)).astype(np.float32)  # many ties
+    x[3] = -np.inf
+    x[4, :] = 2.0
+    x[5, -1] = 100.0
+    np.testing.assert_array_equal(np.asarray(sampling.first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 @pytest.mark.parametrize("kw", [dict(top_k=7), dict(top_p=0.7), dict(min_p=0.2), dict(temperature=0.5)])
 def test_warpers_match_transformers(kw):
     from transformers.generation import logits_process as lp
