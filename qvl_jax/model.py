@@ -179,10 +179,11 @@ def prepare_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask=None, pixel_val
 
 
 def run_vision(params: dict, cfg: Qwen3VLConfig, vis: vision_mod.VisionInputs) -> tuple[jax.Array, jax.Array]:
-    """Merged features [n_bucket, d] and DeepStack features [K, n_bucket, d] of all images and videos."""
+    """Merged features [bucket / m^2, d] and DeepStack features [K, bucket / m^2, d] of all images and
+    videos, in Hugging Face's token order (padding rows last)."""
     return vision_mod.tower_jit(params["model"]["visual"], cfg.vision, jnp.asarray(vis.patches),
                                 jnp.asarray(vis.pos_idx), jnp.asarray(vis.pos_w), jnp.asarray(vis.rope_pos),
-                                jnp.asarray(vis.frame))
+                                jnp.asarray(vis.frame), jnp.asarray(vis.merged_order))
 
 
 def unstack_layers(params: dict) -> dict:

@@ -4,11 +4,17 @@ patch merger and DeepStack mergers.
 Everything that depends on the image grids (`grid_thw`) is computed on the host with numpy
 (`VisionInputs.build`): the bilinear taps into the learned 48x48 position table, the (row, col) rotary
 positions, and which frame each patch belongs to (attention is full inside a frame and blocked across
-frames and images). Patch counts are padded to buckets, so a new image size reuses a compiled tower
-when it falls in a known bucket; padding patches belong to no frame and their outputs are never used.
+frames and images).
 
 Patches arrive in Hugging Face's order: per image/frame, merge blocks of spatial_merge_size**2
-neighbouring patches, row-major over blocks.
+neighbouring patches, row-major over blocks. The tower does not run them in that order: the host packs
+the frames into attention blocks of a fixed power-of-two size (`block_layout`), and attention is
+computed per block, [blocks, S, S] scores instead of [P, P] over the whole call. A video of 16 frames
+of 784 patches thus costs 16 x 1024^2 score entries instead of 16384^2. Inside a block a frame mask
+still separates frames that were packed together. The merged features are gathered back to Hugging
+Face's order at the end. Block and patch counts are bucketed, so a new image size reuses a compiled
+tower when it falls in a known bucket; padding slots belong to no frame and their outputs are never
+used.
 
 Einsum letters: p patches (queries), q patches (keys), d width, j heads, h head_dim, c the q/k/v
 triple, f MLP width.
@@ -95,15 +101,40 @@ def check_grid_thw(grid_thw, cfg: VisionConfig, name: str) -> np.ndarray:
     return grid.astype(np.int64)
 
 
+def block_layout(sizes: np.ndarray, bucket: int) -> tuple[int, int, np.ndarray]:
+    """Packs frames of `sizes` patches into attention blocks: (block size S, block count B, the flat
+    slot of each frame's first patch).
+
+    S is the power of two (>= 64) that holds the largest frame; frames go first-fit, largest first,
+    so small images share a block (their frame mask keeps them apart). B is at least bucket // S,
+    which keeps the slot count at the patch bucket whenever the frames pack without loss (always for
+    one image, or frames of one video whose size is a power of two), and a power of two otherwise.
+    Sizes are multiples of spatial_merge_size**2, so every frame starts on a merge-group boundary.
+    """
+    size = min(bucket, max(64, 1 << (int(sizes.max()) - 1).bit_length()))
+    free: list[int] = []
+    block_of = np.zeros(len(sizes), np.int64)
+    offset = np.zeros(len(sizes), np.int64)
+    for f in sorted(range(len(sizes)), key=lambda i: -int(sizes[i])):  # stable: ties keep their order
+        b = next((i for i, room in enumerate(free) if room >= sizes[f]), len(free))
+        if b == len(free):
+            free.append(size)
+        block_of[f], offset[f] = b, size - free[b]
+        free[b] -= int(sizes[f])
+    blocks = max(bucket // size, 1 << (len(free) - 1).bit_length())
+    return size, blocks, block_of * size + offset
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionInputs:
-    """Host-computed, bucket-padded inputs of one vision-tower call."""
+    """Host-computed inputs of one vision-tower call, laid out in attention blocks (`block_layout`)."""
 
-    patches: np.ndarray  # [P, C*T*P*P] float
-    pos_idx: np.ndarray  # [P, 4] int32
-    pos_w: np.ndarray  # [P, 4] float32
-    rope_pos: np.ndarray  # [P, 2] int32
-    frame: np.ndarray  # [P] int32, -1 for padding
+    patches: np.ndarray  # [B*S, C*T*P*P] float, zero in padding slots
+    pos_idx: np.ndarray  # [B*S, 4] int32
+    pos_w: np.ndarray  # [B*S, 4] float32
+    rope_pos: np.ndarray  # [B*S, 2] int32
+    frame: np.ndarray  # [B, S] int32 frame of each slot, -1 for padding
+    merged_order: np.ndarray  # [bucket / m^2] int32: for each merged token in HF order, its merged row
 
     @classmethod
     def build(cls, pixel_values, grid_thw: np.ndarray, cfg: VisionConfig, bucket: int) -> "VisionInputs":
@@ -115,14 +146,27 @@ class VisionInputs:
             raise InputError(f"pixel values have shape {list(pixels.shape)}; the grids imply [{n}, {cfg.patch_dim}]")
         if not np.isfinite(pixels).all():
             raise InputError("pixel values contain NaN or inf")
-        pad = bucket - n
+        frame = frame_ids(grid_thw)
+        sizes = np.bincount(frame)
+        size, blocks, starts = block_layout(sizes, bucket)
+        # slot[i]: where patch i (HF order) sits in the block layout.
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        slot = starts[frame] + np.arange(n) - first[frame]
+        slots = blocks * size
+
+        def place(a, fill=0):
+            out = np.full((slots, *a.shape[1:]), fill, a.dtype)
+            out[slot] = a
+            return out
+
         pos_idx, pos_w = pos_embed_taps(grid_thw, cfg)
+        group = cfg.spatial_merge_size ** 2
+        merged_order = np.zeros(bucket // group, np.int32)
+        merged_order[: n // group] = slot[::group] // group
         return cls(
-            patches=np.pad(pixels, ((0, pad), (0, 0))),
-            pos_idx=np.pad(pos_idx, ((0, pad), (0, 0))),
-            pos_w=np.pad(pos_w, ((0, pad), (0, 0))),
-            rope_pos=np.pad(rope_positions(grid_thw, cfg.spatial_merge_size), ((0, pad), (0, 0))),
-            frame=np.pad(frame_ids(grid_thw), (0, pad), constant_values=-1),
+            patches=place(pixels), pos_idx=place(pos_idx), pos_w=place(pos_w),
+            rope_pos=place(rope_positions(grid_thw, cfg.spatial_merge_size)),
+            frame=place(frame, -1).reshape(blocks, size), merged_order=merged_order,
         )
 
 
@@ -147,15 +191,19 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual."""
+    """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual.
+
+    x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]."""
+    blocks, size = mask.shape[:2]
     h = layer_norm(x, p["norm1"])
     qkv = jnp.einsum("pd,dcjh->pcjh", h, p["attn"]["qkv"]["kernel"]) + p["attn"]["qkv"]["bias"]
     q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
-    scores = jnp.einsum("pjh,qjh->jpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    q, k, v = (a.reshape(blocks, size, *a.shape[1:]) for a in (q, k, v))
+    scores = jnp.einsum("bpjh,bqjh->bjpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("jpq,qjh->pjh", probs, v)
-    x = x + out_proj(attn.reshape(attn.shape[0], -1), p["attn"]["proj"])
+    attn = jnp.einsum("bjpq,bqjh->bpjh", probs, v)
+    x = x + out_proj(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
     h = layer_norm(x, p["norm2"])
     h = jax.nn.gelu(_linear(h, p["mlp"]["linear_fc1"]), approximate=True)
     return x + _linear(h, p["mlp"]["linear_fc2"])
@@ -176,8 +224,9 @@ def merger(p: dict, x: jax.Array, group: int, postshuffle_norm: bool) -> jax.Arr
 
 
 def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Array, pos_w: jax.Array,
-          rope_pos: jax.Array, frame: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(merged [P/m^2, out], deepstack [K, P/m^2, out]) for bucket-padded patches [P, C*T*P*P]."""
+          rope_pos: jax.Array, frame: jax.Array, merged_order: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(merged [n, out], deepstack [K, n, out]) in Hugging Face's token order, n = len(merged_order),
+    for patches [B*S, C*T*P*P] in block layout (see VisionInputs)."""
     dtype = params["patch_embed"]["proj"]["kernel"].dtype
     x = _linear(patches.astype(dtype), params["patch_embed"]["proj"])
     pos = jnp.take(params["pos_embed"]["embedding"], pos_idx, axis=0)  # [P, 4, d]
@@ -188,7 +237,7 @@ def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Arra
     emb = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
     emb = jnp.concatenate([emb, emb], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    mask = (frame[:, None] == frame[None, :]) & (frame[None, :] >= 0)
+    mask = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0)  # [B, S, S]
 
     # Blocks run unrolled over per-block arrays (see text.decoder for why not lax.scan); the DeepStack
     # mergers stay stacked and run as one vmapped call over the tapped hidden states.
@@ -198,12 +247,12 @@ def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Arra
         if i in cfg.deepstack_visual_indexes:
             taps.append(x)
     group = cfg.spatial_merge_size ** 2
-    merged = merger(params["merger"], x, group, postshuffle_norm=False)
+    merged = jnp.take(merger(params["merger"], x, group, postshuffle_norm=False), merged_order, axis=0)
     if not taps:
         return merged, jnp.zeros((0, *merged.shape), merged.dtype)
     deepstack = jax.vmap(lambda p, t: merger(p, t, group, postshuffle_norm=True))(
         params["deepstack_merger_list"], jnp.stack(taps))
-    return merged, deepstack
+    return merged, jnp.take(deepstack, merged_order, axis=1)
 
 
 tower_jit = jax.jit(tower, static_argnames=("cfg",))

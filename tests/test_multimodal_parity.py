@@ -390,3 +390,41 @@ def test_new_image_size_in_bucket_does_not_recompile(jax_model):
     assert model_mod.forward_logits._cache_size() == fwd
     run(10, 8, 3)  # 80 patches -> the next bucket: one more tower compile
     assert vision_mod.tower_jit._cache_size() == tower + 1
+
+
+# --- Block layout of the vision tower ---
+
+@pytest.mark.parametrize("sizes, bucket, want_size, want_blocks", [
+    ([784], 1024, 1024, 1),  # one image: one block, the patch bucket
+    ([784] * 16, 16384, 1024, 16),  # a video: one frame per block
+    ([48, 16, 16], 128, 64, 2),  # small frames share a block
+    ([1024] + [16] * 8, 2048, 1024, 2),  # one big image and eight small ones: two blocks, not 16
+    ([520] * 3, 2048, 1024, 4),  # frames that do not pack: more blocks than bucket // size
+])
+def test_block_layout_packs_frames(sizes, bucket, want_size, want_blocks):
+    sizes = np.array(sizes)
+    size, blocks, starts = vision_mod.block_layout(sizes, bucket)
+    assert (size, blocks) == (want_size, want_blocks)
+    assert blocks * size >= bucket
+    taken = np.zeros(blocks * size, int)
+    for start, n in zip(starts, sizes):
+        assert start // size == (start + n - 1) // size, "a frame straddles two blocks"
+        assert start % 4 == 0
+        taken[start:start + n] += 1
+    assert taken.max() == 1 and taken.sum() == sizes.sum()
+
+
+def test_vision_attention_scores_are_per_block(jax_model):
+    """A video of 8 frames: no [P, P] score matrix anywhere in the traced tower, only [B, heads, S, S]."""
+    m = jax_model("untied")
+    vcfg = m.config.vision
+    grid = np.array([[8, 8, 8]])  # 8 frames of 64 patches
+    n = int(grid.prod())
+    vis = vision_mod.VisionInputs.build(np.zeros((n, vcfg.patch_dim), np.float32), grid, vcfg,
+                                        model_mod.bucket_length(n, 64))
+    assert vis.frame.shape == (8, 64)
+    jaxpr = jax.make_jaxpr(lambda p, *a: vision_mod.tower(p, vcfg, *a))(
+        m.params["model"]["visual"], vis.patches, vis.pos_idx, vis.pos_w, vis.rope_pos, vis.frame, vis.merged_order)
+    biggest = max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars)
+    assert biggest <= max(8 * vcfg.num_heads * 64 * 64, n * vcfg.intermediate_size)
+    assert biggest < n * n * vcfg.num_heads
