@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.errors import CheckpointError
+from qvl_jax.errors import CheckpointError, ResourceError
 
 FORMAT_NAME = "qvl_jax.params"
 FORMAT_VERSION = 1
@@ -87,6 +87,7 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None,
     flat = {}
     try:
         with safe_open(str(params_file), framework="numpy") as f:
+            _check_fits(f, params_file, dtype, shardings)
             for key in f.keys():
                 if shardings is None:
                     arr = f.get_tensor(key)  # read from the memory map, one tensor at a time
@@ -95,11 +96,37 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None,
                     raise CheckpointError(f"{params_file}: unexpected param {key!r} for this config")
                 else:
                     flat[key] = _load_sharded(f.get_slice(key), shardings[key], dtype)
-    except CheckpointError:
+    except (CheckpointError, ResourceError):
         raise
     except Exception as e:
         raise CheckpointError(f"{params_file}: cannot read params ({str(e).splitlines()[0]})") from None
     return config, unflatten(flat)
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+
+
+def _check_fits(f, params_file: Path, dtype, shardings) -> None:
+    """Refuses, before placing anything, params that will not fit in the free memory of one device
+    (each device's own block where a mesh splits them)."""
+    from qvl_jax.generate import device_free_bytes
+
+    free = device_free_bytes()
+    if free is None:
+        return
+    need = 0
+    for key in f.keys():
+        tensor = f.get_slice(key)
+        shape = tuple(tensor.get_shape())
+        if shardings is not None and key in shardings:
+            shape = shardings[key].shard_shape(shape)
+        itemsize = jnp.dtype(dtype).itemsize if dtype is not None else _ITEMSIZE.get(tensor.get_dtype(), 4)
+        need += int(np.prod(shape)) * itemsize
+    if need > free:
+        per = "each device" if shardings is not None else "the device"
+        raise ResourceError(f"{params_file}: the params need {need / 2**30:.2f} GiB on {per} but "
+                            f"{free / 2**30:.2f} GiB are free: split them over more devices (--tp) or "
+                            "load them in bfloat16")
 
 
 def _shardings(config: Qwen3VLConfig, mesh) -> dict:

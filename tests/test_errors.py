@@ -307,3 +307,19 @@ def test_broken_manifest_and_missing_params(converted_copy):
     (out / MANIFEST_FILE).write_text(manifest_text)
     (out / params_file).unlink()
     one_line_error(CheckpointError, lambda: qvl_jax.load(out), rf"{params_file} is missing")
+
+
+def test_params_larger_than_free_memory_refused_before_loading(converted_copy, monkeypatch):
+    import jax
+
+    from qvl_jax import ResourceError, generate as gen_mod
+    from qvl_jax.sharding import make_mesh
+
+    out = converted_copy
+    need = sum(a.nbytes for a in jax.tree.leaves(qvl_jax.load(out).params))
+    monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: need - 1)
+    one_line_error(ResourceError, lambda: qvl_jax.load(out), r"params need 0\.\d\d GiB on the device but .* free")
+    qvl_jax.load(out, dtype="bfloat16")  # half the bytes fit
+    qvl_jax.load(out, mesh=make_mesh(dp=1, tp=8))  # so does one device's block of each param
+    monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: need)
+    qvl_jax.load(out)
