@@ -7,10 +7,11 @@ Random weights in the real shapes of the chosen config (or real weights with --m
 text-only decode at batch 1 / 8 / 64, one 1024x1024 image + short prompt (time to first token), and a
 4k-token context. One JSON line per case: device, dtype, batch, prompt tokens, image size, prefill
 ms, TTFT ms, decode tokens/s (median of repeats after warm-up, synchronised with
-block_until_ready), cold compile seconds, peak device memory, and the fraction of the bandwidth
-floor (weights + KV bytes read per decode step over the measured copy bandwidth). When torch and
-transformers import, the same case runs through transformers' generate (static cache) on the same
-device, and the line carries their numbers and our/their ratios.
+block_until_ready), compile seconds (the first call's extra time: a cold compile, or a warm start
+from the persistent compilation cache, as the "compilation_cache" field says), peak device memory,
+and the fraction of the bandwidth floor (weights + KV bytes read per decode step over the measured
+copy bandwidth). When torch and transformers import, the same case runs through transformers'
+generate (static cache) on the same device, and the line carries their numbers and our/their ratios.
 
 --quick: a small config and few tokens, a smoke run for CPUs (well under 2 minutes on 2 cores).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import sys
@@ -237,10 +239,14 @@ def main(argv=None) -> int:
     import qvl_jax
     from qvl_jax.config import Qwen3VLConfig
 
-    if not args.no_compilation_cache:
-        from qvl_jax.cli import enable_compilation_cache
+    cache_state = "off"
+    if not args.no_compilation_cache and os.environ.get("QVL_JAX_COMPILATION_CACHE", "1") != "0":
+        from qvl_jax.cli import cache_dir, enable_compilation_cache
 
         enable_compilation_cache()
+        xla_dir = cache_dir() / "xla"
+        # "warm": entries from earlier processes were there, so compile_s is a warm start.
+        cache_state = "warm" if xla_dir.is_dir() and any(xla_dir.iterdir()) else "cold"
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype_name = args.dtype or ("float32" if on_cpu else "bfloat16")
     dtype = jnp.dtype(dtype_name)
@@ -284,7 +290,8 @@ def main(argv=None) -> int:
                 "prompt_tokens": ours["prompt_tokens"], "image_size": img, "new_tokens": args.new_tokens,
                 "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
                 "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),
-                "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes()}
+                "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes(),
+                "compilation_cache": cache_state}
         if hf_model is not None:
             hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)
             line.update({k: round(v, 3) for k, v in hf.items()})

@@ -134,9 +134,10 @@ def test_bench_quick_emits_json(tmp_path):
     for line in lines:
         for key in ("device", "dtype", "batch", "prompt_tokens", "prefill_ms", "ttft_ms", "decode_tok_s",
                     "compile_s", "peak_memory_bytes", "bandwidth_floor_fraction", "hf_decode_tok_s",
-                    "decode_speedup_vs_hf"):
+                    "decode_speedup_vs_hf", "compilation_cache"):
             assert key in line, key
         assert line["decode_tok_s"] > 0
+        assert line["compilation_cache"] == "cold"  # a fresh cache directory
 
 
 def test_cli_mesh(tmp_path):
