@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qvl_jax import kv_cache, sampling
+from qvl_jax import kv_cache, sampling, sharding
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import InputError, NumericalError, ResourceError
-from qvl_jax.model import bucket_length, embed_inputs, lm_head, prepare_inputs, run_vision
+from qvl_jax.model import bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision
 from qvl_jax.text import decoder
 
 MIN_READ = 64  # smallest attention window bucket during decode
@@ -46,6 +46,7 @@ class DecodeState(NamedTuple):
     key: jax.Array  # PRNG key
     seen: jax.Array | None  # [b, vocab] bool: in prompt or output (repetition penalty only)
     counts: jax.Array | None  # [b, vocab] int32: occurrences in the output (frequency/presence only)
+    embed: jax.Array | None = None  # [b, 1, d] input embedding of the last chosen token (blocked greedy only)
 
 
 class Controls(NamedTuple):
@@ -68,39 +69,135 @@ class GenerateOutput:
     decode_s: float = 0.0
 
 
-def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, logits: jax.Array) -> DecodeState:
-    """Chooses the token of step `state.step` from `logits` and records it."""
+# Under a mesh, greedy decoding chooses its token with `_greedy_by_blocks`, and also hands the next
+# step its input embedding while the all-gather that carries it stays below this size; past it (large
+# batches) the next step looks the token up in the vocab-split table instead: one all-reduce of
+# [b, d] more per step, but fewer bytes than gathering every block's candidate row.
+CARRY_EMBED_MAX_BYTES = 4 << 20
+
+
+def _blocked(flags: sampling.SamplingFlags, mesh) -> bool:
+    """Whether the step chooses its token with `_greedy_by_blocks` (greedy, under a mesh)."""
+    return mesh is not None and not flags.sample
+
+
+def _carry_embed(cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, mesh, batch: int) -> bool:
+    """Whether `_greedy_by_blocks` also gathers each block's candidate embedding row (`state.embed`):
+    only where the vocabulary is split (else the lookup is local anyway) and the gather is small."""
+    n = sharding.vocab_blocks(cfg.text.vocab_size, mesh)
+    return (_blocked(flags, mesh) and n > 1
+            and batch * n * (cfg.text.hidden_size + 6) * 4 <= CARRY_EMBED_MAX_BYTES)
+
+
+def _pad_embed(params: dict, ctl: Controls, carry: bool) -> jax.Array | None:
+    """[1, 1, d] embedding of the pad token, what finished rows are fed when the steps carry their
+    input embeddings (carry); looked up once per jitted call, outside the loop (a lookup in the
+    vocab-split table costs an all-reduce). Prefill decides whether to carry (`_carry_embed`); the
+    decode functions follow the state they are given (`state.embed` set or None)."""
+    return embed(params, jnp.reshape(ctl.pad_id, (1, 1))) if carry else None
+
+
+def _greedy_by_blocks(logits: jax.Array, table: jax.Array | None, sp: sampling.SamplingParams,
+                      flags: sampling.SamplingFlags, seen: jax.Array | None, counts: jax.Array | None,
+                      mesh) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Greedy choice over vocab-sharded logits [b, vocab] with one collective: (tokens [b], their
+    log-probabilities [b] (zeros unless flags.logprobs), finite [b], and given the embedding table
+    [vocab, d], the tokens' input embeddings [b, 1, d] for the next step).
+
+    Left to itself XLA spends four all-reduces per step here, one after another: the finite check,
+    the max, the first index of the max, and the next step's lookup in the vocab-split embedding
+    table (a masked local gather, then a sum); log-probabilities add three more. Here each
+    vocabulary block (as the rules split the lm_head output, and the embedding rows alike) reduces
+    locally to its candidate: (max, first index of the max, all finite), with log-probabilities its
+    (max logit, sum of exp(logit - max), logit of the candidate), and with the table the candidate's
+    own embedding row. The [b, blocks, fields] candidates are gathered everywhere at once, and every
+    device picks the first block holding the overall max: the same token as `sampling.first_argmax`
+    over the whole row, and its embedding row exactly. Tokens come out whole on every device, so
+    `done` is too, and the loop condition needs no collective (a batch split over "data" would
+    otherwise cost an all-reduce there)."""
+    b, vocab = logits.shape
+    n = sharding.vocab_blocks(vocab, mesh)
+    if vocab > 2 ** 24:  # token ids travel as float32 in the gathered candidates
+        raise ValueError(f"vocabulary of {vocab} entries: too large for the blocked greedy choice")
+    blocks = ("batch", "vocab", None)
+    processed = sampling.apply_penalties(logits, sp, flags, seen, counts)  # elementwise: stays split
+    processed = sharding.constrain(processed.reshape(b, n, vocab // n), mesh, blocks)
+    raw = sharding.constrain(logits.reshape(b, n, vocab // n), mesh, blocks)
+    local = sampling.first_argmax(processed)  # [b, n]: index inside each block
+    index = local + jnp.arange(n, dtype=jnp.int32) * (vocab // n)
+    fields = [jnp.max(processed, axis=-1), index.astype(jnp.float32),
+              jnp.all(jnp.isfinite(raw), axis=-1).astype(jnp.float32)]
+    if flags.logprobs:
+        top = jnp.max(raw, axis=-1, keepdims=True)
+        fields += [top[..., 0], jnp.sum(jnp.exp(raw - top), axis=-1),
+                   jnp.take_along_axis(raw, local[..., None], axis=-1)[..., 0]]
+    cand = jnp.stack(fields, axis=-1)
+    if table is not None:  # each block's candidate row, from the device's own rows
+        rows = sharding.constrain(table.reshape(n, vocab // n, -1), mesh, ("vocab", None, None))
+        rows = jax.vmap(lambda block, i: block[i], in_axes=(0, 1), out_axes=1)(rows, local)
+        cand = jnp.concatenate([cand, rows.astype(jnp.float32)], axis=-1)
+    cand = sharding.replicate(cand, mesh, blocks)  # the one collective: an all-gather
+    pick = jnp.take_along_axis(cand, sampling.first_argmax(cand[..., 0])[:, None, None], axis=1)[:, 0]
+    tok = pick[:, 1].astype(jnp.int32)
+    finite = jnp.all(cand[..., 2] > 0, axis=1)
+    lp = jnp.zeros((b,), jnp.float32)
+    if flags.logprobs:  # log_softmax at the token, its sum of exponentials assembled from the blocks
+        top = jnp.max(cand[..., 3], axis=1)
+        lp = (pick[:, 5] - top) - jnp.log(jnp.sum(cand[..., 4] * jnp.exp(cand[..., 3] - top[:, None]), axis=1))
+    x = None if table is None else pick[:, None, len(fields):].astype(table.dtype)
+    # Pinned whole, or XLA may work on batch shards from here and gather the results again.
+    whole = [None if a is None else sharding.constrain(a, mesh, (None,) * a.ndim) for a in (tok, lp, finite, x)]
+    return tuple(whole)
+
+
+def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, logits: jax.Array,
+            params: dict, mesh=None, pad_embed: jax.Array | None = None) -> DecodeState:
+    """Chooses the token of step `state.step` from `logits` and records it.
+
+    Under a mesh, greedy decoding goes through `_greedy_by_blocks`; given pad_embed (`_pad_embed`,
+    what finished rows are fed) it also sets `state.embed`, the next step's input embedding."""
     step = state.step
-    # A row whose logits are not finite is stopped and reported, never sampled from.
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    x_next = None
+    if _blocked(flags, mesh):
+        table = None if pad_embed is None else params["model"]["language_model"]["embed_tokens"]["embedding"]
+        tok, lp, finite, x_next = _greedy_by_blocks(logits, table, ctl.sampling, flags, state.seen, state.counts,
+                                                    mesh)
+    else:
+        # A row whose logits are not finite is stopped and reported, never sampled from.
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        tok, lp = sampling.choose(jax.random.fold_in(state.key, step), jnp.where(finite[:, None], logits, 0.0),
+                                  ctl.sampling, flags, state.seen, state.counts)
     bad_step = jnp.where((state.bad_step < 0) & ~finite & ~state.done, step, state.bad_step)
-    tok, lp = sampling.choose(jax.random.fold_in(state.key, step), jnp.where(finite[:, None], logits, 0.0),
-                              ctl.sampling, flags, state.seen, state.counts)
     live = ~state.done & finite
-    tok = jnp.where(live, tok, ctl.pad_id)
+    # Under a mesh the per-row bookkeeping ([b]: cheap) is kept whole on every device, down to
+    # `done`: the loop condition's jnp.all then needs no all-reduce over "data".
+    live = sharding.constrain(live, mesh, (None,))
+    tok = sharding.constrain(jnp.where(live, tok, ctl.pad_id), mesh, (None,))
+    if x_next is not None:
+        x_next = jnp.where(live[:, None, None], x_next, pad_embed)
     b = tok.shape[0]
     seen, counts = state.seen, state.counts
     if seen is not None:
-        seen = seen.at[jnp.arange(b), tok].set(seen[jnp.arange(b), tok] | live)
+        seen = seen.at[jnp.arange(b), tok].max(live)  # an OR; no read of seen (a vocab-split gather)
     if counts is not None:
         counts = counts.at[jnp.arange(b), tok].add(live.astype(jnp.int32))
     out_logits = state.logits
     if out_logits is not None:
         out_logits = jax.lax.dynamic_update_index_in_dim(out_logits, logits.astype(jnp.float32), step, axis=1)
-    done = state.done | jnp.isin(tok, ctl.stop_ids) | ~finite
+    done = sharding.constrain(state.done | jnp.isin(tok, ctl.stop_ids) | ~finite, mesh, (None,))
     return state._replace(
         step=step + 1,
         tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, tok, step, axis=1),
         logprobs=jax.lax.dynamic_update_index_in_dim(state.logprobs, jnp.where(live, lp, 0.0), step, axis=1),
-        logits=out_logits, done=done, bad_step=bad_step, seen=seen, counts=counts)
+        logits=out_logits, done=done, bad_step=bad_step, seen=seen, counts=counts, embed=x_next)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "n_out", "want_logits"),
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "n_out", "want_logits", "mesh"),
                    donate_argnames=("cache",))
 def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int, n_out: int,
             want_logits: bool, ids: jax.Array, positions: jax.Array, valid: jax.Array, last_idx: jax.Array,
             vision, cache: kv_cache.KVCache, delta: jax.Array, ctl: Controls, max_new: jax.Array, key: jax.Array,
-            seen_ids: jax.Array | None) -> DecodeState:
+            seen_ids: jax.Array | None, mesh=None) -> DecodeState:
     """Writes the chunk ids [b, t] at cache.end, then chooses the first new token.
 
     valid [b, t] marks real tokens; last_idx [b] is each row's last real token in the chunk (all rows
@@ -134,43 +231,49 @@ def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, rea
         logits=jnp.zeros((b, n_out, vocab), jnp.float32) if want_logits else None,
         done=jnp.zeros((b,), bool), bad_step=jnp.full((b,), -1, jnp.int32), cache=new_cache, key=key,
         seen=seen, counts=counts)
-    return _record(state, ctl, flags, logits)
+    pad = _pad_embed(params, ctl, _carry_embed(cfg, flags, mesh, b))
+    return _record(state, ctl, flags, logits, params, mesh, pad)
 
 
 def _decode_step(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
-                 state: DecodeState, ctl: Controls) -> DecodeState:
+                 state: DecodeState, ctl: Controls, mesh=None, pad_embed: jax.Array | None = None) -> DecodeState:
     """Feeds the last chosen token at the cache end and chooses the next one."""
+    state = state._replace(done=sharding.constrain(state.done, mesh, (None,)))  # carried whole: see _record
     cache = state.cache
     tok = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)
     pos = cache.end - cache.start + cache.delta  # [b]
     positions = jnp.broadcast_to(pos[None, :, None], (3, tok.shape[0], 1))
     j = jnp.arange(read_len)
     mask = ((j[None] >= cache.start[:, None]) & (j[None] <= cache.end))[:, None, :]
-    x, _ = embed_inputs(params, cfg, tok[:, None], None)
+    x = embed(params, tok[:, None]) if state.embed is None else state.embed
     h, (k, v) = decoder(params["model"]["language_model"], cfg.text, x, positions, mask, None,
                         (cache.k, cache.v), cache.end, read_len)
     logits = lm_head(params, cfg, h)[:, 0].astype(jnp.float32)
     state = state._replace(cache=cache._replace(k=k, v=v, end=cache.end + 1))
-    return _record(state, ctl, flags, logits)
+    return _record(state, ctl, flags, logits, params, mesh, pad_embed)
 
 
 def _running(state: DecodeState, read_len: int) -> jax.Array:
     return (state.step < state.max_new) & ~jnp.all(state.done) & (state.cache.end < read_len)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "mesh"), donate_argnames=("state",))
 def decode_loop(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
-                state: DecodeState, ctl: Controls) -> DecodeState:
-    """Decodes until every row stopped, the budget is spent, or the cache end reaches read_len."""
+                state: DecodeState, ctl: Controls, mesh=None) -> DecodeState:
+    """Decodes until every row stopped, the budget is spent, or the cache end reaches read_len.
+
+    mesh: the params' mesh (None on one device); it only pins a few layouts (`_greedy_by_blocks`)."""
+    pad = _pad_embed(params, ctl, state.embed is not None)
     return jax.lax.while_loop(lambda s: _running(s, read_len),
-                              lambda s: _decode_step(params, cfg, flags, read_len, s, ctl), state)
+                              lambda s: _decode_step(params, cfg, flags, read_len, s, ctl, mesh, pad), state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "mesh"), donate_argnames=("state",))
 def decode_one(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
-               state: DecodeState, ctl: Controls) -> DecodeState:
+               state: DecodeState, ctl: Controls, mesh=None) -> DecodeState:
     """One decode step (the streaming path): the same step function as the loop body."""
-    return _decode_step(params, cfg, flags, read_len, state, ctl)
+    return _decode_step(params, cfg, flags, read_len, state, ctl, mesh,
+                        _pad_embed(params, ctl, state.embed is not None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +338,7 @@ class Generator:
     def __init__(self, model):
         self.model = model
         self.cfg: Qwen3VLConfig = model.config
+        self.mesh = getattr(model, "mesh", None)  # static argument of the jitted steps
 
     # -- checks ------------------------------------------------------------------------------------
     def _controls(self, batch, max_new_tokens, stop_token_ids, pad_token_id, kw, logprobs=False) -> tuple:
@@ -317,7 +421,7 @@ class Generator:
                        jnp.asarray(req.ids), jnp.asarray(req.positions), jnp.asarray(req.valid),
                        jnp.asarray(req.last_idx), self._vision(req), cache, jnp.asarray(req.delta), ctl,
                        jnp.asarray(max_new, jnp.int32), key,
-                       jnp.asarray(req.seen_ids) if flags.repetition else None)
+                       jnp.asarray(req.seen_ids) if flags.repetition else None, mesh=self.mesh)
 
     def run_loop(self, state: DecodeState, ctl, flags) -> DecodeState:
         max_len = state.cache.max_len
@@ -326,7 +430,7 @@ class Generator:
             if all_done or step >= int(state.max_new):
                 return state
             read_len = min(max_len, bucket_length(int(end) + 1, MIN_READ))
-            state = decode_loop(self.model.params, self.cfg, flags, read_len, state, ctl)
+            state = decode_loop(self.model.params, self.cfg, flags, read_len, state, ctl, mesh=self.mesh)
 
     def steps(self, state: DecodeState, ctl, flags) -> Iterator[DecodeState]:
         """The streaming driver: one jitted step per token, yielding the state after each."""
@@ -337,7 +441,7 @@ class Generator:
             if all_done or step >= int(state.max_new):
                 return
             read_len = min(max_len, bucket_length(int(end) + 1, MIN_READ))
-            state = decode_one(self.model.params, self.cfg, flags, read_len, state, ctl)
+            state = decode_one(self.model.params, self.cfg, flags, read_len, state, ctl, mesh=self.mesh)
             yield state
 
     def new_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:

@@ -159,13 +159,13 @@ def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
                     rules: dict[str, str | None] = RULES) -> P:
     """PartitionSpec of an array with these logical axes: each dim goes to its rule's mesh axis,
     unless that axis is absent from the mesh, already used by an earlier dim, or does not divide
-    the dim, in which case the dim is replicated."""
+    the dim, in which case the dim is replicated. A logical axis of None is replicated."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match the shape {tuple(shape)}")
     sizes = dict(mesh.shape)
     used, spec = set(), []
     for name, size in zip(axes, shape):
-        mesh_axis = rules[name]
+        mesh_axis = None if name is None else rules[name]
         if mesh_axis is None or mesh_axis not in sizes or mesh_axis in used or size % sizes[mesh_axis]:
             spec.append(None)
         else:
@@ -225,3 +225,49 @@ def cache_sharding(config: Qwen3VLConfig | TextConfig, mesh: Mesh, batch: int):
     shapes = dict(k=kv_shape, v=kv_shape, start=(batch,), end=(), delta=(batch,))
     return KVCache(**{f: NamedSharding(mesh, logical_to_spec(CACHE_AXES[f], shapes[f], mesh))
                       for f in KVCache._fields})
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:
+    """x laid out as the rules place these logical axes (None: replicated), inside a jitted function;
+    x itself without a mesh. Lets the generation code pin the few layouts that decide where XLA puts
+    the collectives of a step, without naming mesh axes."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
+
+
+def replicate(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:
+    """x, laid out as the rules place these logical axes, made whole on every device (x itself
+    without a mesh).
+
+    Left alone, GSPMD gathers a layout split over both mesh axes with two all-gathers, one per axis.
+    When the split dims lead, each is cut into (mesh blocks, rows per block), the block indices are
+    moved to the front and flattened into one dim split over both mesh axes: a relabelling of what
+    each device already holds, so the whole gather is a single all-gather over all devices."""
+    if mesh is None:
+        return x
+    spec = logical_to_spec(axes, x.shape, mesh)
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    whole = NamedSharding(mesh, P())
+    k = len(spec)
+    if k < 2 or None in spec:  # at most one split dim (or not leading): one all-gather anyway
+        return jax.lax.with_sharding_constraint(x, whole)
+    blocks = [int(mesh.shape[a]) for a in spec]
+    rest = x.shape[k:]
+    split = x.reshape(tuple(d for n, size in zip(blocks, x.shape) for d in (n, size // n)) + rest)
+    order = tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)) + tuple(range(2 * k, split.ndim))
+    front = split.transpose(order)  # [blocks..., rows per block..., rest...]
+    flat = front.reshape((-1,) + front.shape[k:])
+    flat = jax.lax.with_sharding_constraint(flat, NamedSharding(mesh, P(tuple(spec))))
+    flat = jax.lax.with_sharding_constraint(flat, whole)
+    back = flat.reshape(front.shape).transpose(tuple(int(i) for i in np.argsort(order)))
+    return back.reshape(x.shape)
+
+
+def vocab_blocks(vocab: int, mesh: Mesh | None) -> int:
+    """Into how many contiguous blocks the rules split a vocabulary axis (lm_head output, embedding
+    rows): the "model" size where it divides the vocabulary, else 1 (replicated)."""
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("vocab",), (vocab,), mesh)
+    return int(mesh.shape[spec[0]]) if len(spec) else 1

@@ -7,6 +7,8 @@ The mesh tests need 8 devices: tests/conftest.py gives the CPU 8 fake ones
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -76,6 +78,9 @@ def test_rules_fall_back_to_replication():
     assert spec(("layers", "embed", "kv_heads", "head_dim"), (3, 64, 1, 16), mesh) == P()
     assert spec(("vocab", "embed"), (352, 96), mesh) == P("model")
     assert spec(("batch",), (3,), mesh) == P()  # 3 rows on 2
+    assert spec(("batch", None, "vocab"), (4, 8, 352), mesh) == P("data", None, "model")  # None: replicated
+    assert sharding.vocab_blocks(352, mesh) == 4 and sharding.vocab_blocks(350, mesh) == 1
+    assert sharding.vocab_blocks(352, None) == 1
     # One mesh axis serves one dim: the second dim that wants "model" is replicated.
     assert spec(("heads", "mlp"), (8, 8), mesh) == P("model")
     assert spec(("layers", "batch", "cache_len", "kv_heads", "head_dim"), (2, 4, 64, 4, 8), mesh) == \
@@ -208,6 +213,9 @@ class _Recorder:
                     def get_shape(self):
                         return sl.get_shape()
 
+                    def get_dtype(self):
+                        return sl.get_dtype()
+
                     def __getitem__(self, index):
                         block = sl[index]
                         rec.reads.setdefault(key, []).append(block.shape)
@@ -327,3 +335,122 @@ def test_cache_is_sharded_and_stays_so(dp, tp, batch, hf_checkpoint, mesh_model)
     state = gen.run_loop(state, ctl, flags)
     assert state.cache.k.sharding.is_equivalent_to(want.k, 5)
     assert state.cache.v.sharding.is_equivalent_to(want.v, 5)
+
+
+# -- collectives of a decode step -------------------------------------------------------------------
+
+_COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
+
+
+def _loop_collectives(hlo: str) -> tuple[list[str], list[str]]:
+    """(collectives of the while loop's body, of its condition), each with the computations it calls,
+    from compiled HLO text: one entry per op, its kind ("all-reduce", ...)."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name = head.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    loops = [line for lines in comps.values() for line in lines if " while(" in line]
+    assert len(loops) == 1, f"expected one while loop, found {len(loops)}"
+
+    def ops(root: str) -> list[str]:
+        seen, todo, out = set(), [root], []
+        while todo:
+            c = todo.pop()
+            if c in seen or c not in comps:
+                continue
+            seen.add(c)
+            for line in comps[c]:
+                out += [m.group(1) for m in _COLLECTIVE.finditer(line)]
+                todo += _CALLED.findall(line)
+        return out
+
+    body = re.search(r"body=%?([\w.\-]+)", loops[0]).group(1)
+    cond = re.search(r"condition=%?([\w.\-]+)", loops[0]).group(1)
+    return ops(body), ops(cond)
+
+
+def _decode_hlo(model, batch: int, pin: bool = True, logprobs: bool = False, **kw) -> str:
+    """Compiled HLO of the decode loop of a batch (greedy unless kw says otherwise). pin=False: the
+    jitted functions without their mesh argument, i.e. as before generate.py pinned any layout."""
+    from qvl_jax import generate
+
+    gen = Generator(model)
+    if not pin:
+        gen.mesh = None  # the static argument that pins the layouts
+    ids = np.random.RandomState(0).randint(0, 200, size=(batch, 9))
+    req = gen.request({"input_ids": ids})
+    ctl, flags, key = gen._controls(batch, N_NEW, [], None, kw, logprobs)
+    state = gen.start(req, gen.new_cache(batch, 64), N_NEW, ctl, flags, key, False)
+    return generate.decode_loop.lower(model.params, model.config, flags, 64, state, ctl,
+                                      mesh=gen.mesh).compile().as_text()
+
+
+@needs_8
+@pytest.mark.parametrize("dp,tp,kw", [(1, 8, {}), (2, 4, {}), (1, 8, dict(logprobs=True, repetition_penalty=1.3))])
+def test_decode_step_collectives(dp, tp, kw, mesh_model):
+    """A greedy decode step holds only the inherent collectives: per layer one all-reduce after
+    attention (where the heads are split) and one after the MLP (where its width is), plus one
+    all-gather of the vocab blocks' candidates (token, log-probability terms, and the next step's
+    embedding row). The sampler's finite check / max / first-index all-reduces, the log-softmax's
+    and the embedding lookup's all-reduces, and the loop condition's all-reduce over "data" are
+    gone (unpinned, this tiny model's step has 7 at 1x8 and 11 at 2x4; 4 and 7 here)."""
+    model = mesh_model("tied", dp, tp)  # 3 layers, 4 heads, MLP 128, vocab 320
+    text = model.config.text
+    split = lambda n: n % tp == 0  # noqa: E731
+    layers = text.num_hidden_layers
+    inherent = layers * (split(text.num_attention_heads) + split(text.intermediate_size))
+    body, cond = _loop_collectives(_decode_hlo(model, 8, **kw))
+    assert cond == [], cond
+    assert body.count("all-gather") == 1 and body.count("all-reduce") <= inherent, body
+    assert len(body) <= inherent + 1, body
+    # The count is not vacuous: the per-layer all-reduces are seen, and the unpinned loop has more.
+    assert body.count("all-reduce") >= layers
+    old_body, old_cond = _loop_collectives(_decode_hlo(model, 8, pin=False, **kw))
+    assert len(old_body) + len(old_cond) > inherent + 1, old_body
+
+
+@needs_8
+def test_generation_paths_equal_one_device(hf_checkpoint, jax_model, mesh_model, monkeypatch):
+    """Under a 2x4 mesh the blocked greedy path (rows split over "data", vocab blocks over "model")
+    equals one device also where rows stop early (finished rows are fed the pad token: their raw
+    logits after the stop match too), with log-probabilities, with a repetition penalty, when
+    streaming, and when the next step looks its embedding up instead of carrying it; sampling
+    (the unblocked sampler under a mesh) agrees as well."""
+    from qvl_jax import generate
+
+    hf, _ = hf_checkpoint("tied")
+    inp = _inputs(hf, 8)
+    ref_model, model = jax_model("tied"), mesh_model("tied", 2, 4)
+    first = ref_model.generate(**inp, max_new_tokens=N_NEW, stop_token_ids=[]).tokens
+    stops = [int(first[0, 2]), int(first[5, 4])]
+
+    def both(**kw):
+        return (ref_model.generate(**inp, max_new_tokens=N_NEW, **kw),
+                model.generate(**inp, max_new_tokens=N_NEW, **kw))
+
+    ref, out = both(stop_token_ids=stops, return_logits=True, return_logprobs=True)
+    assert (ref.lengths < N_NEW).sum() >= 2  # some rows stop while others go on
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    assert rel_err(out.logits, ref.logits) <= RTOL
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+    assert (ref.logprobs < -1e-3).any()  # not all zeros
+    ref, out = both(stop_token_ids=[], repetition_penalty=1.5)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    ref, out = both(stop_token_ids=[], temperature=0.7, seed=3, return_logprobs=True)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+    streamed = np.stack(list(model.stream(**inp, max_new_tokens=N_NEW, stop_token_ids=[])), axis=1)
+    np.testing.assert_array_equal(streamed, first)
+    # The fallback of large batches: prefill decides (at trace time) not to carry the embedding.
+    monkeypatch.setattr(generate, "CARRY_EMBED_MAX_BYTES", 0)
+    generate.prefill.clear_cache()
+    try:
+        out = model.generate(**inp, max_new_tokens=N_NEW, stop_token_ids=[])
+    finally:
+        generate.prefill.clear_cache()
+    np.testing.assert_array_equal(out.tokens, first)
