@@ -190,19 +190,44 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention inside one block: q, k, v [S, heads, head_dim], mask [S, S]; softmax in float32."""
+    scores = jnp.einsum("pjh,qjh->jpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("jpq,qjh->pjh", probs, v)
+
+
+def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, loop: bool | None = None):
+    """Attention of q, k, v [B*S, heads, head_dim] inside each of the B blocks of mask [B, S, S].
+
+    loop (default: on CPU): blocks one after another (lax.map) rather than as one batched einsum.
+    XLA CPU ran the two-batch-dim einsum at 1.4-1.5x the time of the one-block form; on accelerators
+    the batched form keeps every block in one kernel."""
+    blocks, size = mask.shape[:2]
+    if loop is None:
+        loop = jax.default_backend() == "cpu"
+    if blocks == 1:
+        return _attend(q, k, v, mask[0])
+    q, k, v = (a.reshape(blocks, size, *a.shape[1:]) for a in (q, k, v))
+    if loop:
+        out = jax.lax.map(lambda a: _attend(*a), (q, k, v, mask))
+    else:
+        scores = jnp.einsum("bpjh,bqjh->bjpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bjpq,bqjh->bpjh", probs, v)
+    return out.reshape(blocks * size, *out.shape[2:])
+
+
 def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
     """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual.
 
     x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]."""
-    blocks, size = mask.shape[:2]
     h = layer_norm(x, p["norm1"])
     qkv = jnp.einsum("pd,dcjh->pcjh", h, p["attn"]["qkv"]["kernel"]) + p["attn"]["qkv"]["bias"]
     q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
-    q, k, v = (a.reshape(blocks, size, *a.shape[1:]) for a in (q, k, v))
-    scores = jnp.einsum("bpjh,bqjh->bjpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("bjpq,bqjh->bpjh", probs, v)
+    attn = block_attention(q, k, v, mask)
     x = x + out_proj(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
     h = layer_norm(x, p["norm2"])
     h = jax.nn.gelu(_linear(h, p["mlp"]["linear_fc1"]), approximate=True)

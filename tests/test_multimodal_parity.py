@@ -414,6 +414,17 @@ def test_block_layout_packs_frames(sizes, bucket, want_size, want_blocks):
     assert taken.max() == 1 and taken.sum() == sizes.sum()
 
 
+def _all_outvars(jaxpr):
+    """Every value produced anywhere in a jaxpr, inside loops and nested calls too."""
+    for eqn in jaxpr.eqns:
+        yield from eqn.outvars
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_outvars(inner)
+
+
 def test_vision_attention_scores_are_per_block(jax_model):
     """A video of 8 frames: no [P, P] score matrix anywhere in the traced tower, only [B, heads, S, S]."""
     m = jax_model("untied")
@@ -425,6 +436,26 @@ def test_vision_attention_scores_are_per_block(jax_model):
     assert vis.frame.shape == (8, 64)
     jaxpr = jax.make_jaxpr(lambda p, *a: vision_mod.tower(p, vcfg, *a))(
         m.params["model"]["visual"], vis.patches, vis.pos_idx, vis.pos_w, vis.rope_pos, vis.frame, vis.merged_order)
-    biggest = max(np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars)
+    biggest = max(np.prod(v.aval.shape) for v in _all_outvars(jaxpr.jaxpr))
     assert biggest <= max(8 * vcfg.num_heads * 64 * 64, n * vcfg.intermediate_size)
     assert biggest < n * n * vcfg.num_heads
+
+
+def test_block_attention_loop_and_batched_forms_agree():
+    """The CPU default (blocks one after another) and the accelerator default (one batched einsum)
+    give the same attention, including rows of padding and two frames sharing a block."""
+    rng = np.random.RandomState(4)
+    blocks, size, heads, hd = 3, 16, 2, 8
+    q, k, v = (jnp.asarray(rng.randn(blocks * size, heads, hd).astype(np.float32)) for _ in range(3))
+    frame = np.full((blocks, size), -1)
+    frame[0, :10], frame[0, 10:14], frame[1, :16], frame[2, :4] = 0, 1, 2, 3
+    frame = jnp.asarray(frame)
+    mask = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0)
+    looped = np.asarray(vision_mod.block_attention(q, k, v, mask, loop=True))
+    batched = np.asarray(vision_mod.block_attention(q, k, v, mask, loop=False))
+    np.testing.assert_allclose(looped, batched, rtol=1e-6, atol=1e-6)
+    # and both equal plain attention over each frame alone
+    for f in range(4):
+        rows = np.flatnonzero(np.asarray(frame).ravel() == f)
+        ref = vision_mod._attend(q[rows], k[rows], v[rows], jnp.ones((len(rows), len(rows)), bool))
+        np.testing.assert_allclose(looped[rows], np.asarray(ref), rtol=1e-6, atol=1e-6)
