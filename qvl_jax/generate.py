@@ -238,7 +238,6 @@ def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, rea
 def _decode_step(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
                  state: DecodeState, ctl: Controls, mesh=None, pad_embed: jax.Array | None = None) -> DecodeState:
     """Feeds the last chosen token at the cache end and chooses the next one."""
-    state = state._replace(done=sharding.constrain(state.done, mesh, (None,)))  # carried whole: see _record
     cache = state.cache
     tok = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)
     pos = cache.end - cache.start + cache.delta  # [b]
