@@ -4,12 +4,15 @@ One `Rule` per HF parameter pattern. A rule knows the source shape it expects (f
 transform that turns the HF layout into ours, and, for per-layer weights, how many layers stack into
 one array with a leading layer axis (so the decoder and the vision tower can be `lax.scan`ned).
 
-Target layout conventions (flax-style leaf names; HF's `[out, in]` Linear weights become `[in, out]`
-kernels, with attention heads split out so that sharding rules can name the head axis):
-  Linear  -> kernel [in, out] (+ bias)        q/k/v_proj kernel [D, heads, head_dim]
-  o_proj  -> kernel [heads, head_dim, D]        vision qkv kernel [D, 3, heads, head_dim]
+Target layout conventions: Linear weights keep Hugging Face's `[out, in]` layout under the leaf name
+`weight` (not flax's `kernel [in, out]`: XLA CPU runs x @ W.T over an [out, in] matrix 1.2-1.8x faster
+at the small row counts of decode and short prefill, and no slower at large ones; see
+docs/design-notes.md). Attention heads are split out of the out/in axes (a reshape, no data moves) so
+that sharding rules can name the head axis:
+  Linear  -> weight [out, in] (+ bias)          q/k/v_proj weight [heads, head_dim, D]
+  o_proj  -> weight [D, heads, head_dim]        vision qkv weight [3, heads, head_dim, D]
   RMSNorm -> scale                              LayerNorm -> scale, bias
-  Embedding -> embedding                        Conv3d patch embed -> kernel [C*T*P*P, D] (a matmul)
+  Embedding -> embedding                        Conv3d patch embed -> weight [D, C*T*P*P] (a matmul)
 """
 
 from __future__ import annotations
@@ -35,12 +38,11 @@ class Transform:
 
 
 IDENTITY = Transform("identity", lambda s: s, lambda a: a)
-TRANSPOSE = Transform("transpose", lambda s: (s[1], s[0]), lambda a: a.T)
 
 
 def to_heads(n: int, hd: int) -> Transform:
-    """[n*hd, in] Linear weight -> [in, n, hd] kernel."""
-    return Transform(f"to_heads({n},{hd})", lambda s: (s[1], n, hd), lambda a: a.T.reshape(a.shape[1], n, hd))
+    """[n*hd, in] Linear weight -> [n, hd, in]."""
+    return Transform(f"to_heads({n},{hd})", lambda s: (n, hd, s[1]), lambda a: a.reshape(n, hd, a.shape[1]))
 
 
 def bias_to_heads(n: int, hd: int) -> Transform:
@@ -48,14 +50,14 @@ def bias_to_heads(n: int, hd: int) -> Transform:
 
 
 def from_heads(n: int, hd: int) -> Transform:
-    """[out, n*hd] Linear weight -> [n, hd, out] kernel."""
-    return Transform(f"from_heads({n},{hd})", lambda s: (n, hd, s[0]), lambda a: a.T.reshape(n, hd, a.shape[0]))
+    """[out, n*hd] Linear weight -> [out, n, hd]."""
+    return Transform(f"from_heads({n},{hd})", lambda s: (s[0], n, hd), lambda a: a.reshape(a.shape[0], n, hd))
 
 
 def qkv_to_heads(n: int, hd: int) -> Transform:
-    """Fused [3*n*hd, in] qkv weight -> [in, 3, n, hd]; HF splits it as reshape(3, heads, head_dim)."""
-    return Transform(f"qkv_to_heads({n},{hd})", lambda s: (s[1], 3, n, hd),
-                     lambda a: a.T.reshape(a.shape[1], 3, n, hd))
+    """Fused [3*n*hd, in] qkv weight -> [3, n, hd, in]; HF splits it as reshape(3, heads, head_dim)."""
+    return Transform(f"qkv_to_heads({n},{hd})", lambda s: (3, n, hd, s[1]),
+                     lambda a: a.reshape(3, n, hd, a.shape[1]))
 
 
 def qkv_bias_to_heads(n: int, hd: int) -> Transform:
@@ -66,8 +68,8 @@ def qkv_bias_to_heads(n: int, hd: int) -> Transform:
 # weight flattened the same way.
 CONV3D_TO_MATMUL = Transform(
     "conv3d_to_matmul",
-    lambda s: (int(np.prod(s[1:])), s[0]),
-    lambda a: a.reshape(a.shape[0], -1).T,
+    lambda s: (s[0], int(np.prod(s[1:]))),
+    lambda a: a.reshape(a.shape[0], -1),
 )
 
 
@@ -110,15 +112,15 @@ def rules_for(cfg: Qwen3VLConfig) -> list[Rule]:
         Rule(lm + "norm.weight", tl + "norm/scale", (D,)),
         Rule(layer + "input_layernorm.weight", tlayer + "input_layernorm/scale", (D,), count=L),
         Rule(layer + "post_attention_layernorm.weight", tlayer + "post_attention_layernorm/scale", (D,), count=L),
-        Rule(layer + "self_attn.q_proj.weight", tlayer + "self_attn/q_proj/kernel", (H * hd, D), to_heads(H, hd), L),
-        Rule(layer + "self_attn.k_proj.weight", tlayer + "self_attn/k_proj/kernel", (KV * hd, D), to_heads(KV, hd), L),
-        Rule(layer + "self_attn.v_proj.weight", tlayer + "self_attn/v_proj/kernel", (KV * hd, D), to_heads(KV, hd), L),
-        Rule(layer + "self_attn.o_proj.weight", tlayer + "self_attn/o_proj/kernel", (D, H * hd), from_heads(H, hd), L),
+        Rule(layer + "self_attn.q_proj.weight", tlayer + "self_attn/q_proj/weight", (H * hd, D), to_heads(H, hd), L),
+        Rule(layer + "self_attn.k_proj.weight", tlayer + "self_attn/k_proj/weight", (KV * hd, D), to_heads(KV, hd), L),
+        Rule(layer + "self_attn.v_proj.weight", tlayer + "self_attn/v_proj/weight", (KV * hd, D), to_heads(KV, hd), L),
+        Rule(layer + "self_attn.o_proj.weight", tlayer + "self_attn/o_proj/weight", (D, H * hd), from_heads(H, hd), L),
         Rule(layer + "self_attn.q_norm.weight", tlayer + "self_attn/q_norm/scale", (hd,), count=L),
         Rule(layer + "self_attn.k_norm.weight", tlayer + "self_attn/k_norm/scale", (hd,), count=L),
-        Rule(layer + "mlp.gate_proj.weight", tlayer + "mlp/gate_proj/kernel", (F, D), TRANSPOSE, L),
-        Rule(layer + "mlp.up_proj.weight", tlayer + "mlp/up_proj/kernel", (F, D), TRANSPOSE, L),
-        Rule(layer + "mlp.down_proj.weight", tlayer + "mlp/down_proj/kernel", (D, F), TRANSPOSE, L),
+        Rule(layer + "mlp.gate_proj.weight", tlayer + "mlp/gate_proj/weight", (F, D), count=L),
+        Rule(layer + "mlp.up_proj.weight", tlayer + "mlp/up_proj/weight", (F, D), count=L),
+        Rule(layer + "mlp.down_proj.weight", tlayer + "mlp/down_proj/weight", (D, F), count=L),
     ]
     if t.attention_bias:
         rules += [
@@ -128,7 +130,7 @@ def rules_for(cfg: Qwen3VLConfig) -> list[Rule]:
             Rule(layer + "self_attn.o_proj.bias", tlayer + "self_attn/o_proj/bias", (D,), count=L),
         ]
     if not cfg.tie_word_embeddings:
-        rules.append(Rule("lm_head.weight", "lm_head/kernel", (t.vocab_size, D), TRANSPOSE))
+        rules.append(Rule("lm_head.weight", "lm_head/weight", (t.vocab_size, D)))
 
     Dv, Fv, Lv, Hv, hdv = v.hidden_size, v.intermediate_size, v.depth, v.num_heads, v.head_dim
     Dm = Dv * v.spatial_merge_size ** 2  # width after merging spatial_merge_size**2 patches
@@ -138,7 +140,7 @@ def rules_for(cfg: Qwen3VLConfig) -> list[Rule]:
     blk = vis + "blocks.{i}."
     tblk = tv + "blocks/"
     rules += [
-        Rule(vis + "patch_embed.proj.weight", tv + "patch_embed/proj/kernel",
+        Rule(vis + "patch_embed.proj.weight", tv + "patch_embed/proj/weight",
              (Dv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size), CONV3D_TO_MATMUL),
         Rule(vis + "patch_embed.proj.bias", tv + "patch_embed/proj/bias", (Dv,)),
         Rule(vis + "pos_embed.weight", tv + "pos_embed/embedding", (v.num_position_embeddings, Dv)),
@@ -146,20 +148,20 @@ def rules_for(cfg: Qwen3VLConfig) -> list[Rule]:
         Rule(blk + "norm1.bias", tblk + "norm1/bias", (Dv,), count=Lv),
         Rule(blk + "norm2.weight", tblk + "norm2/scale", (Dv,), count=Lv),
         Rule(blk + "norm2.bias", tblk + "norm2/bias", (Dv,), count=Lv),
-        Rule(blk + "attn.qkv.weight", tblk + "attn/qkv/kernel", (3 * Dv, Dv), qkv_to_heads(Hv, hdv), Lv),
+        Rule(blk + "attn.qkv.weight", tblk + "attn/qkv/weight", (3 * Dv, Dv), qkv_to_heads(Hv, hdv), Lv),
         Rule(blk + "attn.qkv.bias", tblk + "attn/qkv/bias", (3 * Dv,), qkv_bias_to_heads(Hv, hdv), Lv),
-        Rule(blk + "attn.proj.weight", tblk + "attn/proj/kernel", (Dv, Dv), from_heads(Hv, hdv), Lv),
+        Rule(blk + "attn.proj.weight", tblk + "attn/proj/weight", (Dv, Dv), from_heads(Hv, hdv), Lv),
         Rule(blk + "attn.proj.bias", tblk + "attn/proj/bias", (Dv,), count=Lv),
-        Rule(blk + "mlp.linear_fc1.weight", tblk + "mlp/linear_fc1/kernel", (Fv, Dv), TRANSPOSE, Lv),
+        Rule(blk + "mlp.linear_fc1.weight", tblk + "mlp/linear_fc1/weight", (Fv, Dv), count=Lv),
         Rule(blk + "mlp.linear_fc1.bias", tblk + "mlp/linear_fc1/bias", (Fv,), count=Lv),
-        Rule(blk + "mlp.linear_fc2.weight", tblk + "mlp/linear_fc2/kernel", (Dv, Fv), TRANSPOSE, Lv),
+        Rule(blk + "mlp.linear_fc2.weight", tblk + "mlp/linear_fc2/weight", (Dv, Fv), count=Lv),
         Rule(blk + "mlp.linear_fc2.bias", tblk + "mlp/linear_fc2/bias", (Dv,), count=Lv),
         # Main merger: LayerNorm over the per-patch width *before* grouping patches.
         Rule(vis + "merger.norm.weight", tv + "merger/norm/scale", (Dv,)),
         Rule(vis + "merger.norm.bias", tv + "merger/norm/bias", (Dv,)),
-        Rule(vis + "merger.linear_fc1.weight", tv + "merger/linear_fc1/kernel", (Dm, Dm), TRANSPOSE),
+        Rule(vis + "merger.linear_fc1.weight", tv + "merger/linear_fc1/weight", (Dm, Dm)),
         Rule(vis + "merger.linear_fc1.bias", tv + "merger/linear_fc1/bias", (Dm,)),
-        Rule(vis + "merger.linear_fc2.weight", tv + "merger/linear_fc2/kernel", (v.out_hidden_size, Dm), TRANSPOSE),
+        Rule(vis + "merger.linear_fc2.weight", tv + "merger/linear_fc2/weight", (v.out_hidden_size, Dm)),
         Rule(vis + "merger.linear_fc2.bias", tv + "merger/linear_fc2/bias", (v.out_hidden_size,)),
     ]
     if K:
@@ -169,9 +171,9 @@ def rules_for(cfg: Qwen3VLConfig) -> list[Rule]:
             # DeepStack mergers normalise the grouped (4x wider) vector instead.
             Rule(ds + "norm.weight", tds + "norm/scale", (Dm,), count=K),
             Rule(ds + "norm.bias", tds + "norm/bias", (Dm,), count=K),
-            Rule(ds + "linear_fc1.weight", tds + "linear_fc1/kernel", (Dm, Dm), TRANSPOSE, K),
+            Rule(ds + "linear_fc1.weight", tds + "linear_fc1/weight", (Dm, Dm), count=K),
             Rule(ds + "linear_fc1.bias", tds + "linear_fc1/bias", (Dm,), count=K),
-            Rule(ds + "linear_fc2.weight", tds + "linear_fc2/kernel", (v.out_hidden_size, Dm), TRANSPOSE, K),
+            Rule(ds + "linear_fc2.weight", tds + "linear_fc2/weight", (v.out_hidden_size, Dm), count=K),
             Rule(ds + "linear_fc2.bias", tds + "linear_fc2/bias", (v.out_hidden_size,), count=K),
         ]
     return rules

@@ -16,7 +16,7 @@ from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import CheckpointError, ResourceError
 
 FORMAT_NAME = "qvl_jax.params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Linear weights in [out, in] layout under "weight" (1: flax [in, out] "kernel")
 MANIFEST_FILE = "qvl_jax.json"
 
 

@@ -35,8 +35,8 @@ def embed(params: dict, ids: jax.Array) -> jax.Array:
 
 def lm_head(params: dict, cfg: Qwen3VLConfig, h: jax.Array) -> jax.Array:
     if cfg.tie_word_embeddings:
-        return jnp.einsum("btd,vd->btv", h, params["model"]["language_model"]["embed_tokens"]["embedding"])
-    return jnp.einsum("btd,dv->btv", h, params["lm_head"]["kernel"])
+        return text.linear(h, {"weight": params["model"]["language_model"]["embed_tokens"]["embedding"]})
+    return text.linear(h, params["lm_head"])
 
 
 def causal_mask(valid: jax.Array) -> jax.Array:

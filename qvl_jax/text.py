@@ -65,17 +65,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _proj(x: jax.Array, p: dict, spec: str) -> jax.Array:
-    y = jnp.einsum(spec, x, p["kernel"])
+def linear(x: jax.Array, p: dict, out_ndim: int = 1) -> jax.Array:
+    """x [..., in] through p["weight"] [*out, *in] (Hugging Face's [out, in] layout, with the first
+    `out_ndim` axes the output: heads may be split out of either side), plus p["bias"] [*out] if present.
+
+    The weight is viewed as one [out, in] matrix (a free reshape) and contracted on its last axis.
+    XLA CPU runs that 1.2-1.8x faster than x @ [in, out] at decode and short-prefill row counts, and
+    contracting a split axis pair in one einsum ran a generic dot at a tenth of the speed."""
+    w = p["weight"]
+    out_shape = w.shape[:out_ndim]
+    w = w.reshape(int(np.prod(out_shape)), -1)
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+    y = y.reshape(*x.shape[:-1], *out_shape)
     return y + p["bias"] if "bias" in p else y
 
 
 def qkv(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: TextConfig):
     """Queries [b, t, n, h] and keys/values [b, t, k, h]: projections, per-head QK-norm, then MRoPE."""
     eps = cfg.rms_norm_eps
-    q = rms_norm(_proj(x, p["q_proj"], "btd,dnh->btnh"), p["q_norm"]["scale"], eps)
-    k = rms_norm(_proj(x, p["k_proj"], "btd,dkh->btkh"), p["k_norm"]["scale"], eps)
-    v = _proj(x, p["v_proj"], "btd,dkh->btkh")
+    q = rms_norm(linear(x, p["q_proj"], 2), p["q_norm"]["scale"], eps)
+    k = rms_norm(linear(x, p["k_proj"], 2), p["k_norm"]["scale"], eps)
+    v = linear(x, p["v_proj"], 2)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -91,23 +101,13 @@ def attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n * h)
-    return out_proj(out, p["o_proj"])
-
-
-def out_proj(x: jax.Array, p: dict) -> jax.Array:
-    """x [..., heads * head_dim] through a kernel stored [heads, head_dim, d].
-
-    The kernel is flattened to a plain matrix first (free: a bitcast). Contracting two kernel axes in
-    one einsum made XLA CPU run a slow generic dot, 10x the time of the same matmul over a 2-D kernel."""
-    kernel = p["kernel"]
-    y = x @ kernel.reshape(-1, kernel.shape[-1])
-    return y + p["bias"] if "bias" in p else y
+    return linear(out, p["o_proj"])  # weight [d, heads, head_dim]
 
 
 def mlp(p: dict, x: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"]["kernel"])
-    up = jnp.einsum("btd,df->btf", x, p["up_proj"]["kernel"])
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down_proj"]["kernel"])
+    gate = linear(x, p["gate_proj"])
+    up = linear(x, p["up_proj"])
+    return linear(jax.nn.silu(gate) * up, p["down_proj"])
 
 
 def decoder(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, mask: jax.Array,

@@ -30,7 +30,7 @@ import numpy as np
 
 from qvl_jax.config import VisionConfig
 from qvl_jax.errors import InputError
-from qvl_jax.text import out_proj, rope_inv_freq
+from qvl_jax.text import linear, rope_inv_freq
 
 
 def _merge_block_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,10 +179,6 @@ def layer_norm(x: jax.Array, p: dict, eps: float = 1e-6) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def _linear(x: jax.Array, p: dict) -> jax.Array:
-    return x @ p["kernel"] + p["bias"]
-
-
 def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
@@ -219,13 +215,13 @@ def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
 
     x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]."""
     h = layer_norm(x, p["norm1"])
-    qkv = jnp.einsum("pd,dcjh->pcjh", h, p["attn"]["qkv"]["kernel"]) + p["attn"]["qkv"]["bias"]
+    qkv = linear(h, p["attn"]["qkv"], 3)  # [P, 3, heads, head_dim]
     q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
     attn = block_attention(q, k, v, mask)
-    x = x + out_proj(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
+    x = x + linear(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
     h = layer_norm(x, p["norm2"])
-    h = jax.nn.gelu(_linear(h, p["mlp"]["linear_fc1"]), approximate=True)
-    return x + _linear(h, p["mlp"]["linear_fc2"])
+    h = jax.nn.gelu(linear(h, p["mlp"]["linear_fc1"]), approximate=True)
+    return x + linear(h, p["mlp"]["linear_fc2"])
 
 
 def merger(p: dict, x: jax.Array, group: int, postshuffle_norm: bool) -> jax.Array:
@@ -238,16 +234,16 @@ def merger(p: dict, x: jax.Array, group: int, postshuffle_norm: bool) -> jax.Arr
         x = layer_norm(x.reshape(-1, x.shape[-1] * group), p["norm"])
     else:
         x = layer_norm(x, p["norm"]).reshape(-1, x.shape[-1] * group)
-    x = jax.nn.gelu(_linear(x, p["linear_fc1"]), approximate=False)
-    return _linear(x, p["linear_fc2"])
+    x = jax.nn.gelu(linear(x, p["linear_fc1"]), approximate=False)
+    return linear(x, p["linear_fc2"])
 
 
 def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Array, pos_w: jax.Array,
           rope_pos: jax.Array, frame: jax.Array, merged_order: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(merged [n, out], deepstack [K, n, out]) in Hugging Face's token order, n = len(merged_order),
     for patches [B*S, C*T*P*P] in block layout (see VisionInputs)."""
-    dtype = params["patch_embed"]["proj"]["kernel"].dtype
-    x = _linear(patches.astype(dtype), params["patch_embed"]["proj"])
+    dtype = params["patch_embed"]["proj"]["weight"].dtype
+    x = linear(patches.astype(dtype), params["patch_embed"]["proj"])
     pos = jnp.take(params["pos_embed"]["embedding"], pos_idx, axis=0)  # [P, 4, d]
     x = x + jnp.sum(pos * pos_w[..., None].astype(pos.dtype), axis=1).astype(x.dtype)
 

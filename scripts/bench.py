@@ -116,7 +116,7 @@ def text_weight_bytes(params, cfg) -> int:
     """Bytes of the language model read per decode step (embedding row reads aside; lm_head once)."""
     lm = params["model"]["language_model"]
     n = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["scale"].nbytes
-    head = lm["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    head = lm["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
     return n + head.nbytes
 
 

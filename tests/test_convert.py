@@ -64,9 +64,9 @@ def test_tied_lm_head_not_stored(converted, hf_checkpoint):
         keys = set(f.keys())
         assert not any(k.startswith("lm_head") for k in keys)
         # stacked layers: one array per weight kind with a leading layer axis
-        assert f.get_slice("model/language_model/layers/self_attn/q_proj/kernel").get_shape() == [3, 64, 4, 16]
-        assert f.get_slice("model/visual/blocks/attn/qkv/kernel").get_shape() == [3, 32, 3, 2, 16]
-        assert f.get_slice("model/visual/patch_embed/proj/kernel").get_shape() == [3 * 2 * 4 * 4, 32]
+        assert f.get_slice("model/language_model/layers/self_attn/q_proj/weight").get_shape() == [3, 4, 16, 64]
+        assert f.get_slice("model/visual/blocks/attn/qkv/weight").get_shape() == [3, 3, 2, 16, 32]
+        assert f.get_slice("model/visual/patch_embed/proj/weight").get_shape() == [32, 3 * 2 * 4 * 4]
     hf, _ = hf_checkpoint("tied")
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     n_hf = sum(p.numel() for p in hf.parameters())  # parameters() counts the tied matrix once
@@ -76,7 +76,7 @@ def test_tied_lm_head_not_stored(converted, hf_checkpoint):
 
 def test_untied_lm_head_stored(converted):
     with safe_open(str(converted("untied") / PARAMS_FILE), "numpy") as f:
-        assert f.get_slice("lm_head/kernel").get_shape() == [96, 352]
+        assert f.get_slice("lm_head/weight").get_shape() == [352, 96]
 
 
 def test_bfloat16_conversion(hf_checkpoint, tmp_path):
@@ -123,7 +123,7 @@ def test_tied_checkpoint_with_equal_lm_head_accepted(hf_checkpoint, tmp_path):
     _rewrite_single(d, lambda t: t.__setitem__("lm_head.weight", t["model.language_model.embed_tokens.weight"].clone()))
     out = convert_checkpoint(d, tmp_path / "out")
     with safe_open(str(out / PARAMS_FILE), "numpy") as f:
-        assert "lm_head/kernel" not in f.keys()
+        assert "lm_head/weight" not in f.keys()
 
 
 def test_tied_checkpoint_with_different_lm_head_rejected(hf_checkpoint, tmp_path):

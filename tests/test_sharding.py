@@ -157,27 +157,27 @@ def test_rules_by_hand(mesh_model):
 
     tied = mesh_model("tied", 1, 8)  # 4 heads, 2 kv heads, mlp 128, vocab 320 on 8
     layer = lm(tied)["layers"][0]
-    assert spec(layer["self_attn"]["q_proj"]["kernel"]) == P()  # 4 heads do not split 8 ways
-    assert spec(layer["self_attn"]["k_proj"]["kernel"]) == P()
-    assert spec(layer["mlp"]["gate_proj"]["kernel"]) == P(None, "model")
-    assert spec(layer["mlp"]["down_proj"]["kernel"]) == P("model")
+    assert spec(layer["self_attn"]["q_proj"]["weight"]) == P()  # 4 heads do not split 8 ways
+    assert spec(layer["self_attn"]["k_proj"]["weight"]) == P()
+    assert spec(layer["mlp"]["gate_proj"]["weight"]) == P("model")
+    assert spec(layer["mlp"]["down_proj"]["weight"]) == P(None, "model")
     assert spec(lm(tied)["embed_tokens"]["embedding"]) == P("model")
     assert lm(tied)["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (40, 64)
 
     tied = mesh_model("tied", 2, 4)
     layer = lm(tied)["layers"][0]
-    assert spec(layer["self_attn"]["q_proj"]["kernel"]) == P(None, "model")  # 4 heads on 4
-    assert spec(layer["self_attn"]["o_proj"]["kernel"]) == P("model")
-    assert spec(layer["self_attn"]["k_proj"]["kernel"]) == P()  # 2 kv heads on 4: replicated
-    assert spec(vis(tied)["blocks"][0]["mlp"]["linear_fc1"]["kernel"]) == P(None, "model")
+    assert spec(layer["self_attn"]["q_proj"]["weight"]) == P("model")  # 4 heads on 4
+    assert spec(layer["self_attn"]["o_proj"]["weight"]) == P(None, "model")
+    assert spec(layer["self_attn"]["k_proj"]["weight"]) == P()  # 2 kv heads on 4: replicated
+    assert spec(vis(tied)["blocks"][0]["mlp"]["linear_fc1"]["weight"]) == P("model")
 
     untied = mesh_model("untied", 2, 4)  # 6 heads, 1 kv head, mlp 160, vocab 352 on 4
     layer = lm(untied)["layers"][0]
-    assert spec(layer["self_attn"]["q_proj"]["kernel"]) == P()
-    assert spec(layer["mlp"]["up_proj"]["kernel"]) == P(None, "model")
-    assert spec(untied.params["lm_head"]["kernel"]) == P(None, "model")
-    assert untied.params["lm_head"]["kernel"].addressable_shards[0].data.shape == (96, 88)
-    assert spec(vis(untied)["blocks"][0]["attn"]["qkv"]["kernel"]) == P()  # 3 vision heads on 4
+    assert spec(layer["self_attn"]["q_proj"]["weight"]) == P()
+    assert spec(layer["mlp"]["up_proj"]["weight"]) == P("model")
+    assert spec(untied.params["lm_head"]["weight"]) == P("model")
+    assert untied.params["lm_head"]["weight"].addressable_shards[0].data.shape == (88, 96)
+    assert spec(vis(untied)["blocks"][0]["attn"]["qkv"]["weight"]) == P()  # 3 vision heads on 4
 
 
 class _Recorder:

@@ -81,9 +81,9 @@ def _qk_norm_after_rope(text_mod):
     def qkv(p, x, cos, sin, cfg):  # rope first, QK-norm second: the wrong order
         def norm(y, s):
             return text_mod.rms_norm(y, s, cfg.rms_norm_eps)
-        q = norm(text_mod.apply_rope(text_mod._proj(x, p["q_proj"], "btd,dnh->btnh"), cos, sin), p["q_norm"]["scale"])
-        k = norm(text_mod.apply_rope(text_mod._proj(x, p["k_proj"], "btd,dkh->btkh"), cos, sin), p["k_norm"]["scale"])
-        return q, k, text_mod._proj(x, p["v_proj"], "btd,dkh->btkh")
+        q = norm(text_mod.apply_rope(text_mod.linear(x, p["q_proj"], 2), cos, sin), p["q_norm"]["scale"])
+        k = norm(text_mod.apply_rope(text_mod.linear(x, p["k_proj"], 2), cos, sin), p["k_norm"]["scale"])
+        return q, k, text_mod.linear(x, p["v_proj"], 2)
     return "qkv", qkv
 
 
@@ -102,9 +102,9 @@ def _norm_eps_ignored(text_mod):
 
 def _swiglu_swapped(text_mod):
     def mlp(p, x):
-        gate = x @ p["gate_proj"]["kernel"]
-        up = x @ p["up_proj"]["kernel"]
-        return (gate * jax.nn.silu(up)) @ p["down_proj"]["kernel"]
+        gate = x @ p["gate_proj"]["weight"].T
+        up = x @ p["up_proj"]["weight"].T
+        return (gate * jax.nn.silu(up)) @ p["down_proj"]["weight"].T
     return "mlp", mlp
 
 
@@ -133,6 +133,6 @@ def test_parity_catches_dropped_tie(hf_checkpoint, jax_model):
     m = jax_model("tied")
     emb = m.params["model"]["language_model"]["embed_tokens"]["embedding"]
     broken = qvl_jax.Model(dataclasses.replace(m.config, tie_word_embeddings=False),
-                           dict(m.params, lm_head={"kernel": jax.random.normal(jax.random.key(0), emb.T.shape)}))
+                           dict(m.params, lm_head={"weight": jax.random.normal(jax.random.key(0), emb.shape)}))
     ids = _ids((1, 10), seed=7)
     assert rel_err(broken.logits(ids), _torch_logits(hf, ids)) > LOGITS_RTOL
