@@ -183,7 +183,7 @@ def run_vision(params: dict, cfg: Qwen3VLConfig, vis: vision_mod.VisionInputs) -
     videos, in Hugging Face's token order (padding rows last)."""
     return vision_mod.tower_jit(params["model"]["visual"], cfg.vision, jnp.asarray(vis.patches),
                                 jnp.asarray(vis.pos_idx), jnp.asarray(vis.pos_w), jnp.asarray(vis.rope_pos),
-                                jnp.asarray(vis.frame), jnp.asarray(vis.merged_order))
+                                jnp.asarray(vis.frame), jnp.asarray(vis.merged_order), packed=vis.packed)
 
 
 def unstack_layers(params: dict) -> dict:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qvl_jax import attention
 from qvl_jax.config import TextConfig
 
 
@@ -89,11 +90,14 @@ def qkv(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: TextConfig):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "einsum") -> jax.Array:
     """GQA attention of q [b, t, n, h] over k, v [b, s, k, h]; mask [b, t, s] True where allowed.
 
-    Query head n uses kv head n // groups, as transformers' repeat_kv. Softmax in float32."""
+    Query head n uses kv head n // groups, as transformers' repeat_kv. Softmax in float32. impl: the
+    kernel (see qvl_jax.attention); "einsum" is the one written out here."""
     b, t, n, h = q.shape
+    if impl != "einsum":
+        return linear(attention.fused(q, k, v, impl, mask=mask).reshape(b, t, n * h), p["o_proj"])
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -125,6 +129,7 @@ def decoder(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, m
     """
     cos, sin = mrope_cos_sin(positions, cfg)
     n_ds = 0 if deepstack is None else deepstack.shape[0]
+    impl = attention.kernel(x.dtype) if x.shape[1] > 1 else "einsum"  # a decode step has no scores to fuse
     # Layers run as an unrolled loop over separate per-layer arrays: slicing a layer out of stacked
     # weights (what lax.scan does) makes XLA copy the slice before every matmul, which tripled the
     # weight traffic of a CPU decode step (docs/performance.md).
@@ -138,7 +143,7 @@ def decoder(params: dict, cfg: TextConfig, x: jax.Array, positions: jax.Array, m
             k = ck[i, :, :read_len]
             v = cv[i, :, :read_len]
             cache = (ck, cv)
-        x = x + attend(p["self_attn"], q, k, v, mask)
+        x = x + attend(p["self_attn"], q, k, v, mask, impl)
         x = x + mlp(p["mlp"], rms_norm(x, p["post_attention_layernorm"]["scale"], cfg.rms_norm_eps))
         if i < n_ds:
             x = x + deepstack[i].astype(x.dtype)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qvl_jax import attention
 from qvl_jax.config import VisionConfig
 from qvl_jax.errors import InputError
 from qvl_jax.text import linear, rope_inv_freq
@@ -101,7 +102,7 @@ def check_grid_thw(grid_thw, cfg: VisionConfig, name: str) -> np.ndarray:
     return grid.astype(np.int64)
 
 
-def block_layout(sizes: np.ndarray, bucket: int) -> tuple[int, int, np.ndarray]:
+def block_layout(sizes: np.ndarray, bucket: int, pack: bool = True) -> tuple[int, int, np.ndarray]:
     """Packs frames of `sizes` patches into attention blocks: (block size S, block count B, the flat
     slot of each frame's first patch).
 
@@ -110,13 +111,15 @@ def block_layout(sizes: np.ndarray, bucket: int) -> tuple[int, int, np.ndarray]:
     which keeps the slot count at the patch bucket whenever the frames pack without loss (always for
     one image, or frames of one video whose size is a power of two), and a power of two otherwise.
     Sizes are multiples of spatial_merge_size**2, so every frame starts on a merge-group boundary.
+    pack=False gives every frame a block of its own, starting at the block's first slot (what the
+    fused attention kernels need: a block's padding is then its tail, masked by a length).
     """
     size = min(bucket, max(64, 1 << (int(sizes.max()) - 1).bit_length()))
     free: list[int] = []
     block_of = np.zeros(len(sizes), np.int64)
     offset = np.zeros(len(sizes), np.int64)
     for f in sorted(range(len(sizes)), key=lambda i: -int(sizes[i])):  # stable: ties keep their order
-        b = next((i for i, room in enumerate(free) if room >= sizes[f]), len(free))
+        b = next((i for i, room in enumerate(free) if room >= sizes[f]), len(free)) if pack else len(free)
         if b == len(free):
             free.append(size)
         block_of[f], offset[f] = b, size - free[b]
@@ -135,9 +138,15 @@ class VisionInputs:
     rope_pos: np.ndarray  # [B*S, 2] int32
     frame: np.ndarray  # [B, S] int32 frame of each slot, -1 for padding
     merged_order: np.ndarray  # [bucket / m^2] int32: for each merged token in HF order, its merged row
+    packed: bool = True  # several frames may share a block (False: one frame per block, at its start)
 
     @classmethod
-    def build(cls, pixel_values, grid_thw: np.ndarray, cfg: VisionConfig, bucket: int) -> "VisionInputs":
+    def build(cls, pixel_values, grid_thw: np.ndarray, cfg: VisionConfig, bucket: int,
+              pack: bool | None = None) -> "VisionInputs":
+        """pack: whether frames may share a block; default: as the configured attention kernel needs
+        (`attention.packs_frames`)."""
+        if pack is None:
+            pack = attention.packs_frames()
         pixels = np.asarray(pixel_values)
         if pixels.dtype.kind != "f":
             raise InputError(f"pixel values must be floating point, got dtype {pixels.dtype}")
@@ -148,7 +157,7 @@ class VisionInputs:
             raise InputError("pixel values contain NaN or inf")
         frame = frame_ids(grid_thw)
         sizes = np.bincount(frame)
-        size, blocks, starts = block_layout(sizes, bucket)
+        size, blocks, starts = block_layout(sizes, bucket, pack)
         # slot[i]: where patch i (HF order) sits in the block layout.
         first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         slot = starts[frame] + np.arange(n) - first[frame]
@@ -166,7 +175,7 @@ class VisionInputs:
         return cls(
             patches=place(pixels), pos_idx=place(pos_idx), pos_w=place(pos_w),
             rope_pos=place(rope_positions(grid_thw, cfg.spatial_merge_size)),
-            frame=place(frame, -1).reshape(blocks, size), merged_order=merged_order,
+            frame=place(frame, -1).reshape(blocks, size), merged_order=merged_order, packed=pack,
         )
 
 
@@ -210,14 +219,22 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, l
     return out.reshape(blocks * size, *out.shape[2:])
 
 
-def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+          lengths: jax.Array | None = None, impl: str = "einsum") -> jax.Array:
     """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual.
 
-    x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]."""
+    x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]. With a
+    fused kernel (impl "xla" / "cudnn", one frame per block) lengths [B] masks each block's tail
+    instead."""
     h = layer_norm(x, p["norm1"])
     qkv = linear(h, p["attn"]["qkv"], 3)  # [P, 3, heads, head_dim]
     q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
-    attn = block_attention(q, k, v, mask)
+    if impl == "einsum":
+        attn = block_attention(q, k, v, mask)
+    else:
+        blocks = mask.shape[0]
+        q, k, v = (a.reshape(blocks, -1, *a.shape[1:]) for a in (q, k, v))
+        attn = attention.fused(q, k, v, impl, lengths=lengths).reshape(x.shape[0], *q.shape[2:])
     x = x + linear(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
     h = layer_norm(x, p["norm2"])
     h = jax.nn.gelu(linear(h, p["mlp"]["linear_fc1"]), approximate=True)
@@ -239,10 +256,12 @@ def merger(p: dict, x: jax.Array, group: int, postshuffle_norm: bool) -> jax.Arr
 
 
 def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Array, pos_w: jax.Array,
-          rope_pos: jax.Array, frame: jax.Array, merged_order: jax.Array) -> tuple[jax.Array, jax.Array]:
+          rope_pos: jax.Array, frame: jax.Array, merged_order: jax.Array,
+          packed: bool = True) -> tuple[jax.Array, jax.Array]:
     """(merged [n, out], deepstack [K, n, out]) in Hugging Face's token order, n = len(merged_order),
-    for patches [B*S, C*T*P*P] in block layout (see VisionInputs)."""
+    for patches [B*S, C*T*P*P] in block layout (see VisionInputs; packed as VisionInputs.packed)."""
     dtype = params["patch_embed"]["proj"]["weight"].dtype
+    impl = "einsum" if packed else attention.kernel(dtype)
     x = linear(patches.astype(dtype), params["patch_embed"]["proj"])
     pos = jnp.take(params["pos_embed"]["embedding"], pos_idx, axis=0)  # [P, 4, d]
     x = x + jnp.sum(pos * pos_w[..., None].astype(pos.dtype), axis=1).astype(x.dtype)
@@ -253,12 +272,13 @@ def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Arra
     emb = jnp.concatenate([emb, emb], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     mask = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0)  # [B, S, S]
+    lengths = jnp.sum(frame >= 0, axis=1)  # [B]: used only unpacked, where a block's padding is its tail
 
     # Blocks run unrolled over per-block arrays (see text.decoder for why not lax.scan); the DeepStack
     # mergers stay stacked and run as one vmapped call over the tapped hidden states.
     taps = []
     for i, p in enumerate(params["blocks"]):
-        x = block(p, x, cos, sin, mask)
+        x = block(p, x, cos, sin, mask, lengths, impl)
         if i in cfg.deepstack_visual_indexes:
             taps.append(x)
     group = cfg.spatial_merge_size ** 2
@@ -270,4 +290,4 @@ def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Arra
     return merged, jnp.take(deepstack, merged_order, axis=1)
 
 
-tower_jit = jax.jit(tower, static_argnames=("cfg",))
+tower_jit = jax.jit(tower, static_argnames=("cfg", "packed"))

@@ -14,6 +14,8 @@ copy bandwidth). When torch and transformers import, the same case runs through 
 generate (static cache) on the same device, and the line carries their numbers and our/their ratios.
 
 --quick: a small config and few tokens, a smoke run for CPUs (well under 2 minutes on 2 cores).
+--attention einsum|xla|cudnn: the vision / prefill attention kernel (qvl_jax/attention.py); each line's
+"attention" field names the kernel that ran.
 """
 
 from __future__ import annotations
@@ -234,9 +236,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compilation-cache", action="store_true")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (a data x model mesh)")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size")
+    ap.add_argument("--attention", default=None, choices=["einsum", "xla", "cudnn"],
+                    help="attention kernel of vision and prefill (sets QVL_JAX_ATTENTION; see qvl_jax/attention.py)")
     args = ap.parse_args(argv)
 
+    if args.attention:
+        os.environ["QVL_JAX_ATTENTION"] = args.attention
     import qvl_jax
+    from qvl_jax import attention
     from qvl_jax.config import Qwen3VLConfig
 
     xla_dir = None
@@ -296,7 +303,7 @@ def main(argv=None) -> int:
                 "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
                 "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),
                 "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes(),
-                "compilation_cache": cache_state}
+                "compilation_cache": cache_state, "attention": attention.kernel(dtype)}
         if hf_model is not None:
             hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)
             line.update({k: round(v, 3) for k, v in hf.items()})

@@ -5,10 +5,12 @@
 #   scripts/gpu_check.sh tests   # parity suites with JAX on the GPU (float32, highest precision) + bf16 check
 #   scripts/gpu_check.sh bench   # bench.py --config 2b, every case, transformers on the same GPU; cold compiles
 #   scripts/gpu_check.sh warm    # the same program again in a new process: warm (persistent-cache) compiles
+#   scripts/gpu_check.sh fused   # cuDNN fused attention (QVL_JAX_ATTENTION=cudnn): bf16 check, then image
+#                                # and 4k cases with each kernel, in one process each
 #
 # Uses the current python3 (which must have jax with CUDA, torch, transformers and this repo's deps).
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|warm}
+stage=${1:?usage: gpu_check.sh tests|bench|warm|fused}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,7 +21,14 @@ case "$stage" in
       python3 -c "import jax, jaxlib, torch, transformers; print(jax.devices(), jax.__version__, torch.__version__, transformers.__version__)"
     } 2>&1 | tee "$OUT/env.txt"
     python3 -m pytest -q -x -p no:cacheprovider tests/test_text_parity.py tests/test_multimodal_parity.py \
-      tests/test_generate.py tests/test_bf16.py 2>&1 | tee "$OUT/tests.log"
+      tests/test_generate.py tests/test_bf16.py tests/test_attention.py 2>&1 | tee "$OUT/tests.log"
+    ;;
+  fused)
+    QVL_JAX_ATTENTION=cudnn python3 -m pytest -q -x -p no:cacheprovider tests/test_bf16.py 2>&1 | tee "$OUT/fused_tests.log"
+    for impl in cudnn einsum; do
+      python3 scripts/bench.py --config 2b --cases image,long --no-hf --repeats 2 --new-tokens 32 \
+        --attention $impl 2>&1 | tee "$OUT/bench_2b_attention_$impl.jsonl"
+    done
     ;;
   bench)
     rm -rf "$QVL_JAX_CACHE"

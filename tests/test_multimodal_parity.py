@@ -238,10 +238,10 @@ def _pos_embed_raster_order(_):
 def _vision_mlp_exact_gelu(_):
     orig_gelu = jax.nn.gelu
 
-    def block(p, x, cos, sin, mask):
+    def block(p, x, cos, sin, mask, *rest):
         jax.nn.gelu = lambda y, approximate=True: orig_gelu(y, approximate=False)
         try:
-            return orig_block(p, x, cos, sin, mask)
+            return orig_block(p, x, cos, sin, mask, *rest)
         finally:
             jax.nn.gelu = orig_gelu
     orig_block = vision_mod.block

@@ -1,0 +1,117 @@
+"""The fused-attention path (qvl_jax.attention): its inputs, checked on CPU through XLA's
+implementation of the same `jax.nn.dot_product_attention` call that runs cuDNN on a GPU.
+
+With QVL_JAX_ATTENTION=xla the vision tower lays frames out one per block and masks each block's
+padding by a sequence length, and text prefill passes its mask to the kernel. Both must still match
+transformers at the float32 tolerance. cuDNN itself cannot run here; scripts/gpu_check.sh runs it."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from mm_inputs import PromptBuilder, batch_inputs, patch_dim, torch_logits
+from parity import LOGITS_RTOL, rel_err
+from qvl_jax import ConfigError, attention
+from qvl_jax import vision as vision_mod
+from test_generate import _assert_same_greedy
+from test_multimodal_parity import _inputs
+from test_text_parity import _ids, _torch_logits
+
+
+@pytest.fixture
+def fused_xla(monkeypatch):
+    """Switches the process to the fused path with XLA's kernel; counts the kernel's traced calls."""
+    calls = []
+    real = attention.fused
+
+    def spy(*args, **kwargs):
+        calls.append("lengths" if kwargs.get("lengths") is not None else "mask")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "IMPL", "xla")
+    monkeypatch.setattr(attention, "fused", spy)
+    jax.clear_caches()
+    yield calls
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("case", ["three_images", "batch_with_video"])
+def test_fused_path_matches_transformers(case, fused_xla, hf_checkpoint, jax_model):
+    hf, _ = hf_checkpoint("untied")
+    inp = _inputs(hf, case, seed=3)
+    ours = jax_model("untied").logits(**inp)
+    assert rel_err(ours, torch_logits(hf, inp), inp["attention_mask"].astype(bool)) <= LOGITS_RTOL
+    assert "lengths" in fused_xla and "mask" in fused_xla  # both towers of the fused path ran
+
+
+def test_fused_path_left_padded_text(fused_xla, hf_checkpoint, jax_model):
+    hf, _ = hf_checkpoint("tied")
+    ids = _ids((2, 11), seed=8)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    ours = jax_model("tied").logits(ids, attention_mask=mask)
+    assert rel_err(ours, _torch_logits(hf, ids, mask), mask.astype(bool)) <= LOGITS_RTOL
+    assert fused_xla == ["mask"] * len(fused_xla) and fused_xla
+
+
+def test_fused_path_generates_as_the_einsum_path(monkeypatch, hf_checkpoint, jax_model):
+    """Greedy generation (prefill through the kernel, decode through the einsum) and a second chat
+    turn on the same cache (a prefill at a non-zero cache offset) agree with the einsum path."""
+    hf, _ = hf_checkpoint("untied")
+    m = jax_model("untied")
+    dim = patch_dim(hf.config)
+    first = PromptBuilder(np.random.RandomState(14)).text(4).image(4, 6).text(3)
+    inp1 = batch_inputs([first], dim, np.random.RandomState(1))
+
+    def run():
+        jax.clear_caches()
+        session = m.chat_session()
+        out1 = session.generate(**inp1, max_new_tokens=6, stop_token_ids=[], return_logits=True)
+        second = PromptBuilder(np.random.RandomState(15))
+        second.ids = list(first.ids) + list(out1.tokens[0])
+        second.image_grids = list(first.image_grids)
+        second.text(5)
+        inp2 = dict(inp1, input_ids=np.array([second.ids]), attention_mask=None, mm_token_type_ids=None)
+        out2 = session.generate(**inp2, max_new_tokens=6, stop_token_ids=[], return_logits=True)
+        assert out2.reused_tokens > 0
+        return out1, out2
+
+    want = run()
+    monkeypatch.setattr(attention, "IMPL", "xla")
+    got = run()
+    monkeypatch.undo()
+    jax.clear_caches()
+    for w, g in zip(want, got):
+        assert rel_err(g.logits, w.logits) <= 1e-5
+        _assert_same_greedy(g.tokens, w.tokens, w.logits)
+
+
+@pytest.mark.parametrize("sizes, bucket", [([784], 1024), ([48, 16, 16], 128), ([1024] + [16] * 8, 2048),
+                                           ([520] * 3, 2048)])
+def test_unpacked_layout_gives_each_frame_its_own_block(sizes, bucket):
+    sizes = np.array(sizes)
+    size, blocks, starts = vision_mod.block_layout(sizes, bucket, pack=False)
+    assert size >= sizes.max() and blocks * size >= bucket
+    assert blocks >= len(sizes)
+    assert sorted(starts % size) == [0] * len(sizes)
+    assert len(set(starts // size)) == len(sizes)
+
+
+def test_cudnn_applies_only_on_gpu_with_16_bit(monkeypatch):
+    monkeypatch.setattr(attention, "IMPL", "cudnn")
+    on_gpu = jax.default_backend() == "gpu"
+    assert attention.kernel(np.float32) == "einsum"
+    assert attention.kernel(jax.numpy.bfloat16) == ("cudnn" if on_gpu else "einsum")
+    monkeypatch.setattr(attention, "IMPL", "xla")
+    assert attention.kernel(np.float32) == "xla"
+
+
+def test_unknown_attention_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(attention.ENV, "flash")
+    with pytest.raises(ConfigError, match="QVL_JAX_ATTENTION='flash': expected one of einsum, xla, cudnn"):
+        attention._configured()
+    monkeypatch.setenv(attention.ENV, " XLA ")
+    assert attention._configured() == "xla"
