@@ -188,28 +188,26 @@ def run_vision(params: dict, cfg: Qwen3VLConfig, vis: vision_mod.VisionInputs) -
 
 def unstack_layers(params: dict) -> dict:
     """The converter stores decoder layers and vision blocks stacked along a leading axis (one tensor
-    per weight kind); the model runs them from separate per-layer arrays. Returns the tree with
-    `layers` / `blocks` as lists of per-layer dicts (already-split trees pass through). Each stacked
-    array is dropped as soon as it is split, so the transient extra memory is one weight kind."""
+    per weight kind); the model runs them from separate per-layer arrays. Replaces `layers` / `blocks`
+    by lists of per-layer dicts *in place* and returns the same tree (already-split trees pass
+    through).
 
-    def split(stacked):
-        if isinstance(stacked, list):
-            return stacked
-        leaves, treedef = jax.tree.flatten(stacked)
+    In place, because a caller's reference to the stacked tree (qvl_jax.load's own, for one) would
+    otherwise keep every stacked weight alive beside its per-layer copy: 1.5x the params on the device
+    until the load returns. Each stacked array is dropped as soon as it is split, so the transient
+    extra memory is one weight kind."""
+    for parent, key in ((params["model"]["language_model"], "layers"), (params["model"]["visual"], "blocks")):
+        if isinstance(parent[key], list):
+            continue
+        # After the pop only `leaves` holds the stacked arrays, so clearing an entry frees it.
+        leaves, treedef = jax.tree.flatten(parent.pop(key))
         n = leaves[0].shape[0]
         per_leaf = []
         for i in range(len(leaves)):
             per_leaf.append([leaves[i][j] for j in range(n)])
             leaves[i] = None
-        return [jax.tree.unflatten(treedef, [pl[j] for pl in per_leaf]) for j in range(n)]
-
-    out = dict(params)
-    out["model"] = dict(params["model"])
-    lm = out["model"]["language_model"] = dict(params["model"]["language_model"])
-    lm["layers"] = split(lm["layers"])
-    vis = out["model"]["visual"] = dict(params["model"]["visual"])
-    vis["blocks"] = split(vis["blocks"])
-    return out
+        parent[key] = [jax.tree.unflatten(treedef, [pl[j] for pl in per_leaf]) for j in range(n)]
+    return params
 
 
 @dataclasses.dataclass

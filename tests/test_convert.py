@@ -266,3 +266,21 @@ def test_cli_convert(hf_checkpoint, tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip().startswith("error: ") and "already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_load_holds_one_copy_of_the_weights(converted):
+    """Splitting the stacked layers for the model must not leave the stacked arrays alive beside the
+    per-layer ones while the caller (qvl_jax.load, here the test) still holds the loaded tree."""
+    import jax
+
+    from qvl_jax.checkpoint import load_params
+
+    def live() -> int:
+        return sum(a.nbytes for a in jax.live_arrays())
+
+    before = live()
+    cfg, params = load_params(converted("untied"))
+    loaded = live() - before
+    model = qvl_jax.Model(cfg, params)
+    assert isinstance(model.params["model"]["language_model"]["layers"], list)
+    assert live() - before <= loaded * 1.01, f"{(live() - before) / loaded:.2f}x the loaded params are alive"
