@@ -5,6 +5,10 @@ Every error a user can cause (a bad checkpoint, a bad config, bad inputs) is rai
 surface as a traceback from deep inside JAX.
 """
 
+from __future__ import annotations
+
+import contextlib
+
 
 class QvlError(Exception):
     """Base class of every error qvl_jax raises on purpose."""
@@ -28,3 +32,21 @@ class NumericalError(QvlError, ArithmeticError):
 
 class ResourceError(QvlError, MemoryError):
     """A request that would not fit in device memory, refused before anything is allocated."""
+
+
+@contextlib.contextmanager
+def device_memory_errors(what: str):
+    """Turns XLA's out-of-memory failure inside the block (a JaxRuntimeError whose status is
+    RESOURCE_EXHAUSTED: activations of a long prompt, many images, a large batch) into a one-line
+    ResourceError. Every other error passes through unchanged."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise
+        detail = first.replace("RESOURCE_EXHAUSTED:", "").strip()
+        raise ResourceError(f"{what} ran out of device memory ({detail[:160]}): use fewer or smaller "
+                            "images or videos, a shorter prompt or a smaller batch") from None

@@ -27,7 +27,7 @@ import numpy as np
 
 from qvl_jax import kv_cache, sampling, sharding
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.errors import InputError, NumericalError, ResourceError
+from qvl_jax.errors import InputError, NumericalError, ResourceError, device_memory_errors
 from qvl_jax.model import VISION_BUCKETS_PER_OCTAVE, bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision
 from qvl_jax.text import decoder
 
@@ -564,6 +564,12 @@ class ChatSession:
 
     def generate(self, max_new_tokens: int = 64, stop_token_ids=None, pad_token_id=None, return_logprobs=False,
                  return_logits=False, **kwargs) -> GenerateOutput:
+        with device_memory_errors("chat generate"):
+            return self._generate(max_new_tokens, stop_token_ids, pad_token_id, return_logprobs, return_logits,
+                                  **kwargs)
+
+    def _generate(self, max_new_tokens, stop_token_ids, pad_token_id, return_logprobs, return_logits,
+                  **kwargs) -> GenerateOutput:
         inputs, kw = _split_generate_kwargs(kwargs)
         cfg = self.model.config
         full = prepare_inputs(cfg, **inputs)

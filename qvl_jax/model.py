@@ -21,7 +21,7 @@ from qvl_jax import text
 from qvl_jax import vision as vision_mod
 from qvl_jax.checkpoint import load_params
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.errors import InputError
+from qvl_jax.errors import InputError, device_memory_errors
 
 
 # Vision patch counts pad to the next multiple of an eighth of their power of two, four buckets per
@@ -255,13 +255,18 @@ class Model:
         lengths [b], and optionally logprobs [b, n] and raw logits [b, n, vocab]."""
         from qvl_jax import generate
 
-        return generate.generate(self, max_new_tokens, **kwargs)
+        with device_memory_errors("generate"):
+            return generate.generate(self, max_new_tokens, **kwargs)
 
     def stream(self, max_new_tokens: int = 64, **kwargs):
         """Like `generate`, as an iterator of np.int32 [b] tokens, one step at a time."""
         from qvl_jax import generate
 
-        return generate.stream(self, max_new_tokens, **kwargs)
+        def guarded():
+            with device_memory_errors("stream"):
+                yield from generate.stream(self, max_new_tokens, **kwargs)
+
+        return guarded()
 
     def chat_session(self, max_cache_len: int | None = None):
         """A `ChatSession`: multi-turn generation that reuses the KV cache across turns."""
@@ -277,6 +282,10 @@ class Model:
         when not given. Positions of padding tokens (attention_mask == 0) hold unspecified values."""
         inp = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                              pixel_values_videos, video_grid_thw, mm_token_type_ids)
+        with device_memory_errors("logits"):
+            return self._logits(inp)
+
+    def _logits(self, inp: PreparedInputs) -> np.ndarray:
         b, t = inp.input_ids.shape
         tb = bucket_length(t)
         pad = ((0, 0), (0, tb - t))

@@ -323,3 +323,50 @@ def test_params_larger_than_free_memory_refused_before_loading(converted_copy, m
     qvl_jax.load(out, mesh=make_mesh(dp=1, tp=8))  # so does one device's block of each param
     monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: need)
     qvl_jax.load(out)
+
+
+def _xla_error(status: str):
+    """A real JaxRuntimeError of the given status, as XLA raises it."""
+    import jax
+    import jax.numpy as jnp
+
+    if status == "RESOURCE_EXHAUSTED":
+        try:
+            jnp.zeros((2 ** 62,), jnp.int8).block_until_ready()
+        except jax.errors.JaxRuntimeError as e:
+            return e
+        raise AssertionError("a 4 EiB allocation succeeded")
+    return jax.errors.JaxRuntimeError(f"{status}: something else went wrong")
+
+
+@pytest.mark.parametrize("entry", ["logits", "generate", "stream", "chat"])
+def test_device_out_of_memory_is_one_line_resource_error(entry, jax_model, monkeypatch):
+    """XLA running out of device memory mid-request (activations, not the checked KV cache) ends as a
+    ResourceError naming the problem; any other runtime error is not relabelled."""
+    from qvl_jax import generate as gen_mod
+    from qvl_jax import model as model_mod
+    from qvl_jax.errors import ResourceError
+
+    m = jax_model("tied")
+    ids = np.arange(1, 9)[None]
+    calls = {"logits": lambda: m.logits(ids),
+             "generate": lambda: m.generate(input_ids=ids, max_new_tokens=3),
+             "stream": lambda: list(m.stream(input_ids=ids, max_new_tokens=3)),
+             "chat": lambda: m.chat_session().generate(input_ids=ids, max_new_tokens=3)}
+    for status, expect in (("RESOURCE_EXHAUSTED", ResourceError), ("INTERNAL", type(_xla_error("INTERNAL")))):
+        err = _xla_error(status)
+
+        def boom(*a, **k):
+            raise err
+        monkeypatch.setattr(model_mod, "forward_logits", boom)
+        monkeypatch.setattr(gen_mod.Generator, "start", boom)
+        if expect is ResourceError:
+            one_line_error(ResourceError, calls[entry],
+                           rf"^{'chat generate' if entry == 'chat' else entry} ran out of device memory "
+                           r"\(Out of memory allocating \d+ bytes\.\): use fewer or smaller images or videos, "
+                           r"a shorter prompt or a smaller batch$")
+        else:
+            with pytest.raises(expect) as info:
+                calls[entry]()
+            assert info.value is err
+        monkeypatch.undo()
