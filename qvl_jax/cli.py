@@ -46,16 +46,22 @@ def enable_compilation_cache() -> None:
 
 
 def _converted_from_hf(hf_dir: Path) -> Path:
-    """Converts an HF checkpoint into the cache once; later calls reuse it (keyed by path and mtimes)."""
-    from convert import MANIFEST_FILE, convert_checkpoint
+    """Converts an HF checkpoint into the cache once; later calls reuse it (keyed by path and mtimes).
+    A cached conversion this version cannot read (another params format, a broken manifest) is
+    converted again in its place: the cache is ours to rebuild."""
+    from convert import convert_checkpoint
+    from qvl_jax.checkpoint import read_manifest
 
     stamp = "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
                      for p in sorted(hf_dir.glob("*")) if p.suffix in (".json", ".safetensors"))
     key = hashlib.sha256(f"{hf_dir.resolve()}|{stamp}".encode()).hexdigest()[:16]
     out = cache_dir() / "converted" / f"{hf_dir.name}-{key}"
-    if not (out / MANIFEST_FILE).is_file():
-        _log(f"converting {hf_dir} into {out} (once)...")
-        convert_checkpoint(hf_dir, out, force=out.exists())
+    try:
+        read_manifest(out)
+    except CheckpointError as e:
+        stale = out.exists()
+        _log(f"converting {hf_dir} into {out} (once)" + (f"; the cached one is unusable: {e}" if stale else "") + "...")
+        convert_checkpoint(hf_dir, out, force=stale)
     return out
 
 

@@ -104,6 +104,15 @@ def test_cli_generate_with_builtin_model(tmp_path):
     assert js.returncode == 0, js.stderr
     out = json.loads(js.stdout)
     assert 1 <= out["new_tokens"] <= 6 and isinstance(out["text"], str) and out["prompt_tokens"] > 20
+    # a conversion cached by an older qvl_jax (another params format) is converted again, not an error
+    from qvl_jax.checkpoint import FORMAT_VERSION, MANIFEST_FILE
+
+    (manifest,) = tmp_path.glob(f"converted/tiny-random-*/{MANIFEST_FILE}")
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), format_version=FORMAT_VERSION - 1)))
+    info = _cli("info", "--json", cache=tmp_path)
+    assert info.returncode == 0, info.stderr
+    assert "the cached one is unusable" in info.stderr and "params format version" in info.stderr
+    assert json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_cli_errors_are_one_line(tmp_path):
