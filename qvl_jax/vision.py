@@ -106,7 +106,8 @@ def block_layout(sizes: np.ndarray, bucket: int, pack: bool = True) -> tuple[int
     """Packs frames of `sizes` patches into attention blocks: (block size S, block count B, the flat
     slot of each frame's first patch).
 
-    S is the power of two (>= 64) that holds the largest frame; frames go first-fit, largest first,
+    S is the power of two (>= 64) that holds the largest frame, or the bucket where that is smaller
+    (buckets need not be powers of two: one 784-patch image is one block of 896); frames go first-fit, largest first,
     so small images share a block (their frame mask keeps them apart). B is at least bucket // S,
     which keeps the slot count at the patch bucket whenever the frames pack without loss (always for
     one image, or frames of one video whose size is a power of two), and a power of two otherwise.
