@@ -1,6 +1,6 @@
 """Which attention kernel the vision blocks and text prefill run.
 
-Three choices, named by the environment variable QVL_JAX_ATTENTION (read once, at import):
+Three choices, named by the environment variable QVL_JAX_ATTENTION (read once, on first use):
 
 - "einsum" (default): our own einsum + float32 softmax over an explicit mask. Every parity test
   against transformers runs it; it works on any backend and dtype.
@@ -40,21 +40,31 @@ def _configured() -> str:
     return value
 
 
-IMPL = _configured()
+IMPL: str | None = None  # the setting, read from the environment on first use (tests set it directly)
+
+
+def configured() -> str:
+    """The configured choice. Read on first use rather than at import, so that a bad value is a
+    ConfigError inside the request that meets it (one line from the CLI), not an import failure."""
+    global IMPL
+    if IMPL is None:
+        IMPL = _configured()
+    return IMPL
 
 
 def kernel(dtype) -> str:
-    """The kernel that runs for activations of `dtype` on the default backend: IMPL, except that
-    "cudnn" becomes "einsum" where cuDNN cannot run (not a GPU, or not a 16-bit float)."""
-    if IMPL == "cudnn" and (jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+    """The kernel that runs for activations of `dtype` on the default backend: the configured one,
+    except that "cudnn" becomes "einsum" where cuDNN cannot run (not a GPU, or not a 16-bit float)."""
+    impl = configured()
+    if impl == "cudnn" and (jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
         return "einsum"
-    return IMPL
+    return impl
 
 
 def packs_frames() -> bool:
     """Whether the vision block layout may put several frames in one attention block (only the
     einsum path's explicit frame mask keeps them apart)."""
-    return IMPL == "einsum"
+    return configured() == "einsum"
 
 
 def fused(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, *, mask: jax.Array | None = None,

@@ -28,7 +28,7 @@ import numpy as np
 from qvl_jax import kv_cache, sampling, sharding
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import InputError, NumericalError, ResourceError, device_memory_errors
-from qvl_jax.model import VISION_BUCKETS_PER_OCTAVE, bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision
+from qvl_jax.model import bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision, vision_bucket
 from qvl_jax.text import decoder
 
 MIN_READ = 64  # smallest attention window bucket during decode
@@ -676,8 +676,7 @@ def _suffix_vision(cfg: Qwen3VLConfig, inputs: dict, new_media, ids: np.ndarray,
                 grids.append(grid[m[1]])
                 n_img_patches += int(grid[m[1]].prod()) if kind == "image" else 0
     grids = vision_mod.check_grid_thw(np.stack(grids), cfg.vision, "grid_thw")
-    vis = vision_mod.VisionInputs.build(np.concatenate(pix), grids, cfg.vision,
-                                        bucket_length(int(grids.prod(-1).sum()), 64, VISION_BUCKETS_PER_OCTAVE))
+    vis = vision_mod.VisionInputs.build(np.concatenate(pix), grids, cfg.vision, vision_bucket(int(grids.prod(-1).sum())))
     chunk = ids[n:]
     index = np.full(tb, -1, np.int32)
     n_img = n_img_patches // cfg.vision.spatial_merge_size ** 2

@@ -24,11 +24,6 @@ from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import InputError, device_memory_errors
 
 
-# Vision patch counts pad to the next multiple of an eighth of their power of two, four buckets per
-# octave (784 -> 896, 1040 -> 1280), at most 25% padding instead of 100%.
-VISION_BUCKETS_PER_OCTAVE = 4
-
-
 def bucket_length(n: int, minimum: int = 16, per_octave: int = 1) -> int:
     """The length that n pads to (>= minimum): lengths compile once per bucket.
 
@@ -40,6 +35,13 @@ def bucket_length(n: int, minimum: int = 16, per_octave: int = 1) -> int:
         return p
     step = max(1, p // (2 * per_octave))
     return max(minimum, -(-int(n) // step) * step)
+
+
+def vision_bucket(n_patches: int) -> int:
+    """The patch bucket of a vision call: four per octave (784 -> 896, 1040 -> 1280), so padding is
+    under a quarter of the patches rather than up to all of them (the tower compiles quickly; its
+    work grows with the padded count)."""
+    return bucket_length(n_patches, 64, per_octave=4)
 
 
 def embed(params: dict, ids: jax.Array) -> jax.Array:
@@ -187,8 +189,7 @@ def prepare_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask=None, pixel_val
             raise InputError(f"pixel values must be [patches, {vcfg.patch_dim}] arrays, got shapes "
                              f"{[list(p.shape) for p in pix]}")
         n_patches = int(all_grids.prod(-1).sum())
-        vis = vision_mod.VisionInputs.build(np.concatenate(pix), all_grids, vcfg,
-                                            bucket_length(n_patches, 64, VISION_BUCKETS_PER_OCTAVE))
+        vis = vision_mod.VisionInputs.build(np.concatenate(pix), all_grids, vcfg, vision_bucket(n_patches))
     return PreparedInputs(ids.astype(np.int32), mask, positions, delta, feat_index if present else None, vis)
 
 

@@ -8,7 +8,7 @@ frames and images).
 
 Patches arrive in Hugging Face's order: per image/frame, merge blocks of spatial_merge_size**2
 neighbouring patches, row-major over blocks. The tower does not run them in that order: the host packs
-the frames into attention blocks of a fixed power-of-two size (`block_layout`), and attention is
+the frames into attention blocks of one size (`block_layout`), and attention is
 computed per block, [blocks, S, S] scores instead of [P, P] over the whole call. A video of 16 frames
 of 784 patches thus costs 16 x 1024^2 score entries instead of 16384^2. Inside a block a frame mask
 still separates frames that were packed together. The merged features are gathered back to Hugging
@@ -220,21 +220,20 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, l
     return out.reshape(blocks * size, *out.shape[2:])
 
 
-def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
           lengths: jax.Array | None = None, impl: str = "einsum") -> jax.Array:
     """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual.
 
     x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]. With a
     fused kernel (impl "xla" / "cudnn", one frame per block) lengths [B] masks each block's tail
-    instead."""
+    instead, and mask is None."""
     h = layer_norm(x, p["norm1"])
     qkv = linear(h, p["attn"]["qkv"], 3)  # [P, 3, heads, head_dim]
     q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
     if impl == "einsum":
         attn = block_attention(q, k, v, mask)
     else:
-        blocks = mask.shape[0]
-        q, k, v = (a.reshape(blocks, -1, *a.shape[1:]) for a in (q, k, v))
+        q, k, v = (a.reshape(lengths.shape[0], -1, *a.shape[1:]) for a in (q, k, v))
         attn = attention.fused(q, k, v, impl, lengths=lengths).reshape(x.shape[0], *q.shape[2:])
     x = x + linear(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
     h = layer_norm(x, p["norm2"])
@@ -272,8 +271,10 @@ def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Arra
     emb = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
     emb = jnp.concatenate([emb, emb], axis=-1)
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    mask = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0)  # [B, S, S]
-    lengths = jnp.sum(frame >= 0, axis=1)  # [B]: used only unpacked, where a block's padding is its tail
+    if impl == "einsum":
+        mask, lengths = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0), None  # [B, S, S]
+    else:  # one frame per block, at its start: the padding is each block's tail
+        mask, lengths = None, jnp.sum(frame >= 0, axis=1)  # [B]
 
     # Blocks run unrolled over per-block arrays (see text.decoder for why not lax.scan); the DeepStack
     # mergers stay stacked and run as one vmapped call over the tapped hidden states.

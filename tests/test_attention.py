@@ -115,3 +115,19 @@ def test_unknown_attention_setting_is_refused(monkeypatch):
         attention._configured()
     monkeypatch.setenv(attention.ENV, " XLA ")
     assert attention._configured() == "xla"
+
+
+def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
+    """A bad QVL_JAX_ATTENTION is read when a request first needs it, so the CLI reports it as any
+    other error: one line, exit status 2 (not a traceback at import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, QVL_JAX_ATTENTION="flash", QVL_JAX_CACHE=str(tmp_path), QVL_JAX_COMPILATION_CACHE="0")
+    run = subprocess.run([sys.executable, "-m", "qvl_jax", "generate", "--prompt", "hi", "--max-new-tokens", "2"],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=240)
+    assert run.returncode == 2, run.stderr
+    err = [line for line in run.stderr.strip().splitlines() if not line.startswith(("***", "building", "converting"))]
+    assert err == ["error: QVL_JAX_ATTENTION='flash': expected one of einsum, xla, cudnn"], run.stderr

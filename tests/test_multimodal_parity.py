@@ -417,10 +417,10 @@ def test_block_layout_packs_frames(sizes, bucket, want_size, want_blocks):
 def test_vision_buckets_four_per_octave(jax_model):
     """Patch counts pad by less than a quarter (not up to 100%), to at most four buckets per octave,
     each a multiple of 8 (of the merge group and of an 8-device split); prompts keep powers of two."""
-    k = model_mod.VISION_BUCKETS_PER_OCTAVE
+    k = 4
     seen = {}
     for n in range(1, 9000):
-        b = model_mod.bucket_length(n, 64, k)
+        b = model_mod.vision_bucket(n)
         assert b >= max(n, 64) and b % 8 == 0
         assert n <= 64 or b - n < n / k
         seen.setdefault((b - 1).bit_length(), set()).add(b)
@@ -429,7 +429,7 @@ def test_vision_buckets_four_per_octave(jax_model):
     grid = np.array([[1, 28, 28]])  # a 448x448 image: 784 patches
     vcfg = jax_model("untied").config.vision
     vis = vision_mod.VisionInputs.build(np.zeros((784, vcfg.patch_dim), np.float32), grid, vcfg,
-                                        model_mod.bucket_length(784, 64, k))
+                                        model_mod.vision_bucket(784))
     assert vis.frame.shape == (1, 896)
 
 
