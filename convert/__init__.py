@@ -1,9 +1,9 @@
 """Converter from Hugging Face Qwen3-VL safetensors checkpoints to the qvl_jax param format.
 
-    python -m convert HF_DIR OUT_DIR [--dtype auto|bfloat16|float32|float16] [--force]
+    python -m qvl_jax.convert HF_DIR OUT_DIR [--dtype auto|bfloat16|float32|float16] [--force]
 """
 
-from convert.core import (
+from qvl_jax.convert.core import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     PARAMS_FILE,

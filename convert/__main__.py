@@ -1,4 +1,4 @@
-"""`python -m convert HF_DIR OUT_DIR`: convert a Hugging Face Qwen3-VL checkpoint once."""
+"""`python -m qvl_jax.convert HF_DIR OUT_DIR`: convert a Hugging Face Qwen3-VL checkpoint once."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    parser = parser or argparse.ArgumentParser(prog="python -m qvl_jax.convert", description=__doc__)
     parser.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json + *.safetensors)")
     parser.add_argument("out_dir", help="output directory (must not exist unless --force)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
@@ -18,7 +18,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
-    from convert.core import MANIFEST_FILE, convert_checkpoint
+    from qvl_jax.convert.core import MANIFEST_FILE, convert_checkpoint
     from qvl_jax.errors import QvlError
 
     start = time.perf_counter()

@@ -27,11 +27,13 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from convert.table import TIED_LM_HEAD, TIED_SOURCE, Rule, rules_for
-from qvl_jax.checkpoint import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from qvl_jax.convert.table import TIED_LM_HEAD, TIED_SOURCE, Rule, rules_for
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import CheckpointError
 
+FORMAT_NAME = "qvl_jax.params"
+FORMAT_VERSION = 2  # 2: Linear weights in [out, in] layout under "weight" (1: flax [in, out] "kernel")
+MANIFEST_FILE = "qvl_jax.json"
 PARAMS_FILE = "params.safetensors"
 # Files copied alongside the params so that a converted directory is self-contained.
 AUX_FILES = (

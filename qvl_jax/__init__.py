@@ -2,8 +2,8 @@
 
 from qvl_jax.config import Qwen3VLConfig, TextConfig, VisionConfig
 from qvl_jax.errors import CheckpointError, ConfigError, InputError, NumericalError, QvlError, ResourceError
-from qvl_jax.model import Model, load
-from qvl_jax.processor import Processor
+from qvl_jax.api import Model, load
+from qvl_jax.processing.processor import Processor
 
 __version__ = "0.1.0"
 

@@ -15,9 +15,7 @@ import numpy as np
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import CheckpointError, ResourceError
 
-FORMAT_NAME = "qvl_jax.params"
-FORMAT_VERSION = 2  # 2: Linear weights in [out, in] layout under "weight" (1: flax [in, out] "kernel")
-MANIFEST_FILE = "qvl_jax.json"
+from qvl_jax.convert.core import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 
 
 def unflatten(flat: dict[str, object]) -> dict:
@@ -109,7 +107,7 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 def _check_fits(f, params_file: Path, dtype, shardings) -> None:
     """Refuses, before placing anything, params that will not fit in the free memory of one device
     (each device's own block where a mesh splits them)."""
-    from qvl_jax.generate import device_free_bytes
+    from qvl_jax.errors import device_free_bytes
 
     free = device_free_bytes()
     if free is None:
@@ -169,7 +167,7 @@ def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None,
         raise CheckpointError(f"{path} holds params.safetensors but no {MANIFEST_FILE} manifest: "
                               "the converted checkpoint is incomplete; convert it again")
     if (path / "config.json").is_file():
-        from convert.core import load_hf_params
+        from qvl_jax.convert.core import load_hf_params
 
         config, flat = load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
         shardings = {} if mesh is None else _shardings(config, mesh)

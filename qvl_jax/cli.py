@@ -49,7 +49,7 @@ def _converted_from_hf(hf_dir: Path) -> Path:
     """Converts an HF checkpoint into the cache once; later calls reuse it (keyed by path and mtimes).
     A cached conversion this version cannot read (another params format, a broken manifest) is
     converted again in its place: the cache is ours to rebuild."""
-    from convert import convert_checkpoint
+    from qvl_jax.convert import convert_checkpoint
     from qvl_jax.checkpoint import read_manifest
 
     stamp = "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
@@ -153,7 +153,7 @@ def _sampling_kwargs(args) -> dict:
 
 def cmd_generate(args) -> int:
     import qvl_jax
-    from qvl_jax.processor import Processor
+    from qvl_jax.processing.processor import Processor
 
     enable_compilation_cache()
     t0 = time.perf_counter()
@@ -206,7 +206,7 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"
 
 
 def cmd_convert(args) -> int:
-    from convert.__main__ import run
+    from qvl_jax.convert.__main__ import run
 
     return run(args)
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     g.set_defaults(func=cmd_generate)
 
-    from convert.__main__ import build_parser as convert_parser
+    from qvl_jax.convert.__main__ import build_parser as convert_parser
 
     c = convert_parser(sub.add_parser("convert", help="convert a Hugging Face checkpoint"))
     c.set_defaults(func=cmd_convert)

@@ -8,6 +8,7 @@ surface as a traceback from deep inside JAX.
 from __future__ import annotations
 
 import contextlib
+import os
 
 
 class QvlError(Exception):
@@ -50,3 +51,17 @@ def device_memory_errors(what: str):
         detail = first.replace("RESOURCE_EXHAUSTED:", "").strip()
         raise ResourceError(f"{what} ran out of device memory ({detail[:160]}): use fewer or smaller "
                             "images or videos, a shorter prompt or a smaller batch") from None
+
+
+def device_free_bytes() -> int | None:
+    """Free memory of the first device where the backend reports it (GPUs); host RAM on CPU."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages) * int(size)
+    except (ValueError, OSError, AttributeError):
+        return None

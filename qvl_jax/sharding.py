@@ -178,7 +178,7 @@ def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
 
 def param_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
     """Flat key -> shape of every param of this config (the converter's key table)."""
-    from convert.table import rules_for
+    from qvl_jax.convert.table import rules_for
 
     return {r.target: tuple(r.target_shape) for r in rules_for(config)}
 
@@ -217,7 +217,7 @@ def param_shardings(config: Qwen3VLConfig, mesh: Mesh, per_layer: bool = True) -
 def cache_sharding(config: Qwen3VLConfig | TextConfig, mesh: Mesh, batch: int):
     """A KVCache whose fields are the NamedShardings of a cache of `batch` rows: k, v split over
     kv heads on "model" and over rows on "data" (each where it divides), positions over rows."""
-    from qvl_jax.kv_cache import KVCache
+    from qvl_jax.engine.cache import KVCache
 
     mesh = check_mesh(mesh)
     cfg = getattr(config, "text", config)

@@ -77,7 +77,7 @@ def hf_config_dict(size: str, layers: int | None) -> dict:
 
 def random_params(cfg, dtype) -> dict:
     """Our param tree, random, built on the device (no checkpoint needed)."""
-    from convert.table import rules_for
+    from qvl_jax.convert.table import rules_for
     from qvl_jax.checkpoint import unflatten
 
     key = jax.random.key(0)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     if args.attention:
         os.environ["QVL_JAX_ATTENTION"] = args.attention
     import qvl_jax
-    from qvl_jax import attention
+    from qvl_jax.modeling import attention
     from qvl_jax.config import Qwen3VLConfig
 
     xla_dir = None

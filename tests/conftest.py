@@ -37,7 +37,7 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted(hf_checkpoint, tmp_path_factory):
     """name -> converted float32 qvl_jax directory (through the real converter)."""
-    from convert import convert_checkpoint
+    from qvl_jax.convert import convert_checkpoint
 
     cache = {}
 

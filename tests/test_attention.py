@@ -1,4 +1,4 @@
-"""The fused-attention path (qvl_jax.attention): its inputs, checked on CPU through XLA's
+"""The fused-attention path (qvl_jax.modeling.attention): its inputs, checked on CPU through XLA's
 implementation of the same `jax.nn.dot_product_attention` call that runs cuDNN on a GPU.
 
 With QVL_JAX_ATTENTION=xla the vision tower lays frames out one per block and masks each block's
@@ -13,8 +13,9 @@ import pytest
 
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim, torch_logits
 from parity import LOGITS_RTOL, rel_err
-from qvl_jax import ConfigError, attention
-from qvl_jax import vision as vision_mod
+from qvl_jax import ConfigError
+from qvl_jax.modeling import attention
+from qvl_jax.modeling import vision as vision_mod
 from test_generate import _assert_same_greedy
 from test_multimodal_parity import _inputs
 from test_text_parity import _ids, _torch_logits

@@ -35,7 +35,7 @@ def mean_rel_err(ours: np.ndarray, ref: np.ndarray, where: np.ndarray) -> float:
 @pytest.mark.parametrize("name", ["untied", "tied"])
 def test_bfloat16_error_comparable_to_transformers(name, hf_checkpoint, tmp_path):
     import qvl_jax
-    from convert import convert_checkpoint
+    from qvl_jax.convert import convert_checkpoint
 
     hf32, hf_dir = hf_checkpoint(name)
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)

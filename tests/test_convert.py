@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import qvl_jax
-from convert import MANIFEST_FILE, PARAMS_FILE, convert_checkpoint
+from qvl_jax.convert import MANIFEST_FILE, PARAMS_FILE, convert_checkpoint
 from hf_models import build_tiny
 from parity import LOGITS_RTOL, rel_err
 from qvl_jax import CheckpointError

@@ -16,7 +16,7 @@ from PIL import Image
 
 import qvl_jax
 from parity import LOGITS_RTOL, rel_err
-from qvl_jax.processor import Processor
+from qvl_jax.processing.processor import Processor
 from qvl_jax.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,9 +27,9 @@ from qvl_jax.checkpoint import MANIFEST_FILE
 from qvl_jax.config import Qwen3VLConfig
 from hf_reference import IMAGE_CONFIG, one_line_error
 from qvl_jax.errors import CheckpointError, InputError
-from qvl_jax.image_processing import ImageProcessor
-from qvl_jax.model import prepare_inputs
-from qvl_jax.processor import Processor
+from qvl_jax.processing.image_processing import ImageProcessor
+from qvl_jax.api import prepare_inputs
+from qvl_jax.processing.processor import Processor
 
 MAX_PIXELS = IMAGE_CONFIG["size"]["longest_edge"]
 
@@ -263,7 +263,7 @@ def test_cli_bad_image_files_exit_2_with_one_line(tmp_path):
 
 @pytest.fixture
 def converted_copy(tiny_dir, tmp_path):
-    from convert import convert_checkpoint
+    from qvl_jax.convert import convert_checkpoint
 
     return convert_checkpoint(tiny_dir, tmp_path / "conv", dtype="float32")
 
@@ -312,16 +312,17 @@ def test_broken_manifest_and_missing_params(converted_copy):
 def test_params_larger_than_free_memory_refused_before_loading(converted_copy, monkeypatch):
     import jax
 
-    from qvl_jax import ResourceError, generate as gen_mod
+    from qvl_jax import ResourceError
+    from qvl_jax import errors as errors_mod
     from qvl_jax.sharding import make_mesh
 
     out = converted_copy
     need = sum(a.nbytes for a in jax.tree.leaves(qvl_jax.load(out).params))
-    monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: need - 1)
+    monkeypatch.setattr(errors_mod, "device_free_bytes", lambda: need - 1)
     one_line_error(ResourceError, lambda: qvl_jax.load(out), r"params need 0\.\d\d GiB on the device but .* free")
     qvl_jax.load(out, dtype="bfloat16")  # half the bytes fit
     qvl_jax.load(out, mesh=make_mesh(dp=1, tp=8))  # so does one device's block of each param
-    monkeypatch.setattr(gen_mod, "device_free_bytes", lambda: need)
+    monkeypatch.setattr(errors_mod, "device_free_bytes", lambda: need)
     qvl_jax.load(out)
 
 
@@ -343,8 +344,8 @@ def _xla_error(status: str):
 def test_device_out_of_memory_is_one_line_resource_error(entry, jax_model, monkeypatch):
     """XLA running out of device memory mid-request (activations, not the checked KV cache) ends as a
     ResourceError naming the problem; any other runtime error is not relabelled."""
-    from qvl_jax import generate as gen_mod
-    from qvl_jax import model as model_mod
+    from qvl_jax.engine import generate as gen_mod
+    from qvl_jax import api as model_mod
     from qvl_jax.errors import ResourceError
 
     m = jax_model("tied")

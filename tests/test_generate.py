@@ -11,8 +11,9 @@ import torch
 
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim
 from parity import LOGITS_RTOL, rel_err
-from qvl_jax import InputError, generate as gen_mod, sampling
-from qvl_jax import model as model_mod
+from qvl_jax import InputError
+from qvl_jax.engine import generate as gen_mod, sampling
+from qvl_jax import api as model_mod
 
 N_NEW = 24
 TIE_MARGIN = 1e-4  # DESIGN.md §4: below this top-2 margin in HF's logits a mismatch is a tie

@@ -33,7 +33,7 @@ from transformers.video_utils import VideoMetadata as HFVideoMetadata
 from hf_reference import (HF_VIDEO_KWARGS, IMAGE_CONFIG, VIDEO_CONFIG, InterpolationMode,
                           install_torchvision_stand_in, pil_resize)
 from qvl_jax.errors import ConfigError
-from qvl_jax.image_processing import (
+from qvl_jax.processing.image_processing import (
     ImageProcessor,
     VideoProcessor,
     load_image,

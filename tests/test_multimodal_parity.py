@@ -14,9 +14,9 @@ from conftest import ALL_CONFIGS
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim, torch_logits
 from parity import LOGITS_RTOL, rel_err
 from qvl_jax import InputError
-from qvl_jax import model as model_mod
-from qvl_jax import text as text_mod
-from qvl_jax import vision as vision_mod
+from qvl_jax import api as model_mod
+from qvl_jax.modeling import text as text_mod
+from qvl_jax.modeling import vision as vision_mod
 
 
 def _one_image(rng):
@@ -149,7 +149,7 @@ def test_text_rope_frequencies_2b():
 
 @pytest.mark.parametrize("pad_side", ["left", "right"])
 def test_rope_index_matches_transformers(pad_side, hf_checkpoint):
-    from qvl_jax.positions import rope_index
+    from qvl_jax.modeling.positions import rope_index
 
     hf, _ = hf_checkpoint("untied")
     rng = np.random.RandomState(3)

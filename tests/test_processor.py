@@ -25,8 +25,8 @@ from transformers.processing_utils import ProcessorMixin
 
 from hf_reference import IMAGE_CONFIG, VIDEO_CONFIG, install_torchvision_stand_in, one_line_error
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
-from qvl_jax.processor import QWEN3_VL_CHAT_TEMPLATE, Processor
-from qvl_jax.tokenizer_files import write_tiny_tokenizer
+from qvl_jax.processing.processor import QWEN3_VL_CHAT_TEMPLATE, Processor
+from qvl_jax.processing.tokenizer_files import write_tiny_tokenizer
 
 STRINGS = [
     "Hello world!",

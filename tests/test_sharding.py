@@ -18,7 +18,7 @@ import qvl_jax
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim
 from parity import rel_err
 from qvl_jax import sharding
-from qvl_jax.generate import Generator
+from qvl_jax.engine.generate import Generator
 from qvl_jax.sharding import MeshError, make_mesh
 
 N_DEV = 8
@@ -377,7 +377,7 @@ def _loop_collectives(hlo: str) -> tuple[list[str], list[str]]:
 def _decode_hlo(model, batch: int, pin: bool = True, logprobs: bool = False, **kw) -> str:
     """Compiled HLO of the decode loop of a batch (greedy unless kw says otherwise). pin=False: the
     jitted functions without their mesh argument, i.e. as before generate.py pinned any layout."""
-    from qvl_jax import generate
+    from qvl_jax.engine import generate
 
     gen = Generator(model)
     if not pin:
@@ -421,7 +421,7 @@ def test_generation_paths_equal_one_device(hf_checkpoint, jax_model, mesh_model,
     logits after the stop match too), with log-probabilities, with a repetition penalty, when
     streaming, and when the next step looks its embedding up instead of carrying it; sampling
     (the unblocked sampler under a mesh) agrees as well."""
-    from qvl_jax import generate
+    from qvl_jax.engine import generate
 
     hf, _ = hf_checkpoint("tied")
     inp = _inputs(hf, 8)

@@ -110,7 +110,7 @@ def _swiglu_swapped(text_mod):
 
 @pytest.mark.parametrize("mutation", [_qk_norm_after_rope, _rope_wrong_half, _norm_eps_ignored, _swiglu_swapped])
 def test_parity_catches_broken_component(mutation, monkeypatch, hf_checkpoint, jax_model):
-    from qvl_jax import text as text_mod
+    from qvl_jax.modeling import text as text_mod
 
     hf, _ = hf_checkpoint("untied")
     ids = _ids((1, 12), seed=6)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import time
 from typing import Iterator, NamedTuple
 
@@ -25,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qvl_jax import kv_cache, sampling, sharding
+from qvl_jax import sharding
+from qvl_jax.engine import cache as kv_cache, sampling
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.errors import InputError, NumericalError, ResourceError, device_memory_errors
-from qvl_jax.model import bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision, vision_bucket
-from qvl_jax.text import decoder
+from qvl_jax.errors import InputError, NumericalError, ResourceError, device_free_bytes, device_memory_errors
+from qvl_jax.api import bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision, vision_bucket
+from qvl_jax.modeling.text import decoder
 
 MIN_READ = 64  # smallest attention window bucket during decode
 
@@ -304,18 +304,6 @@ def _compact_left(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
         out[r, t - lengths[r]:] = ids[r][mask[r] > 0]
         new_mask[r, t - lengths[r]:] = 1
     return out, new_mask
-
-
-def device_free_bytes() -> int | None:
-    """Free memory of the first device where the backend reports it (GPUs); host RAM on CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return int(pages) * int(size)
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _stop_ids(stop_token_ids, default) -> np.ndarray:
@@ -631,7 +619,7 @@ def _media_runs(ids: np.ndarray, cfg: Qwen3VLConfig, img_grid, vid_grid) -> list
     """(kind, index within its kind, first token, end token) of every image and video, in prompt order.
 
     A video's temporal steps are separate runs; its span runs from its first step to its last."""
-    from qvl_jax.positions import IMAGE, VIDEO, _runs, token_types
+    from qvl_jax.modeling.positions import IMAGE, VIDEO, _runs, token_types
 
     runs = [r for r in _runs(token_types(ids, cfg.image_token_id, cfg.video_token_id)) if r[0] != 0]
     out, r = [], 0
@@ -658,7 +646,7 @@ def _order_digests(digests: list[str], media) -> list[str]:
 def _suffix_vision(cfg: Qwen3VLConfig, inputs: dict, new_media, ids: np.ndarray, n: int, tb: int):
     """VisionInputs for the images/videos whose tokens are in the new chunk, and the chunk's feature
     index into their features (images first, then videos, as prepare_inputs orders them)."""
-    from qvl_jax import vision as vision_mod
+    from qvl_jax.modeling import vision as vision_mod
 
     if not new_media:
         return None, None

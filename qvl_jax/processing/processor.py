@@ -40,7 +40,7 @@ import jinja2.sandbox
 import numpy as np
 
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
-from qvl_jax.image_processing import ImageProcessor, VideoProcessor, _split_videos
+from qvl_jax.processing.image_processing import ImageProcessor, VideoProcessor, _split_videos
 
 # The chat template of Qwen/Qwen3-VL-*-Instruct (chat_template.json), unchanged.
 QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qvl_jax import positions as positions_mod
-from qvl_jax import text
-from qvl_jax import vision as vision_mod
+from qvl_jax.modeling import positions as positions_mod
+from qvl_jax.modeling import text
+from qvl_jax.modeling import vision as vision_mod
 from qvl_jax.checkpoint import load_params
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import InputError, device_memory_errors
@@ -254,14 +254,14 @@ class Model:
         (default: the checkpoint's eos ids), pad_token_id, return_logprobs, return_logits.
         Returns a `GenerateOutput`: tokens np.int32 [b, n] (stop token included, pad after it),
         lengths [b], and optionally logprobs [b, n] and raw logits [b, n, vocab]."""
-        from qvl_jax import generate
+        from qvl_jax.engine import generate
 
         with device_memory_errors("generate"):
             return generate.generate(self, max_new_tokens, **kwargs)
 
     def stream(self, max_new_tokens: int = 64, **kwargs):
         """Like `generate`, as an iterator of np.int32 [b] tokens, one step at a time."""
-        from qvl_jax import generate
+        from qvl_jax.engine import generate
 
         def guarded():
             with device_memory_errors("stream"):
@@ -271,7 +271,7 @@ class Model:
 
     def chat_session(self, max_cache_len: int | None = None):
         """A `ChatSession`: multi-turn generation that reuses the KV cache across turns."""
-        from qvl_jax import generate
+        from qvl_jax.engine import generate
 
         return generate.ChatSession(self, max_cache_len)
 

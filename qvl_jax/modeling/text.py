@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qvl_jax import attention
+from qvl_jax.modeling import attention
 from qvl_jax.config import TextConfig
 
 
@@ -94,7 +94,7 @@ def attend(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, i
     """GQA attention of q [b, t, n, h] over k, v [b, s, k, h]; mask [b, t, s] True where allowed.
 
     Query head n uses kv head n // groups, as transformers' repeat_kv. Softmax in float32. impl: the
-    kernel (see qvl_jax.attention); "einsum" is the one written out here."""
+    kernel (see qvl_jax.modeling.attention); "einsum" is the one written out here."""
     b, t, n, h = q.shape
     if impl != "einsum":
         return linear(attention.fused(q, k, v, impl, mask=mask).reshape(b, t, n * h), p["o_proj"])

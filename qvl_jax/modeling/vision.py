@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qvl_jax import attention
+from qvl_jax.modeling import attention
 from qvl_jax.config import VisionConfig
 from qvl_jax.errors import InputError
-from qvl_jax.text import linear, rope_inv_freq
+from qvl_jax.modeling.text import linear, rope_inv_freq
 
 
 def _merge_block_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:

@@ -196,7 +196,7 @@ def write_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> d
     needed) and returns the ids a config.json / generation_config.json needs: image_token_id,
     video_token_id, vision_start_token_id, vision_end_token_id, eos_token_id ([im_end, endoftext]),
     pad_token_id, bos_token_id (None, as Qwen) and the ids of <|im_start|> / <|im_end|> / <|endoftext|>."""
-    from qvl_jax.processor import QWEN3_VL_CHAT_TEMPLATE
+    from qvl_jax.processing.processor import QWEN3_VL_CHAT_TEMPLATE
 
     tok = build_tiny_tokenizer(vocab_size)
     out = Path(out_dir)

@@ -1,0 +1,1 @@
+"""The Qwen3-VL model as Flax NNX modules: numerics only (no files, tokenizers or generation loops)."""

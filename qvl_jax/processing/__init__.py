@@ -1,0 +1,1 @@
+"""Inputs: image and video preprocessing, the chat template and tokenizer, as Hugging Face's processor."""
