@@ -13,12 +13,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("out_dir", help="output directory (must not exist unless --force)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                         help="dtype of the stored params (auto: keep the checkpoint's)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier conversion at OUT_DIR (never any other directory or file)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from qvl_jax.convert.core import MANIFEST_FILE, convert_checkpoint
+
     from qvl_jax.errors import QvlError
 
     start = time.perf_counter()
@@ -27,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     except QvlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the partial output is already removed
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     import json
 
     manifest = json.loads((out / MANIFEST_FILE).read_text())

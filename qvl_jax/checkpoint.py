@@ -1,5 +1,9 @@
-"""Reading params: a converted qvl_jax directory (memory-mapped safetensors) or, converted in memory,
-a Hugging Face checkpoint directory."""
+"""Reading params into the model's NNX state: a converted qvl_jax directory (memory-mapped
+safetensors) or, converted in memory, a Hugging Face checkpoint directory.
+
+The abstract model (names, shapes; no memory) says what the state must hold; every tensor in the
+file is checked against it from the header before anything is read, then read straight into its
+Variable (into its NamedSharding under a mesh)."""
 
 from __future__ import annotations
 
@@ -11,22 +15,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import CheckpointError, ResourceError
 
 from qvl_jax.convert.core import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
-
-
-def unflatten(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
 
 
 def is_converted(path: Path) -> bool:
@@ -58,12 +52,77 @@ def _sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None,
-                   verify: bool = False) -> tuple[Qwen3VLConfig, dict]:
+def _verify_files(path: Path, manifest: dict, params_file: Path) -> None:
+    """Recomputes the sha256 of the params file and of every other file the manifest lists."""
+    expected = manifest.get("params_sha256")
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{path / MANIFEST_FILE} records no params_sha256 to verify against; "
+                              "convert the checkpoint again")
+    if _sha256(params_file) != expected:
+        raise CheckpointError(
+            f"{params_file}: sha256 differs from the one recorded at conversion: the converted "
+            "checkpoint was changed; convert it again")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path / MANIFEST_FILE}: 'files' is not a mapping; convert the checkpoint again")
+    for name, rec in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {MANIFEST_FILE}); convert the checkpoint again")
+        if not isinstance(rec, dict) or _sha256(f) != rec.get("sha256"):
+            raise CheckpointError(f"{f}: sha256 differs from the one recorded at conversion: the converted "
+                                  "checkpoint was changed; convert it again")
+
+
+def _check_header(f, params_file: Path, expected: dict[str, tuple], manifest: dict) -> None:
+    """The file's tensors against the state the config implies (names, shapes) and the manifest
+    (dtypes, tie flag), from the header alone: an edited config.json or header is an error, not
+    a model that loads and answers wrongly."""
+    keys = set(f.keys())
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"]
+                 if missing else []) + (
+            [f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"]
+            if unexpected else [])
+        raise CheckpointError(f"{params_file} does not match its config.json: params {'; '.join(parts)}; "
+                              "was config.json edited after conversion? convert the checkpoint again")
+    dtypes = manifest.get("dtype")
+    dtypes = [dtypes] if isinstance(dtypes, str) else list(dtypes or [])
+    names = {np.dtype(jnp.dtype(d)).name: d for d in dtypes if isinstance(d, str)}
+    for key in sorted(keys):
+        t = f.get_slice(key)
+        shape = tuple(t.get_shape())
+        if shape != expected[key]:
+            raise CheckpointError(f"{params_file}: param {key!r} has shape {list(shape)} but config.json implies "
+                                  f"{list(expected[key])}; convert the checkpoint again")
+        dt = _ST_NAMES.get(t.get_dtype())
+        if dt is None or (names and dt not in names):
+            raise CheckpointError(f"{params_file}: param {key!r} has dtype {t.get_dtype()} but the manifest says "
+                                  f"{dtypes}; convert the checkpoint again")
+
+
+_ST_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _abstract(config: Qwen3VLConfig):
+    from qvl_jax.modeling.model import abstract_model, state_key
+
+    graphdef, state = nnx.split(abstract_model(config))
+    flat = {state_key(path): var for path, var in nnx.to_flat_state(state)}
+    return graphdef, state, flat
+
+
+def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify: bool = False):
+    """(config, graphdef, state) of a converted directory."""
     from safetensors import safe_open
 
     manifest = read_manifest(path)
     config = Qwen3VLConfig.from_json_file(path / "config.json")
+    if manifest.get("tie_word_embeddings", config.tie_word_embeddings) != config.tie_word_embeddings:
+        raise CheckpointError(f"{path / 'config.json'} says tie_word_embeddings={config.tie_word_embeddings} but "
+                              f"the params were converted with {manifest.get('tie_word_embeddings')}; "
+                              "convert the checkpoint again")
     params_file = path / manifest.get("params_file", "params.safetensors")
     if not params_file.is_file():
         raise CheckpointError(f"{params_file} is missing")
@@ -73,32 +132,24 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None,
             f"{params_file} is {size} bytes but was written as {manifest.get('params_bytes')}: "
             "the converted checkpoint was changed or truncated; convert it again")
     if verify:
-        expected = manifest.get("params_sha256")
-        if not isinstance(expected, str):
-            raise CheckpointError(f"{path / MANIFEST_FILE} records no params_sha256 to verify against; "
-                                  "convert the checkpoint again")
-        if _sha256(params_file) != expected:
-            raise CheckpointError(
-                f"{params_file}: sha256 differs from the one recorded at conversion: the converted "
-                "checkpoint was changed; convert it again")
-    shardings = None if mesh is None else _shardings(config, mesh)
-    flat = {}
+        _verify_files(path, manifest, params_file)
+    graphdef, state, flat = _abstract(config)
+    shardings = None if mesh is None else _shardings(flat, mesh)
     try:
         with safe_open(str(params_file), framework="numpy") as f:
+            _check_header(f, params_file, {k: tuple(v.shape) for k, v in flat.items()}, manifest)
             _check_fits(f, params_file, dtype, shardings)
-            for key in f.keys():
+            for key, var in flat.items():
                 if shardings is None:
                     arr = f.get_tensor(key)  # read from the memory map, one tensor at a time
-                    flat[key] = jax.device_put(arr if dtype is None else arr.astype(dtype))
-                elif key not in shardings:
-                    raise CheckpointError(f"{params_file}: unexpected param {key!r} for this config")
+                    var.set_value(jax.device_put(arr if dtype is None else arr.astype(dtype)))
                 else:
-                    flat[key] = _load_sharded(f.get_slice(key), shardings[key], dtype)
+                    var.set_value(_load_sharded(f.get_slice(key), shardings[key], dtype))
     except (CheckpointError, ResourceError):
         raise
     except Exception as e:
         raise CheckpointError(f"{params_file}: cannot read params ({str(e).splitlines()[0]})") from None
-    return config, unflatten(flat)
+    return config, graphdef, state
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
@@ -127,10 +178,13 @@ def _check_fits(f, params_file: Path, dtype, shardings) -> None:
                             "load them in bfloat16")
 
 
-def _shardings(config: Qwen3VLConfig, mesh) -> dict:
-    from qvl_jax.sharding import flat_param_shardings
+def _shardings(flat: dict, mesh) -> dict:
+    from jax.sharding import NamedSharding
 
-    return flat_param_shardings(config, mesh)
+    from qvl_jax.sharding import check_mesh, variable_spec
+
+    mesh = check_mesh(mesh)
+    return {k: NamedSharding(mesh, variable_spec(v, mesh)) for k, v in flat.items()}
 
 
 def _load_sharded(tensor, sharding, dtype) -> jax.Array:
@@ -150,13 +204,14 @@ def _load_sharded(tensor, sharding, dtype) -> jax.Array:
     return jax.make_array_from_callback(shape, sharding, read)
 
 
-def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None,
-                mesh=None, verify: bool = False) -> tuple[Qwen3VLConfig, dict]:
-    """(config, params) from a converted directory or a Hugging Face checkpoint directory.
+def load_state(path: str | os.PathLike, dtype: str | np.dtype | None = None,
+               mesh=None, verify: bool = False) -> tuple[Qwen3VLConfig, nnx.GraphDef, nnx.State]:
+    """(config, graphdef, Param state) from a converted directory or a Hugging Face checkpoint
+    directory: `nnx.merge(graphdef, state)` is the model.
 
     mesh: place each param straight into its NamedSharding (qvl_jax.sharding) instead of one device.
-    verify: for a converted directory, also recompute the params file's sha256 and compare it with
-    the manifest's (reads the whole file once); by default only its size is checked."""
+    verify: for a converted directory, also recompute the sha256 of the params file and of every
+    file the manifest lists (reads them once); by default only the params file's size is checked."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -169,9 +224,12 @@ def load_params(path: str | os.PathLike, dtype: str | np.dtype | None = None,
     if (path / "config.json").is_file():
         from qvl_jax.convert.core import load_hf_params
 
-        config, flat = load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
-        shardings = {} if mesh is None else _shardings(config, mesh)
-        # device_put of a host array with a NamedSharding copies only each device's block.
-        return config, unflatten({k: jax.device_put(v, shardings.get(k)) for k, v in flat.items()})
+        config, arrays = load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
+        graphdef, state, flat = _abstract(config)
+        shardings = {} if mesh is None else _shardings(flat, mesh)
+        for key, var in flat.items():  # the converter checked names and shapes against the same config
+            # device_put of a host array with a NamedSharding copies only each device's block.
+            var.set_value(jax.device_put(arrays.pop(key), shardings.get(key)))
+        return config, graphdef, state
     raise CheckpointError(f"{path} is neither a converted qvl_jax directory ({MANIFEST_FILE}) "
                           "nor a Hugging Face checkpoint (config.json)")

@@ -5,9 +5,10 @@ out the partitioned program and its collectives. The model code knows nothing of
 The mesh has two axes: "data" (batch: data parallelism) and "model" (tensor parallelism over
 attention heads, MLP width and vocabulary, Megatron-style: column-split in, row-split out, one
 all-reduce after attention and one after the MLP). Every placement comes from one table,
-`RULES` (logical axis -> mesh axis), applied to each array's logical axes (`PARAM_AXES`,
-`CACHE_AXES`). A dimension that the mesh axis does not divide (e.g. 6 heads on 4 devices, 1 kv
-head) is replicated instead: uneven shards are never needed, and a model always loads.
+`RULES` (logical axis -> mesh axis), applied to each array's logical axes: a Param's `axes`
+metadata (Flax NNX), the KV cache's `CACHE_AXES` (qvl_jax.engine.cache). A dimension that the mesh
+axis does not divide (e.g. 6 heads on 4 devices, 1 kv head) is replicated instead: uneven shards
+are never needed, and a model always loads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from qvl_jax.config import Qwen3VLConfig, TextConfig
+from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import QvlError
 
 DATA, MODEL = "data", "model"
@@ -41,7 +42,7 @@ RULES: dict[str, str | None] = {
     "merger_mlp": MODEL,  # hidden width of the patch mergers (fc1 out, fc2 in)
     "embed": None,  # text model width: activations stay whole between the collectives
     "head_dim": None,
-    "layers": None,  # the scanned stack axis (also vision blocks, DeepStack mergers)
+    "layers": None,  # the KV cache's layer axis
     "cache_len": None,
     "vision_embed": None,
     "vision_head_dim": None,
@@ -51,66 +52,9 @@ RULES: dict[str, str | None] = {
     "merger_in": None,  # 4 merged patches' width, input of the mergers
 }
 
-_TL = "model/language_model/"
-_V = "model/visual/"
-
-# Every param key (as the converter writes it, convert/table.py) -> the logical axis of each dim.
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    _TL + "embed_tokens/embedding": ("vocab", "embed"),
-    _TL + "norm/scale": ("embed",),
-    _TL + "layers/input_layernorm/scale": ("layers", "embed"),
-    _TL + "layers/post_attention_layernorm/scale": ("layers", "embed"),
-    _TL + "layers/self_attn/q_proj/weight": ("layers", "heads", "head_dim", "embed"),
-    _TL + "layers/self_attn/k_proj/weight": ("layers", "kv_heads", "head_dim", "embed"),
-    _TL + "layers/self_attn/v_proj/weight": ("layers", "kv_heads", "head_dim", "embed"),
-    _TL + "layers/self_attn/o_proj/weight": ("layers", "embed", "heads", "head_dim"),
-    _TL + "layers/self_attn/q_proj/bias": ("layers", "heads", "head_dim"),
-    _TL + "layers/self_attn/k_proj/bias": ("layers", "kv_heads", "head_dim"),
-    _TL + "layers/self_attn/v_proj/bias": ("layers", "kv_heads", "head_dim"),
-    _TL + "layers/self_attn/o_proj/bias": ("layers", "embed"),
-    _TL + "layers/self_attn/q_norm/scale": ("layers", "head_dim"),
-    _TL + "layers/self_attn/k_norm/scale": ("layers", "head_dim"),
-    _TL + "layers/mlp/gate_proj/weight": ("layers", "mlp", "embed"),
-    _TL + "layers/mlp/up_proj/weight": ("layers", "mlp", "embed"),
-    _TL + "layers/mlp/down_proj/weight": ("layers", "embed", "mlp"),
-    "lm_head/weight": ("vocab", "embed"),
-    _V + "patch_embed/proj/weight": ("vision_embed", "patch"),
-    _V + "patch_embed/proj/bias": ("vision_embed",),
-    _V + "pos_embed/embedding": ("pos_table", "vision_embed"),
-    _V + "blocks/norm1/scale": ("layers", "vision_embed"),
-    _V + "blocks/norm1/bias": ("layers", "vision_embed"),
-    _V + "blocks/norm2/scale": ("layers", "vision_embed"),
-    _V + "blocks/norm2/bias": ("layers", "vision_embed"),
-    _V + "blocks/attn/qkv/weight": ("layers", "qkv", "vision_heads", "vision_head_dim", "vision_embed"),
-    _V + "blocks/attn/qkv/bias": ("layers", "qkv", "vision_heads", "vision_head_dim"),
-    _V + "blocks/attn/proj/weight": ("layers", "vision_embed", "vision_heads", "vision_head_dim"),
-    _V + "blocks/attn/proj/bias": ("layers", "vision_embed"),
-    _V + "blocks/mlp/linear_fc1/weight": ("layers", "vision_mlp", "vision_embed"),
-    _V + "blocks/mlp/linear_fc1/bias": ("layers", "vision_mlp"),
-    _V + "blocks/mlp/linear_fc2/weight": ("layers", "vision_embed", "vision_mlp"),
-    _V + "blocks/mlp/linear_fc2/bias": ("layers", "vision_embed"),
-    _V + "merger/norm/scale": ("vision_embed",),
-    _V + "merger/norm/bias": ("vision_embed",),
-    _V + "merger/linear_fc1/weight": ("merger_mlp", "merger_in"),
-    _V + "merger/linear_fc1/bias": ("merger_mlp",),
-    _V + "merger/linear_fc2/weight": ("embed", "merger_mlp"),
-    _V + "merger/linear_fc2/bias": ("embed",),
-    _V + "deepstack_merger_list/norm/scale": ("layers", "merger_in"),
-    _V + "deepstack_merger_list/norm/bias": ("layers", "merger_in"),
-    _V + "deepstack_merger_list/linear_fc1/weight": ("layers", "merger_mlp", "merger_in"),
-    _V + "deepstack_merger_list/linear_fc1/bias": ("layers", "merger_mlp"),
-    _V + "deepstack_merger_list/linear_fc2/weight": ("layers", "embed", "merger_mlp"),
-    _V + "deepstack_merger_list/linear_fc2/bias": ("layers", "embed"),
-}
-
-# KV cache fields (kv_cache.KVCache) -> logical axes.
-CACHE_AXES = dict(
-    k=("layers", "batch", "cache_len", "kv_heads", "head_dim"),
-    v=("layers", "batch", "cache_len", "kv_heads", "head_dim"),
-    start=("batch",),
-    end=(),
-    delta=("batch",),
-)
+# Params carry their logical axes as metadata (`axes`, and `units`: how many consecutive entries of
+# a dim one logical entry spans, a head's head_dim rows in a flattened projection); see
+# qvl_jax.modeling.layers. The KV cache's axes are in qvl_jax.engine.cache.
 
 
 def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | None = None) -> Mesh:
@@ -155,18 +99,20 @@ def check_mesh(mesh: Mesh) -> Mesh:
     return mesh
 
 
-def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
-                    rules: dict[str, str | None] = RULES) -> P:
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, str | None] = RULES, units: Sequence[int] | None = None) -> P:
     """PartitionSpec of an array with these logical axes: each dim goes to its rule's mesh axis,
     unless that axis is absent from the mesh, already used by an earlier dim, or does not divide
-    the dim, in which case the dim is replicated. A logical axis of None is replicated."""
+    the dim's count of logical entries (size // units), in which case the dim is replicated. A
+    logical axis of None is replicated. (Flax's own logical-rule helpers have no such fallback.)"""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match the shape {tuple(shape)}")
+    units = units or (1,) * len(shape)
     sizes = dict(mesh.shape)
     used, spec = set(), []
-    for name, size in zip(axes, shape):
+    for name, size, unit in zip(axes, shape, units):
         mesh_axis = None if name is None else rules[name]
-        if mesh_axis is None or mesh_axis not in sizes or mesh_axis in used or size % sizes[mesh_axis]:
+        if mesh_axis is None or mesh_axis not in sizes or mesh_axis in used or (size // unit) % sizes[mesh_axis]:
             spec.append(None)
         else:
             spec.append(mesh_axis)
@@ -176,55 +122,32 @@ def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
     return P(*spec)
 
 
-def param_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
-    """Flat key -> shape of every param of this config (the converter's key table)."""
-    from qvl_jax.convert.table import rules_for
+def variable_spec(var, mesh: Mesh) -> P:
+    """The PartitionSpec of a Param (or an abstract one) from its `axes` and `units` metadata."""
+    meta = var.get_metadata()
+    shape = var.shape if hasattr(var, "shape") else var[...].shape
+    return logical_to_spec(meta["axes"], shape, mesh, units=meta.get("units"))
 
-    return {r.target: tuple(r.target_shape) for r in rules_for(config)}
+
+def state_shardings(state, mesh: Mesh):
+    """A NamedSharding for every Param of an NNX state (concrete or abstract), as a tree shaped like
+    the state's values."""
+    from flax import nnx
+
+    mesh = check_mesh(mesh)
+    return jax.tree.map(lambda v: NamedSharding(mesh, variable_spec(v, mesh)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def flat_param_shardings(config: Qwen3VLConfig, mesh: Mesh) -> dict[str, NamedSharding]:
-    """Flat key ("model/language_model/...") -> NamedSharding of every param of this config."""
-    mesh = check_mesh(mesh)
-    out = {}
-    for key, shape in param_shapes(config).items():
-        if key not in PARAM_AXES:
-            raise KeyError(f"no sharding rule for param {key!r}: add it to qvl_jax.sharding.PARAM_AXES")
-        out[key] = NamedSharding(mesh, logical_to_spec(PARAM_AXES[key], shape, mesh))
-    return out
+    """Hugging Face key -> NamedSharding of every param of this config (from the abstract model)."""
+    from flax import nnx
 
-
-def param_shardings(config: Qwen3VLConfig, mesh: Mesh, per_layer: bool = True) -> dict:
-    """NamedSharding of every param, as a pytree shaped like the params.
-
-    per_layer=True: shaped like `Model.params`, whose decoder layers and vision blocks are lists of
-    per-layer dicts (model.unstack_layers); each entry's sharding is the stacked one without the
-    layer axis. per_layer=False: shaped like the converter's stacked tree (what the file holds)."""
-    from qvl_jax.checkpoint import unflatten
-
-    tree = unflatten(flat_param_shardings(config, mesh))
-    if per_layer:
-        def split(stacked: dict, n: int) -> list:
-            one = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), stacked)
-            return [one] * n
-
-        lm, vis = tree["model"]["language_model"], tree["model"]["visual"]
-        lm["layers"] = split(lm["layers"], config.text.num_hidden_layers)
-        vis["blocks"] = split(vis["blocks"], config.vision.depth)
-    return tree
-
-
-def cache_sharding(config: Qwen3VLConfig | TextConfig, mesh: Mesh, batch: int):
-    """A KVCache whose fields are the NamedShardings of a cache of `batch` rows: k, v split over
-    kv heads on "model" and over rows on "data" (each where it divides), positions over rows."""
-    from qvl_jax.engine.cache import KVCache
+    from qvl_jax.modeling.model import abstract_model, state_key
 
     mesh = check_mesh(mesh)
-    cfg = getattr(config, "text", config)
-    kv_shape = (cfg.num_hidden_layers, batch, 1, cfg.num_key_value_heads, cfg.head_dim)  # length never split
-    shapes = dict(k=kv_shape, v=kv_shape, start=(batch,), end=(), delta=(batch,))
-    return KVCache(**{f: NamedSharding(mesh, logical_to_spec(CACHE_AXES[f], shapes[f], mesh))
-                      for f in KVCache._fields})
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return {state_key(path): NamedSharding(mesh, variable_spec(v, mesh)) for path, v in nnx.to_flat_state(state)}
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:

@@ -85,6 +85,9 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets the user's normal permissions
         special = write_tiny_tokenizer(tmp, vocab_size=VOCAB_SIZE)
         config = tiny_config(special)
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")

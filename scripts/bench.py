@@ -75,19 +75,6 @@ def hf_config_dict(size: str, layers: int | None) -> dict:
     return {"model_type": "qwen3_vl", "tie_word_embeddings": tied, "text_config": text, "vision_config": vision, **ids}
 
 
-def random_params(cfg, dtype) -> dict:
-    """Our param tree, random, built on the device (no checkpoint needed)."""
-    from qvl_jax.convert.table import rules_for
-    from qvl_jax.checkpoint import unflatten
-
-    key = jax.random.key(0)
-    flat = {}
-    for i, rule in enumerate(rules_for(cfg)):
-        shape = rule.target_shape
-        flat[rule.target] = (jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * 0.02).astype(dtype)
-    return unflatten(flat)
-
-
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', '')}".strip(":")
@@ -117,9 +104,9 @@ def copy_bandwidth() -> float:
 def text_weight_bytes(params, cfg) -> int:
     """Bytes of the language model read per decode step (embedding row reads aside; lm_head once)."""
     lm = params["model"]["language_model"]
-    n = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["scale"].nbytes
-    head = lm["embed_tokens"]["embedding"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return n + head.nbytes
+    n = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["weight"][...].nbytes
+    head = lm["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    return n + head[...].nbytes
 
 
 def make_image_inputs(cfg, prompt_len: int, image_size: int | None, batch: int, rng):
@@ -273,12 +260,12 @@ def main(argv=None) -> int:
     else:
         cfg_dict = hf_config_dict("quick" if args.quick else args.config, args.layers)
         cfg = Qwen3VLConfig.from_hf_dict(cfg_dict)
-        params = random_params(cfg, dtype)
+        model = qvl_jax.Model.random(cfg, dtype=dtype)  # nnx.Rngs(0): random weights on the device
         if mesh is not None:
-            from qvl_jax.sharding import param_shardings
+            from qvl_jax.sharding import state_shardings
 
-            params = jax.device_put(params, param_shardings(cfg, mesh, per_layer=False))
-        model = qvl_jax.Model(cfg, params, mesh=mesh)
+            model.params = jax.device_put(model.params, state_shardings(model.params, mesh))
+            model.mesh = mesh
     cfg = model.config
     hf_model, hf_device = (None, None) if args.no_hf else load_hf(cfg_dict, dtype_name)
     bandwidth = copy_bandwidth()

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim
 from parity import LOGITS_RTOL, rel_err
 from qvl_jax import InputError
 from qvl_jax.engine import generate as gen_mod, sampling
-from qvl_jax import api as model_mod
+from qvl_jax.modeling import inputs as modeling_inputs
+from qvl_jax.modeling import model as modeling_model
 
 N_NEW = 24
 TIE_MARGIN = 1e-4  # DESIGN.md §4: below this top-2 margin in HF's logits a mismatch is a tie
@@ -66,7 +68,7 @@ def test_greedy_matches_transformers(name, kind, hf_checkpoint, jax_model):
 def _full_forward(m, inp, out):
     """Our full (uncached) forward over prompt + fed tokens, with decode positions index + rope_delta:
     the logits each decode step must reproduce."""
-    prep = model_mod.prepare_inputs(m.config, **inp)
+    prep = modeling_inputs.prepare_inputs(m.config, **inp)
     b, t = prep.input_ids.shape
     n = out.tokens.shape[1]
     fed = out.tokens[:, : n - 1]
@@ -77,11 +79,11 @@ def _full_forward(m, inp, out):
     valid = np.concatenate([prep.mask, np.ones((b, n - 1), np.int32)], 1) > 0
     vision = None
     if prep.vision is not None:
-        feats, ds = model_mod.run_vision(m.params, m.config, prep.vision)
+        feats, ds = modeling_model.vision_tower(*m.split, prep.vision)
         index = np.concatenate([prep.feat_index, np.full((b, n - 1), -1, np.int32)], 1)
         vision = (feats, ds, jnp.asarray(index))
-    logits = np.asarray(model_mod.forward_logits(m.params, m.config, jnp.asarray(ids), jnp.asarray(positions),
-                                                 jnp.asarray(valid), vision))
+    logits = np.asarray(modeling_model.forward_logits(*m.split, jnp.asarray(ids), jnp.asarray(positions),
+                                                      jnp.asarray(valid), vision))
     return logits[:, t - 1:]  # the logits that chose each new token
 
 
@@ -407,9 +409,10 @@ def test_non_finite_logits_are_reported_not_sampled(jax_model):
     from qvl_jax import Model, NumericalError
 
     m = jax_model("tied")
-    lm = dict(m.params["model"]["language_model"], norm={"scale": m.params["model"]["language_model"]["norm"]["scale"]
-                                                          * np.nan})
-    broken = Model(m.config, dict(m.params, model=dict(m.params["model"], language_model=lm)))
+    module = nnx.clone(m.module)
+    norm = module.model.language_model.norm.weight
+    norm.set_value(norm[...] * np.nan)
+    broken = Model.from_module(module)
     with pytest.raises(NumericalError, match=r"NaN/inf logits \(batch row 0, new token 0\)"):
         broken.generate(input_ids=np.arange(10, 20)[None], max_new_tokens=4, stop_token_ids=[])
 

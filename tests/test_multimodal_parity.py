@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import ALL_CONFIGS
+from flax import nnx
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim, torch_logits
 from parity import LOGITS_RTOL, rel_err
+
+import qvl_jax
 from qvl_jax import InputError
-from qvl_jax import api as model_mod
+from qvl_jax.modeling import inputs as inputs_mod
+from qvl_jax.modeling import model as model_mod
 from qvl_jax.modeling import text as text_mod
 from qvl_jax.modeling import vision as vision_mod
 
@@ -104,7 +107,7 @@ def test_pos_embed_taps_match_transformers(hf_checkpoint):
     from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
     hf, _ = hf_checkpoint("untied")
-    cfg = model_mod.Qwen3VLConfig.from_hf_dict(hf.config.to_dict()).vision
+    cfg = qvl_jax.Qwen3VLConfig.from_hf_dict(hf.config.to_dict()).vision
     idx, w = vision_mod.pos_embed_taps(GRIDS, cfg)
     ref_idx, ref_w = get_vision_interpolation_indices_and_weights(
         torch.tensor(GRIDS), num_grid_per_side=cfg.num_grid_per_side, mode="bilinear", align_corners=True,
@@ -123,14 +126,14 @@ def test_vision_rope_positions_match_transformers():
 
 def test_vision_rope_frequencies_match_transformers(hf_checkpoint):
     hf, _ = hf_checkpoint("untied")
-    cfg = model_mod.Qwen3VLConfig.from_hf_dict(hf.config.to_dict()).vision
+    cfg = qvl_jax.Qwen3VLConfig.from_hf_dict(hf.config.to_dict()).vision
     np.testing.assert_array_equal(vision_mod.vision_rope_inv_freq(cfg), hf.model.visual.rotary_pos_emb.inv_freq.numpy())
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_text_rope_frequencies_match_transformers(name, hf_checkpoint):
     hf, _ = hf_checkpoint(name)
-    cfg = model_mod.Qwen3VLConfig.from_hf_dict(hf.config.to_dict()).text
+    cfg = qvl_jax.Qwen3VLConfig.from_hf_dict(hf.config.to_dict()).text
     np.testing.assert_array_equal(text_mod.rope_inv_freq(cfg.head_dim, cfg.rope_theta),
                                   hf.model.language_model.rotary_emb.inv_freq.numpy())
 
@@ -138,7 +141,9 @@ def test_text_rope_frequencies_match_transformers(name, hf_checkpoint):
 def test_text_rope_frequencies_2b():
     """The 2B's theta=5e6, head_dim 128: torch's float32 pow itself is within 1 ulp of the correctly
     rounded power, so that is the bound here (exact equality holds for the test configs above)."""
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        Qwen3VLTextRotaryEmbedding,
+    )
 
     ref = Qwen3VLTextRotaryEmbedding.compute_default_rope_parameters(
         type("C", (), {"rope_parameters": {"rope_theta": 5e6}, "head_dim": 128})())[0].numpy()
@@ -180,8 +185,8 @@ def test_vision_features_match_transformers(hf_checkpoint, jax_model):
         out = hf.model.get_image_features(torch.tensor(pix), torch.tensor(grid))
     ref = torch.cat(out.pooler_output).numpy()
     ref_ds = np.stack([torch.cat(f).numpy() for f in out.deepstack_features])
-    vis = vision_mod.VisionInputs.build(pix, grid, m.config.vision, model_mod.bucket_length(len(pix), 64))
-    feats, ds = model_mod.run_vision(m.params, m.config, vis)
+    vis = vision_mod.VisionInputs.build(pix, grid, m.config.vision, inputs_mod.bucket_length(len(pix), 64))
+    feats, ds = model_mod.vision_tower(*m.split, vis)
     n = len(ref)
     assert rel_err(np.asarray(feats)[:n], ref) <= 1e-5
     assert rel_err(np.asarray(ds)[:, :n], ref_ds) <= 1e-5
@@ -238,41 +243,43 @@ def _pos_embed_raster_order(_):
 def _vision_mlp_exact_gelu(_):
     orig_gelu = jax.nn.gelu
 
-    def block(p, x, cos, sin, mask, *rest):
+    def mlp(self, x):
         jax.nn.gelu = lambda y, approximate=True: orig_gelu(y, approximate=False)
         try:
-            return orig_block(p, x, cos, sin, mask, *rest)
+            return orig_mlp(self, x)
         finally:
             jax.nn.gelu = orig_gelu
-    orig_block = vision_mod.block
-    return vision_mod, "block", block
+    orig_mlp = vision_mod.VisionMLP.__call__
+    return vision_mod.VisionMLP, "__call__", mlp
 
 
 def _merger_tanh_gelu(_):
-    orig_merger = vision_mod.merger
+    orig_merger = vision_mod.PatchMerger.__call__
     orig_gelu = jax.nn.gelu
 
-    def merger(p, x, group, postshuffle_norm):
+    def merger(self, x):
         jax.nn.gelu = lambda y, approximate=False: orig_gelu(y, approximate=True)
         try:
-            return orig_merger(p, x, group, postshuffle_norm)
+            return orig_merger(self, x)
         finally:
             jax.nn.gelu = orig_gelu
-    return vision_mod, "merger", merger
+    return vision_mod.PatchMerger, "__call__", merger
 
 
 def _deepstack_norm_before_grouping(_):
-    orig = vision_mod.merger
-
-    def merger(p, x, group, postshuffle_norm):
-        if not postshuffle_norm:
-            return orig(p, x, group, False)
+    def merger(self, x):
+        if not self.postshuffle_norm:
+            return orig(self, x)
         # normalise per patch with the first quarter of the (grouped-width) norm params
         d = x.shape[-1]
-        q = {"norm": {"scale": p["norm"]["scale"][:d], "bias": p["norm"]["bias"][:d]},
-             "linear_fc1": p["linear_fc1"], "linear_fc2": p["linear_fc2"]}
-        return orig(q, x, group, False)
-    return vision_mod, "merger", merger
+        w, b = self.norm.weight[...][:d], self.norm.bias[...][:d]
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(((x32 - mean) ** 2).mean(-1, keepdims=True) + self.norm.eps) * w + b
+        y = y.astype(x.dtype).reshape(-1, d * self.group)
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(y), approximate=False))
+    orig = vision_mod.PatchMerger.__call__
+    return vision_mod.PatchMerger, "__call__", merger
 
 
 def _video_pos_embed_not_tiled(_):
@@ -383,13 +390,13 @@ def test_new_image_size_in_bucket_does_not_recompile(jax_model):
         m.logits(**batch_inputs([b], dim, rng))
 
     run(6, 8, 3)  # 48 patches -> bucket 64; 12 + 5 tokens -> bucket 32
-    tower, fwd = vision_mod.tower_jit._cache_size(), model_mod.forward_logits._cache_size()
+    tower, fwd = model_mod._vision_tower._cache_size(), model_mod.forward_logits._cache_size()
     run(8, 8, 5)  # 64 patches, 16 + 7 tokens
     run(2, 10, 9)  # 20 patches, 5 + 11 tokens
-    assert vision_mod.tower_jit._cache_size() == tower
+    assert model_mod._vision_tower._cache_size() == tower
     assert model_mod.forward_logits._cache_size() == fwd
     run(10, 8, 3)  # 80 patches -> the next bucket: one more tower compile
-    assert vision_mod.tower_jit._cache_size() == tower + 1
+    assert model_mod._vision_tower._cache_size() == tower + 1
 
 
 # --- Block layout of the vision tower ---
@@ -420,16 +427,16 @@ def test_vision_buckets_four_per_octave(jax_model):
     k = 4
     seen = {}
     for n in range(1, 9000):
-        b = model_mod.vision_bucket(n)
+        b = inputs_mod.vision_bucket(n)
         assert b >= max(n, 64) and b % 8 == 0
         assert n <= 64 or b - n < n / k
         seen.setdefault((b - 1).bit_length(), set()).add(b)
-        assert model_mod.bucket_length(n, 16) == max(16, 1 << (n - 1).bit_length())
+        assert inputs_mod.bucket_length(n, 16) == max(16, 1 << (n - 1).bit_length())
     assert max(len(v) for v in seen.values()) == k
     grid = np.array([[1, 28, 28]])  # a 448x448 image: 784 patches
     vcfg = jax_model("untied").config.vision
     vis = vision_mod.VisionInputs.build(np.zeros((784, vcfg.patch_dim), np.float32), grid, vcfg,
-                                        model_mod.vision_bucket(784))
+                                        inputs_mod.vision_bucket(784))
     assert vis.frame.shape == (1, 896)
 
 
@@ -451,10 +458,10 @@ def test_vision_attention_scores_are_per_block(jax_model):
     grid = np.array([[8, 8, 8]])  # 8 frames of 64 patches
     n = int(grid.prod())
     vis = vision_mod.VisionInputs.build(np.zeros((n, vcfg.patch_dim), np.float32), grid, vcfg,
-                                        model_mod.bucket_length(n, 64))
+                                        inputs_mod.bucket_length(n, 64))
     assert vis.frame.shape == (8, 64)
-    jaxpr = jax.make_jaxpr(lambda p, *a: vision_mod.tower(p, vcfg, *a))(
-        m.params["model"]["visual"], vis.patches, vis.pos_idx, vis.pos_w, vis.rope_pos, vis.frame, vis.merged_order)
+    jaxpr = jax.make_jaxpr(lambda p, *a: nnx.merge(m.graphdef, p).model.visual(*a))(
+        m.params, vis.patches, vis.pos_idx, vis.pos_w, vis.rope_pos, vis.frame, vis.merged_order)
     biggest = max(np.prod(v.aval.shape) for v in _all_outvars(jaxpr.jaxpr))
     assert biggest <= max(8 * vcfg.num_heads * 64 * 64, n * vcfg.intermediate_size)
     assert biggest < n * n * vcfg.num_heads

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import jax
+from flax import nnx
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -18,6 +19,7 @@ import qvl_jax
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim
 from parity import rel_err
 from qvl_jax import sharding
+from qvl_jax.engine import cache as cache_mod
 from qvl_jax.engine.generate import Generator
 from qvl_jax.sharding import MeshError, make_mesh
 
@@ -104,27 +106,17 @@ def mesh_model(converted):
     _MODELS.clear()
 
 
-def _expected(cfg, mesh):
-    """Flat key -> the PartitionSpec the rules give the stacked param."""
-    return {k: sharding.logical_to_spec(sharding.PARAM_AXES[k], shape, mesh)
-            for k, shape in sharding.param_shapes(cfg).items()}
-
-
-def _leaves(params):
-    """(flat key without layer indices, is a per-layer entry, array) for every param."""
-    for path, arr in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-        per_layer = any(isinstance(p, jax.tree_util.SequenceKey) for p in path)
-        yield "/".join(names), per_layer, arr
-
-
 def _check_param_layout(model, mesh):
-    expected = _expected(model.config, mesh)
+    """Every param sits in the sharding its `axes` metadata gives under the rules, split into
+    equal blocks on every device; the set of params is the abstract model's."""
+    from qvl_jax.modeling.model import state_key
+
+    expected = sharding.flat_param_shardings(model.config, mesh)
     seen = set()
-    for key, per_layer, arr in _leaves(model.params):
-        spec = expected[key]
-        if per_layer:
-            spec = P(*spec[1:])
+    for path, var in nnx.to_flat_state(model.params):
+        key, arr = state_key(path), var[...]
+        spec = sharding.variable_spec(var, mesh)
+        assert expected[key].spec == spec
         seen.add(key)
         want = NamedSharding(mesh, spec)
         assert arr.sharding.is_equivalent_to(want, arr.ndim), f"{key}: {arr.sharding.spec} != {spec}"
@@ -144,8 +136,9 @@ def test_params_follow_the_rules(name, dp, tp, mesh_model):
     model = mesh_model(name, dp, tp)
     assert model.mesh is not None and dict(model.mesh.shape) == {"data": dp, "model": tp}
     _check_param_layout(model, model.mesh)
-    shardings = sharding.param_shardings(model.config, model.mesh)
-    assert jax.tree.structure(shardings) == jax.tree.structure(model.params)
+    shardings = sharding.state_shardings(model.params, model.mesh)
+    leaves = jax.tree.leaves(model.params)
+    assert [a.sharding for a in leaves] == jax.tree.leaves(shardings)
 
 
 @needs_8
@@ -153,7 +146,7 @@ def test_rules_by_hand(mesh_model):
     """The table's effect on the two test models, written out independently of it."""
     lm = lambda m: m.params["model"]["language_model"]  # noqa: E731
     vis = lambda m: m.params["model"]["visual"]  # noqa: E731
-    spec = lambda a: a.sharding.spec  # noqa: E731
+    spec = lambda v: v[...].sharding.spec  # noqa: E731
 
     tied = mesh_model("tied", 1, 8)  # 4 heads, 2 kv heads, mlp 128, vocab 320 on 8
     layer = lm(tied)["layers"][0]
@@ -161,8 +154,8 @@ def test_rules_by_hand(mesh_model):
     assert spec(layer["self_attn"]["k_proj"]["weight"]) == P()
     assert spec(layer["mlp"]["gate_proj"]["weight"]) == P("model")
     assert spec(layer["mlp"]["down_proj"]["weight"]) == P(None, "model")
-    assert spec(lm(tied)["embed_tokens"]["embedding"]) == P("model")
-    assert lm(tied)["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (40, 64)
+    assert spec(lm(tied)["embed_tokens"]["weight"]) == P("model")
+    assert lm(tied)["embed_tokens"]["weight"][...].addressable_shards[0].data.shape == (40, 64)
 
     tied = mesh_model("tied", 2, 4)
     layer = lm(tied)["layers"][0]
@@ -176,7 +169,7 @@ def test_rules_by_hand(mesh_model):
     assert spec(layer["self_attn"]["q_proj"]["weight"]) == P()
     assert spec(layer["mlp"]["up_proj"]["weight"]) == P("model")
     assert spec(untied.params["lm_head"]["weight"]) == P("model")
-    assert untied.params["lm_head"]["weight"].addressable_shards[0].data.shape == (88, 96)
+    assert untied.params["lm_head"]["weight"][...].addressable_shards[0].data.shape == (88, 96)
     assert spec(vis(untied)["blocks"][0]["attn"]["qkv"]["weight"]) == P()  # 3 vision heads on 4
 
 
@@ -237,11 +230,12 @@ def test_load_reads_and_places_only_shards(converted, monkeypatch):
     placed = []
     real_put = jax.device_put
     monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: placed.append(np.shape(x)) or real_put(x, *a, **k))
-    from qvl_jax.checkpoint import load_params
+    from qvl_jax.checkpoint import load_state
+    from qvl_jax.modeling.model import state_key
 
-    cfg, params = load_params(path, mesh=mesh)
+    cfg, _, params = load_state(path, mesh=mesh)
     assert placed == []  # nothing went to a device whole first
-    flat = {"/".join(p.key for p in path_): a for path_, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {state_key(path_): v[...] for path_, v in nnx.to_flat_state(params)}
     shardings = sharding.flat_param_shardings(cfg, mesh)
     assert set(flat) == set(shardings) == set(rec.reads)
     n_split = 0
@@ -259,7 +253,7 @@ def test_load_reads_and_places_only_shards(converted, monkeypatch):
             assert all(s.data.shape != arr.shape for s in arr.addressable_shards)
     assert n_split >= 8  # mlp, lm_head, embedding, merger and vision mlp weights at least
     with pytest.raises(qvl_jax.CheckpointError, match="whole tensor"):  # the recorder does catch whole reads
-        load_params(path)
+        load_state(path)
 
 
 @needs_8
@@ -295,7 +289,7 @@ def test_logits_and_greedy_equal_one_device(name, dp, tp, hf_checkpoint, jax_mod
     inp = _inputs(hf, 8)
     if name not in _REF:
         ref_model = jax_model(name)
-        norm = ref_model.params["model"]["language_model"]["norm"]["scale"]
+        norm = ref_model.params["model"]["language_model"]["norm"]["weight"][...]
         assert ref_model.mesh is None and len(norm.devices()) == 1
         _REF[name] = (ref_model.logits(**inp),
                       ref_model.generate(**inp, max_new_tokens=N_NEW, stop_token_ids=[]).tokens)
@@ -318,7 +312,7 @@ def test_cache_is_sharded_and_stays_so(dp, tp, batch, hf_checkpoint, mesh_model)
     cache = gen.new_cache(batch, 64)
     rows = "data" if batch % dp == 0 else None
     kv = "model" if 2 % tp == 0 else None
-    want = sharding.cache_sharding(model.config, mesh, batch)
+    want = cache_mod.cache_sharding(model.config, mesh, batch)
     assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, rows, None, kv)), 5)
     assert cache.k.sharding.spec == want.k.spec and cache.start.sharding.spec == want.start.spec
     for field in cache._fields:
@@ -386,7 +380,7 @@ def _decode_hlo(model, batch: int, pin: bool = True, logprobs: bool = False, **k
     req = gen.request({"input_ids": ids})
     ctl, flags, key = gen._controls(batch, N_NEW, [], None, kw, logprobs)
     state = gen.start(req, gen.new_cache(batch, 64), N_NEW, ctl, flags, key, False)
-    return generate.decode_loop.lower(model.params, model.config, flags, 64, state, ctl,
+    return generate.decode_loop.lower(*model.split, flags, 64, state, ctl,
                                       mesh=gen.mesh).compile().as_text()
 
 

@@ -78,13 +78,12 @@ def test_batch_of_one_dimensional_ids(jax_model):
 # --- The contract can fail: break one component at a time and the parity check must notice. ---
 
 def _qk_norm_after_rope(text_mod):
-    def qkv(p, x, cos, sin, cfg):  # rope first, QK-norm second: the wrong order
-        def norm(y, s):
-            return text_mod.rms_norm(y, s, cfg.rms_norm_eps)
-        q = norm(text_mod.apply_rope(text_mod.linear(x, p["q_proj"], 2), cos, sin), p["q_norm"]["scale"])
-        k = norm(text_mod.apply_rope(text_mod.linear(x, p["k_proj"], 2), cos, sin), p["k_norm"]["scale"])
-        return q, k, text_mod.linear(x, p["v_proj"], 2)
-    return "qkv", qkv
+    def qkv(self, x, cos, sin):  # rope first, QK-norm second: the wrong order
+        hd = self.head_dim
+        q = self.q_norm(text_mod.apply_rope(self.q_proj(x, (self.heads, hd)), cos, sin))
+        k = self.k_norm(text_mod.apply_rope(self.k_proj(x, (self.kv_heads, hd)), cos, sin))
+        return q, k, self.v_proj(x, (self.kv_heads, hd))
+    return text_mod.TextAttention, "qkv", qkv
 
 
 def _rope_wrong_half(text_mod):
@@ -92,20 +91,19 @@ def _rope_wrong_half(text_mod):
         half = x.shape[-1] // 2
         rotated = jax.numpy.concatenate([x[..., half:], -x[..., :half]], axis=-1)  # sign flipped
         return x * cos[:, :, None] + rotated * sin[:, :, None]
-    return "apply_rope", apply_rope
+    return text_mod, "apply_rope", apply_rope
 
 
 def _norm_eps_ignored(text_mod):
-    orig = text_mod.rms_norm
-    return "rms_norm", lambda x, scale, eps: orig(x, scale, 1e-2)
+    from qvl_jax.modeling import layers
+
+    return text_mod.RMSNorm, "__call__", lambda self, x: layers.rms_norm(x, self.weight[...], 1e-2)
 
 
 def _swiglu_swapped(text_mod):
-    def mlp(p, x):
-        gate = x @ p["gate_proj"]["weight"].T
-        up = x @ p["up_proj"]["weight"].T
-        return (gate * jax.nn.silu(up)) @ p["down_proj"]["weight"].T
-    return "mlp", mlp
+    def mlp(self, x):
+        return self.down_proj(self.gate_proj(x) * jax.nn.silu(self.up_proj(x)))
+    return text_mod.TextMLP, "__call__", mlp
 
 
 @pytest.mark.parametrize("mutation", [_qk_norm_after_rope, _rope_wrong_half, _norm_eps_ignored, _swiglu_swapped])
@@ -115,8 +113,8 @@ def test_parity_catches_broken_component(mutation, monkeypatch, hf_checkpoint, j
     hf, _ = hf_checkpoint("untied")
     ids = _ids((1, 12), seed=6)
     ref = _torch_logits(hf, ids)
-    name, fn = mutation(text_mod)
-    monkeypatch.setattr(text_mod, name, fn)
+    owner, name, fn = mutation(text_mod)
+    monkeypatch.setattr(owner, name, fn)
     jax.clear_caches()
     try:
         assert rel_err(jax_model("untied").logits(ids), ref) > LOGITS_RTOL
@@ -129,10 +127,15 @@ def test_parity_catches_dropped_tie(hf_checkpoint, jax_model):
     """Using a random untied head instead of the tied embedding must fail parity."""
     import dataclasses
 
+    from flax import nnx
+
+    from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration
+
     hf, _ = hf_checkpoint("tied")
     m = jax_model("tied")
-    emb = m.params["model"]["language_model"]["embed_tokens"]["embedding"]
-    broken = qvl_jax.Model(dataclasses.replace(m.config, tie_word_embeddings=False),
-                           dict(m.params, lm_head={"weight": jax.random.normal(jax.random.key(0), emb.shape)}))
+    untied = Qwen3VLForConditionalGeneration(dataclasses.replace(m.config, tie_word_embeddings=False),
+                                             rngs=nnx.Rngs(0))
+    nnx.update(untied, m.params)  # every weight but the (random) lm_head
+    broken = qvl_jax.Model.from_module(untied)
     ids = _ids((1, 10), seed=7)
     assert rel_err(broken.logits(ids), _torch_logits(hf, ids)) > LOGITS_RTOL

@@ -12,8 +12,19 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
-from qvl_jax.config import TextConfig
+from qvl_jax.config import Qwen3VLConfig, TextConfig
+from qvl_jax.sharding import check_mesh, logical_to_spec
+
+# KV cache fields -> logical axes (qvl_jax.sharding.RULES maps them to mesh axes).
+CACHE_AXES = dict(
+    k=("layers", "batch", "cache_len", "kv_heads", "head_dim"),
+    v=("layers", "batch", "cache_len", "kv_heads", "head_dim"),
+    start=("batch",),
+    end=(),
+    delta=("batch",),
+)
 
 
 class KVCache(NamedTuple):
@@ -30,13 +41,11 @@ class KVCache(NamedTuple):
 
 def allocate(cfg: TextConfig, batch: int, max_len: int, dtype, mesh=None) -> KVCache:
     """A zeroed cache; under a mesh each field is created directly in its sharding
-    (qvl_jax.sharding.cache_sharding), never whole on one device."""
+    (`cache_sharding`), never whole on one device."""
     shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     if mesh is None:
         where = KVCache(None, None, None, None, None)
     else:
-        from qvl_jax.sharding import cache_sharding
-
         where = cache_sharding(cfg, mesh, batch)
     return KVCache(jnp.zeros(shape, dtype, device=where.k), jnp.zeros(shape, dtype, device=where.v),
                    jnp.zeros((batch,), jnp.int32, device=where.start), jnp.zeros((), jnp.int32, device=where.end),
@@ -53,3 +62,14 @@ def grow(cache: KVCache, max_len: int) -> KVCache:
 def cache_bytes(cfg: TextConfig, batch: int, max_len: int, dtype) -> int:
     return 2 * cfg.num_hidden_layers * batch * max_len * cfg.num_key_value_heads * cfg.head_dim * \
         jnp.dtype(dtype).itemsize
+
+
+def cache_sharding(config: Qwen3VLConfig | TextConfig, mesh, batch: int) -> KVCache:
+    """A KVCache whose fields are the NamedShardings of a cache of `batch` rows: k, v split over
+    kv heads on "model" and over rows on "data" (each where it divides), positions over rows."""
+    mesh = check_mesh(mesh)
+    cfg = getattr(config, "text", config)
+    kv_shape = (cfg.num_hidden_layers, batch, 1, cfg.num_key_value_heads, cfg.head_dim)  # length never split
+    shapes = dict(k=kv_shape, v=kv_shape, start=(batch,), end=(), delta=(batch,))
+    return KVCache(**{f: NamedSharding(mesh, logical_to_spec(CACHE_AXES[f], shapes[f], mesh))
+                      for f in KVCache._fields})

@@ -28,8 +28,8 @@ from qvl_jax import sharding
 from qvl_jax.engine import cache as kv_cache, sampling
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import InputError, NumericalError, ResourceError, device_free_bytes, device_memory_errors
-from qvl_jax.api import bucket_length, embed, embed_inputs, lm_head, prepare_inputs, run_vision, vision_bucket
-from qvl_jax.modeling.text import decoder
+from qvl_jax.modeling.inputs import bucket_length, prepare_inputs, vision_bucket
+from qvl_jax.modeling.model import Structure, vision_tower
 
 MIN_READ = 64  # smallest attention window bucket during decode
 
@@ -89,12 +89,12 @@ def _carry_embed(cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, mesh, batch:
             and batch * n * (cfg.text.hidden_size + 6) * 4 <= CARRY_EMBED_MAX_BYTES)
 
 
-def _pad_embed(params: dict, ctl: Controls, carry: bool) -> jax.Array | None:
+def _pad_embed(m, ctl: Controls, carry: bool) -> jax.Array | None:
     """[1, 1, d] embedding of the pad token, what finished rows are fed when the steps carry their
     input embeddings (carry); looked up once per jitted call, outside the loop (a lookup in the
     vocab-split table costs an all-reduce). Prefill decides whether to carry (`_carry_embed`); the
     decode functions follow the state they are given (`state.embed` set or None)."""
-    return embed(params, jnp.reshape(ctl.pad_id, (1, 1))) if carry else None
+    return m.embed(jnp.reshape(ctl.pad_id, (1, 1))) if carry else None
 
 
 def _greedy_by_blocks(logits: jax.Array, table: jax.Array | None, sp: sampling.SamplingParams,
@@ -151,7 +151,7 @@ def _greedy_by_blocks(logits: jax.Array, table: jax.Array | None, sp: sampling.S
 
 
 def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, logits: jax.Array,
-            params: dict, mesh=None, pad_embed: jax.Array | None = None) -> DecodeState:
+            m, mesh=None, pad_embed: jax.Array | None = None) -> DecodeState:
     """Chooses the token of step `state.step` from `logits` and records it.
 
     Under a mesh, greedy decoding goes through `_greedy_by_blocks`; given pad_embed (`_pad_embed`,
@@ -159,7 +159,7 @@ def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, lo
     step = state.step
     x_next = None
     if _blocked(flags, mesh):
-        table = None if pad_embed is None else params["model"]["language_model"]["embed_tokens"]["embedding"]
+        table = None if pad_embed is None else m.model.language_model.embed_tokens.weight[...]
         tok, lp, finite, x_next = _greedy_by_blocks(logits, table, ctl.sampling, flags, state.seen, state.counts,
                                                     mesh)
     else:
@@ -192,29 +192,30 @@ def _record(state: DecodeState, ctl: Controls, flags: sampling.SamplingFlags, lo
         logits=out_logits, done=done, bad_step=bad_step, seen=seen, counts=counts, embed=x_next)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "n_out", "want_logits", "mesh"),
+@functools.partial(jax.jit, static_argnames=("structure", "flags", "read_len", "n_out", "want_logits", "mesh"),
                    donate_argnames=("cache",))
-def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int, n_out: int,
+def prefill(structure: Structure, leaves: list, flags: sampling.SamplingFlags, read_len: int, n_out: int,
             want_logits: bool, ids: jax.Array, positions: jax.Array, valid: jax.Array, last_idx: jax.Array,
             vision, cache: kv_cache.KVCache, delta: jax.Array, ctl: Controls, max_new: jax.Array, key: jax.Array,
             seen_ids: jax.Array | None, mesh=None) -> DecodeState:
     """Writes the chunk ids [b, t] at cache.end, then chooses the first new token.
 
     valid [b, t] marks real tokens; last_idx [b] is each row's last real token in the chunk (all rows
-    end together: left padding, or a single row)."""
+    end together: left padding, or a single row). (structure, leaves): the model, split."""
+    m = structure.merge(leaves)
+    cfg = m.config
     b, t = ids.shape
     offset = cache.end
-    x, deepstack = embed_inputs(params, cfg, ids, vision)
+    x, deepstack = m.embed_inputs(ids, vision)
     j = jnp.arange(read_len)
     in_chunk = (j >= offset) & (j < offset + t)
     chunk_valid = jnp.take_along_axis(valid, jnp.clip(j - offset, 0, t - 1)[None].repeat(b, 0), axis=1)
     key_ok = (j[None] >= cache.start[:, None]) & ((j[None] < offset) | (in_chunk[None] & chunk_valid))
     causal = j[None, :] <= (offset + jnp.arange(t))[:, None]  # [t, read_len]
     mask = key_ok[:, None, :] & causal[None]
-    h, (k, v) = decoder(params["model"]["language_model"], cfg.text, x, positions, mask, deepstack,
-                        (cache.k, cache.v), offset, read_len)
+    h, (k, v) = m.model.language_model(x, positions, mask, deepstack, (cache.k, cache.v), offset, read_len)
     last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
-    logits = lm_head(params, cfg, last)[:, 0].astype(jnp.float32)
+    logits = m.lm_logits(last)[:, 0].astype(jnp.float32)
     # A fresh cache starts each row at its first real token; a continued one keeps its starts.
     start = jnp.where(offset == 0, jnp.argmax(valid, axis=1).astype(jnp.int32), cache.start)
     new_cache = cache._replace(k=k, v=v, start=start, end=offset + jnp.max(last_idx) + 1, delta=delta)
@@ -225,17 +226,17 @@ def prefill(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, rea
         seen = seen.at[:, 0].set(seen[:, 0] | jnp.any(seen_ids == 0, axis=1))
     if flags.frequency_presence:
         counts = jnp.zeros((b, vocab), jnp.int32)
-    state = DecodeState(
+    out = DecodeState(
         step=jnp.zeros((), jnp.int32), max_new=max_new,
         tokens=jnp.zeros((b, n_out), jnp.int32), logprobs=jnp.zeros((b, n_out), jnp.float32),
         logits=jnp.zeros((b, n_out, vocab), jnp.float32) if want_logits else None,
         done=jnp.zeros((b,), bool), bad_step=jnp.full((b,), -1, jnp.int32), cache=new_cache, key=key,
         seen=seen, counts=counts)
-    pad = _pad_embed(params, ctl, _carry_embed(cfg, flags, mesh, b))
-    return _record(state, ctl, flags, logits, params, mesh, pad)
+    pad = _pad_embed(m, ctl, _carry_embed(cfg, flags, mesh, b))
+    return _record(out, ctl, flags, logits, m, mesh, pad)
 
 
-def _decode_step(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
+def _decode_step(m, flags: sampling.SamplingFlags, read_len: int,
                  state: DecodeState, ctl: Controls, mesh=None, pad_embed: jax.Array | None = None) -> DecodeState:
     """Feeds the last chosen token at the cache end and chooses the next one."""
     cache = state.cache
@@ -244,35 +245,35 @@ def _decode_step(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags
     positions = jnp.broadcast_to(pos[None, :, None], (3, tok.shape[0], 1))
     j = jnp.arange(read_len)
     mask = ((j[None] >= cache.start[:, None]) & (j[None] <= cache.end))[:, None, :]
-    x = embed(params, tok[:, None]) if state.embed is None else state.embed
-    h, (k, v) = decoder(params["model"]["language_model"], cfg.text, x, positions, mask, None,
-                        (cache.k, cache.v), cache.end, read_len)
-    logits = lm_head(params, cfg, h)[:, 0].astype(jnp.float32)
+    x = m.embed(tok[:, None]) if state.embed is None else state.embed
+    h, (k, v) = m.model.language_model(x, positions, mask, None, (cache.k, cache.v), cache.end, read_len)
+    logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
     state = state._replace(cache=cache._replace(k=k, v=v, end=cache.end + 1))
-    return _record(state, ctl, flags, logits, params, mesh, pad_embed)
+    return _record(state, ctl, flags, logits, m, mesh, pad_embed)
 
 
 def _running(state: DecodeState, read_len: int) -> jax.Array:
     return (state.step < state.max_new) & ~jnp.all(state.done) & (state.cache.end < read_len)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "mesh"), donate_argnames=("state",))
-def decode_loop(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
+@functools.partial(jax.jit, static_argnames=("structure", "flags", "read_len", "mesh"), donate_argnames=("state",))
+def decode_loop(structure: Structure, leaves: list, flags: sampling.SamplingFlags, read_len: int,
                 state: DecodeState, ctl: Controls, mesh=None) -> DecodeState:
     """Decodes until every row stopped, the budget is spent, or the cache end reaches read_len.
 
     mesh: the params' mesh (None on one device); it only pins a few layouts (`_greedy_by_blocks`)."""
-    pad = _pad_embed(params, ctl, state.embed is not None)
+    m = structure.merge(leaves)
+    pad = _pad_embed(m, ctl, state.embed is not None)
     return jax.lax.while_loop(lambda s: _running(s, read_len),
-                              lambda s: _decode_step(params, cfg, flags, read_len, s, ctl, mesh, pad), state)
+                              lambda s: _decode_step(m, flags, read_len, s, ctl, mesh, pad), state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "flags", "read_len", "mesh"), donate_argnames=("state",))
-def decode_one(params: dict, cfg: Qwen3VLConfig, flags: sampling.SamplingFlags, read_len: int,
+@functools.partial(jax.jit, static_argnames=("structure", "flags", "read_len", "mesh"), donate_argnames=("state",))
+def decode_one(structure: Structure, leaves: list, flags: sampling.SamplingFlags, read_len: int,
                state: DecodeState, ctl: Controls, mesh=None) -> DecodeState:
     """One decode step (the streaming path): the same step function as the loop body."""
-    return _decode_step(params, cfg, flags, read_len, state, ctl, mesh,
-                        _pad_embed(params, ctl, state.embed is not None))
+    m = structure.merge(leaves)
+    return _decode_step(m, flags, read_len, state, ctl, mesh, _pad_embed(m, ctl, state.embed is not None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,11 +309,7 @@ def _compact_left(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def _stop_ids(stop_token_ids, default) -> np.ndarray:
     ids = default if stop_token_ids is None else stop_token_ids
-    if isinstance(ids, (int, np.integer)):
-        ids = [ids]
-    ids = np.asarray(list(ids) if ids is not None else [], dtype=np.int64)
-    if ids.ndim != 1:
-        raise InputError(f"stop_token_ids must be an int or a list of ints, got {stop_token_ids!r}")
+    ids = np.asarray(sampling.token_ids("stop_token_ids", ids) if ids is not None else [], dtype=np.int64)
     # A fixed-size slot array keeps the compiled loop independent of how many stop tokens there are.
     out = np.full(max(8, len(ids)), -1, np.int32)
     out[: len(ids)] = ids
@@ -339,7 +336,7 @@ class Generator:
         pad = gen.get("pad_token_id", 0) if pad_token_id is None else pad_token_id
         if pad is None:
             pad = int(stop[0]) if stop[0] >= 0 else 0
-        if not 0 <= int(pad) < vocab:
+        if not 0 <= sampling.token_id("pad_token_id", pad) < vocab:
             raise InputError(f"pad_token_id must lie in [0, {vocab}), got {pad}")
         seed = kw.pop("seed", None)
         unknown = set(kw) - {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
@@ -348,9 +345,7 @@ class Generator:
             raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
         sp, flags = sampling.make_sampling(batch, **kw)
         flags = dataclasses.replace(flags, logprobs=bool(logprobs))
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise InputError(f"seed must be an integer, got {seed!r}")
-        key = jax.random.key(0 if seed is None else int(seed))
+        key = sampling.prng_key(seed)
         ctl = Controls(sp, jnp.asarray(stop), jnp.asarray(int(pad), jnp.int32))
         return ctl, flags, key
 
@@ -362,11 +357,9 @@ class Generator:
         need = kv_cache.cache_bytes(self.cfg.text, batch, cache_len, self.model.dtype)
         mesh = getattr(self.model, "mesh", None)
         if mesh is not None:  # each device holds one block of the sharded cache
-            from qvl_jax.sharding import cache_sharding
-
             shape = (self.cfg.text.num_hidden_layers, batch, cache_len, self.cfg.text.num_key_value_heads,
                      self.cfg.text.head_dim)
-            need = need * int(np.prod(cache_sharding(self.cfg.text, mesh, batch).k.shard_shape(shape))) // \
+            need = need * int(np.prod(kv_cache.cache_sharding(self.cfg.text, mesh, batch).k.shard_shape(shape))) // \
                 int(np.prod(shape))
         free = device_free_bytes()
         if free is not None and need > free:
@@ -398,13 +391,13 @@ class Generator:
     def _vision(self, req: Request):
         if req.vision is None:
             return None
-        feats, deepstack = run_vision(self.model.params, self.cfg, req.vision)
+        feats, deepstack = vision_tower(*self.model.split, req.vision)
         return feats, deepstack, jnp.asarray(req.feat_index)
 
     def start(self, req: Request, cache: kv_cache.KVCache, max_new: int, ctl, flags, key, want_logits: bool):
         n_out = bucket_length(max_new, 16)
         read_len = min(cache.max_len, bucket_length(int(cache.end) + req.ids.shape[1], MIN_READ))
-        return prefill(self.model.params, self.cfg, flags, read_len, n_out, want_logits,
+        return prefill(*self.model.split, flags, read_len, n_out, want_logits,
                        jnp.asarray(req.ids), jnp.asarray(req.positions), jnp.asarray(req.valid),
                        jnp.asarray(req.last_idx), self._vision(req), cache, jnp.asarray(req.delta), ctl,
                        jnp.asarray(max_new, jnp.int32), key,
@@ -417,7 +410,7 @@ class Generator:
             if all_done or step >= int(state.max_new):
                 return state
             read_len = min(max_len, bucket_length(int(end) + 1, MIN_READ))
-            state = decode_loop(self.model.params, self.cfg, flags, read_len, state, ctl, mesh=self.mesh)
+            state = decode_loop(*self.model.split, flags, read_len, state, ctl, mesh=self.mesh)
 
     def steps(self, state: DecodeState, ctl, flags) -> Iterator[DecodeState]:
         """The streaming driver: one jitted step per token, yielding the state after each."""
@@ -428,7 +421,7 @@ class Generator:
             if all_done or step >= int(state.max_new):
                 return
             read_len = min(max_len, bucket_length(int(end) + 1, MIN_READ))
-            state = decode_one(self.model.params, self.cfg, flags, read_len, state, ctl, mesh=self.mesh)
+            state = decode_one(*self.model.split, flags, read_len, state, ctl, mesh=self.mesh)
             yield state
 
     def new_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:

@@ -53,11 +53,57 @@ def _per_row(name: str, value, batch: int, dtype, neutral) -> np.ndarray:
     if value is None:
         value = neutral
     arr = np.asarray(value)
-    if arr.dtype.kind not in "biuf" or arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != batch):
+    if arr.dtype.kind not in "iuf" or arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != batch):
         raise InputError(f"{name} must be a number or one number per batch row ({batch}), got {value!r}")
     if not np.isfinite(arr.astype(np.float64)).all():
         raise InputError(f"{name} must be finite, got {value!r}")
     return np.broadcast_to(arr, (batch,)).astype(dtype)
+
+
+# Token ids travel as int32 on the device; a larger value would wrap around instead of failing.
+_INT32_MAX = 2**31 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def token_id(name: str, value) -> int:
+    """One token id given by the user: an int (not a bool, float or string) in [0, 2**31)."""
+    if not _is_int(value):
+        raise InputError(f"{name} must be an integer token id, got {value!r}")
+    if not 0 <= int(value) <= _INT32_MAX:
+        raise InputError(f"{name} must lie in [0, 2**31), got {value}")
+    return int(value)
+
+
+def token_ids(name: str, value) -> list[int]:
+    """An int or a flat sequence of ints (list, tuple, 1-D integer array) -> list of checked ids."""
+    if _is_int(value):
+        return [token_id(name, value)]
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or (value.size and value.dtype.kind not in "iu"):
+            raise InputError(f"{name} must be an int or a 1-D list of ints, got an array of shape "
+                             f"{list(value.shape)} and dtype {value.dtype}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{name} must be an int or a list of ints, got {value!r}")
+    return [token_id(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def prng_key(seed) -> jax.Array:
+    """The PRNG key of a request: seed None is 0 (reproducible by default); any other seed must be an
+    int in [0, 2**64). jax.random.key keeps only the low 32 bits without x64, so the high word is
+    folded in separately: seeds that differ anywhere give different streams."""
+    if seed is None:
+        return jax.random.key(0)
+    if not _is_int(seed):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise InputError(f"seed must lie in [0, 2**64), got {seed}")
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
 
 
 def make_sampling(batch: int, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,

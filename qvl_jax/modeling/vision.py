@@ -1,5 +1,6 @@
-"""The Qwen3-VL vision tower: patch embed, learned position embedding, 2-D rotary, ViT blocks,
-patch merger and DeepStack mergers.
+"""The Qwen3-VL vision tower as Flax NNX modules (transformers' paths: `visual.patch_embed.proj`,
+`visual.pos_embed`, `visual.blocks[i].attn.qkv`, `visual.merger`, `visual.deepstack_merger_list[k]`):
+patch embed, learned position embedding, 2-D rotary, ViT blocks, patch merger and DeepStack mergers.
 
 Everything that depends on the image grids (`grid_thw`) is computed on the host with numpy
 (`VisionInputs.build`): the bilinear taps into the learned 48x48 position table, the (row, col) rotary
@@ -27,11 +28,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from qvl_jax.modeling import attention
 from qvl_jax.config import VisionConfig
 from qvl_jax.errors import InputError
-from qvl_jax.modeling.text import linear, rope_inv_freq
+from qvl_jax.modeling import attention
+from qvl_jax.modeling.layers import Embedding, LayerNorm, Linear, apply_rope, rope_inv_freq
 
 
 def _merge_block_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,22 +182,6 @@ class VisionInputs:
         )
 
 
-def layer_norm(x: jax.Array, p: dict, eps: float = 1e-6) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    # As torch's layer_norm: affine in float32 too, one rounding at the end.
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
-
-
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Attention inside one block: q, k, v [S, heads, head_dim], mask [S, S]; softmax in float32."""
     scores = jnp.einsum("pjh,qjh->jpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
@@ -220,76 +206,131 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, l
     return out.reshape(blocks * size, *out.shape[2:])
 
 
-def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
-          lengths: jax.Array | None = None, impl: str = "einsum") -> jax.Array:
-    """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual.
+class PatchEmbed(nnx.Module):
+    """Conv3d with stride == kernel over patches already flattened as (C, T, P, P): a matmul with
+    the [out, C, T, P, P] weight viewed as [out, C*T*P*P] (Linear does that reshape)."""
 
-    x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S]. With a
-    fused kernel (impl "xla" / "cudnn", one frame per block) lengths [B] masks each block's tail
-    instead, and mask is None."""
-    h = layer_norm(x, p["norm1"])
-    qkv = linear(h, p["attn"]["qkv"], 3)  # [P, 3, heads, head_dim]
-    q, k, v = _rope(qkv[:, 0], cos, sin), _rope(qkv[:, 1], cos, sin), qkv[:, 2]
-    if impl == "einsum":
-        attn = block_attention(q, k, v, mask)
-    else:
-        q, k, v = (a.reshape(lengths.shape[0], -1, *a.shape[1:]) for a in (q, k, v))
-        attn = attention.fused(q, k, v, impl, lengths=lengths).reshape(x.shape[0], *q.shape[2:])
-    x = x + linear(attn.reshape(x.shape[0], -1), p["attn"]["proj"])
-    h = layer_norm(x, p["norm2"])
-    h = jax.nn.gelu(linear(h, p["mlp"]["linear_fc1"]), approximate=True)
-    return x + linear(h, p["mlp"]["linear_fc2"])
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype=jnp.float32):
+        kernel = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = Linear(kernel, cfg.hidden_size, bias=True, axes=("vision_embed",) + ("patch",) * 4,
+                           rngs=rngs, dtype=dtype)
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        return self.proj(patches.astype(self.proj.weight.dtype))
 
 
-def merger(p: dict, x: jax.Array, group: int, postshuffle_norm: bool) -> jax.Array:
-    """Groups `group` consecutive patches (one merge block) into one token of the text width.
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype=jnp.float32):
+        D, hd = cfg.hidden_size, cfg.head_dim
+        # The fused [3 * D, D] projection is split as reshape(3, heads, head_dim): a split of its
+        # output axis would cut across q, k and v, so it stays whole ("qkv" is never sharded).
+        self.qkv = Linear(D, 3 * D, bias=True, axes=("qkv", "vision_embed"), rngs=rngs, dtype=dtype)
+        self.proj = Linear(D, D, bias=True, axes=("vision_embed", "vision_heads"), units=(1, hd), rngs=rngs,
+                           dtype=dtype)
+        self.num_heads, self.head_dim = cfg.num_heads, hd
 
-    The main merger normalises each patch and then groups; the DeepStack mergers group first and
-    normalise the grouped vector. Both use exact (erf) GELU.
-    """
-    if postshuffle_norm:
-        x = layer_norm(x.reshape(-1, x.shape[-1] * group), p["norm"])
-    else:
-        x = layer_norm(x, p["norm"]).reshape(-1, x.shape[-1] * group)
-    x = jax.nn.gelu(linear(x, p["linear_fc1"]), approximate=False)
-    return linear(x, p["linear_fc2"])
-
-
-def tower(params: dict, cfg: VisionConfig, patches: jax.Array, pos_idx: jax.Array, pos_w: jax.Array,
-          rope_pos: jax.Array, frame: jax.Array, merged_order: jax.Array,
-          packed: bool = True) -> tuple[jax.Array, jax.Array]:
-    """(merged [n, out], deepstack [K, n, out]) in Hugging Face's token order, n = len(merged_order),
-    for patches [B*S, C*T*P*P] in block layout (see VisionInputs; packed as VisionInputs.packed)."""
-    dtype = params["patch_embed"]["proj"]["weight"].dtype
-    impl = "einsum" if packed else attention.kernel(dtype)
-    x = linear(patches.astype(dtype), params["patch_embed"]["proj"])
-    pos = jnp.take(params["pos_embed"]["embedding"], pos_idx, axis=0)  # [P, 4, d]
-    x = x + jnp.sum(pos * pos_w[..., None].astype(pos.dtype), axis=1).astype(x.dtype)
-
-    inv_freq = jnp.asarray(vision_rope_inv_freq(cfg))
-    freqs = rope_pos.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim/4]
-    emb = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
-    emb = jnp.concatenate([emb, emb], axis=-1)
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    if impl == "einsum":
-        mask, lengths = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0), None  # [B, S, S]
-    else:  # one frame per block, at its start: the padding is each block's tail
-        mask, lengths = None, jnp.sum(frame >= 0, axis=1)  # [B]
-
-    # Blocks run unrolled over per-block arrays (see text.decoder for why not lax.scan); the DeepStack
-    # mergers stay stacked and run as one vmapped call over the tapped hidden states.
-    taps = []
-    for i, p in enumerate(params["blocks"]):
-        x = block(p, x, cos, sin, mask, lengths, impl)
-        if i in cfg.deepstack_visual_indexes:
-            taps.append(x)
-    group = cfg.spatial_merge_size ** 2
-    merged = jnp.take(merger(params["merger"], x, group, postshuffle_norm=False), merged_order, axis=0)
-    if not taps:
-        return merged, jnp.zeros((0, *merged.shape), merged.dtype)
-    deepstack = jax.vmap(lambda p, t: merger(p, t, group, postshuffle_norm=True))(
-        params["deepstack_merger_list"], jnp.stack(taps))
-    return merged, jnp.take(deepstack, merged_order, axis=1)
+    def __call__(self, x, cos, sin, mask, lengths=None, impl: str = "einsum"):
+        qkv = self.qkv(x, (3, self.num_heads, self.head_dim))  # [P, 3, heads, head_dim]
+        q, k, v = apply_rope(qkv[:, 0], cos, sin), apply_rope(qkv[:, 1], cos, sin), qkv[:, 2]
+        if impl == "einsum":
+            attn = block_attention(q, k, v, mask)
+        else:
+            q, k, v = (a.reshape(lengths.shape[0], -1, *a.shape[1:]) for a in (q, k, v))
+            attn = attention.fused(q, k, v, impl, lengths=lengths).reshape(x.shape[0], *q.shape[2:])
+        return self.proj(attn.reshape(x.shape[0], -1))
 
 
-tower_jit = jax.jit(tower, static_argnames=("cfg", "packed"))
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype=jnp.float32):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        self.linear_fc1 = Linear(D, F, bias=True, axes=("vision_mlp", "vision_embed"), rngs=rngs, dtype=dtype)
+        self.linear_fc2 = Linear(F, D, bias=True, axes=("vision_embed", "vision_mlp"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))  # tanh-GELU, as the reference
+
+
+class VisionBlock(nnx.Module):
+    """One ViT block: pre-LayerNorm attention and tanh-GELU MLP, both residual."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype=jnp.float32):
+        self.norm1 = LayerNorm(cfg.hidden_size, axes=("vision_embed",), dtype=dtype)
+        self.norm2 = LayerNorm(cfg.hidden_size, axes=("vision_embed",), dtype=dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype)
+        self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, cos, sin, mask, lengths=None, impl: str = "einsum"):
+        """x [B*S, d] in block layout; attention runs inside each of the B blocks, mask [B, S, S].
+        With a fused kernel (impl "xla" / "cudnn", one frame per block) lengths [B] masks each
+        block's tail instead, and mask is None."""
+        x = x + self.attn(self.norm1(x), cos, sin, mask, lengths, impl)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """Groups spatial_merge_size**2 consecutive patches (one merge block) into one token of the text
+    width. The main merger normalises each patch and then groups (postshuffle_norm False); the
+    DeepStack mergers group first and normalise the grouped vector. Both use exact (erf) GELU."""
+
+    def __init__(self, cfg: VisionConfig, postshuffle_norm: bool, *, rngs, dtype=jnp.float32):
+        self.group = cfg.spatial_merge_size ** 2
+        wide = cfg.hidden_size * self.group
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = LayerNorm(wide if postshuffle_norm else cfg.hidden_size,
+                              axes=("merger_in",) if postshuffle_norm else ("vision_embed",), dtype=dtype)
+        self.linear_fc1 = Linear(wide, wide, bias=True, axes=("merger_mlp", "merger_in"), rngs=rngs, dtype=dtype)
+        self.linear_fc2 = Linear(wide, cfg.out_hidden_size, bias=True, axes=("embed", "merger_mlp"), rngs=rngs,
+                                 dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.postshuffle_norm:
+            x = self.norm(x.reshape(-1, x.shape[-1] * self.group))
+        else:
+            x = self.norm(x).reshape(-1, x.shape[-1] * self.group)
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
+
+
+class VisionModel(nnx.Module):
+    """The tower (transformers' Qwen3VLVisionModel)."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype=jnp.float32):
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs, dtype=dtype)
+        self.pos_embed = Embedding(cfg.num_position_embeddings, cfg.hidden_size, axes=("pos_table", "vision_embed"),
+                                   rngs=rngs, dtype=dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, False, rngs=rngs, dtype=dtype)
+        self.deepstack_merger_list = nnx.List([PatchMerger(cfg, True, rngs=rngs, dtype=dtype)
+                                               for _ in cfg.deepstack_visual_indexes])
+
+    def __call__(self, patches: jax.Array, pos_idx: jax.Array, pos_w: jax.Array, rope_pos: jax.Array,
+                 frame: jax.Array, merged_order: jax.Array, packed: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(merged [n, out], deepstack [K, n, out]) in Hugging Face's token order, n = len(merged_order),
+        for patches [B*S, C*T*P*P] in block layout (see VisionInputs; packed as VisionInputs.packed)."""
+        cfg = self.config
+        dtype = self.patch_embed.proj.weight.dtype
+        impl = "einsum" if packed else attention.kernel(dtype)
+        x = self.patch_embed(patches)
+        pos = self.pos_embed(pos_idx)  # [P, 4, d]
+        x = x + jnp.sum(pos * pos_w[..., None].astype(pos.dtype), axis=1).astype(x.dtype)
+
+        inv_freq = jnp.asarray(vision_rope_inv_freq(cfg))
+        freqs = rope_pos.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim/4]
+        emb = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+        emb = jnp.concatenate([emb, emb], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        if impl == "einsum":
+            mask, lengths = (frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0), None  # [B, S, S]
+        else:  # one frame per block, at its start: the padding is each block's tail
+            mask, lengths = None, jnp.sum(frame >= 0, axis=1)  # [B]
+
+        taps = []
+        for i, blk in enumerate(self.blocks):  # unrolled, as the text decoder (see text.TextModel)
+            x = blk(x, cos, sin, mask, lengths, impl)
+            if i in cfg.deepstack_visual_indexes:
+                taps.append(x)
+        merged = jnp.take(self.merger(x), merged_order, axis=0)
+        if not taps:
+            return merged, jnp.zeros((0, *merged.shape), merged.dtype)
+        deepstack = jnp.stack([m(t) for m, t in zip(self.deepstack_merger_list, taps)])
+        return merged, jnp.take(deepstack, merged_order, axis=1)

@@ -1,0 +1,117 @@
+"""Layers both towers share: Linear, Embedding, RMSNorm, LayerNorm as Flax NNX modules, and the
+rotary helpers.
+
+Params carry Hugging Face's names and shapes (`weight` [out, in] for a Linear, `bias` [out], norm
+`weight`, embedding `weight` [rows, width]), so a module's flattened state path is its checkpoint
+key. Each Param also carries `axes`: the logical axis name of each dim, which qvl_jax.sharding maps
+to mesh axes. A logical axis may name a group of `units` consecutive entries (an attention head of
+head_dim rows in a flattened [heads * head_dim, in] weight) so that a split never cuts a head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", units=None) -> nnx.Param:
+    """A Param of `shape` with logical `axes` (and optional per-dim `units`). init: "normal" (std
+    1/sqrt(fan_in)), "zeros" or "ones". rngs=None (an abstract build under nnx.eval_shape) is fine
+    for the constant inits."""
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes), units=tuple(units or (1,) * len(shape)))
+
+
+class Linear(nnx.Module):
+    """y = x @ weight.T (+ bias), weight [*out, *in] in Hugging Face's [out, in] layout.
+
+    The weight is viewed as one [out, in] matrix (a free reshape) and contracted on its last axis:
+    XLA CPU runs that 1.2-1.8x faster than x @ [in, out] at decode row counts. A weight of more than
+    two dims (the Conv3d patch embedding [out, C, T, P, P]) contracts its trailing dims."""
+
+    def __init__(self, in_shape, out_features: int, *, bias: bool, axes, rngs, dtype=jnp.float32,
+                 units=None):
+        in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (in_shape,)
+        self.weight = param(rngs, (out_features, *in_shape), axes, dtype, units=units)
+        self.bias = param(rngs, (out_features,), axes[:1], dtype, "zeros", units and units[:1]) if bias else None
+
+    def __call__(self, x: jax.Array, out_shape: tuple[int, ...] | None = None) -> jax.Array:
+        """x [..., in] -> [..., out], or [..., *out_shape] (heads split out of the output)."""
+        w = self.weight[...]
+        w = w.reshape(w.shape[0], -1)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y if out_shape is None else y.reshape(*x.shape[:-1], *out_shape)
+
+
+class Embedding(nnx.Module):
+    """A lookup table `weight` [rows, width]."""
+
+    def __init__(self, rows: int, width: int, *, axes, rngs, dtype=jnp.float32):
+        self.weight = param(rngs, (rows, width), axes, dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """h [..., width] against every row: the tied lm_head."""
+        return jax.lax.dot_general(h, self.weight[...], (((h.ndim - 1,), (1,)), ((), ())))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As the reference: normalise in float32, cast back to the input dtype, then apply the weight.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, axes, rngs=None, dtype=jnp.float32):
+        self.weight = param(rngs, (dim,), axes, dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, *, axes, rngs=None, dtype=jnp.float32):
+        self.weight = param(rngs, (dim,), axes, dtype, "ones")
+        self.bias = param(rngs, (dim,), axes, dtype, "zeros")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        # As torch's layer_norm: affine in float32 too, one rounding at the end.
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+             + self.bias[...].astype(jnp.float32))
+        return y.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """1 / theta^(2i/head_dim) as the reference builds it: a float32 exponent, the power rounded to
+    float32, a float32 reciprocal. (numpy's float32 power differs from torch's by up to 4 ulp, and a
+    frequency error grows with the position it multiplies.)"""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., heads, h]; cos/sin [..., h] (broadcast over heads). Rotation in float32, result in
+    x's dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
