@@ -127,7 +127,7 @@ def _checkpoint_files(hf_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # JSON, decoding, nesting
             raise CheckpointError(f"{index}: malformed index ({e})") from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (hf_dir / f).is_file()]
@@ -389,7 +389,7 @@ def _check_previous_conversion(d: Path) -> None:
         raise CheckpointError(f"{refuse}: its {MANIFEST_FILE} is not a regular file")
     try:
         manifest = json.loads((d / MANIFEST_FILE).read_bytes())
-    except ValueError:
+    except (ValueError, RecursionError):
         manifest = {"format": FORMAT_NAME}  # a damaged manifest: the file names below still decide
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{refuse}: its {MANIFEST_FILE} is not a qvl_jax manifest")
@@ -465,7 +465,7 @@ def _make_work_dir(parent: Path, name: str, kind: str) -> Path:
 def _is_stale(d: Path, host: str, now: float) -> bool:
     try:
         owner = json.loads((d / _OWNER_FILE).read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         owner = None
     if isinstance(owner, dict) and owner.get("host") == host and type(owner.get("pid")) is int and owner["pid"] > 0:
         return not _alive(owner["pid"], owner.get("start"))

@@ -142,10 +142,10 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
         from qvl_jax.sharding import check_mesh
 
         mesh = check_mesh(mesh)
-    if not os.path.isdir(path):  # a name, not a directory: tiny-random or a hub id
+    if path is None or not os.path.isdir(path):  # a name, not a directory: tiny-random or a hub id
         from qvl_jax.hub import resolve_model
 
-        path = resolve_model(str(path), log=False)
+        path = resolve_model(path, log=False)
     config, graphdef, params = load_state(path, dtype, mesh, verify)
     return Model(config, graphdef, params, _generation_defaults(path), mesh)
 

@@ -30,7 +30,7 @@ def is_converted(path: Path) -> bool:
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, absurdly nested
         raise CheckpointError(f"{path / MANIFEST_FILE}: not valid JSON ({e})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path / MANIFEST_FILE}: {e.strerror or e}") from None

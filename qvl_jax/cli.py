@@ -2,37 +2,29 @@
 
     qvl-jax generate [--model M] [--image FILE ...] [--video PATH ...] --prompt TEXT [sampling flags]
     qvl-jax convert HF_DIR OUT_DIR [--dtype ...] [--force]
-    qvl-jax info [--model M]
+    qvl-jax info [--model M] [--json]
 
 `--model` takes a converted qvl_jax directory, a Hugging Face checkpoint directory (converted once
 into the cache on first use), a hub id such as Qwen/Qwen3-VL-2B-Instruct (downloaded with
 huggingface_hub when the network allows), or `tiny-random`: a small random checkpoint built locally,
-the default, so that the whole path runs offline (its answers are random text).
+the default, so that the whole path runs offline (its answers are random text). See qvl_jax/hub.py.
 
-Errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback instead.
+Errors print one line (`error: ...`) and exit with status 2; Ctrl-C exits with 130; `--debug`
+(before or after the subcommand) shows the traceback instead. Nothing heavy (JAX, numpy) is imported
+until a command runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
+import re
 import sys
-import time
-from pathlib import Path
 
-from qvl_jax.errors import CheckpointError, InputError, QvlError
+from qvl_jax.errors import InputError, QvlError
+from qvl_jax.hub import DEFAULT_MODEL, cache_dir, resolve_model
 
-DEFAULT_MODEL = "tiny-random"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QVL_JAX_CACHE", Path.home() / ".cache" / "qvl_jax"))
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+__all__ = ["DEFAULT_MODEL", "build_parser", "cache_dir", "enable_compilation_cache", "main", "resolve_model"]
 
 
 def enable_compilation_cache() -> None:
@@ -45,75 +37,66 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _converted_from_hf(hf_dir: Path) -> Path:
-    """Converts an HF checkpoint into the cache once; later calls reuse it (keyed by path and mtimes).
-    A cached conversion this version cannot read (another params format, a broken manifest) is
-    converted again in its place: the cache is ours to rebuild."""
-    from qvl_jax.convert import convert_checkpoint
-    from qvl_jax.checkpoint import read_manifest
+# C0 and C1 control characters except newline and tab, DEL, and lone surrogates: a model's output must
+# not move the cursor, clear the screen or retitle the terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
-    stamp = "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
-                     for p in sorted(hf_dir.glob("*")) if p.suffix in (".json", ".safetensors"))
-    key = hashlib.sha256(f"{hf_dir.resolve()}|{stamp}".encode()).hexdigest()[:16]
-    out = cache_dir() / "converted" / f"{hf_dir.name}-{key}"
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character other than newline and tab written as a Python escape."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    # argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+    if text is None:
+        return
     try:
-        read_manifest(out)
-    except CheckpointError as e:
-        stale = out.exists()
-        _log(f"converting {hf_dir} into {out} (once)" + (f"; the cached one is unusable: {e}" if stale else "") + "...")
-        convert_checkpoint(hf_dir, out, force=stale)
-    return out
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise InputError(f"{flag} is not valid UTF-8 (bytes {raw!r} at character {e.start})") from None
 
 
-def resolve_model(spec: str | None) -> Path:
-    """A loadable (converted) model directory for --model."""
-    from qvl_jax.checkpoint import is_converted
-
-    if spec in (None, DEFAULT_MODEL):
-        from qvl_jax.tiny import TINY_NAME, write_tiny_checkpoint
-
-        hf = cache_dir() / TINY_NAME
-        if spec is None:
-            _log(f"*** no --model given: using the built-in {TINY_NAME} model (random weights, random text) ***")
-        if not (hf / "config.json").is_file():
-            _log(f"building the {TINY_NAME} checkpoint in {hf}...")
-            write_tiny_checkpoint(hf)
-        return _converted_from_hf(hf)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if is_converted(path):
-            return path
-        if (path / "config.json").is_file():
-            return _converted_from_hf(path)
-        raise CheckpointError(f"{path} is neither a converted qvl_jax directory nor a Hugging Face checkpoint")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return _converted_from_hf(_download(spec))
-    raise CheckpointError(f"no model directory {spec!r} (and it does not look like a hub id such as Qwen/Qwen3-VL-2B-Instruct)")
+_FRAME_HINT = "it must hold only the video's frame images"
 
 
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+def _load_frame_dir(p) -> list:
+    """Frames of a frame directory, sorted by name. Every entry but hidden files must be an image of
+    sane size: a stray file or folder is an error, never skipped, and so is a frame past PIL's
+    decompression-bomb limit (its warning too: a video multiplies one huge frame by its length)."""
+    import warnings
 
-        _log(f"downloading {repo_id}...")
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
-    except Exception as e:  # offline, unknown repo, no access: one line either way
-        raise CheckpointError(f"cannot download {repo_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                              ) from None
+    from PIL import Image
+
+    frames = []
+    for f in sorted(e for e in p.iterdir() if not e.name.startswith(".")):
+        if not f.is_file():
+            raise InputError(f"video directory {p} holds {f.name!r}, which is not a file: {_FRAME_HINT}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(f) as image:
+                    frames.append(image.convert("RGB"))
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise InputError(f"frame {f.name!r} in {p} is too large: {' '.join(str(e).split())}") from None
+            except (OSError, SyntaxError, ValueError) as e:
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise InputError(f"video directory {p} holds {f.name!r}, which is not a readable image "
+                                 f"({reason}): {_FRAME_HINT}") from None
+    if not frames:
+        raise InputError(f"video directory {p} holds no frame images")
+    return frames
 
 
 def _load_video(path: str, fps: float | None) -> dict:
     """A chat content item for a directory of frame images (sorted by name; frame rate from
-    --video-fps) or a video file (needs PyAV; frame rate from the file)."""
-    from PIL import Image
+    --video-fps) or a video file (needs PyAV; frame rate from the file unless --video-fps)."""
+    from pathlib import Path
 
     p = Path(path)
     if p.is_dir():
-        frames = [Image.open(f).convert("RGB") for f in sorted(p.iterdir())
-                  if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp")]
-        if not frames:
-            raise InputError(f"video directory {p} holds no frame images")
-        return {"type": "video", "video": frames, **({"video_fps": fps} if fps else {})}
+        return {"type": "video", "video": _load_frame_dir(p), **({"video_fps": fps} if fps is not None else {})}
     if not p.is_file():
         raise InputError(f"no video file or frame directory {p}")
     try:
@@ -126,9 +109,10 @@ def _load_video(path: str, fps: float | None) -> dict:
             stream = container.streams.video[0]
             rate = float(stream.average_rate) if stream.average_rate else None
             frames = [f.to_image() for f in container.decode(video=0)]
-    except Exception as e:
+    except Exception as e:  # PyAV's errors have no common base: any failure here is the file's
         raise InputError(f"cannot decode video {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return {"type": "video", "video": frames, **({"video_fps": fps or rate} if (fps or rate) else {})}
+    rate = fps if fps is not None else rate
+    return {"type": "video", "video": frames, **({"video_fps": rate} if rate is not None else {})}
 
 
 def parse_mesh(dp: int | None, tp: int | None):
@@ -141,17 +125,34 @@ def parse_mesh(dp: int | None, tp: int | None):
     return make_mesh(dp, tp)
 
 
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+             "seed")
+
+
 def _sampling_kwargs(args) -> dict:
-    kw = {}
-    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-                 "presence_penalty", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            kw[name] = value
+    kw = {name: getattr(args, name) for name in _SAMPLING if getattr(args, name) is not None}
+    if kw.get("temperature", 0) > 0 and "seed" not in kw:
+        import secrets
+
+        # A fresh seed per run, as transformers and vLLM sample; --json reports it, --seed repeats it.
+        kw["seed"] = secrets.randbits(63)
     return kw
 
 
+_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                 "video_grid_thw", "mm_token_type_ids")
+
+
+def _utf8_stdout() -> bool:
+    return (sys.stdout.encoding or "").lower().replace("-", "").replace("_", "") == "utf8"
+
+
 def cmd_generate(args) -> int:
+    import json
+    import time
+
+    _check_utf8("--prompt", args.prompt)
+    _check_utf8("--system", args.system)
     import qvl_jax
     from qvl_jax.processing.processor import Processor
 
@@ -171,7 +172,8 @@ def cmd_generate(args) -> int:
     # fails in a second, not after loading a large model.
     model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh)
     load_s = time.perf_counter() - t0
-    kw = dict(_sampling_kwargs(args), stop_token_ids=proc.eos_token_ids)
+    sampling = _sampling_kwargs(args)
+    kw = dict(sampling, stop_token_ids=proc.eos_token_ids)
     if args.json or args.no_stream:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kw)
         tokens = out.tokens[0, : out.lengths[0]].tolist()
@@ -179,11 +181,14 @@ def cmd_generate(args) -> int:
         if args.json:
             print(json.dumps({"model": str(model_dir), "text": text, "tokens": tokens,
                               "prompt_tokens": int(out.prompt_tokens), "new_tokens": len(tokens),
-                              "load_s": round(load_s, 3), "prefill_s": round(out.prefill_s, 3),
-                              "decode_s": round(out.decode_s, 3)}, ensure_ascii=False))
+                              "seed": sampling.get("seed"), "load_s": round(load_s, 3),
+                              "prefill_s": round(out.prefill_s, 3), "decode_s": round(out.decode_s, 3)},
+                             ensure_ascii=not _utf8_stdout()))
         else:
-            print(text)
+            _text_stdout()
+            print(escape_controls(text))
         return 0
+    _text_stdout()
     tokens: list[int] = []
     shown = ""
     stops = set(proc.eos_token_ids)
@@ -194,15 +199,17 @@ def cmd_generate(args) -> int:
         tokens.append(tok)
         text = proc.decode(tokens, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
+            sys.stdout.write(escape_controls(text[len(shown):]))
             sys.stdout.flush()
             shown = text
-    sys.stdout.write(proc.decode(tokens, skip_special_tokens=True)[len(shown):] + "\n")
+    sys.stdout.write(escape_controls(proc.decode(tokens, skip_special_tokens=True)[len(shown):]) + "\n")
     return 0
 
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                 "video_grid_thw", "mm_token_type_ids")
+def _text_stdout() -> None:
+    # A terminal that cannot show a character gets an escape rather than a UnicodeEncodeError.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def cmd_convert(args) -> int:
@@ -211,7 +218,13 @@ def cmd_convert(args) -> int:
     return run(args)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def cmd_info(args) -> int:
+    import json
+
     from qvl_jax.checkpoint import read_manifest
     from qvl_jax.config import Qwen3VLConfig
 
@@ -238,65 +251,127 @@ def cmd_info(args) -> int:
     }
     if args.json:
         print(json.dumps(info))
-    else:
-        for key, value in info.items():
-            print(f"{key:>34}: {value}")
+        return 0
+    tx, vx = info["text"], info["vision"]
+    rows = [
+        ("model", info["model"]),
+        ("parameters", (f"{_count(n)} ({n:,}), stored as {info['stored_dtype']} "
+                        f"({info['stored_bytes'] / 2**20:,.1f} MiB)")),
+        ("weights", f"{info['weights_bf16_gib']} GiB in bfloat16, {info['weights_f32_gib']} GiB in float32"),
+        ("KV cache", f"{info['kv_cache_bf16_mib_per_1k_tokens']} MiB per 1024 tokens (bfloat16)"),
+        ("text", (f"{tx['layers']} layers, hidden {tx['hidden']}, {tx['heads']} heads ({tx['kv_heads']} KV, "
+                  f"head_dim {tx['head_dim']}), MLP {tx['mlp']}, vocab {tx['vocab']:,}, context {tx['context']:,}")),
+        ("", f"MRoPE section {tx['mrope_section']}, rope_theta {tx['rope_theta']:g}, "
+             + ("tied embeddings" if tx["tied_embeddings"] else "separate lm_head")),
+        ("vision", (f"{vx['blocks']} blocks, hidden {vx['hidden']}, {vx['heads']} heads, patch {vx['patch']}, "
+                    f"merge {vx['merge']}x{vx['merge']}, DeepStack after blocks {vx['deepstack_layers']}")),
+    ]
+    for key, value in rows:
+        print(f"{key:<11} {value}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qvl-jax", description="Qwen3-VL inference in JAX")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" where there is a default worth showing (not None, False or empty)."""
 
-    g = sub.add_parser("generate", help="answer a prompt about images / videos")
-    g.add_argument("--model", default=None, help=f"model dir, HF dir, hub id or {DEFAULT_MODEL} (default)")
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _debug_flag(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # After the subcommand too; SUPPRESS there, so the subparser does not reset a --debug given before it.
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
+
+
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. `argv` only decides whether the convert subcommand's own arguments are
+    built: they live in qvl_jax.convert, whose import pulls in numpy, so other commands skip it."""
+    fmt = {"formatter_class": _HelpFormatter}
+    parser = argparse.ArgumentParser(prog="qvl-jax", description="Qwen3-VL inference in JAX", **fmt)
+    _debug_flag(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,convert,info}")
+
+    g = sub.add_parser("generate", help="answer a prompt about images / videos", **fmt)
+    g.add_argument("--model", default=None, help=f"converted dir, HF dir, hub id or {DEFAULT_MODEL} "
+                                                  f"(default: {DEFAULT_MODEL}, with a notice)")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    g.add_argument("--video", action="append", default=[], help="video file (needs PyAV) or frame directory")
+    g.add_argument("--video", action="append", default=[],
+                   help="video file (needs PyAV) or directory of frame images (repeatable)")
     g.add_argument("--video-fps", type=float, default=None,
-                   help="frame rate of --video frame directories (files carry their own)")
-    g.add_argument("--prompt", required=True)
+                   help="source frame rate of --video (default: the file's own; 24 for frame directories)")
+    g.add_argument("--prompt", required=True, help="the user's question")
     g.add_argument("--system", default=None, help="system message")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
     g.add_argument("--temperature", type=float, default=None, help="0 or absent: greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 or absent: off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (absent: off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="transformers' (1 or absent: off)")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's (0 or absent: off)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's (0 or absent: off)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, 0 <= seed < 2**64 (absent: a fresh random one, shown by --json)")
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
-                   help="cast params on load (default: as stored)")
+                   help="cast params on load (absent: as stored)")
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size: shard heads/MLP/vocab over N devices")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size: shard the batch over N devices")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
+    _debug_flag(g)
     g.set_defaults(func=cmd_generate)
 
-    from qvl_jax.convert.__main__ import build_parser as convert_parser
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint", **fmt)
+    if _command(sys.argv[1:] if argv is None else argv) == "convert":
+        from qvl_jax.convert.__main__ import build_parser as convert_parser
 
-    c = convert_parser(sub.add_parser("convert", help="convert a Hugging Face checkpoint"))
+        convert_parser(c)
+    _debug_flag(c)
     c.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("info", help="config summary, parameter count, memory estimate")
-    i.add_argument("--model", default=DEFAULT_MODEL)
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", help="config summary, parameter count, memory estimate", **fmt)
+    i.add_argument("--model", default=DEFAULT_MODEL, help="converted dir, HF dir, hub id or tiny-random")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _debug_flag(i)
     i.set_defaults(func=cmd_info)
     return parser
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
+        args = build_parser(argv).parse_args(argv)
+        debug = args.debug
         return args.func(args)
-    except QvlError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
         return 130
+    except QvlError as e:
+        if debug:
+            raise
+        return _fail(str(e))
+    except PermissionError as e:
+        if debug:
+            raise
+        return _fail(f"permission denied: {e.filename or e}")
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,9 +28,54 @@ def _get(d: dict, key: str, where: str, default: Any = dataclasses.MISSING) -> A
     return default
 
 
-def _as_int(value: Any, key: str, where: str) -> int:
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _as_int(value: Any, key: str, where: str, minimum: int = 1) -> int:
+    """An integer field: ints only (no bools, floats or strings, which int() would coerce silently)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"config.json: {where}.{key} must be an integer, got {value!r}")
+        raise ConfigError(f"config.json: {_name(where, key)} must be an integer, got {value!r}")
+    if value < minimum:
+        what = "positive" if minimum == 1 else f">= {minimum}"
+        raise ConfigError(f"config.json: {_name(where, key)} must be {what}, got {value}")
+    if value >= 2**31:  # sizes and ids end up in int32 arrays
+        raise ConfigError(f"config.json: {_name(where, key)}={value} is out of range (must be < 2**31)")
+    return value
+
+
+def _int(d: dict, key: str, where: str, default: Any = dataclasses.MISSING, minimum: int = 1) -> int:
+    return _as_int(_get(d, key, where, default), key, where, minimum)
+
+
+def _positive_float(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: {_name(where, key)} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config.json: {_name(where, key)} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(d: dict, key: str, where: str, default: bool) -> bool:
+    value = _get(d, key, where, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: {_name(where, key)} must be true or false, got {value!r}")
+    return value
+
+
+def _int_list(value: Any, key: str, where: str, minimum: int = 0) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config.json: {_name(where, key)} must be a list of integers, got {value!r}")
+    return tuple(_as_int(v, f"{key}[{i}]", where, minimum) for i, v in enumerate(value))
+
+
+def _section(d: dict, key: str, where: str) -> dict:
+    """An optional nested object (rope parameters): absent is {}, anything but an object is an error."""
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: {_name(where, key)} must be an object, got {value!r}")
     return value
 
 
@@ -61,40 +106,37 @@ class TextConfig:
             raise ConfigError(f"config.json: text_config.hidden_act={act!r} is not supported (only 'silu')")
         # transformers 5 writes rope_parameters (theta inside); released checkpoints have rope_scaling
         # with rope_theta beside it in text_config.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"config.json: text_config rope parameters must be a dict, got {rope!r}")
+        rope_key = "rope_parameters" if d.get("rope_parameters") is not None else "rope_scaling"
+        rope = _section(d, rope_key, where)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
             raise ConfigError(f"config.json: text_config rope_type={rope_type!r} is not supported (only 'default')")
         if rope.get("mrope_interleaved", True) is not True:
             raise ConfigError("config.json: text_config mrope_interleaved=false (Qwen2.5-VL style) is not supported")
         theta = rope.get("rope_theta", d.get("rope_theta", 5_000_000.0))
-        section = tuple(int(s) for s in rope.get("mrope_section", (24, 20, 20)))
-        hidden = _as_int(_get(d, "hidden_size", where), "hidden_size", where)
-        heads = _as_int(_get(d, "num_attention_heads", where), "num_attention_heads", where)
-        kv_heads = _as_int(_get(d, "num_key_value_heads", where, heads), "num_key_value_heads", where)
-        head_dim = _as_int(_get(d, "head_dim", where, hidden // heads if heads else 0), "head_dim", where)
+        hidden = _int(d, "hidden_size", where)
+        heads = _int(d, "num_attention_heads", where)
         cfg = cls(
-            vocab_size=_as_int(_get(d, "vocab_size", where), "vocab_size", where),
+            vocab_size=_int(d, "vocab_size", where),
             hidden_size=hidden,
-            intermediate_size=_as_int(_get(d, "intermediate_size", where), "intermediate_size", where),
-            num_hidden_layers=_as_int(_get(d, "num_hidden_layers", where), "num_hidden_layers", where),
+            intermediate_size=_int(d, "intermediate_size", where),
+            num_hidden_layers=_int(d, "num_hidden_layers", where),
             num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(_get(d, "rms_norm_eps", where, 1e-6)),
-            rope_theta=float(theta),
-            mrope_section=section,  # type: ignore[arg-type]
-            attention_bias=bool(_get(d, "attention_bias", where, False)),
-            max_position_embeddings=int(_get(d, "max_position_embeddings", where, 262144)),
+            num_key_value_heads=_int(d, "num_key_value_heads", where, heads),
+            head_dim=_int(d, "head_dim", where, hidden // heads),
+            rms_norm_eps=_positive_float(_get(d, "rms_norm_eps", where, 1e-6), "rms_norm_eps", where),
+            rope_theta=_positive_float(theta, "rope_theta", where),
+            mrope_section=_int_list(rope.get("mrope_section", (24, 20, 20)), "mrope_section",
+                                    f"{where}.{rope_key}"),  # type: ignore[arg-type]
+            attention_bias=_bool(d, "attention_bias", where, False),
+            max_position_embeddings=_int(d, "max_position_embeddings", where, 262144),
         )
         cfg._validate()
         return cfg
 
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config.json: text_config.{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -143,20 +185,21 @@ class VisionConfig:
         act = _get(d, "hidden_act", where, "gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu_new"):
             raise ConfigError(f"config.json: vision_config.hidden_act={act!r} is not supported (only tanh GELU)")
-        rope = d.get("rope_parameters") or {}
+        rope = _section(d, "rope_parameters", where)
         cfg = cls(
-            depth=_as_int(_get(d, "depth", where), "depth", where),
-            hidden_size=_as_int(_get(d, "hidden_size", where), "hidden_size", where),
-            intermediate_size=_as_int(_get(d, "intermediate_size", where), "intermediate_size", where),
-            num_heads=_as_int(_get(d, "num_heads", where), "num_heads", where),
-            out_hidden_size=_as_int(_get(d, "out_hidden_size", where), "out_hidden_size", where),
-            deepstack_visual_indexes=tuple(int(i) for i in _get(d, "deepstack_visual_indexes", where)),
-            in_channels=int(_get(d, "in_channels", where, 3)),
-            patch_size=int(_get(d, "patch_size", where, 16)),
-            temporal_patch_size=int(_get(d, "temporal_patch_size", where, 2)),
-            spatial_merge_size=int(_get(d, "spatial_merge_size", where, 2)),
-            num_position_embeddings=int(_get(d, "num_position_embeddings", where, 2304)),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            depth=_int(d, "depth", where),
+            hidden_size=_int(d, "hidden_size", where),
+            intermediate_size=_int(d, "intermediate_size", where),
+            num_heads=_int(d, "num_heads", where),
+            out_hidden_size=_int(d, "out_hidden_size", where),
+            deepstack_visual_indexes=_int_list(_get(d, "deepstack_visual_indexes", where),
+                                               "deepstack_visual_indexes", where),
+            in_channels=_int(d, "in_channels", where, 3),
+            patch_size=_int(d, "patch_size", where, 16),
+            temporal_patch_size=_int(d, "temporal_patch_size", where, 2),
+            spatial_merge_size=_int(d, "spatial_merge_size", where, 2),
+            num_position_embeddings=_int(d, "num_position_embeddings", where, 2304),
+            rope_theta=_positive_float(rope.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta", where),
         )
         cfg._validate()
         return cfg
@@ -202,12 +245,13 @@ class Qwen3VLConfig:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
         text_d = d.get("text_config")
         vision_d = d.get("vision_config")
-        if not isinstance(text_d, dict):
-            raise ConfigError("config.json: missing 'text_config' object")
-        if not isinstance(vision_d, dict):
-            raise ConfigError("config.json: missing 'vision_config' object")
+        for key, value in (("text_config", text_d), ("vision_config", vision_d)):
+            if value is None:
+                raise ConfigError(f"config.json: missing {key!r} object")
+            if not isinstance(value, dict):
+                raise ConfigError(f"config.json: {key!r} must be an object, got {type(value).__name__}")
         # The tie flag lives at the top level in both dialects; some exports only have it in text_config.
-        tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", False))
+        tie = _bool(d, "tie_word_embeddings", "", _bool(text_d, "tie_word_embeddings", "text_config", False))
         text = TextConfig.from_hf_dict(text_d)
         vision = VisionConfig.from_hf_dict(vision_d)
         if vision.out_hidden_size != text.hidden_size:
@@ -219,20 +263,60 @@ class Qwen3VLConfig:
         return cls(
             text=text,
             vision=vision,
-            tie_word_embeddings=bool(tie),
-            image_token_id=int(d.get("image_token_id", 151655)),
-            video_token_id=int(d.get("video_token_id", 151656)),
-            vision_start_token_id=int(d.get("vision_start_token_id", 151652)),
-            vision_end_token_id=int(d.get("vision_end_token_id", 151653)),
+            tie_word_embeddings=tie,
+            image_token_id=_int(d, "image_token_id", "", 151655, minimum=0),
+            video_token_id=_int(d, "video_token_id", "", 151656, minimum=0),
+            vision_start_token_id=_int(d, "vision_start_token_id", "", 151652, minimum=0),
+            vision_end_token_id=_int(d, "vision_end_token_id", "", 151653, minimum=0),
         )
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Qwen3VLConfig":
+        if not os.path.lexists(path):
+            raise ConfigError(f"no config.json at {os.fspath(path)}")
+        return cls.from_hf_dict(read_json(path))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's contents. Unreadable, undecodable and pathologically nested files (json's
+    recursion would otherwise escape as a RecursionError) are a one-line ConfigError."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except PermissionError:
+        raise ConfigError(f"cannot read {path}: permission denied") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, ints beyond Python's digit limit
+        raise ConfigError(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config file") from None
+
+
+def generation_defaults(model_dir: str | os.PathLike) -> dict:
+    """eos_token_id (always a list) and pad_token_id from a model directory's generation_config.json;
+    {} when there is none. A malformed file is a ConfigError, never skipped: ignoring it would
+    silently drop the stop tokens."""
+    path = os.path.join(os.fspath(model_dir), "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    out = {}
+    eos = d.get("eos_token_id")
+    if eos is not None:
+        ids = eos if isinstance(eos, list) else [eos]
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {os.fspath(path)}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{os.fspath(path)} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d)
+            out["eos_token_id"] = [_as_int(i, "eos_token_id", "", minimum=0) for i in ids]
+        except ConfigError:
+            raise ConfigError(f"generation_config.json: eos_token_id must be a token id (an integer >= 0) or a "
+                              f"list of them, got {eos!r}") from None
+    if d.get("pad_token_id") is not None:
+        try:
+            out["pad_token_id"] = _as_int(d["pad_token_id"], "pad_token_id", "", minimum=0)
+        except ConfigError:
+            raise ConfigError(f"generation_config.json: pad_token_id must be a token id (an integer >= 0), "
+                              f"got {d['pad_token_id']!r}") from None
+    return out

@@ -122,3 +122,137 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError, match="JSON object"):
         Qwen3VLConfig.from_json_file(tmp_path / "config.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# values of the wrong type or an impossible value: a ConfigError naming the field, never a coercion
+
+
+def _text(**kw):
+    return lambda d: d["text_config"].update(**kw)
+
+
+def _vision(**kw):
+    return lambda d: d["vision_config"].update(**kw)
+
+
+def _rope(**kw):
+    return lambda d: d["text_config"]["rope_scaling"].update(**kw)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_text(num_attention_heads=0), r"text_config\.num_attention_heads must be positive, got 0"),
+    (_text(num_attention_heads=-16), r"text_config\.num_attention_heads must be positive"),
+    (_text(num_key_value_heads=0), r"text_config\.num_key_value_heads must be positive"),
+    (_vision(num_heads=0), r"vision_config\.num_heads must be positive"),
+    (_vision(depth=0), r"vision_config\.depth must be positive"),
+    (_vision(depth=-24), r"vision_config\.depth must be positive"),
+    (_text(num_hidden_layers=0), r"text_config\.num_hidden_layers must be positive"),
+    (_text(num_hidden_layers=-1), r"text_config\.num_hidden_layers must be positive"),
+    (_text(rope_theta=float("nan")), r"text_config\.rope_theta must be a finite positive number"),
+    (_text(rope_theta=float("inf")), r"text_config\.rope_theta must be a finite positive number"),
+    (_text(rope_theta=-1.0), r"text_config\.rope_theta must be a finite positive number"),
+    (_text(rope_theta="5e6"), r"text_config\.rope_theta must be a number"),
+    (_vision(rope_theta=float("nan")), r"vision_config\.rope_theta must be a finite positive number"),
+    (_text(rms_norm_eps=float("nan")), r"text_config\.rms_norm_eps"),
+    (_text(max_position_embeddings=0), r"text_config\.max_position_embeddings must be positive"),
+    (_text(max_position_embeddings=-262144), r"text_config\.max_position_embeddings must be positive"),
+    (_text(max_position_embeddings=2**40), r"text_config\.max_position_embeddings=\d+ is out of range"),
+    (_text(hidden_size=True), r"text_config\.hidden_size must be an integer, got True"),
+    (_vision(spatial_merge_size=True), r"vision_config\.spatial_merge_size must be an integer, got True"),
+    (_text(intermediate_size=6144.0), r"text_config\.intermediate_size must be an integer, got 6144\.0"),
+    (_vision(patch_size=3.7), r"vision_config\.patch_size must be an integer, got 3\.7"),
+    (_vision(num_position_embeddings="2304"), r"vision_config\.num_position_embeddings must be an integer"),
+    (_vision(deepstack_visual_indexes="12"), r"vision_config\.deepstack_visual_indexes must be a list of integers"),
+    (_vision(deepstack_visual_indexes=[5.0, 11, 17]), r"deepstack_visual_indexes\[0\] must be an integer"),
+    (_vision(deepstack_visual_indexes=[True, 11]), r"deepstack_visual_indexes\[0\] must be an integer"),
+    (_rope(mrope_section="242020"), r"mrope_section must be a list of integers"),
+    (_rope(mrope_section=[24.0, 20, 20]), r"mrope_section\[0\] must be an integer"),
+    (_text(attention_bias="false"), r"text_config\.attention_bias must be true or false"),
+    (lambda d: d.update(tie_word_embeddings=1), r"tie_word_embeddings must be true or false"),
+    (lambda d: d.update(image_token_id="151655"), r"image_token_id must be an integer"),
+    (lambda d: d.update(video_token_id=-1), r"video_token_id must be >= 0"),
+    (lambda d: d.update(text_config=[1, 2]), r"'text_config' must be an object, got list"),
+    (lambda d: d.update(vision_config="none"), r"'vision_config' must be an object, got str"),
+    (lambda d: d["text_config"].update(rope_scaling="default"), r"text_config\.rope_scaling must be an object"),
+    (_vision(rope_parameters=[10000.0]), r"vision_config\.rope_parameters must be an object"),
+])
+def test_wrong_types_and_impossible_values_rejected(mutate, message):
+    d = copy.deepcopy(QWEN3_VL_2B)
+    mutate(d)
+    with pytest.raises(ConfigError, match=message) as e:
+        Qwen3VLConfig.from_hf_dict(d)
+    assert "\n" not in str(e.value)
+
+
+def test_deeply_nested_and_malformed_json_files(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text("[" * 100_000 + "]" * 100_000)  # json recurses once per level
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        Qwen3VLConfig.from_json_file(f)
+    f.write_text('{"model_type": "qwen3_vl", "x": ' + "9" * 5000 + "}")  # past Python's int digit limit
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Qwen3VLConfig.from_json_file(f)
+    f.write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Qwen3VLConfig.from_json_file(f)
+
+
+def test_unreadable_config_says_permission_denied(tmp_path, monkeypatch):
+    import builtins
+
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(QWEN3_VL_2B))
+    real_open = builtins.open
+
+    def no_access(path, *args, **kwargs):
+        if str(path) == str(f):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_access)
+    with pytest.raises(ConfigError, match="permission denied"):
+        Qwen3VLConfig.from_json_file(f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# generation_config.json
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"eos_token_id": 151645, "pad_token_id": 151643}, {"eos_token_id": [151645], "pad_token_id": 151643}),
+    ({"eos_token_id": [151645, 151643]}, {"eos_token_id": [151645, 151643]}),
+    ({"eos_token_id": None, "pad_token_id": None, "temperature": 0.7}, {}),
+    ({}, {}),
+])
+def test_generation_defaults(tmp_path, content, expected):
+    from qvl_jax.config import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(content))
+    assert generation_defaults(tmp_path) == expected
+    assert generation_defaults(tmp_path / "elsewhere") == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"eos_token_id": "151645"}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": 151645.0}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": 3.7}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": true}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": [151645, [151643]]}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": [151645, "x"]}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": -1}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": 4294967296}', "eos_token_id must be a token id"),
+    ('{"eos_token_id": {"id": 1}}', "eos_token_id must be a token id"),
+    ('{"pad_token_id": "0"}', "pad_token_id must be a token id"),
+    ('{"pad_token_id": false}', "pad_token_id must be a token id"),
+    ('[151645]', "must hold a JSON object"),
+    ('{"eos_token_id": ', "not valid JSON"),
+    ("[" * 100_000, "nested too deeply"),
+])
+def test_bad_generation_config_is_a_config_error(tmp_path, text, message):
+    from qvl_jax.config import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        generation_defaults(tmp_path)
+    assert "\n" not in str(e.value)

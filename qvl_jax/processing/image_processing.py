@@ -53,6 +53,14 @@ QWEN3_VL_IMAGE_MAX_PIXELS = 16777216  # 4096 * 4096
 QWEN3_VL_VIDEO_MIN_PIXELS = 128 * 32 * 32
 QWEN3_VL_VIDEO_MAX_PIXELS = 768 * 32 * 32
 MAX_ASPECT_RATIO = 200
+# Bounds on what a preprocessor config may ask for, checked when it is read: beyond them every image
+# would be blown up (or allowed) to arrays that do not fit in memory, and the process gets killed.
+# 2**30 pixels are four times the vision tokens the longest Qwen3-VL context holds (262144 tokens of
+# 32 x 32 pixels); a minimum above the released maximum (4096 x 4096) enlarges every image past it.
+MAX_PIXELS_LIMIT = 2**30
+MIN_PIXELS_LIMIT = QWEN3_VL_IMAGE_MAX_PIXELS
+MAX_TEMPORAL_PATCH_SIZE = 16
+MAX_FRAMES_LIMIT = 2**14  # two hours at 2 fps; more frames cannot fit a context at a useful resolution
 # transformers assumes this source frame rate whenever a video's own rate is unknown.
 DEFAULT_VIDEO_FPS = 24.0
 _BICUBIC = 3
@@ -247,20 +255,25 @@ def _patchify(frames: np.ndarray, patch_size: int, merge_size: int, temporal_pat
 # shared option checks
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _positive_int(name: str, value: Any, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise ConfigError(f"{name}={value} is beyond the supported limit of {limit}")
     return int(value)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _triple(name: str, value: Any) -> tuple[float, float, float]:
-    try:
-        out = tuple(float(v) for v in value) if not isinstance(value, (int, float)) else (float(value),) * 3
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be 3 numbers (one per RGB channel), got {value!r}") from None
-    if len(out) != 3:
-        raise ConfigError(f"{name} must have 3 values (one per RGB channel), got {value!r}")
-    return out
+    values = (value,) * 3 if _is_number(value) else value
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(_is_number(v) for v in values):
+        raise ConfigError(f"{name} must be 3 finite numbers (one per RGB channel), got {value!r}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
 def _pixel_limits(size: Any, min_pixels: Any, max_pixels: Any, default: tuple[int, int]) -> tuple[int, int]:
@@ -276,9 +289,8 @@ def _pixel_limits(size: Any, min_pixels: Any, max_pixels: Any, default: tuple[in
     hi = hi if max_pixels is None else max_pixels
     if lo is None or hi is None:
         raise ConfigError(f"size must give both 'shortest_edge' and 'longest_edge' (pixel counts), got {size!r}")
-    lo, hi = _positive_int("min_pixels (size['shortest_edge'])", lo), _positive_int(
-        "max_pixels (size['longest_edge'])", hi
-    )
+    lo = _positive_int("min_pixels (size['shortest_edge'])", lo, MIN_PIXELS_LIMIT)
+    hi = _positive_int("max_pixels (size['longest_edge'])", hi, MAX_PIXELS_LIMIT)
     if lo > hi:
         raise ConfigError(f"min_pixels {lo} is larger than max_pixels {hi}")
     return lo, hi
@@ -304,12 +316,16 @@ class _Base:
             raise ConfigError(f"image_std must be non-zero, got {image_std!r}")
         if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample not in _PIL_FILTERS:
             raise ConfigError(f"resample must be a PIL filter code 0..5 (3 = bicubic), got {resample!r}")
-        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)) or not rescale_factor > 0:
-            raise ConfigError(f"rescale_factor must be a positive number, got {rescale_factor!r}")
+        if not _is_number(rescale_factor) or not rescale_factor > 0:
+            raise ConfigError(f"rescale_factor must be a finite positive number, got {rescale_factor!r}")
+        patch, merge = _positive_int("patch_size", patch_size), _positive_int("merge_size", merge_size)
+        if (patch * merge) ** 2 > hi:  # every image is at least one merge block of patches
+            raise ConfigError(f"patch_size * merge_size = {patch * merge} makes one merge block "
+                              f"{(patch * merge) ** 2} pixels, more than max_pixels={hi}")
         fields = dict(
-            patch_size=_positive_int("patch_size", patch_size),
-            temporal_patch_size=_positive_int("temporal_patch_size", temporal_patch_size),
-            merge_size=_positive_int("merge_size", merge_size),
+            patch_size=patch,
+            temporal_patch_size=_positive_int("temporal_patch_size", temporal_patch_size, MAX_TEMPORAL_PATCH_SIZE),
+            merge_size=merge,
             min_pixels=lo,
             max_pixels=hi,
             image_mean=_triple("image_mean", image_mean),
@@ -469,8 +485,8 @@ def sample_frame_indices(
         raise InputError(f"video has {total_num_frames} frames")
     if num_frames is None and fps is not None:
         source_fps = DEFAULT_VIDEO_FPS if video_fps is None else video_fps
-        if not source_fps > 0:
-            raise InputError(f"video fps must be positive, got {video_fps!r}")
+        if not _is_number(source_fps) or not source_fps > 0:
+            raise InputError(f"video fps must be a finite positive number, got {video_fps!r}")
         num_frames = int(total_num_frames / source_fps * fps)
         num_frames = min(max(num_frames, min_frames), max_frames, total_num_frames)
     elif num_frames is None:
@@ -588,12 +604,13 @@ class VideoProcessor(_Base):
                           rescale_factor, resample)
         if fps is not None and num_frames is not None:
             raise ConfigError("fps and num_frames are mutually exclusive; set fps=None to sample a fixed count")
-        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
-            raise ConfigError(f"fps must be a positive number, got {fps!r}")
+        if fps is not None and (not _is_number(fps) or not fps > 0):
+            raise ConfigError(f"fps must be a finite positive number, got {fps!r}")
         object.__setattr__(self, "fps", None if fps is None else float(fps))
-        object.__setattr__(self, "num_frames", None if num_frames is None else _positive_int("num_frames", num_frames))
-        object.__setattr__(self, "min_frames", _positive_int("min_frames", min_frames))
-        object.__setattr__(self, "max_frames", _positive_int("max_frames", max_frames))
+        object.__setattr__(self, "num_frames", None if num_frames is None
+                           else _positive_int("num_frames", num_frames, MAX_FRAMES_LIMIT))
+        object.__setattr__(self, "min_frames", _positive_int("min_frames", min_frames, MAX_FRAMES_LIMIT))
+        object.__setattr__(self, "max_frames", _positive_int("max_frames", max_frames, MAX_FRAMES_LIMIT))
         object.__setattr__(self, "do_sample_frames", bool(do_sample_frames))
         object.__setattr__(self, "cap_pixels_per_frame", bool(cap_pixels_per_frame))
         object.__setattr__(self, "max_video_tokens", _positive_int("max_video_tokens", max_video_tokens))
@@ -686,6 +703,8 @@ class VideoProcessor(_Base):
 
     def __call__(self, videos: Any, video_fps: float | Sequence[float | None] | None = None) -> dict[str, Any]:
         batch = _split_videos(videos)
+        if isinstance(video_fps, (str, bytes)):
+            raise InputError(f"video_fps must be a number or one number per video, got {video_fps!r}")
         if video_fps is None or isinstance(video_fps, (int, float, np.integer, np.floating)):
             rates = [video_fps] * len(batch)
         else:

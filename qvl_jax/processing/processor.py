@@ -185,6 +185,17 @@ def _describe(x: Any) -> str:
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def _check_utf8(text: str, where: str) -> str:
+    """Lone surrogates (bytes that were not UTF-8, as sys.argv and os.fsdecode keep them) cannot be
+    tokenized; say so in one line rather than fail inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} is not valid UTF-8: {text[e.start]!r} at character {e.start} (a lone "
+                         "surrogate, e.g. from undecodable bytes)") from None
+    return text
+
+
 # ----------------------------------------------------------------------------------------------------
 # Jinja: the environment transformers renders chat templates in (templates are untrusted code from the
 # Hub, so: sandboxed, and nothing the template sees is a live Python object)
@@ -329,7 +340,9 @@ def _normalize_conversation(conversation: Any, c: int, batched: bool) -> list[di
             for i, item in enumerate(content):
                 items.append(_normalize_item(item, f"{where}, content item {i}"))
             message["content"] = items
-        elif content is not None and not isinstance(content, str):
+        elif isinstance(content, str):
+            _check_utf8(content, f"{where} content")
+        elif content is not None:
             raise InputError(
                 f"{where}: 'content' must be a string or a list of content items, got {_describe(content)}"
             )
@@ -350,6 +363,8 @@ def _normalize_item(item: Any, where: str) -> dict:
         raise InputError(f"{where}: {got}; expected one of {', '.join(map(repr, _CONTENT_TYPES))}")
     if kind == "text" and not isinstance(item.get("text"), str):
         raise InputError(f"{where}: 'text' must be a string, got {_describe(item.get('text'))}")
+    if kind == "text":
+        _check_utf8(item["text"], f"{where} text")
     if kind in ("image", "video") and _media(item) is None:
         keys = "'image', 'url' or 'path'" if kind == "image" else "'video', 'url' or 'path'"
         raise InputError(f"{where}: {kind} item has no {keys} key")
@@ -424,9 +439,11 @@ def _alias_reasoning(message: dict) -> dict:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8, ints past Python's digit limit
         reason = " ".join(str(e).split())
         raise CheckpointError(f"cannot read {path}: {reason}") from None
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -521,13 +538,27 @@ class Processor:
             raise ConfigError(f"the tokenizer has neither {IM_END_TOKEN} nor {ENDOFTEXT_TOKEN}")
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Processor":
+    def from_pretrained(cls, model: str | os.PathLike) -> "Processor":
         """Reads tokenizer.json, tokenizer_config.json, the chat template (chat_template.jinja, else
         chat_template.json, else tokenizer_config.json's, else the built-in Qwen3-VL one) and
-        preprocessor_config.json / video_preprocessor_config.json (defaults when absent)."""
+        preprocessor_config.json / video_preprocessor_config.json (defaults when absent).
+
+        model: what `qvl_jax.load` takes: a checkpoint directory (Hugging Face or converted),
+        "tiny-random" (the built-in model) or a hub id such as Qwen/Qwen3-VL-2B-Instruct."""
+        try:
+            model_dir = Path(model)
+            if isinstance(model, str) and (model == "tiny-random" or not model_dir.exists()):
+                from qvl_jax import hub
+
+                model_dir = hub.model_files(model, log=False)  # library calls stay quiet, as qvl_jax.load
+            return cls._from_dir(model_dir)
+        except PermissionError as e:
+            raise CheckpointError(f"permission denied: {e.filename or e}") from None
+
+    @classmethod
+    def _from_dir(cls, model_dir: Path) -> Processor:
         from tokenizers import Tokenizer
 
-        model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise CheckpointError(f"no such model directory: {model_dir}")
         tokenizer_file = model_dir / "tokenizer.json"
@@ -560,6 +591,7 @@ class Processor:
         """Plain tokenization of one string, no placeholder expansion."""
         if not isinstance(text, str):
             raise InputError(f"text must be a string, got {_describe(text)}")
+        _check_utf8(text, "text")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
@@ -642,13 +674,14 @@ class Processor:
         if text is None:
             return None
         if isinstance(text, str):
-            return [text]
+            return [_check_utf8(text, "text")]
         if isinstance(text, (list, tuple)):
             if not text:
                 raise InputError("text is an empty list")
             for i, t in enumerate(text):
                 if not isinstance(t, str):
                     raise InputError(f"text must be a string or a list of strings; item {i} is {_describe(t)}")
+                _check_utf8(t, f"text {i}")
             return list(text)
         raise InputError(f"text must be a string or a list of strings, got {_describe(text)}")
 
