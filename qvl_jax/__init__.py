@@ -12,6 +12,8 @@ _LAZY = {
     "Model": "qvl_jax.api",
     "load": "qvl_jax.api",
     "Processor": "qvl_jax.processing.processor",
+    "Trainer": "qvl_jax.training.trainer",
+    "LoraConfig": "qvl_jax.training.lora",
 }
 
 
@@ -31,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "InputError",
+    "LoraConfig",
     "Model",
     "NumericalError",
     "Processor",
@@ -38,6 +41,7 @@ __all__ = [
     "Qwen3VLConfig",
     "ResourceError",
     "TextConfig",
+    "Trainer",
     "VisionConfig",
     "load",
 ]

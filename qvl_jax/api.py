@@ -37,6 +37,7 @@ class Model:
         self.params = params
         self.generation_defaults = generation_defaults or {}  # from generation_config.json
         self.mesh = mesh  # the params' (and KV caches') mesh; None: one device
+        self.path: str | None = None  # the directory loaded from (save_pretrained copies its config files)
 
     @property
     def params(self) -> nnx.State:
@@ -61,6 +62,29 @@ class Model:
     def module(self) -> Qwen3VLForConditionalGeneration:
         """The merged nnx.Module (a new view of the same arrays on each access)."""
         return nnx.merge(self.graphdef, self.params)
+
+    def set_module_state(self, graphdef: nnx.GraphDef, state: nnx.State) -> None:
+        """Replaces the module (e.g. with LoRA adapters added, or trained weights)."""
+        self.graphdef = graphdef
+        self.params = state
+
+    def save_pretrained(self, directory) -> None:
+        """Writes a Hugging Face checkpoint (config, model.safetensors under HF keys, tokenizer and
+        processor files) that transformers loads with no missing or unexpected keys. LoRA adapters
+        are merged into the saved weights; the model itself keeps them."""
+        from qvl_jax.checkpoint import save_hf
+
+        module = self.module
+        if self._has_lora(module):
+            from qvl_jax.training.lora import merge_lora
+
+            module = nnx.clone(module)  # the model keeps its adapters
+            merge_lora(module)
+        save_hf(nnx.state(module, nnx.Param), self.path, directory)
+
+    @staticmethod
+    def _has_lora(module) -> bool:
+        return any(type(v).__name__ == "LoraParam" for _, v in nnx.to_flat_state(nnx.state(module)))
 
     @property
     def dtype(self):
@@ -90,6 +114,14 @@ class Model:
                 yield from generate.stream(self, max_new_tokens, **kwargs)
 
         return guarded()
+
+    def engine(self, **kw):
+        """A continuous-batching `Engine` over this model (paged KV cache, prefix and vision caches):
+        `submit` one prompt at a time from any thread, or `generate` a list. Keyword arguments as
+        `qvl_jax.engine.engine.Engine` takes them (max_num_seqs, max_model_len, block_size, ...)."""
+        from qvl_jax.engine.engine import Engine
+
+        return Engine(self, **kw)
 
     def chat_session(self, max_cache_len: int | None = None):
         """A `ChatSession`: multi-turn generation that reuses the KV cache across turns."""
@@ -125,7 +157,8 @@ class Model:
         return np.asarray(out[:, :t])
 
 
-def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool = False) -> Model:
+def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool = False, adapter=None,
+         merge_adapter: bool = False) -> Model:
     """Loads a model as the CLI's --model names it: a converted qvl_jax directory, a Hugging Face
     checkpoint directory (converted in memory), "tiny-random" (the built-in random model) or a hub
     id such as Qwen/Qwen3-VL-2B-Instruct (downloaded and converted into the cache once).
@@ -134,6 +167,9 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     mesh: a ("data", "model") mesh (qvl_jax.sharding.make_mesh, or jax.make_mesh with those axis
     names): each param is read straight into its NamedSharding (tensor parallel on "model"), KV
     caches are split the same way, and the jitted functions run partitioned by XLA.
+    adapter: a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to
+    apply; merge_adapter=True folds it into the weights (W + scaling * B A) instead of keeping it
+    as a separate branch.
     verify: recompute the sha256 of the converted params file and of every file the manifest lists
     and compare them with the ones recorded at conversion (CheckpointError if one differs); without
     it only the params file's size is checked (and its header against the config, always).
@@ -147,7 +183,18 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
 
         path = resolve_model(path, log=False)
     config, graphdef, params = load_state(path, dtype, mesh, verify)
-    return Model(config, graphdef, params, _generation_defaults(path), mesh)
+    model = Model(config, graphdef, params, _generation_defaults(path), mesh)
+    model.path = os.fspath(path)
+    if adapter is not None:
+        from qvl_jax.training.lora import merge_lora
+        from qvl_jax.training.peft import load_adapter_into
+
+        module = model.module
+        load_adapter_into(module, adapter)
+        if merge_adapter:
+            merge_lora(module)
+        model.set_module_state(*nnx.split(module))
+    return model
 
 
 def _generation_defaults(path) -> dict:

@@ -233,3 +233,45 @@ def load_state(path: str | os.PathLike, dtype: str | np.dtype | None = None,
         return config, graphdef, state
     raise CheckpointError(f"{path} is neither a converted qvl_jax directory ({MANIFEST_FILE}) "
                           "nor a Hugging Face checkpoint (config.json)")
+
+
+HF_WEIGHTS_FILE = "model.safetensors"
+
+
+def save_hf(state: nnx.State, source_dir, directory) -> Path:
+    """Writes `state` as a Hugging Face checkpoint: model.safetensors under the state paths (which are
+    HF's keys), and config.json plus the tokenizer and processor files copied from `source_dir`.
+    Written whole into a temporary sibling and renamed into place; an existing `directory` is
+    refused unless it is empty."""
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    from qvl_jax.convert.core import AUX_FILES
+    from qvl_jax.modeling.model import state_key
+
+    if source_dir is None or not (Path(source_dir) / "config.json").is_file():
+        raise CheckpointError("save_pretrained needs the config.json of the checkpoint the model was loaded "
+                              "from; this model was not loaded from a directory")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise CheckpointError(f"{directory} already exists and is not empty; choose another directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        tensors = {state_key(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
+        save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        for name in AUX_FILES:
+            if (Path(source_dir) / name).is_file():
+                shutil.copyfile(Path(source_dir) / name, tmp / name)
+        if directory.exists():
+            directory.rmdir()  # empty, checked above
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

@@ -1,6 +1,8 @@
-"""The `qvl-jax` command: generate, convert, info.
+"""The `qvl-jax` command: generate, serve, finetune, convert, info.
 
     qvl-jax generate [--model M] [--image FILE ...] [--video PATH ...] --prompt TEXT [sampling flags]
+    qvl-jax serve [--model M] [--host H] [--port P] [--api-key KEY] [--max-num-seqs N] [...]
+    qvl-jax finetune [--model M] --data train.jsonl [--eval eval.jsonl] --out DIR [--resume] [flags]
     qvl-jax convert HF_DIR OUT_DIR [--dtype ...] [--force]
     qvl-jax info [--model M] [--json]
 
@@ -170,7 +172,7 @@ def cmd_generate(args) -> int:
     inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
     # Inputs are checked (images opened, prompt built) before the weights are loaded: a bad file
     # fails in a second, not after loading a large model.
-    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh)
+    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh, adapter=args.adapter)
     load_s = time.perf_counter() - t0
     sampling = _sampling_kwargs(args)
     kw = dict(sampling, stop_token_ids=proc.eos_token_ids)
@@ -210,6 +212,12 @@ def _text_stdout() -> None:
     # A terminal that cannot show a character gets an escape rather than a UnicodeEncodeError.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+
+
+def cmd_serve(args) -> int:
+    from qvl_jax.serving.server import run
+
+    return run(args)
 
 
 def cmd_convert(args) -> int:
@@ -271,6 +279,160 @@ def cmd_info(args) -> int:
     return 0
 
 
+_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _positive(flag: str, value, allow_zero: bool = False) -> None:
+    if value is not None and not (value >= 0 if allow_zero else value > 0):
+        raise InputError(f"{flag} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+
+def _eval_loss(model, batches) -> float:
+    """Mean token loss over every eval batch (the model's current weights, no gradients)."""
+    import jax.numpy as jnp
+
+    from qvl_jax.training.loss import loss_sum_and_count
+
+    total = count = 0.0
+    for batch in batches:
+        labels = batch.pop("labels")
+        t, c = loss_sum_and_count(jnp.asarray(model.logits(**batch)), jnp.asarray(labels))
+        total, count = total + float(t), count + int(c)
+    return total / max(count, 1)
+
+
+def cmd_finetune(args) -> int:
+    import math
+    from pathlib import Path
+
+    for flag in ("steps", "epochs", "batch_size", "grad_accum", "lr"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    for flag in ("lora_rank", "save_every", "eval_every", "warmup_steps", "weight_decay", "max_grad_norm"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_zero=True)
+    if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise InputError("--lora-alpha and --lora-targets need LoRA (--lora-rank 0 is full fine-tuning)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    import optax
+
+    import qvl_jax
+    from qvl_jax.processing.processor import Processor
+    from qvl_jax.training import LoraConfig, Trainer
+    from qvl_jax.training.data import Batches, read_jsonl
+    from qvl_jax.training.state import TrainCheckpoints
+
+    # The data is read and checked before the model is loaded: a bad record fails in a second.
+    records = read_jsonl(args.data)
+    eval_records = read_jsonl(args.eval) if args.eval else None
+    ckpt_dir = out / "checkpoints"
+    final = out / ("adapter" if args.lora_rank else "model")
+    have = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if args.resume and not have:
+        raise InputError(f"--resume: no training checkpoint in {ckpt_dir}")
+    if not args.resume and have:
+        raise InputError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         "or choose another --out")
+    if not args.lora_rank and final.is_dir() and any(final.iterdir()):
+        raise InputError(f"{final} exists and is not empty: remove it or choose another --out")
+
+    enable_compilation_cache()
+    model_dir = resolve_model(args.model)
+    proc = Processor.from_pretrained(model_dir)
+    model = qvl_jax.load(model_dir)
+    rows = args.batch_size * args.grad_accum  # HF's meaning: --batch-size rows per micro-batch
+    total = args.steps or max(1, math.ceil((args.epochs or 1.0) * len(records) / rows))
+    lr = args.lr if args.lr is not None else (1e-4 if args.lora_rank else 1e-5)
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
+    lora = None
+    if args.lora_rank:
+        targets = [t for t in (args.lora_targets or _LORA_TARGETS).split(",") if t]
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        lora = LoraConfig(r=args.lora_rank, alpha=alpha, target_modules=targets)
+    trainer = Trainer(model, optax.adamw(schedule, weight_decay=args.weight_decay), lora=lora,
+                      freeze_vision=args.freeze_vision,
+                      compute_dtype=None if args.compute_dtype == "float32" else args.compute_dtype,
+                      grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None, seed=args.seed)
+    # Everything that changes the arithmetic of a step or the data order: a resume must match it.
+    settings = {"--lora-rank": args.lora_rank, "--lora-alpha": None if lora is None else lora.alpha,
+                "--lora-targets": None if lora is None else sorted(lora.target_modules),
+                "--freeze-vision": args.freeze_vision, "--lr": lr, "--warmup-steps": warmup,
+                "--weight-decay": args.weight_decay, "--max-grad-norm": args.max_grad_norm,
+                "--steps/--epochs": total, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
+                "--seed": args.seed, "--compute-dtype": args.compute_dtype, "records in --data": len(records)}
+    batches = Batches(records, proc, rows, seed=args.seed)
+    ckpt = TrainCheckpoints(ckpt_dir)
+    try:
+        if args.resume:
+            saved = ckpt.read_meta().get("settings", {})
+            for key, value in settings.items():
+                if key in saved and saved[key] != value:
+                    raise InputError(f"--resume: the run in {ckpt_dir} has {key} {saved[key]}, this one {value}; "
+                                     "resume with the same settings")
+            batches.position = int(ckpt.restore(trainer)["data_position"])
+        meta = {"settings": settings, "model": str(model_dir)}
+        return _train_loop(args, trainer, batches, schedule, total, ckpt, meta, proc, eval_records, final)
+    finally:
+        ckpt.close()
+
+
+def _train_loop(args, trainer, batches, schedule, total, ckpt, meta, proc, eval_records, final) -> int:
+    """Steps until `total`, checkpoints, eval, then the adapter (or model) and a JSON summary line."""
+    import json
+    import time
+
+    from tqdm import tqdm
+
+    from qvl_jax.training.data import eval_batches
+
+    def evaluate():
+        return _eval_loss(trainer.model, eval_batches(eval_records, proc, args.batch_size))
+
+    saved_at = trainer.steps if args.resume else None
+    losses, speeds, eval_loss = [], [], None
+    # Redrawn at most once a second when stderr is a log file rather than a terminal.
+    bar = tqdm(total=total, initial=trainer.steps, file=sys.stderr, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 1.0)
+    try:
+        while trainer.steps < total:
+            t0 = time.perf_counter()
+            batch = batches.next()
+            rate = float(schedule(trainer.steps))
+            loss = trainer.step(batch)
+            speeds.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speeds[-1]:.0f}", lr=f"{rate:.2e}", refresh=False)
+            bar.update(1)
+            if args.save_every and trainer.steps % args.save_every == 0:
+                ckpt.save(trainer, batches.position, meta)
+                saved_at = trainer.steps
+            if eval_records and args.eval_every and trainer.steps % args.eval_every == 0 and trainer.steps < total:
+                eval_loss = evaluate()
+                bar.write(f"step {trainer.steps}: eval loss {eval_loss:.4f}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if trainer.steps != saved_at:  # keep what was done: --resume goes on from here
+            ckpt.save(trainer, batches.position, meta)
+        raise
+    finally:
+        bar.close()
+    if trainer.steps != saved_at:
+        ckpt.save(trainer, batches.position, meta)
+    if eval_records:
+        eval_loss = evaluate()
+        print(f"step {trainer.steps}: eval loss {eval_loss:.4f}", file=sys.stderr)
+    if trainer.lora is not None:
+        trainer.save_adapter(final)
+    else:
+        trainer.model.save_pretrained(final)
+    speeds = sorted(speeds)
+    print(json.dumps({"steps": trainer.steps, "loss": losses[-1] if losses else None, "eval_loss": eval_loss,
+                      "tokens_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
+                      "epochs": round(batches.epoch, 3), "checkpoint": str(ckpt.directory / str(trainer.steps)),
+                      ("adapter" if trainer.lora is not None else "model"): str(final)}))
+    return 0
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" where there is a default worth showing (not None, False or empty)."""
 
@@ -296,11 +458,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     fmt = {"formatter_class": _HelpFormatter}
     parser = argparse.ArgumentParser(prog="qvl-jax", description="Qwen3-VL inference in JAX", **fmt)
     _debug_flag(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,convert,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,finetune,convert,info}")
 
     g = sub.add_parser("generate", help="answer a prompt about images / videos", **fmt)
     g.add_argument("--model", default=None, help=f"converted dir, HF dir, hub id or {DEFAULT_MODEL} "
                                                   f"(default: {DEFAULT_MODEL}, with a notice)")
+    g.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (e.g. finetune's OUT/adapter)")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     g.add_argument("--video", action="append", default=[],
                    help="video file (needs PyAV) or directory of frame images (repeatable)")
@@ -326,6 +489,67 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     _debug_flag(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, completions)", **fmt)
+    s.add_argument("--model", default=None, help=f"converted dir, HF dir, hub id or {DEFAULT_MODEL} "
+                                                  f"(default: {DEFAULT_MODEL}, with a notice)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded at once")
+    s.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
+                                                                   "model's context, at most 8192)")
+    s.add_argument("--max-pending", type=int, default=None,
+                   help="requests admitted at once, queued ones included; more get 503 (default: 8 x --max-num-seqs)")
+    s.add_argument("--allowed-local-media-path", default=None,
+                   help="directory from which image/video paths and file:// URLs may be read (default: none)")
+    s.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
+    s.add_argument("--max-media-bytes", type=int, default=20 << 20, help="largest encoded image or video")
+    s.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one remote media fetch")
+    s.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body (413 beyond)")
+    s.add_argument("--special-tokens-in-messages", action="store_true",
+                   help="let typed special tokens (<|im_start|>) in messages become control tokens, as "
+                        "transformers does (default: plain text)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
+    s.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                   help="cast params on load (absent: as stored)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _debug_flag(s)
+    s.set_defaults(func=cmd_serve)
+
+    f = sub.add_parser("finetune", help="fine-tune on chat JSONL (LoRA or full)", **fmt)
+    f.add_argument("--model", default=DEFAULT_MODEL, help="converted dir, HF dir, hub id or tiny-random")
+    f.add_argument("--data", required=True, help='training JSONL: one {"messages": [...]} per line in the HF chat '
+                                                 "format; image / video paths relative to the file")
+    f.add_argument("--eval", default=None, help="evaluation JSONL (same format): loss at the end and every --eval-every steps")
+    f.add_argument("--eval-every", type=int, default=0, help="eval loss every N steps (0: only at the end) (default: %(default)s)")
+    f.add_argument("--out", required=True,
+                   help="output directory: OUT/adapter (or OUT/model when --lora-rank 0) and OUT/checkpoints")
+    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    f.add_argument("--lora-rank", type=int, default=16, help="LoRA rank; 0 = full fine-tuning")
+    f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    f.add_argument("--lora-targets", default=None, help=f"comma-separated module names (default: {_LORA_TARGETS})")
+    f.add_argument("--freeze-vision", action="store_true", help="no training of the vision tower")
+    f.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-4 with LoRA, 1e-5 for full fine-tuning)")
+    f.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up from 0, then cosine decay to 0 (default: 5%% of the steps)")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
+    length = f.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over --data (default: 1)")
+    f.add_argument("--batch-size", type=int, default=4, help="conversations per micro-batch")
+    f.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (a step sees batch-size x grad-accum conversations)")
+    f.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (default: %(default)s)")
+    f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    f.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="matmul dtype over float32 master weights")
+    _debug_flag(f)
+    f.set_defaults(func=cmd_finetune)
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint", **fmt)
     if _command(sys.argv[1:] if argv is None else argv) == "convert":

@@ -66,11 +66,11 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         return x, (deepstack_at_tokens(deepstack, feat_index).astype(x.dtype) if deepstack.shape[0] else None)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, valid: jax.Array,
-                 vision: tuple | None = None) -> jax.Array:
+                 vision: tuple | None = None, remat: bool = False) -> jax.Array:
         """Full-prompt forward: logits [b, t, vocab] in float32. positions [3, b, t]; valid [b, t]
-        marks real tokens."""
+        marks real tokens; remat: recompute each decoder layer in the backward pass (training)."""
         x, deepstack = self.embed_inputs(input_ids, vision)
-        h, _ = self.model.language_model(x, positions, causal_mask(valid), deepstack=deepstack)
+        h, _ = self.model.language_model(x, positions, causal_mask(valid), deepstack=deepstack, remat=remat)
         return self.lm_logits(h).astype(jnp.float32)
 
 

@@ -115,7 +115,7 @@ class TextModel(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, deepstack: jax.Array | None = None,
                  cache: tuple[jax.Array, jax.Array] | None = None, write_pos: jax.Array | None = None,
-                 read_len: int | None = None):
+                 read_len: int | None = None, remat: bool = False):
         """All decoder layers and the final norm: (hidden [b, t, d], updated cache or None).
 
         x [b, t, d] input embeddings; positions [3, b, t]; deepstack [n, b, t, d]: visual features
@@ -124,7 +124,12 @@ class TextModel(nnx.Module):
         Without a cache, attention is over this call's own tokens and mask is [b, t, t]. With a cache
         (k, v [layers, b, max_len, kv_heads, head_dim]) this call's keys and values are written at
         `write_pos` (shared by the batch) and attention reads the first `read_len` (static) cache
-        entries: mask is [b, t, read_len]."""
+        entries: mask is [b, t, read_len]. A cache may also be any object with
+        `write_and_read(layer, k, v) -> (keys, values, cache)` (keys [b, s, kv_heads, head_dim], what
+        attention reads; mask [b, t, s]): the engine's paged cache plugs in that way.
+
+        remat (no cache: training): each layer's activations are recomputed in the backward pass
+        instead of kept, so activation memory holds one layer's rather than every layer's."""
         cfg = self.config
         cos, sin = mrope_cos_sin(positions, cfg)
         n_ds = 0 if deepstack is None else deepstack.shape[0]
@@ -133,8 +138,15 @@ class TextModel(nnx.Module):
         # (what lax.scan does) made XLA copy the slice before every matmul, which tripled the weight
         # traffic of a CPU decode step (docs/performance.md).
         for i, layer in enumerate(self.layers):
+            if remat and cache is None:
+                x = nnx.remat(_layer_no_cache, static_argnums=(5,))(layer, x, cos, sin, mask, impl)
+                if i < n_ds:
+                    x = x + deepstack[i].astype(x.dtype)
+                continue
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            if cache is not None:
+            if cache is not None and hasattr(cache, "write_and_read"):  # another layout (the engine's pages)
+                k, v, cache = cache.write_and_read(i, k, v)
+            elif cache is not None:
                 ck, cv = cache
                 at = (i, 0, write_pos, 0, 0)
                 ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
@@ -147,3 +159,10 @@ class TextModel(nnx.Module):
             if i < n_ds:
                 x = x + deepstack[i].astype(x.dtype)
         return self.norm(x), cache
+
+
+def _layer_no_cache(layer: DecoderLayer, x, cos, sin, mask, impl: str):
+    """One decoder layer without a cache (what TextModel runs per layer under remat)."""
+    q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+    x = x + layer.self_attn.out(q, k, v, mask, impl)
+    return x + layer.mlp(layer.post_attention_layernorm(x))

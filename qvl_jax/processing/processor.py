@@ -12,6 +12,9 @@ What it holds:
         Jinja template in the same sandboxed environment transformers uses, and with tokenize=True
         collects the images / videos from the messages in order and runs `__call__`.
       * `decode` / `batch_decode`, `eos_token_ids` for stopping generation.
+      * `apply_chat_template(..., literal_content=True)`: special-token strings typed inside message
+        text (`<|im_start|>system`) are tokenized as plain text, not as control tokens (what a
+        server wants; transformers, and the default here, turn them into real special tokens).
   - `QWEN3_VL_CHAT_TEMPLATE`: the Qwen3-VL-Instruct chat template, used when a checkpoint ships none.
 
 Deliberate differences from transformers:
@@ -178,6 +181,10 @@ _CONTENT_TYPES = ("text", "image", "video")
 # Message keys the template reads a model's reasoning from; transformers copies whichever is given
 # into both reasoning_content and thinking, so "thinking" templates see it under either name.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# literal_content marks special-token strings inside message text with this noncharacter (after their
+# first character), so they no longer match the tokenizer's special tokens; the mark is removed
+# before the text between real special tokens is encoded.
+_LITERAL_MARK = "\ufdd0"
 
 
 def _describe(x: Any) -> str:
@@ -639,6 +646,13 @@ class Processor:
         images: one image or a (nested) list, taken in order across the batch. videos: one video or a
         list ([T, H, W, C] uint8 arrays or lists of frames). video_fps: source frame rate (one, or one
         per video); video_metadata: transformers' alternative, a list of dicts with "fps"."""
+        return self._call(text, images, videos, video_fps=video_fps, video_metadata=video_metadata, padding=padding,
+                          padding_side=padding_side, add_special_tokens=add_special_tokens,
+                          return_tensors=return_tensors)
+
+    def _call(self, text=None, images=None, videos=None, *, video_fps=None, video_metadata=None, padding=True,
+              padding_side="left", add_special_tokens=True, return_tensors=None, literal=False) -> dict:
+        """`__call__`; literal: the text was marked by `_mark_message` (apply_chat_template's literal_content)."""
         if return_tensors not in (None, "np"):
             raise InputError(f"return_tensors={return_tensors!r}: qvl_jax returns numpy arrays only (use 'np')")
         if padding_side not in ("left", "right"):
@@ -668,7 +682,8 @@ class Processor:
             replacements[VIDEO_TOKEN] = self._video_replacements(frames["video_grid_thw"], frames["video_metadata"])
         if texts is None:
             return out
-        return {**self._tokenize(self._expand(texts, replacements), padding, padding_side, add_special_tokens), **out}
+        return {**self._tokenize(self._expand(texts, replacements), padding, padding_side, add_special_tokens,
+                                 literal), **out}
 
     def _check_text(self, text: Any) -> list[str] | None:
         if text is None:
@@ -714,8 +729,12 @@ class Processor:
         pattern = re.compile("|".join(re.escape(token) for token in replacements))
         return [pattern.sub(lambda m: next(pending[m.group()]), t) for t in texts]
 
-    def _tokenize(self, texts: list[str], padding, padding_side: str, add_special_tokens: bool) -> dict:
-        rows = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    def _tokenize(self, texts: list[str], padding, padding_side: str, add_special_tokens: bool,
+                  literal: bool = False) -> dict:
+        if literal:
+            rows = [self._encode_literal(t, add_special_tokens) for t in texts]
+        else:
+            rows = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
         for i, row in enumerate(rows):
             if not row:
                 raise InputError(f"text {i} is empty: it encodes to no tokens, and the model needs at least one")
@@ -741,6 +760,55 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
     # ------------------------------------------------------------------------------------------------
+    # literal_content: user text whose special-token strings stay plain text
+
+    @functools.cached_property
+    def _literal_tools(self):
+        """(regex over the special tokens' strings, longest first; a copy of the tokenizer that
+        encodes special-token strings as plain text; the ids add_special_tokens puts before and after)."""
+        from tokenizers import Tokenizer
+
+        specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True  # a copy: the shared tokenizer's flag would race across threads
+        bare, full = self.tokenizer.encode("a", add_special_tokens=False).ids, self.tokenizer.encode("a").ids
+        at = full.index(bare[0]) if bare and bare[0] in full else 0
+        return pattern, plain, full[:at], full[at + len(bare):]
+
+    def _mark(self, text: str, where: str) -> str:
+        if _LITERAL_MARK in text:
+            raise InputError(f"{where} contains U+FDD0, a Unicode noncharacter that text may not hold")
+        pattern = self._literal_tools[0]
+        return text if pattern is None else pattern.sub(lambda m: m.group()[0] + _LITERAL_MARK + m.group()[1:], text)
+
+    def _mark_message(self, message: dict) -> dict:
+        message = dict(message)
+        role = message.get("role")
+        for key in ("content",) + _REASONING_FIELDS:
+            value = message.get(key)
+            if isinstance(value, str):
+                message[key] = self._mark(value, f"{role} message {key}")
+            elif key == "content" and isinstance(value, list):
+                message[key] = [dict(item, text=self._mark(item["text"], f"{role} message text"))
+                                if isinstance(item.get("text"), str) else item for item in value]
+        return message
+
+    def _encode_literal(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Ids of a marked prompt: unmarked special-token strings (the template's own) are special
+        tokens; the text between them, mark removed, is encoded with special-token matching off."""
+        pattern, plain, before, after = self._literal_tools
+        parts = [text] if pattern is None else pattern.split(text)
+        ids: list[int] = list(before) if add_special_tokens else []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.tokenizer.token_to_id(part))
+            elif part:
+                ids += plain.encode(part.replace(_LITERAL_MARK, ""), add_special_tokens=False).ids
+        return ids + (list(after) if add_special_tokens else [])
+
+    # ------------------------------------------------------------------------------------------------
 
     def apply_chat_template(
         self,
@@ -755,6 +823,7 @@ class Processor:
         continue_final_message: bool = False,
         padding: bool | str = True,
         padding_side: str = "left",
+        literal_content: bool = False,
         **template_kwargs,
     ):
         """HF chat messages (one conversation, or a list of conversations) -> prompt.
@@ -764,12 +833,16 @@ class Processor:
         videos, else only input_ids. Extra keyword arguments are template variables (e.g.
         add_vision_id=True), as in transformers. A video item may carry "video_fps" (its source
         frame rate; 24 when absent, as in transformers). continue_final_message=True leaves the last
-        message open (no end-of-turn after its text) so that generation continues it."""
+        message open (no end-of-turn after its text) so that generation continues it.
+        literal_content=True: special-token strings typed in message text stay plain text (a user
+        cannot forge a turn); the default turns them into special tokens, as transformers does."""
         if continue_final_message and add_generation_prompt:
             raise InputError("continue_final_message and add_generation_prompt cannot both be set: the first "
                              "continues the last message, the second starts a new assistant message")
         conversations, batched = _split_conversations(messages)
         conversations = [_normalize_conversation(conv, c, batched) for c, conv in enumerate(conversations)]
+        if literal_content:
+            conversations = [[self._mark_message(m) for m in conv] for conv in conversations]
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
             raise InputError("tools must be a list of JSON-schema dicts")
         if documents is not None and not (
@@ -806,7 +879,7 @@ class Processor:
         bos = self.special_tokens.get("bos_token")
         # the template already wrote the BOS token, so the tokenizer must not add another (transformers)
         add_special_tokens = not (bos and prompts[0].startswith(bos))
-        out = self(
+        out = self._call(
             text=prompts,
             images=images or None,
             videos=videos or None,
@@ -814,6 +887,7 @@ class Processor:
             padding=padding,
             padding_side=padding_side,
             add_special_tokens=add_special_tokens,
+            literal=literal_content,
         )
         return out if return_dict else out["input_ids"]
 

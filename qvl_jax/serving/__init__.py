@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (`qvl-jax serve`): protocol models, media loading, metrics, the app."""

@@ -1,0 +1,598 @@
+"""The FastAPI app: OpenAI's chat completions, completions and models endpoints over an `Engine`,
+with /health and /metrics.
+
+A request is checked, its media loaded and its prompt rendered in a worker thread; each of its n
+choices is one engine request whose token stream a small thread forwards to the event loop. Text
+is detokenized there, stop strings are matched there (the engine request is cancelled at a match),
+and the same event stream feeds both the SSE and the one-shot response. A client that goes away
+cancels its engine requests, which frees their KV blocks at the scheduler's next visit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import secrets
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qvl_jax.errors import InputError, QvlError
+from qvl_jax.serving import media
+from qvl_jax.serving.metrics import Metrics
+from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, error_body,
+                                      unsupported)
+
+log = logging.getLogger("qvl_jax.serve")
+
+_MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                 "mm_token_type_ids")
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    served_model_name: str = "qvl-jax"
+    api_key: str | None = None
+    media: media.MediaPolicy = dataclasses.field(default_factory=media.MediaPolicy)
+    max_body_bytes: int = 64 << 20
+    max_pending: int = 256  # engine requests (choices) admitted and not finished; more get 503
+    special_tokens_in_messages: bool = False  # True: typed <|im_start|> becomes a control token (transformers)
+    warm_up: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# One request's choices: engine handles -> text deltas
+
+
+@dataclasses.dataclass
+class _Choice:
+    handle: object
+    tokens: list = dataclasses.field(default_factory=list)
+    sent: str = ""  # text already handed out
+    finish: str | None = None
+    result: object = None
+    error: BaseException | None = None
+    last_t: float | None = None
+
+
+class _End:
+    def __init__(self, item):
+        self.item = item
+
+
+def _pump(handle, index: int, loop, q: asyncio.Queue) -> None:
+    """Forwards a handle's token arrays, then its result or error, to the event loop."""
+    try:
+        for toks in handle:
+            loop.call_soon_threadsafe(q.put_nowait, (index, toks))
+        item = handle.result()
+    except BaseException as e:  # the handle's error is the request's, reported to its client
+        item = e
+    try:
+        loop.call_soon_threadsafe(q.put_nowait, (index, _End(item)))
+    except RuntimeError:  # the loop is gone (shutdown): nobody is waiting
+        pass
+
+
+class _Run:
+    """The n engine requests behind one HTTP request, as a stream of (index, text delta, finish)."""
+
+    def __init__(self, app_state: "_State", handles: list, stops: list[str], stop_ids: set[int], t0: float):
+        self.s, self.stops, self.stop_ids, self.t0 = app_state, stops, stop_ids, t0
+        self.choices = [_Choice(h) for h in handles]
+        self.first_token = False
+        self.loop = asyncio.get_running_loop()
+        self.q: asyncio.Queue = asyncio.Queue()
+        for i, h in enumerate(handles):
+            threading.Thread(target=_pump, args=(h, i, self.loop, self.q), daemon=True, name="qvl-serve-pump").start()
+
+    def cancel(self) -> None:
+        for c in self.choices:
+            c.handle.cancel()
+
+    def _text(self, c: _Choice) -> str:
+        toks = c.tokens[:-1] if c.tokens and c.tokens[-1] in self.stop_ids else c.tokens
+        return self.s.processor.decode(toks, skip_special_tokens=True)
+
+    def _delta(self, c: _Choice, final: bool) -> str:
+        text = self._text(c)
+        if self.stops:
+            start = max(0, len(c.sent) - max(map(len, self.stops)))
+            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                text, final = text[:min(hits)], True
+                if c.finish is None:
+                    c.finish = "stop"
+                    c.handle.cancel()
+        safe = len(text)
+        if not final:
+            while safe > len(c.sent) and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
+                safe -= 1
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
+            safe = max(len(c.sent), safe - hold)
+        delta = text[len(c.sent):safe]
+        c.sent = text[:safe]
+        return delta
+
+    async def events(self):
+        pending = len(self.choices)
+        m = self.s.metrics
+        while pending:
+            i, item = await self.q.get()
+            c = self.choices[i]
+            if isinstance(item, _End):
+                pending -= 1
+                if isinstance(item.item, BaseException):
+                    c.error = item.item
+                    c.finish = c.finish or "error"
+                    yield i, "", c.finish
+                    continue
+                c.result = item.item
+                c.tokens = item.item.tokens.tolist() if c.finish is None else c.tokens
+                if c.finish is None:
+                    c.finish = item.item.finish_reason
+                delta = self._delta(c, final=True) if c.finish != "cancelled" else ""
+                yield i, delta, c.finish
+                continue
+            now = time.perf_counter()
+            if not self.first_token:
+                self.first_token = True
+                m.ttft.observe(now - self.t0)
+                m.waiting.dec()
+                m.running.inc()
+            elif c.last_t is not None:
+                for _ in range(len(item)):
+                    m.itl.observe((now - c.last_t) / len(item))
+            c.last_t = now
+            m.generation_tokens.inc(len(item))
+            if c.finish is not None:  # stopped by a stop string: the rest is discarded
+                continue
+            c.tokens += item.tolist()
+            delta = self._delta(c, final=False)
+            if delta:
+                yield i, delta, None
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class _State:
+    def __init__(self, engine, processor, config: ServerConfig):
+        self.engine, self.processor, self.cfg = engine, processor, config
+        self.metrics = Metrics(engine)
+        self.pending = 0
+        self.lock = threading.Lock()
+        self.ready = not config.warm_up
+        self.closing = False
+        self.vocab = engine.cfg.text.vocab_size
+        self.created = int(time.time())
+
+
+def _check_key(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())):
+        raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                       type="authentication_error", code="invalid_api_key")
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: a request body over the limit gets 413 before any handler reads it."""
+
+    def __init__(self, app, limit: int, state: _State):
+        self.app, self.limit, self.state = app, limit, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = length is not None and length.isdigit() and int(length) > self.limit
+        chunks, size = [], 0
+        while not too_big:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            too_big = size > self.limit
+            if not msg.get("more_body"):
+                break
+        if too_big:
+            self.state.metrics.refused.labels("413").inc()
+            resp = JSONResponse(error_body(f"request body is larger than this server's limit of {self.limit:,} bytes",
+                                           code="request_too_large"), status_code=413)
+            return await resp(scope, receive, send)
+        body, done = b"".join(chunks), False
+
+        async def replay():
+            nonlocal done
+            if not done:
+                done = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the client's disconnect, when it comes
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI:
+    """The server app over a running engine and its model's processor."""
+    cfg = config or ServerConfig()
+    st = _State(engine, processor, cfg)
+
+    async def lifespan(app):
+        task = asyncio.create_task(asyncio.to_thread(_warm_up, st)) if cfg.warm_up else None
+        try:
+            yield
+        finally:
+            st.closing = True
+            if task is not None:
+                task.cancel()
+
+    app = FastAPI(title="qvl_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.qvl = st
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes, state=st)
+
+    def refuse(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        st.metrics.refused.labels(str(status)).inc()
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return refuse(e.status, e.body(), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        msg = err.get("msg", "invalid request")
+        return refuse(400, error_body(f"{loc}: {msg}" if loc else msg, param=loc or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return refuse(e.status_code, error_body(str(e.detail), type="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error")
+        return refuse(500, error_body(f"internal error: {type(e).__name__}", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        if st.closing:
+            return Response(status_code=503, content="shutting down")
+        return Response(status_code=200 if st.ready else 503, content="ok" if st.ready else "warming up")
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(st.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_key(request, cfg.api_key)
+        return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model", "created": st.created,
+                                            "owned_by": "qvl_jax", "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: ChatCompletionRequest):
+        _check_key(request, cfg.api_key)
+        return await _serve(st, request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        _check_key(request, cfg.api_key)
+        return await _serve(st, request, body, chat=False)
+
+    return app
+
+
+def _warm_up(st: _State) -> None:
+    """Compiles the common paths (a text prompt, an image prompt) before /health says ready."""
+    import numpy as np
+
+    try:
+        img = np.full((64, 64, 3), 128, np.uint8)
+        for content in ("warm up", [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]):
+            inp = st.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)
+            st.engine.submit({k: inp[k] for k in _MODEL_INPUTS if k in inp}, max_new_tokens=2,
+                             stop_token_ids=[]).result()
+    except QvlError as e:
+        log.warning("warm-up failed: %s", e)
+    st.ready = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request -> engine requests
+
+
+def _media_url(x) -> str:
+    return x.url if isinstance(x, MediaURL) else x
+
+
+def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
+    """Messages -> one processor output (worker thread: media loading and preprocessing)."""
+    policy = st.cfg.media
+    msgs = []
+    for m in req.messages:
+        if m.content is None or isinstance(m.content, str):
+            content = m.content or ""
+        else:
+            content = []
+            for p in m.content:
+                if p.type == "text":
+                    content.append({"type": "text", "text": p.text})
+                elif p.type == "image_url":
+                    content.append({"type": "image", "image": media.load_image(_media_url(p.image_url), policy)})
+                else:
+                    frames, fps = media.load_video(_media_url(p.video_url), policy)
+                    content.append({"type": "video", "video": frames, **({"video_fps": fps} if fps else {})})
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    try:
+        inp = st.processor.apply_chat_template(
+            msgs, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message, tokenize=True, return_dict=True,
+            literal_content=not st.cfg.special_tokens_in_messages)
+    except InputError as e:
+        raise ApiError(400, str(e)) from None
+    return [{k: inp[k] for k in _MODEL_INPUTS if k in inp}]
+
+
+def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
+    import numpy as np
+
+    prompts = req.prompt
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    out = []
+    for p in prompts:
+        # The completions prompt is the model's raw input: special tokens in it are meant (as in vLLM).
+        ids = st.processor.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise ApiError(400, "prompt encodes to no tokens", param="prompt")
+        if min(ids) < 0 or max(ids) >= st.vocab:
+            raise ApiError(400, f"prompt token ids must lie in [0, {st.vocab})", param="prompt")
+        out.append({"input_ids": np.asarray([ids], np.int64)})
+    return out
+
+
+def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, list[str], set[int]]:
+    name = unsupported(req)
+    if name is not None:
+        raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    limit = st.engine.max_model_len
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if n_prompt >= limit:
+        raise ApiError(400, f"the prompt is {n_prompt} tokens; this model's context is {limit} tokens",
+                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = limit - n_prompt
+    elif n_prompt + max_tokens > limit:
+        raise ApiError(400, f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
+                       f"is more than this model's context of {limit} tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    stops = req.stop if isinstance(req.stop, list) else [] if req.stop is None else [req.stop]
+    stop_strings = [s for s in stops if isinstance(s, str)]
+    if any(not s for s in stop_strings) or len(stops) > 16:
+        raise ApiError(400, "stop takes up to 16 non-empty strings (or token ids)", param="stop")
+    stop_ids = set(st.processor.eos_token_ids) | {s for s in stops if isinstance(s, int)} | set(req.stop_token_ids or [])
+    if max(stop_ids) >= st.vocab or min(stop_ids) < 0:
+        raise ApiError(400, f"stop token ids must lie in [0, {st.vocab})", param="stop_token_ids")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    kw = {"temperature": temperature, "stop_token_ids": sorted(stop_ids)}
+    for name in ("top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if getattr(req, name) is not None:
+            kw[name] = getattr(req, name)
+    if req.top_k is not None and req.top_k > 0:
+        kw["top_k"] = req.top_k
+    if temperature > 0:
+        kw["seed"] = req.seed if req.seed is not None else secrets.randbits(63)
+    return kw, max_tokens, stop_strings, stop_ids
+
+
+async def _serve(st: _State, request: Request, req, chat: bool):
+    cfg = st.cfg
+    if st.closing:
+        raise ApiError(503, "the server is shutting down", type="server_error", headers={"Retry-After": "5"})
+    if req.model is not None and req.model != cfg.served_model_name:
+        raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {cfg.served_model_name!r}",
+                       param="model", code="model_not_found")
+    n_prompts = 1 if chat or isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
+        else len(req.prompt)
+    want = req.n * n_prompts
+    with st.lock:
+        if st.pending + want > cfg.max_pending:
+            full = True
+        else:
+            full, st.pending = False, st.pending + want
+    if full:
+        raise ApiError(503, "the server is at capacity; retry shortly", type="server_error", code="overloaded",
+                       headers={"Retry-After": "1"})
+    released, handed_off = False, False
+
+    def release():
+        nonlocal released
+        if not released:
+            released = True
+            with st.lock:
+                st.pending -= want
+
+    try:
+        t0 = time.perf_counter()
+        inputs = await asyncio.to_thread(_chat_inputs if chat else _completion_inputs, st, req)
+        n_prompt = [int(x["input_ids"].shape[1]) for x in inputs]
+        handles, stop_strings, stop_ids = [], [], set()
+        try:
+            for inp, n in zip(inputs, n_prompt):
+                kw, max_tokens, stop_strings, stop_ids = _sampling(st, req, n)
+                seed = kw.pop("seed", None)
+                for j in range(req.n):
+                    extra = {} if seed is None else {"seed": (seed + j) % 2**64}
+                    h = st.engine.submit(inp, max_new_tokens=max_tokens, **kw, **extra)
+                    handles.append(h)
+                    if h.done():  # refused by the engine's own checks
+                        h.result()
+        except InputError as e:
+            for h in handles:
+                h.cancel()
+            raise ApiError(400, str(e)) from None
+        except QvlError as e:  # the engine is closed
+            for h in handles:
+                h.cancel()
+            raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
+        st.metrics.waiting.inc()
+        run = _Run(st, handles, stop_strings, stop_ids, t0)
+        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
+                "model": cfg.served_model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            gen = _stream(st, run, meta, chat, n_prompt, req.n, include_usage, release)
+            handed_off = True  # the stream releases its admission when it ends
+            return _SSEResponse(gen, run)
+        return await _complete(st, request, run, meta, chat, n_prompt, req.n)
+    finally:
+        if not handed_off:
+            release()
+
+
+def _finished(st: _State, run: _Run, n_prompt: list[int], per: int) -> dict:
+    """Metrics at the end of a request; returns its usage object."""
+    m = st.metrics
+    if run.first_token:
+        m.running.dec()
+    else:
+        m.waiting.dec()
+    completion = sum(len(c.tokens) for c in run.choices)
+    cached = sum(c.result.cached_tokens for c in run.choices[::per] if c.result is not None)
+    prompt = sum(n_prompt)
+    m.prompt_tokens.inc(prompt)
+    m.cached_tokens.inc(min(cached, prompt))
+    m.latency.observe(time.perf_counter() - run.t0)
+    for c in run.choices:
+        m.finished.labels(c.finish or "cancelled").inc()
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _error_of(run: _Run) -> ApiError | None:
+    for c in run.choices:
+        if c.error is not None:
+            e = c.error
+            return ApiError(400 if isinstance(e, InputError) else 500, str(e).splitlines()[0] if str(e) else
+                            type(e).__name__, type="invalid_request_error" if isinstance(e, InputError) else "server_error")
+        if c.finish == "cancelled":
+            return ApiError(503, "the request was cancelled: the server is shutting down", type="server_error",
+                            headers={"Retry-After": "5"})
+    return None
+
+
+async def _watch(request: Request, run: _Run) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        if await request.is_disconnected():
+            run.cancel()
+            return
+
+
+async def _complete(st, request, run: _Run, meta, chat, n_prompt, per):
+    watcher = asyncio.create_task(_watch(request, run))
+    texts = [""] * len(run.choices)
+    try:
+        async for i, delta, _ in run.events():
+            texts[i] += delta
+    finally:
+        watcher.cancel()
+        run.cancel()
+    usage = _finished(st, run, n_prompt, per)
+    err = _error_of(run)
+    if err is not None:
+        raise err
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": c.finish,
+                    "logprobs": None} for i, (t, c) in enumerate(zip(texts, run.choices))]
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
+    choices = [{"index": i, "text": t, "finish_reason": c.finish, "logprobs": None}
+               for i, (t, c) in enumerate(zip(texts, run.choices))]
+    return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
+
+
+class _SSEResponse(StreamingResponse):
+    """An SSE stream whose engine requests are cancelled as soon as the client disconnects (even
+    while nothing is being sent), and whose generator is closed when the response ends either way:
+    under ASGI 2.4 starlette only notices a disconnect when a send fails, and leaves the generator
+    to the garbage collector."""
+
+    def __init__(self, gen, run: _Run):
+        super().__init__(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.run = run
+
+    async def __call__(self, scope, receive, send):
+        async def listen():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.run.cancel()
+
+        listener = asyncio.create_task(listen())
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            listener.cancel()
+            await self.body_iterator.aclose()
+
+
+def _sse(obj) -> str:
+    import json
+
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _stream(st, run: _Run, meta, chat, n_prompt, per, include_usage, release):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(i, delta, finish, first=False):
+        if chat:
+            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+            choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": i, "text": delta, "finish_reason": finish, "logprobs": None}
+        return _sse({**meta, "object": obj, "choices": [choice], **extra})
+
+    done = False
+    try:
+        if chat:
+            for i in range(len(run.choices)):
+                yield chunk(i, "", None, first=True)
+        async for i, delta, finish in run.events():
+            if finish in ("error", "cancelled"):
+                continue
+            if delta or finish:
+                yield chunk(i, delta, finish)
+        usage = _finished(st, run, n_prompt, per)
+        done = True
+        err = _error_of(run)
+        if err is not None:
+            yield _sse(err.body())
+        elif include_usage:
+            yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+    finally:
+        # A client that went away lands here (the task is cancelled): its engine requests stop too.
+        run.cancel()
+        if not done:
+            m = st.metrics
+            (m.running if run.first_token else m.waiting).dec()
+            for c in run.choices:
+                m.finished.labels("cancelled").inc()
+        release()

@@ -1,0 +1,166 @@
+"""Images and videos named by a request: data: URLs always; local files (a path or file://) only
+under --allowed-local-media-path; http(s) only with --allow-remote-media, size- and time-limited.
+
+Every refusal is an `ApiError`: 400 for a disallowed or unreadable source, 413 for one too large.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import os
+import urllib.parse
+import warnings
+from pathlib import Path
+
+from qvl_jax.serving.protocol import ApiError
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    allowed_local_path: str | None = None  # realpath of the one directory local files may come from
+    allow_remote: bool = False
+    max_bytes: int = 20 << 20  # encoded size of one image or video
+    max_image_pixels: int = 40_000_000  # decoded width * height of one image (decompression bombs)
+    max_video_pixels: int = 200_000_000  # decoded pixels over all frames of one video
+    timeout_s: float = 10.0  # a remote fetch, connect to last byte
+
+
+def _too_large(what: str, limit: int, unit: str = "bytes") -> ApiError:
+    return ApiError(413, f"{what} is larger than this server's limit of {limit:,} {unit}", code="media_too_large")
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, code="invalid_media")
+
+
+def fetch_bytes(url: str, policy: MediaPolicy, kind: str) -> bytes:
+    """The encoded bytes behind a media URL, under the policy's rules."""
+    if not isinstance(url, str) or not url:
+        raise _bad(f"{kind}_url needs a url")
+    scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
+    if scheme == "data":
+        head, sep, payload = url.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise _bad(f"{kind} data URL must be base64 (data:<mime>;base64,<data>)")
+        if len(payload) * 3 // 4 > policy.max_bytes:
+            raise _too_large(f"the {kind}", policy.max_bytes)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad(f"{kind} data URL is not valid base64") from None
+    if scheme in ("http", "https"):
+        if not policy.allow_remote:
+            raise _bad(f"this server does not fetch remote {kind}s (start it with --allow-remote-media); "
+                       "send the data inline as a data: URL")
+        return _fetch_remote(url, policy, kind)
+    if scheme == "file" or scheme == "":
+        path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme == "file" else url
+        return _read_local(path, policy, kind)
+    raise _bad(f"unsupported {kind} URL scheme {scheme!r}: use data:, http(s): or file:")
+
+
+def _read_local(path: str, policy: MediaPolicy, kind: str) -> bytes:
+    if policy.allowed_local_path is None:
+        raise _bad(f"this server does not read local {kind} files (start it with --allowed-local-media-path DIR)")
+    # The real path, symlinks resolved, must lie under the allowed directory.
+    real = os.path.realpath(path)
+    root = policy.allowed_local_path
+    if not os.path.isabs(path) or os.path.commonpath([real, root]) != root:
+        raise _bad(f"{kind} path is not under the allowed local media directory")
+    try:
+        size = os.path.getsize(real)
+        if size > policy.max_bytes:
+            raise _too_large(f"the {kind} file", policy.max_bytes)
+        with open(real, "rb") as f:
+            return f.read(policy.max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise _bad(f"no such {kind} file under the allowed local media directory") from None
+    except PermissionError:
+        raise _bad(f"the {kind} file is not readable") from None
+
+
+def _fetch_remote(url: str, policy: MediaPolicy, kind: str) -> bytes:
+    import httpx
+
+    try:
+        with httpx.Client(timeout=policy.timeout_s, follow_redirects=True, max_redirects=3) as client:
+            with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise _bad(f"fetching the {kind} gave HTTP {r.status_code}")
+                length = r.headers.get("content-length")
+                if length and length.isdigit() and int(length) > policy.max_bytes:
+                    raise _too_large(f"the {kind}", policy.max_bytes)
+                buf = bytearray()
+                for chunk in r.iter_bytes():
+                    buf += chunk
+                    if len(buf) > policy.max_bytes:
+                        raise _too_large(f"the {kind}", policy.max_bytes)
+                return bytes(buf)
+    except httpx.TimeoutException:
+        raise _bad(f"fetching the {kind} timed out after {policy.timeout_s:g} s") from None
+    except httpx.HTTPError as e:
+        raise _bad(f"cannot fetch the {kind}: {type(e).__name__}") from None
+
+
+def load_image(url: str, policy: MediaPolicy):
+    """A PIL image (RGB or with alpha, as decoded) from an image_url."""
+    from PIL import Image
+
+    data = fetch_bytes(url, policy, "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > policy.max_image_pixels:
+                raise _too_large(f"the image ({image.width}x{image.height})", policy.max_image_pixels, "pixels")
+            image.load()  # decode now, so a truncated file fails here
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large("the image", policy.max_image_pixels, "pixels") from None
+    except Exception as e:  # PIL raises many types for undecodable data; any of them is the input's fault
+        raise _bad(f"cannot decode the image: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
+    return image
+
+
+def load_video(url: str, policy: MediaPolicy) -> tuple[list, float | None]:
+    """(frames as RGB uint8 arrays, the stream's frame rate) from a video_url (needs PyAV)."""
+    data = fetch_bytes(url, policy, "video")
+    try:
+        import av
+    except ImportError:
+        raise _bad("this server cannot decode videos (PyAV is not installed)") from None
+    frames, pixels = [], 0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise _bad("the video has no video stream")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate) if stream.average_rate else None
+            for frame in container.decode(video=0):
+                pixels += frame.width * frame.height
+                if pixels > policy.max_video_pixels:
+                    raise _too_large("the decoded video", policy.max_video_pixels, "pixels")
+                frames.append(frame.to_ndarray(format="rgb24"))
+    except ApiError:
+        raise
+    except Exception as e:  # PyAV's errors share no base class: any failure here is the input's
+        raise _bad(f"cannot decode the video: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
+    if not frames:
+        raise _bad("the video has no frames")
+    return frames, rate
+
+
+def allowed_dir(path: str | None) -> str | None:
+    """--allowed-local-media-path as a real path (must be an existing directory)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        from qvl_jax.errors import InputError
+
+        raise InputError(f"--allowed-local-media-path {path} is not a directory")
+    return os.path.realpath(p)

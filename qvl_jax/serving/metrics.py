@@ -1,0 +1,40 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, engine):
+        r = self.registry = CollectorRegistry()
+        self.waiting = Gauge("qvl_requests_waiting", "requests submitted that have no token yet", registry=r)
+        self.running = Gauge("qvl_requests_running", "requests producing tokens", registry=r)
+        usable = engine.num_blocks - 1  # one block is the engine's reserved trash block
+        Gauge("qvl_kv_blocks_total", "KV cache blocks in the pool", registry=r).set(usable)
+        Gauge("qvl_kv_blocks_in_use", "KV cache blocks held by requests", registry=r).set_function(
+            lambda: usable - engine.num_free_blocks)
+        self.prompt_tokens = Counter("qvl_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("qvl_prompt_cached_tokens", "prompt tokens served from the prefix cache",
+                                     registry=r)
+        Gauge("qvl_prefix_cache_hit_rate", "cached / all prompt tokens so far", registry=r).set_function(
+            lambda: self._rate())
+        self.generation_tokens = Counter("qvl_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("qvl_time_to_first_token_seconds", "request received -> first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("qvl_inter_token_latency_seconds", "time between tokens of a stream", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.latency = Histogram("qvl_request_latency_seconds", "request received -> finished", registry=r,
+                                 buckets=_LATENCY_BUCKETS)
+        self.finished = Counter("qvl_requests_finished", "finished requests by finish reason", ["reason"], registry=r)
+        self.refused = Counter("qvl_requests_refused", "requests answered with an error, by HTTP status", ["status"],
+                               registry=r)
+
+    def _rate(self) -> float:
+        total = self.prompt_tokens._value.get()
+        return self.cached_tokens._value.get() / total if total else 0.0
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

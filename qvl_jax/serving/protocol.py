@@ -1,0 +1,132 @@
+"""OpenAI request bodies as pydantic models, and OpenAI's error object.
+
+One rule for fields: a field this server does not know is ignored (as vLLM does, and so clients that
+send newer or vendor fields keep working); a field it knows but does not implement (tools,
+response_format other than text, logit_bias, logprobs, ...) is refused with a 400 naming it, because
+ignoring it would silently change the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiError(Exception):
+    """A refusal: HTTP status + OpenAI error object fields."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class MediaURL(_Model):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: MediaURL | str
+
+
+class VideoPart(_Model):
+    type: Literal["video_url"]
+    video_url: MediaURL | str
+
+
+Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+_Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _Sampling(_Model):
+    """Fields both endpoints share (OpenAI's, then vLLM's extras top_k, min_p, repetition_penalty)."""
+
+    model: str | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: str | list[str | int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM: -1 or 0 = off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    # Known but not implemented: refused (see the module docstring).
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    echo: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    add_generation_prompt: bool = True  # vLLM extra
+    continue_final_message: bool = False  # vLLM extra
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+def unsupported(req: _Sampling) -> str | None:
+    """The first known-but-unimplemented field that is set to something other than its no-op value."""
+    noop = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
+            "suffix": (None, ""), "echo": (None, False), "tools": (None, []), "tool_choice": (None, "none"),
+            "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]),
+            "prediction": (None,)}
+    for name, ok in noop.items():
+        if getattr(req, name) not in ok:
+            return name
+    fmt = req.response_format
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return "response_format"
+    return None

@@ -1,0 +1,226 @@
+"""The continuous-batching engine: every request under a mixed concurrent load (text, images, video,
+chunked prefill, waiting and preemption) equals the same request run alone through model.generate;
+prefix-cache hits and misses (a different image behind the same token ids), the vision cache,
+cancellation, streaming, block accounting and bad requests."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from mm_inputs import PromptBuilder, batch_inputs, patch_dim
+from qvl_jax import InputError
+from test_generate import _assert_same_greedy
+
+MODEL = "untied"  # its greedy tokens vary from step to step (the tied one repeats a token)
+
+
+def _one(builder: PromptBuilder, hf, rng) -> dict:
+    inp = batch_inputs([builder], patch_dim(hf.config), rng)
+    inp.pop("attention_mask")
+    return inp
+
+
+def _alone(m, inp: dict, n: int, **kw):
+    """The same request through model.generate: its tokens up to the stop, and the logits behind them."""
+    out = m.generate(**inp, max_new_tokens=n, stop_token_ids=kw.pop("stop_token_ids", []), return_logits=True, **kw)
+    k = int(out.lengths[0])
+    return out.tokens[:, :k], out.logits[:, :k]
+
+
+def _check(m, inp, got, n, **kw):
+    ref, logits = _alone(m, inp, n, **kw)
+    assert got.tokens.dtype == np.int32 and len(got.tokens) == ref.shape[1]
+    _assert_same_greedy(got.tokens[None], ref, logits)
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoint, jax_model):
+    hf, _ = hf_checkpoint(MODEL)
+    return hf, jax_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def engine(setup):
+    _, m = setup
+    eng = m.engine(max_num_seqs=4, max_model_len=256, block_size=4, num_blocks=160, decode_steps=4,
+                   max_num_batched_tokens=64)
+    yield eng
+    eng.close()
+
+
+def test_mixed_load_equals_alone(setup):
+    """More requests than slots, a block pool that holds little more than one sequence (waiting and
+    preemption), a prefill budget smaller than most prompts (chunks), submitted from two threads."""
+    hf, m = setup
+    rng = np.random.RandomState(0)
+    shared = list(rng.randint(0, 290, size=9))
+    cases = [
+        (PromptBuilder(rng).text(5), 20),
+        (PromptBuilder(rng).text(41), 6),
+        (PromptBuilder(rng).text(4).image(6, 8).text(5), 18),
+        (PromptBuilder(rng).text(2).image(4, 4).text(3).image(2, 6).text(2).image(8, 4).text(4), 10),
+        (PromptBuilder(rng).text(3).video(3, 4, 6).text(4), 16),
+        (PromptBuilder(rng).text(7), 3),
+        (PromptBuilder(rng).image(4, 4).text(30), 14),
+    ]
+    for b in (PromptBuilder(rng), PromptBuilder(rng)):  # a shared prefix with different tails
+        b.ids += shared
+        cases.append((b.text(3), 12))
+    inputs = [(_one(b, hf, rng), n) for b, n in cases]
+    eng = m.engine(max_num_seqs=3, max_model_len=80, block_size=4, num_blocks=24, decode_steps=4,
+                   max_num_batched_tokens=16)
+    start = eng.num_free_blocks
+    handles = [None] * len(inputs)
+
+    def submit(idx):
+        for i in idx:
+            inp, n = inputs[i]
+            handles[i] = eng.submit(inp, max_new_tokens=n, stop_token_ids=[])
+
+    threads = [threading.Thread(target=submit, args=(range(k, len(inputs), 2),)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outs = [h.result(timeout=300) for h in handles]
+    assert eng.stats["preemptions"] > 0, eng.stats  # the pool was too small for the load
+    assert eng.stats["prefill_tokens"] > sum(len(inp["input_ids"][0]) for inp, _ in inputs)  # recomputed
+    assert eng.num_free_blocks == start
+    eng.close()
+    for (inp, n), out in zip(inputs, outs):
+        assert out.finish_reason == "length" and out.prompt_tokens == inp["input_ids"].shape[1]
+        _check(m, inp, out, n)
+
+
+def test_prefix_cache_and_different_image(setup, engine):
+    hf, m = setup
+    rng = np.random.RandomState(1)
+    b = PromptBuilder(rng).text(12).image(4, 4).text(9)
+    first = _one(b, hf, rng)
+    cold = engine.submit(first, max_new_tokens=8, stop_token_ids=[]).result()
+    assert cold.cached_tokens == 0
+    encoded = engine.stats["vision_encoded"]
+    warm = engine.submit(first, max_new_tokens=8, stop_token_ids=[]).result()
+    assert warm.cached_tokens > 12 and warm.cached_tokens % 4 == 0  # past the image
+    np.testing.assert_array_equal(warm.tokens, cold.tokens)
+    assert engine.stats["vision_encoded"] == encoded  # the image lies in the cached blocks
+    _check(m, first, cold, 8)
+
+    # Same token ids, another picture: only the 12 text tokens before the image's block may hit.
+    other = dict(first, pixel_values=rng.uniform(-1, 1, size=first["pixel_values"].shape).astype(np.float32))
+    out = engine.submit(other, max_new_tokens=8, stop_token_ids=[]).result()
+    assert out.cached_tokens == 12
+    assert engine.stats["vision_encoded"] == encoded + 1
+    _check(m, other, out, 8)
+
+    # The first picture behind another text: no prefix hit, but its features come from the vision cache.
+    moved = _one(PromptBuilder(rng).text(5), hf, rng)
+    moved = dict(first, input_ids=np.concatenate([moved["input_ids"], first["input_ids"]], 1),
+                 mm_token_type_ids=np.concatenate([moved["mm_token_type_ids"], first["mm_token_type_ids"]], 1))
+    hits = engine.vision_cache.hits
+    out = engine.submit(moved, max_new_tokens=6, stop_token_ids=[]).result()
+    assert out.cached_tokens == 0 and engine.stats["vision_encoded"] == encoded + 1
+    assert engine.vision_cache.hits == hits + 1
+    _check(m, moved, out, 6)
+
+
+def test_stream_cancel_and_block_count(setup, engine):
+    hf, m = setup
+    rng = np.random.RandomState(2)
+    start = engine.num_free_blocks
+    inp = _one(PromptBuilder(rng).text(6).image(4, 6).text(3), hf, rng)
+    h = engine.submit(inp, max_new_tokens=200, stop_token_ids=[])
+    got = []
+    for toks in h:
+        assert toks.dtype == np.int32
+        if len(got) < 6 <= len(got) + len(toks):
+            assert engine.num_free_blocks < start  # its blocks are in use
+            h.cancel()
+        got += toks.tolist()
+    out = h.result()
+    assert out.finish_reason == "cancelled" and 6 <= len(out.tokens) < 200
+    assert got == out.tokens.tolist()
+    assert engine.num_free_blocks == start
+    ref, logits = _alone(m, inp, len(out.tokens))
+    _assert_same_greedy(out.tokens[None], ref, logits)
+
+    # A stream that runs to its stop token: the stop token is the last one, included.
+    stop = int(ref[0, 3])
+    h = engine.submit(inp, max_new_tokens=50, stop_token_ids=[stop])
+    streamed = np.concatenate(list(h))
+    out = h.result()
+    assert out.finish_reason == "stop" and out.tokens[-1] == stop
+    np.testing.assert_array_equal(streamed, out.tokens)
+    np.testing.assert_array_equal(out.tokens, ref[0, :len(out.tokens)])
+    assert engine.num_free_blocks == start
+
+
+def test_sampling_per_request_equals_generate(setup, engine):
+    """Each request keeps its own sampling parameters and PRNG stream inside the shared batch."""
+    hf, m = setup
+    rng = np.random.RandomState(3)
+    a = _one(PromptBuilder(rng).text(9), hf, rng)
+    b = _one(PromptBuilder(rng).text(3).image(4, 4).text(4), hf, rng)
+    kws = [dict(temperature=0.9, top_k=20, top_p=0.9, seed=7),
+           dict(repetition_penalty=1.5, frequency_penalty=0.3),
+           dict()]
+    jobs = [(a, kws[0]), (b, kws[1]), (a, kws[2]), (b, kws[0])]
+    handles = [engine.submit(inp, max_new_tokens=10, stop_token_ids=[], **kw) for inp, kw in jobs]
+    for (inp, kw), h in zip(jobs, handles):
+        ref = m.generate(**inp, max_new_tokens=10, stop_token_ids=[], **kw)
+        np.testing.assert_array_equal(h.result().tokens, ref.tokens[0], err_msg=str(kw))
+
+
+def test_bad_requests_fail_alone(setup, engine):
+    hf, m = setup
+    rng = np.random.RandomState(4)
+    good = _one(PromptBuilder(rng).text(8), hf, rng)
+    ok = engine.submit(good, max_new_tokens=12, stop_token_ids=[])
+    bad = [
+        (dict(input_ids=rng.randint(0, 290, size=(1, 250))), {}),  # 250 + 12 > max_model_len 256
+        (good, dict(temperature=-1.0)),
+        (good, dict(top_p=2.0)),
+        (good, dict(top_k=1.5, temperature=1.0)),
+        (good, dict(seed="x")),
+        (good, dict(stop_token_ids=[10 ** 9])),
+        (good, dict(max_new_tokens=0)),
+        (good, dict(bogus=1)),
+        (dict(input_ids=np.zeros((2, 5), np.int64)), {}),  # a batch of two
+        (dict(good, pixel_values=np.zeros((4, 96), np.float32)), {}),  # pixels without a grid
+    ]
+    for inp, kw in bad:
+        kw = dict(kw)
+        h = engine.submit(inp, max_new_tokens=kw.pop("max_new_tokens", 12), **kw)
+        with pytest.raises(InputError) as e:
+            h.result(timeout=30)
+        assert "\n" not in str(e.value)
+    _check(m, good, ok.result(), 12)
+    outs = engine.generate([good, bad[1][0]], max_new_tokens=4, temperature=-1.0, return_exceptions=True)
+    assert all(isinstance(o, InputError) for o in outs)
+    with pytest.raises(InputError):
+        m.engine(max_model_len=64, block_size=4, num_blocks=8)  # cannot hold one sequence
+
+
+def test_failed_step_fails_its_requests_and_engine_recovers(setup, engine, monkeypatch):
+    """A step that raises (an out-of-memory, say) fails the requests in flight with a one-line error;
+    the engine starts over with a fresh block pool and serves the next request."""
+    from qvl_jax.engine import engine as engine_mod
+    from qvl_jax.errors import QvlError
+
+    hf, m = setup
+    rng = np.random.RandomState(5)
+    inp = _one(PromptBuilder(rng).text(10), hf, rng)
+    real = engine_mod.decode_chunk
+
+    def broken(*a, **k):
+        monkeypatch.setattr(engine_mod, "decode_chunk", real)
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore")
+    monkeypatch.setattr(engine_mod, "decode_chunk", broken)
+    with pytest.raises(QvlError) as e:
+        engine.submit(inp, max_new_tokens=6, stop_token_ids=[]).result(timeout=60)
+    assert "\n" not in str(e.value)
+    assert engine.num_free_blocks == engine.num_blocks - 1
+    _check(m, inp, engine.submit(inp, max_new_tokens=6, stop_token_ids=[]).result(timeout=60), 6)
