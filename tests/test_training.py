@@ -330,3 +330,34 @@ def test_eval_loss_is_the_step_loss(hf_checkpoint, jax_model):
     before = trainer.loss(batch)
     assert abs(before - trainer.step(batch)) <= 1e-6 * abs(before)
     assert trainer.loss(batch) < before  # the step moved downhill
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 fake CPU devices conftest sets up")
+@pytest.mark.parametrize("dp,tp", [(2, 4), (8, 1)])
+def test_training_under_a_mesh_equals_one_device(dp, tp, hf_checkpoint, converted):
+    """Data and tensor parallel through the sharding rules: the same losses and weights as one device,
+    with every weight still laid out as the rules place it."""
+    from jax.sharding import NamedSharding
+
+    from qvl_jax.sharding import make_mesh, variable_spec
+
+    hf, _ = hf_checkpoint("untied")
+    rng = np.random.RandomState(11)
+    rows = [PromptBuilder(rng).text(4 + i).image(4, 4).text(3) for i in range(8)]
+    inp = batch_inputs(rows, patch_dim(hf.config), rng)
+    labels = np.where(inp["attention_mask"] > 0, inp["input_ids"], -100)
+    labels[:, 1:][inp["attention_mask"][:, :-1] == 0] = -100
+    batch = dict(inp, labels=labels)
+    tx = optax.adamw(1e-3, eps=EPS)
+    one = qvl_jax.load(converted("untied"))
+    many = qvl_jax.load(converted("untied"), mesh=make_mesh(dp=dp, tp=tp))
+    t1, t2 = Trainer(one, tx), Trainer(many, tx)
+    for _ in range(2):
+        l1, l2 = t1.step(batch), t2.step(batch)
+        assert abs(l1 - l2) <= 1e-5 * abs(l1)
+    a = {state_key(p): v for p, v in nnx.to_flat_state(one.params)}
+    for path, var in nnx.to_flat_state(many.params):
+        key = state_key(path)
+        arr = var[...]
+        assert arr.sharding.is_equivalent_to(NamedSharding(many.mesh, variable_spec(var, many.mesh)), arr.ndim), key
+        assert rel_err(np.asarray(var[...]), np.asarray(a[key][...])) <= 1e-4, key

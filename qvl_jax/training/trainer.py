@@ -74,6 +74,9 @@ class Trainer:
     activation memory of one layer instead of all, for long multimodal sequences). Learning-rate
     schedules go in the optax transformation.
 
+    Under a mesh (`qvl_jax.load(..., mesh=...)`) the params, gradients and optimizer state keep the
+    rules' layout (tensor parallel on "model") and each batch is split over "data" along its rows.
+
     One difference from torch: a weight that a batch does not reach (the vision tower under a
     text-only batch) gets a zero gradient here, so optax still decays it and moves it by its Adam
     momentum, where torch's optimizers skip a parameter whose gradient is None. Freeze the vision
@@ -166,6 +169,20 @@ class Trainer:
         total, count, grads = self._accumulate(*self._prepare(batch))
         return float(total / max(int(count), 1)), jax.tree.map(lambda g: g / max(int(count), 1), grads)
 
+    def _rows(self, a: np.ndarray, axis: int = 0) -> jax.Array:
+        """A batch array on the device; under a mesh split over "data" along its rows where that
+        divides (data parallel; the params are already laid out by the same rules)."""
+        mesh = getattr(self.model, "mesh", None)
+        if mesh is None:
+            return jnp.asarray(a)
+        from jax.sharding import NamedSharding
+
+        from qvl_jax.sharding import logical_to_spec
+
+        axes = [None] * a.ndim
+        axes[axis] = "batch"
+        return jax.device_put(a, NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh)))
+
     def _accumulate(self, arrays, vis):
         b = arrays["ids"].shape[0]
         k = self.grad_accum
@@ -173,11 +190,11 @@ class Trainer:
         for i in range(k):
             rows = slice(i * b // k, (i + 1) * b // k)
             # Every micro-batch runs the whole vision call: feature rows are indexed per token.
-            t, c, g = _grads(self.graphdef, self.trainable, self.frozen, jnp.asarray(arrays["ids"][rows]),
-                             jnp.asarray(arrays["positions"][:, rows]), jnp.asarray(arrays["valid"][rows]),
-                             jnp.asarray(arrays["labels"][rows]),
+            t, c, g = _grads(self.graphdef, self.trainable, self.frozen, self._rows(arrays["ids"][rows]),
+                             self._rows(arrays["positions"][:, rows], 1), self._rows(arrays["valid"][rows]),
+                             self._rows(arrays["labels"][rows]),
                              None if vis is None else tuple(jnp.asarray(a) for a in vis[0]),
-                             None if vis is None else jnp.asarray(arrays["feat_index"][rows]),
+                             None if vis is None else self._rows(arrays["feat_index"][rows]),
                              compute_dtype=self.compute_dtype, packed=True if vis is None else vis[1],
                              remat=self.remat)
             total, count = (t, c) if total is None else (total + t, count + c)
