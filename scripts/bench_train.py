@@ -83,7 +83,7 @@ def run_ours(args, cfg_dict) -> dict:
     cfg = Qwen3VLConfig.from_hf_dict(cfg_dict)
     model = qvl_jax.Model.random(cfg, dtype=jnp.dtype(args.dtype))
     trainer = Trainer(model, optax.adamw(LR, weight_decay=0.0), lora=LoraConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS),
-                      max_grad_norm=1.0)
+                      max_grad_norm=1.0, remat=args.remat)
     batch = batch_inputs(args, cfg)
     losses = []
     times = timed_steps(lambda: losses.append(trainer.step(batch)), args)  # step() returns a host float: synced
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
                     help="weights and compute (default: float32 on CPU, bfloat16 on GPU)")
     ap.add_argument("--quick", action="store_true", help="tiny widths and ~128 tokens: a smoke run")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers + PEFT")
+    ap.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass (ours)")
     ap.add_argument("--child", choices=["ours", "hf"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     forwarded = ["--config", args.config, "--layers", str(args.layers), "--seq-len", str(args.seq_len),
                  "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps),
                  "--warmup", str(args.warmup), *(["--dtype", args.dtype] if args.dtype else []),
-                 *(["--quick"] if args.quick else [])]
+                 *(["--quick"] if args.quick else []), *(["--remat"] if args.remat else [])]
     for side in ["ours"] + ([] if args.no_hf else ["hf"]):
         run = subprocess.run([sys.executable, __file__, *forwarded, "--child", side],
                              capture_output=True, text=True, check=False, env=dict(os.environ))

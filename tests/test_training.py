@@ -361,3 +361,17 @@ def test_training_under_a_mesh_equals_one_device(dp, tp, hf_checkpoint, converte
         arr = var[...]
         assert arr.sharding.is_equivalent_to(NamedSharding(many.mesh, variable_spec(var, many.mesh)), arr.ndim), key
         assert rel_err(np.asarray(var[...]), np.asarray(a[key][...])) <= 1e-4, key
+
+
+def test_remat_with_lora_equals_without(hf_checkpoint, jax_model):
+    hf, _ = hf_checkpoint("tied")
+    batch = _batch(hf, "image", seed=12)
+    lora = LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj", "qkv"])
+    plain = Trainer(_fresh(jax_model, "tied"), optax.sgd(0.0), lora=lora)
+    remat = Trainer(_fresh(jax_model, "tied"), optax.sgd(0.0), lora=lora, remat=True)
+    (l1, g1), (l2, g2) = plain.loss_and_grads(batch), remat.loss_and_grads(batch)
+    assert abs(l1 - l2) <= 1e-6 * abs(l1)
+    a, b = _grads_by_key(g1), _grads_by_key(g2)
+    assert set(a) == set(b) and all(".lora_" in k for k in a)
+    for key in a:
+        assert not np.abs(a[key]).max() or rel_err(b[key], a[key]) <= 1e-5, key

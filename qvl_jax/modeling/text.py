@@ -139,7 +139,11 @@ class TextModel(nnx.Module):
         # traffic of a CPU decode step (docs/performance.md).
         for i, layer in enumerate(self.layers):
             if remat and cache is None:
-                x = nnx.remat(_layer_no_cache, static_argnums=(5,))(layer, x, cos, sin, mask, impl)
+                # jax.checkpoint over the layer's state as a pure function (nnx.remat tried to write
+                # Variables back across trace levels once LoRA Params were in the layer).
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(lambda st, *a: _layer_no_cache(nnx.merge(graphdef, st), *a, impl))(
+                    state, x, cos, sin, mask)
                 if i < n_ds:
                     x = x + deepstack[i].astype(x.dtype)
                 continue
