@@ -74,17 +74,13 @@ class Model:
         are merged into the saved weights; the model itself keeps them."""
         from qvl_jax.checkpoint import save_hf
 
-        module = self.module
-        if self._has_lora(module):
-            from qvl_jax.training.lora import merge_lora
+        from qvl_jax.training.lora import lora_modules, merge_lora
 
+        module = self.module
+        if lora_modules(module):
             module = nnx.clone(module)  # the model keeps its adapters
             merge_lora(module)
         save_hf(nnx.state(module, nnx.Param), self.path, directory)
-
-    @staticmethod
-    def _has_lora(module) -> bool:
-        return any(type(v).__name__ == "LoraParam" for _, v in nnx.to_flat_state(nnx.state(module)))
 
     @property
     def dtype(self):

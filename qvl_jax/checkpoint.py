@@ -179,12 +179,9 @@ def _check_fits(f, params_file: Path, dtype, shardings) -> None:
 
 
 def _shardings(flat: dict, mesh) -> dict:
-    from jax.sharding import NamedSharding
+    from qvl_jax.sharding import key_shardings
 
-    from qvl_jax.sharding import check_mesh, variable_spec
-
-    mesh = check_mesh(mesh)
-    return {k: NamedSharding(mesh, variable_spec(v, mesh)) for k, v in flat.items()}
+    return key_shardings(flat, mesh)
 
 
 def _load_sharded(tensor, sharding, dtype) -> jax.Array:
@@ -244,11 +241,11 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
     Written whole into a temporary sibling and renamed into place; an existing `directory` is
     refused unless it is empty."""
     import shutil
-    import tempfile
 
     from safetensors.numpy import save_file
 
     from qvl_jax.convert.core import AUX_FILES
+    from qvl_jax.files import temp_sibling
     from qvl_jax.modeling.model import state_key
 
     if source_dir is None or not (Path(source_dir) / "config.json").is_file():
@@ -257,12 +254,8 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} already exists and is not empty; choose another directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = temp_sibling(directory)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         tensors = {state_key(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
         save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
         for name in AUX_FILES:

@@ -287,17 +287,12 @@ def _positive(flag: str, value, allow_zero: bool = False) -> None:
         raise InputError(f"{flag} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
-def _eval_loss(model, batches) -> float:
-    """Mean token loss over every eval batch (the model's current weights, no gradients)."""
-    import jax.numpy as jnp
-
-    from qvl_jax.training.loss import loss_sum_and_count
-
-    total = count = 0.0
+def _eval_loss(trainer, batches) -> float:
+    """Mean token loss over every eval batch (the current weights, no gradients)."""
+    total = count = 0
     for batch in batches:
-        labels = batch.pop("labels")
-        t, c = loss_sum_and_count(jnp.asarray(model.logits(**batch)), jnp.asarray(labels))
-        total, count = total + float(t), count + int(c)
+        t, c = trainer.loss_sum(batch)
+        total, count = total + t, count + c
     return total / max(count, 1)
 
 
@@ -387,7 +382,7 @@ def _train_loop(args, trainer, batches, schedule, total, ckpt, meta, proc, eval_
     from qvl_jax.training.data import eval_batches
 
     def evaluate():
-        return _eval_loss(trainer.model, eval_batches(eval_records, proc, args.batch_size))
+        return _eval_loss(trainer, eval_batches(eval_records, proc, args.batch_size))
 
     saved_at = trainer.steps if args.resume else None
     losses, speeds, eval_loss = [], [], None

@@ -145,9 +145,14 @@ def flat_param_shardings(config: Qwen3VLConfig, mesh: Mesh) -> dict[str, NamedSh
 
     from qvl_jax.modeling.model import abstract_model, state_key
 
-    mesh = check_mesh(mesh)
     state = nnx.state(abstract_model(config), nnx.Param)
-    return {state_key(path): NamedSharding(mesh, variable_spec(v, mesh)) for path, v in nnx.to_flat_state(state)}
+    return key_shardings({state_key(path): v for path, v in nnx.to_flat_state(state)}, mesh)
+
+
+def key_shardings(variables: dict, mesh: Mesh) -> dict[str, NamedSharding]:
+    """{key: Param} -> {key: its NamedSharding}."""
+    mesh = check_mesh(mesh)
+    return {key: NamedSharding(mesh, variable_spec(v, mesh)) for key, v in variables.items()}
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:

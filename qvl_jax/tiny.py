@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from qvl_jax.files import temp_sibling
 
 TINY_NAME = "tiny-random"
 VOCAB_SIZE = 512
@@ -83,11 +84,8 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_sibling(out_dir)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets the user's normal permissions
         special = write_tiny_tokenizer(tmp, vocab_size=VOCAB_SIZE)
         config = tiny_config(special)
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")

@@ -314,10 +314,8 @@ def test_remat_same_gradients_less_activation_memory(hf_checkpoint, jax_model):
         assert not np.abs(a[key]).max() or rel_err(b[key], a[key]) <= 1e-5, key
 
     def temp_bytes(t):
-        arrays, vis = t._prepare(batch)
-        lowered = trainer_mod._grads.lower(
-            t.graphdef, t.trainable, t.frozen, arrays["ids"], arrays["positions"], arrays["valid"],
-            arrays["labels"], tuple(vis[0]), arrays["feat_index"], packed=vis[1], remat=t.remat)
+        (args, static), = t._prepare(batch)
+        lowered = trainer_mod._grads.lower(t.graphdef, t.trainable, t.frozen, *args, **static, remat=t.remat)
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(remat) < temp_bytes(plain)
@@ -390,3 +388,29 @@ def test_bfloat16_compute_keeps_float32_master_weights(hf_checkpoint, jax_model)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(model.params))
     _, grads = trainer.loss_and_grads(batch)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_gradient_accumulation_with_images_splits_the_media(hf_checkpoint, jax_model, monkeypatch):
+    """Each micro-batch encodes only its own rows' images and videos, and the step is the whole
+    batch's."""
+    from qvl_jax.training import trainer as trainer_mod
+
+    hf, _ = hf_checkpoint("untied")
+    rng = np.random.RandomState(14)
+    rows = [PromptBuilder(rng).text(3).image(4, 4).text(2), PromptBuilder(rng).text(6),
+            PromptBuilder(rng).text(2).video(2, 4, 4).text(1), PromptBuilder(rng).image(2, 6).text(2).image(4, 4)]
+    inp = batch_inputs(rows, patch_dim(hf.config), rng)
+    labels = np.where(inp["attention_mask"] > 0, inp["input_ids"], -100)
+    labels[:, 1:][inp["attention_mask"][:, :-1] == 0] = -100
+    batch = dict(inp, labels=labels)
+    whole = Trainer(_fresh(jax_model, "untied"), optax.sgd(0.0)).loss_and_grads(batch)
+    seen = []
+    real = trainer_mod.prepare_inputs
+    monkeypatch.setattr(trainer_mod, "prepare_inputs", lambda cfg, **kw: seen.append(kw) or real(cfg, **kw))
+    split = Trainer(_fresh(jax_model, "untied"), optax.sgd(0.0), grad_accum=2).loss_and_grads(batch)
+    assert [len(kw["image_grid_thw"]) if kw.get("image_grid_thw") is not None else 0 for kw in seen] == [1, 2]
+    assert [kw.get("video_grid_thw") is not None for kw in seen] == [False, True]
+    assert abs(whole[0] - split[0]) <= 1e-6 * abs(whole[0])
+    a, b = _grads_by_key(whole[1]), _grads_by_key(split[1])
+    for key in a:
+        assert not np.abs(a[key]).max() or rel_err(b[key], a[key]) <= 1e-5, key

@@ -86,10 +86,6 @@ class LoraLinear(nnx.Module):
         y = y + jax.lax.dot_general(a, self.lora_B[...], (((a.ndim - 1,), (1,)), ((), ()))) * self.scaling
         return y if out_shape is None else y.reshape(*x.shape[:-1], *out_shape)
 
-    @property
-    def weight(self):  # the base weight, for code that reads a Linear's weight (dtype, shape)
-        return self.base.weight
-
     def merged(self) -> Linear:
         """The base Linear with W + scaling * B A folded in (a new weight; the adapter is gone)."""
         w = self.base.weight[...]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from qvl_jax.errors import CheckpointError, ConfigError
+from qvl_jax.files import temp_sibling
 from qvl_jax.training.lora import LoraConfig, apply_lora, lora_modules
 
 CONFIG_FILE = "adapter_config.json"
@@ -38,14 +38,10 @@ def save_adapter(module, cfg: LoraConfig, directory, base_model: str | None = No
         "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None,
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = temp_sibling(directory)
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         if directory.exists():  # replace an earlier adapter only
             if not (directory / CONFIG_FILE).is_file():
                 raise CheckpointError(f"{directory} exists and is not a PEFT adapter directory; choose another")

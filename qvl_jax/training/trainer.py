@@ -119,10 +119,24 @@ class Trainer:
         step does this, and so must anything that replaces `trainable` (a checkpoint restore)."""
         self.model.set_module_state(self.graphdef, nnx.merge_state(self.trainable, self.frozen))
 
-    def _prepare(self, batch: dict):
+    def _prepare(self, batch: dict, k: int | None = None) -> list[tuple[tuple, dict]]:
+        """The checked batch as `grad_accum` micro-batches of (device arguments, static arguments)
+        for `_grads` / `_eval`. Rows are split before the host lays out the vision inputs, so each
+        micro-batch encodes only its own images and videos."""
         batch = dict(batch)
         if "labels" not in batch:
             raise InputError("the batch needs labels [batch, length] (-100 where no loss is taken)")
+        ids = np.asarray(batch["input_ids"])
+        b = ids.shape[0] if ids.ndim == 2 else 1
+        k = self.grad_accum if k is None else k
+        if b % k:
+            raise InputError(f"a batch of {b} rows does not split into grad_accum={k} micro-batches")
+        parts = [self._micro(m) for m in _split_rows(batch, k, self.model.config)]
+        if not any(counted for _, _, counted in parts):
+            raise InputError("every label is -100 (after the shift by one): nothing to learn from this batch")
+        return [(args, static) for args, static, _ in parts]
+
+    def _micro(self, batch: dict):
         labels = np.asarray(batch.pop("labels"))
         cfg = self.model.config
         inp = prepare_inputs(cfg, **batch)
@@ -138,36 +152,18 @@ class Trainer:
             r, c = np.argwhere(after_pad)[0]
             raise InputError(f"labels[{r}, {c + 1}] is counted but the token before it is padding: that prediction "
                              "would come from a padding position; set such labels to -100")
-        if not (labels[:, 1:] != IGNORE).any():
-            raise InputError("every label is -100 (after the shift by one): nothing to learn from this batch")
-        if b % self.grad_accum:
-            raise InputError(f"a batch of {b} rows does not split into grad_accum={self.grad_accum} micro-batches")
-        tb = bucket_length(t)
-        pad = ((0, 0), (0, tb - t))
-        arrays = dict(ids=np.pad(inp.input_ids, pad), positions=np.pad(inp.positions, ((0, 0), *pad)),
-                      valid=np.pad(inp.mask, pad) > 0, labels=np.pad(labels, pad, constant_values=IGNORE))
-        vis = None
+        pad = ((0, 0), (0, bucket_length(t) - t))
+        args = [self._rows(np.pad(inp.input_ids, pad)), self._rows(np.pad(inp.positions, ((0, 0), *pad)), 1),
+                self._rows(np.pad(inp.mask, pad) > 0), self._rows(np.pad(labels, pad, constant_values=IGNORE)),
+                None, None]
+        static = dict(compute_dtype=self.compute_dtype, packed=True)
         if inp.vision is not None:
             v = inp.vision
-            vis = (v.patches, v.pos_idx, v.pos_w, v.rope_pos, v.frame, v.merged_order), v.packed
-            arrays["feat_index"] = np.pad(inp.feat_index, pad, constant_values=-1)
-        return arrays, vis
-
-    def loss(self, batch: dict) -> float:
-        """The loss of a batch at the current weights, without gradients (evaluation)."""
-        arrays, vis = self._prepare(batch)
-        total, count = _eval(self.graphdef, self.trainable, self.frozen, jnp.asarray(arrays["ids"]),
-                             jnp.asarray(arrays["positions"]), jnp.asarray(arrays["valid"]),
-                             jnp.asarray(arrays["labels"]),
-                             None if vis is None else tuple(jnp.asarray(a) for a in vis[0]),
-                             None if vis is None else jnp.asarray(arrays["feat_index"]),
-                             compute_dtype=self.compute_dtype, packed=True if vis is None else vis[1])
-        return float(total / jnp.maximum(count, 1))
-
-    def loss_and_grads(self, batch: dict):
-        """(loss, gradients) of a batch at the current weights, without a step (for checks)."""
-        total, count, grads = self._accumulate(*self._prepare(batch))
-        return float(total / max(int(count), 1)), jax.tree.map(lambda g: g / max(int(count), 1), grads)
+            args[4] = tuple(jnp.asarray(a) for a in (v.patches, v.pos_idx, v.pos_w, v.rope_pos, v.frame,
+                                                      v.merged_order))
+            args[5] = self._rows(np.pad(inp.feat_index, pad, constant_values=-1))
+            static["packed"] = v.packed
+        return tuple(args), static, bool((labels[:, 1:] != IGNORE).any())
 
     def _rows(self, a: np.ndarray, axis: int = 0) -> jax.Array:
         """A batch array on the device; under a mesh split over "data" along its rows where that
@@ -183,20 +179,27 @@ class Trainer:
         axes[axis] = "batch"
         return jax.device_put(a, NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh)))
 
-    def _accumulate(self, arrays, vis):
-        b = arrays["ids"].shape[0]
-        k = self.grad_accum
+    def loss_sum(self, batch: dict) -> tuple[float, int]:
+        """(sum of token losses, counted tokens) of a batch at the current weights, no gradients:
+        evaluation over several batches divides the summed sums by the summed counts."""
+        (args, static), = self._prepare(batch, k=1)  # nothing to accumulate without gradients
+        total, count = _eval(self.graphdef, self.trainable, self.frozen, *args, **static)
+        return float(total), int(count)
+
+    def loss(self, batch: dict) -> float:
+        """The loss of a batch at the current weights (evaluation)."""
+        total, count = self.loss_sum(batch)
+        return total / max(count, 1)
+
+    def loss_and_grads(self, batch: dict):
+        """(loss, gradients) of a batch at the current weights, without a step (for checks)."""
+        total, count, grads = self._accumulate(self._prepare(batch))
+        return float(total / max(int(count), 1)), jax.tree.map(lambda g: g / max(int(count), 1), grads)
+
+    def _accumulate(self, parts):
         total = count = grads = None
-        for i in range(k):
-            rows = slice(i * b // k, (i + 1) * b // k)
-            # Every micro-batch runs the whole vision call: feature rows are indexed per token.
-            t, c, g = _grads(self.graphdef, self.trainable, self.frozen, self._rows(arrays["ids"][rows]),
-                             self._rows(arrays["positions"][:, rows], 1), self._rows(arrays["valid"][rows]),
-                             self._rows(arrays["labels"][rows]),
-                             None if vis is None else tuple(jnp.asarray(a) for a in vis[0]),
-                             None if vis is None else self._rows(arrays["feat_index"][rows]),
-                             compute_dtype=self.compute_dtype, packed=True if vis is None else vis[1],
-                             remat=self.remat)
+        for args, static in parts:
+            t, c, g = _grads(self.graphdef, self.trainable, self.frozen, *args, **static, remat=self.remat)
             total, count = (t, c) if total is None else (total + t, count + c)
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         return total, count, grads
@@ -204,7 +207,7 @@ class Trainer:
     def step(self, batch: dict) -> float:
         """One optimizer step on a batch (processor output plus `labels`); returns the loss computed
         before the step (transformers' shifted cross-entropy, mean over the counted tokens)."""
-        total, count, grads = self._accumulate(*self._prepare(batch))
+        total, count, grads = self._accumulate(self._prepare(batch))
         loss = float(total / jnp.maximum(count, 1))
         self.trainable, self.opt_state = _apply(self.tx, self.trainable, self.opt_state, grads, count)
         self.steps += 1
@@ -218,3 +221,48 @@ class Trainer:
         if self.lora is None:
             raise InputError("this trainer trains every weight, not a LoRA adapter: use model.save_pretrained")
         save_adapter(self.model.module, self.lora, directory)
+
+
+def _split_rows(batch: dict, k: int, cfg) -> list[dict]:
+    """A processor batch (plus labels) as k batches of consecutive rows, each with its own images and
+    videos: pixel rows and grids go, in order, to the rows whose placeholder tokens they fill."""
+    if k == 1:
+        return [dict(batch)]
+    ids = np.asarray(batch["input_ids"])
+    b = ids.shape[0]
+    media = {}  # kind -> (pixel rows per row of the batch, grids per row)
+    group = cfg.vision.spatial_merge_size ** 2
+    for kind, token, pix_key, grid_key in (("image", cfg.image_token_id, "pixel_values", "image_grid_thw"),
+                                           ("video", cfg.video_token_id, "pixel_values_videos", "video_grid_thw")):
+        if batch.get(grid_key) is None:
+            continue
+        grids = np.asarray(batch[grid_key])
+        if grids.ndim != 2 or grids.shape[-1] != 3:
+            _refuse_split(grid_key)
+        per_item = grids.prod(-1) // group
+        want = (ids == token).sum(1)
+        owner = np.searchsorted(np.cumsum(want), np.cumsum(per_item) - 1, side="right")  # row of each item
+        if len(owner) and owner.max() >= b or not np.array_equal(np.bincount(owner, per_item, b), want):
+            _refuse_split(grid_key)
+        media[kind] = (owner, grids.prod(-1), pix_key, grid_key)
+    out = []
+    for i in range(k):
+        rows = range(i * b // k, (i + 1) * b // k)
+        part = {key: (np.asarray(v)[rows.start:rows.stop] if key in _ROW_KEYS and v is not None else v)
+                for key, v in batch.items()}
+        for owner, n_pix, pix_key, grid_key in media.values():
+            take = (owner >= rows.start) & (owner < rows.stop)
+            starts = np.concatenate([[0], np.cumsum(n_pix)])
+            part[grid_key] = np.asarray(batch[grid_key])[take] if take.any() else None
+            part[pix_key] = (np.concatenate([np.asarray(batch[pix_key])[starts[j]:starts[j + 1]]
+                                             for j in np.flatnonzero(take)]) if take.any() else None)
+        out.append(part)
+    return out
+
+
+_ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "labels")
+
+
+def _refuse_split(grid_key: str) -> None:
+    raise InputError(f"{grid_key} does not match the placeholder tokens of input_ids, so the batch cannot be "
+                     "split into micro-batches")

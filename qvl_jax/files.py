@@ -1,0 +1,21 @@
+"""Small file-system helpers shared by the writers of directories (the tiny checkpoint, PEFT
+adapters, Hugging Face checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def temp_sibling(directory: Path) -> Path:
+    """A new hidden directory beside `directory` to write into and rename into place. Made with
+    os.mkdir, not mkdtemp (0700), so that the finished directory has the umask's permissions."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = directory.parent / f".{directory.name[:200]}.tmp-{secrets.token_hex(6)}"
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
