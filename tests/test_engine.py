@@ -87,7 +87,10 @@ def test_mixed_load_equals_alone(setup):
         t.join()
     outs = [h.result(timeout=300) for h in handles]
     assert eng.stats["preemptions"] > 0, eng.stats  # the pool was too small for the load
-    assert eng.stats["prefill_tokens"] > sum(len(inp["input_ids"][0]) for inp, _ in inputs)  # recomputed
+    # The preempted requests came back and are among those checked below. (Not asserted: that they
+    # prefilled extra tokens: a request preempted while its work lay in full blocks is re-admitted
+    # from the prefix cache, by design, and that depends on the threads' order; CI saw 208 == 208.)
+    assert sum(o.preemptions for o in outs) == eng.stats["preemptions"]
     assert eng.num_free_blocks == start
     eng.close()
     for (inp, n), out in zip(inputs, outs):
