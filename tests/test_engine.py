@@ -227,3 +227,58 @@ def test_failed_step_fails_its_requests_and_engine_recovers(setup, engine, monke
     assert "\n" not in str(e.value)
     assert engine.num_free_blocks == engine.num_blocks - 1
     _check(m, inp, engine.submit(inp, max_new_tokens=6, stop_token_ids=[]).result(timeout=60), 6)
+
+
+def _expected_logprobs(m, inp, n, k, **kw):
+    """model.generate's tokens for the request alone, and from its logits the log-softmax at each
+    chosen token and the k most likely tokens (numpy, float64: independent of the engine's code)."""
+    out = m.generate(**inp, max_new_tokens=n, stop_token_ids=[], return_logits=True, **kw)
+    logits = np.asarray(out.logits[0], np.float64)
+    lsm = logits - logits.max(-1, keepdims=True)
+    lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
+    top = np.argsort(-lsm, axis=-1, kind="stable")[:, :k]
+    return out.tokens[0], np.take_along_axis(lsm, out.tokens[0][:, None], -1)[:, 0], top, \
+        np.take_along_axis(lsm, top, -1)
+
+
+def test_logprobs_equal_generate(setup):
+    """logprobs=k gives each new token's log-probability under the model and the k most likely
+    tokens with theirs, for prompts prefilled in chunks, with images, sampled with penalties (the
+    raw model's distribution, not the penalised one), across a preemption; streamed chunks carry
+    the same numbers; a request that did not ask has none."""
+    hf, m = setup
+    rng = np.random.RandomState(6)
+    a = _one(PromptBuilder(rng).text(23), hf, rng)
+    b = _one(PromptBuilder(rng).text(3).image(4, 6).text(4), hf, rng)
+    jobs = [(a, 3, {}), (b, 5, dict(temperature=0.8, top_k=30, repetition_penalty=1.6, seed=11)),
+            (b, 0, {}), (a, None, {}), (a, 20, dict(presence_penalty=1.0))]
+    eng = m.engine(max_num_seqs=3, max_model_len=48, block_size=4, num_blocks=14, decode_steps=3,
+                   max_num_batched_tokens=8)
+    handles = [eng.submit(inp, max_new_tokens=12, stop_token_ids=[], logprobs=k, **kw) for inp, k, kw in jobs]
+    streamed = [list(h.chunks()) for h in handles]
+    outs = [h.result(timeout=300) for h in handles]
+    assert eng.stats["preemptions"] > 0, eng.stats  # the pool was too small for the load
+    eng.close()
+    for (inp, k, kw), out, chunks in zip(jobs, outs, streamed):
+        tokens, lp, top, top_lp = _expected_logprobs(m, inp, 12, k or 0, **kw)
+        np.testing.assert_array_equal(out.tokens, tokens)
+        if k is None:
+            assert out.logprobs is None and out.top_token_ids is None and out.top_logprobs is None
+            assert all(c.logprobs is None for c in chunks)
+            continue
+        assert out.logprobs.dtype == np.float32 and out.logprobs.shape == (12,)
+        assert out.top_token_ids.shape == out.top_logprobs.shape == (12, k)
+        # float32 log-softmax over ~300 logits against a float64 one of the same logits, which come
+        # from model.generate's cache rather than the paged one: a few ulps of 1-10.
+        np.testing.assert_allclose(out.logprobs, lp, rtol=0, atol=2e-5)
+        np.testing.assert_array_equal(out.top_token_ids, top)
+        np.testing.assert_allclose(out.top_logprobs, top_lp, rtol=0, atol=2e-5)
+        for name in ("tokens", "logprobs", "top_token_ids", "top_logprobs"):
+            np.testing.assert_array_equal(np.concatenate([getattr(c, name) for c in chunks]), getattr(out, name))
+    # With penalties the sampled token need not be the model's most likely one; the report is the model's.
+    assert (outs[1].logprobs < outs[1].top_logprobs[:, 0] - 1e-3).any()
+    eng = m.engine(max_model_len=64, block_size=4, num_blocks=20)
+    for bad in (-1, 21, 2.0, True, "5"):
+        with pytest.raises(InputError, match="logprobs"):
+            eng.submit(a, max_new_tokens=2, logprobs=bad).result()
+    eng.close()

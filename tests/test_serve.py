@@ -185,6 +185,91 @@ def test_completions_models_health_metrics(srv):
     assert fams["qvl_generation_tokens"].samples[0].value > 0
 
 
+def _reference_bytes(proc):
+    """Each token id's bytes from the byte-level alphabet as transformers defines it (independent of
+    the server's Processor.token_bytes)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in proc.tokenizer.get_added_tokens_decoder().items()}
+    special = {i for i, t in proc.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    def of(i):
+        return added[i].encode() if i in added else bytes(byte_of[c] for c in proc.tokenizer.id_to_token(i))
+    return of, special
+
+
+def _expected_logprobs(srv, inp, max_tokens, k):
+    """model.generate's greedy tokens for the prompt, without the stop id, with numpy float64
+    log-softmax of its logits at each of them and the k most likely tokens."""
+    out = srv.model.generate(**inp, max_new_tokens=max_tokens, stop_token_ids=srv.proc.eos_token_ids, return_logits=True)
+    n = int(out.lengths[0])
+    toks = out.tokens[0, :n]
+    logits = np.asarray(out.logits[0, :n], np.float64)
+    lsm = logits - logits.max(-1, keepdims=True)
+    lsm -= np.log(np.exp(lsm).sum(-1, keepdims=True))
+    if n and toks[-1] in srv.proc.eos_token_ids:
+        toks, lsm = toks[:-1], lsm[:-1]
+    top = np.argsort(-lsm, -1, kind="stable")[:, :k]
+    return toks.tolist(), lsm[np.arange(len(toks)), toks], top, np.take_along_axis(lsm, top, -1)
+
+
+def test_logprobs_chat_and_completions(srv):
+    """logprobs / top_logprobs: each answer token's log-probability and the k most likely tokens
+    equal model.generate's logits' log-softmax; `bytes` are the tokens' bytes (they join to the
+    answer's text); streamed chunks carry the same entries; completions' legacy form likewise."""
+    of, special = _reference_bytes(srv.proc)
+    msgs = _chat(5)
+    inp = srv.proc.apply_chat_template(_hf_messages(msgs), add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, literal_content=True)
+    inp.pop("attention_mask")
+    toks, lp, top, top_lp = _expected_logprobs(srv, inp, 16, 3)
+    r = srv.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+    stream = list(srv.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0,
+                                                     logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    for content in (r.choices[0].logprobs.content, streamed):
+        assert [bytes(e.bytes) for e in content] == [of(t) for t in toks]
+        # float32 log-softmax of the engine's logits against float64 of model.generate's: a few ulps of ~6.
+        np.testing.assert_allclose([e.logprob for e in content], lp, rtol=0, atol=2e-5)
+        assert [[bytes(x.bytes) for x in e.top_logprobs] for e in content] == [[of(t) for t in row] for row in top]
+        np.testing.assert_allclose([[x.logprob for x in e.top_logprobs] for e in content], top_lp, rtol=0, atol=2e-5)
+        assert all(e.token == bytes(e.bytes).decode("utf-8", "replace") for e in content)
+    assert b"".join(of(t) for t in toks if t not in special).decode() == r.choices[0].message.content
+    plain = srv.client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    ids = srv.proc.encode("The answer is")
+    toks, lp, top, top_lp = _expected_logprobs(srv, {"input_ids": np.asarray([ids])}, 10, 2)
+    for stream in (False, True):
+        r = srv.client.completions.create(model=NAME, prompt="The answer is", max_tokens=10, temperature=0,
+                                          logprobs=2, stream=stream)
+        chunks = list(r) if stream else [r]
+        got = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [t for g in got for t in g.tokens]
+        assert tokens == [of(t).decode("utf-8", "replace") for t in toks]
+        np.testing.assert_allclose([v for g in got for v in g.token_logprobs], lp, rtol=0, atol=2e-5)
+        tops = [d for g in got for d in g.top_logprobs]
+        for d, row, vals, t, v in zip(tops, top, top_lp, tokens, lp):
+            want = {of(i).decode("utf-8", "replace"): x for i, x in zip(row, vals)}
+            want.setdefault(t, v)
+            assert d.keys() == want.keys()
+            np.testing.assert_allclose([d[key] for key in want], list(want.values()), rtol=0, atol=2e-5)
+        offsets = [o for g in got for o in g.text_offset]
+        assert offsets == [sum(map(len, tokens[:j])) for j in range(len(tokens))]
+        if not any(t in special for t in toks):
+            assert "".join(tokens) == text
+    # top_logprobs alone, or out of range: 400 naming the field.
+    assert _error(_post(srv, "/v1/chat/completions", {"model": NAME, "messages": msgs, "top_logprobs": 2}),
+                  400)["param"] == "top_logprobs"
+    assert _error(_post(srv, "/v1/chat/completions", {"model": NAME, "messages": msgs, "logprobs": True,
+                                                      "top_logprobs": 21}), 400)["param"] == "top_logprobs"
+    assert _error(_post(srv, "/v1/completions", {"model": NAME, "prompt": "x", "logprobs": -1}),
+                  400)["param"] == "logprobs"
+
+
 def test_16_concurrent_clients_equal_alone(srv):
     cases = [(_chat(i, image=i % 4 != 3), 8 + i % 7, i % 2 == 0) for i in range(16)]
     alone = [srv.client.chat.completions.create(model=NAME, messages=m, max_tokens=n, temperature=0)
@@ -236,7 +321,6 @@ def test_refusals(srv, tmp_path):
     _error(_post(srv, "/v1/chat/completions", {**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     _error(_post(srv, "/v1/chat/completions", {**ok, "top_p": 0}), 400)
     assert _error(_post(srv, "/v1/chat/completions", {**ok, "tools": [{"type": "function"}]}), 400)["param"] == "tools"
-    assert _error(_post(srv, "/v1/chat/completions", {**ok, "logprobs": True}), 400)["param"] == "logprobs"
     assert _error(_post(srv, "/v1/chat/completions", {**ok, "max_tokens": 10_000}), 400)["code"] == "context_length_exceeded"
     long = {**ok, "messages": [{"role": "user", "content": "word " * 400}]}
     assert _error(_post(srv, "/v1/chat/completions", long), 400)["code"] == "context_length_exceeded"

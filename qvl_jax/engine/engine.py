@@ -53,21 +53,33 @@ MIN_WINDOW = 64  # smallest attention window (tokens) a step reads, as generate'
 # Jitted steps. Both take the model split as (structure, leaves) and merge inside the trace.
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per token (OpenAI's limit)
+
+
 def _choose(flags: sampling.SamplingFlags, logits: jax.Array, sp: sampling.SamplingParams, keys: jax.Array,
-            n_out: jax.Array, seen: jax.Array | None, counts: jax.Array | None) -> jax.Array:
+            n_out: jax.Array, seen: jax.Array | None, counts: jax.Array | None):
     """One token per row, each row drawn as a batch of one with fold_in(its key, its output index):
-    the same draw `model.generate` makes for that request alone."""
+    the same draw `model.generate` makes for that request alone. Returns (tokens [r], finite [r],
+    logprobs) where logprobs is None, or with flags.logprobs (the chosen token's log-probability
+    [r], the top MAX_TOP_LOGPROBS token ids [r, k] and their log-probabilities [r, k]): the model's
+    log-softmax before penalties, temperature and truncation, as `model.generate` reports them."""
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
     logits = jnp.where(finite[:, None], logits, 0.0)
+    plain = dataclasses.replace(flags, logprobs=False)
 
     def one(kd, step, lg, sp_row, seen_row, count_row):
         key = jax.random.fold_in(jax.random.wrap_key_data(kd), step)
         sp1 = sampling.SamplingParams(*(a[None] for a in sp_row))
-        tok, _ = sampling.choose(key, lg[None], sp1, flags, None if seen_row is None else seen_row[None],
+        tok, _ = sampling.choose(key, lg[None], sp1, plain, None if seen_row is None else seen_row[None],
                                  None if count_row is None else count_row[None])
         return tok[0]
 
-    return jax.vmap(one)(keys, n_out, logits, sp, seen, counts), finite
+    tok = jax.vmap(one)(keys, n_out, logits, sp, seen, counts)
+    if not flags.logprobs:
+        return tok, finite, None
+    lsm = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lsm, min(MAX_TOP_LOGPROBS, lsm.shape[-1]))
+    return tok, finite, (jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp)
 
 
 def _record_history(flags, seen, counts, rows, tok, live):
@@ -102,9 +114,9 @@ def prefill_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFl
     logits = m.lm_logits(last)[:, 0].astype(jnp.float32)
     rows_seen = seen[slot] if flags.repetition else None
     rows_counts = counts[slot] if flags.frequency_presence else None
-    tok, finite = _choose(flags, logits, sp, keys, n_out, rows_seen, rows_counts)
+    tok, finite, lps = _choose(flags, logits, sp, keys, n_out, rows_seen, rows_counts)
     seen, counts = _record_history(flags, seen, counts, slot, tok, final & finite)
-    return view.pages, seen, counts, tok, finite
+    return view.pages, seen, counts, tok, finite, lps
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "block_size", "n_steps"),
@@ -116,7 +128,8 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
     """Up to n_steps decode steps over every slot in one `lax.while_loop`. A slot runs while it is
     active: not stopped, under its max_new, and with room in its blocks (`limit`, its sequence
     length cap for this chunk). Returns the pages, the penalty history, tokens [slots, n_steps] (-1
-    where a slot did not run) and which slots met non-finite logits."""
+    where a slot did not run), which slots met non-finite logits, and with flags.logprobs each
+    step's (chosen logprob [slots, n_steps], top ids and logprobs [slots, n_steps, k]), else None."""
     m = structure.merge(leaves)
     s = table.shape[0]
     window = table.shape[1] * block_size
@@ -125,7 +138,7 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
     rows = jnp.arange(s)
 
     def body(c):
-        step, pages, seen, counts, seq_len, last_tok, n_out, active, out, bad = c
+        step, pages, seen, counts, seq_len, last_tok, n_out, active, out, bad, lp_out = c
         pos = seq_len + delta
         positions = jnp.broadcast_to(pos[None, :, None], (3, s, 1))
         write = jnp.where(active, paged.slots(table, jnp.minimum(seq_len, window - 1)[:, None], block_size)[:, 0],
@@ -134,8 +147,10 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
         h, view = m.model.language_model(m.embed(last_tok[:, None]), positions, mask, None,
                                          PagedView(pages, write[:, None], read))
         logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
-        tok, finite = _choose(flags, logits, sp, keys, n_out,
-                              seen if flags.repetition else None, counts if flags.frequency_presence else None)
+        tok, finite, lps = _choose(flags, logits, sp, keys, n_out,
+                                   seen if flags.repetition else None, counts if flags.frequency_presence else None)
+        if lps is not None:
+            lp_out = tuple(buf.at[:, step].set(v) for buf, v in zip(lp_out, lps))
         tok = jnp.where(active, tok, last_tok)
         seen, counts = _record_history(flags, seen, counts, rows, tok, active & finite)
         out = out.at[:, step].set(jnp.where(active, tok, -1))
@@ -144,12 +159,16 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
         stopped = jnp.any(tok[:, None] == stop_ids, axis=1)
         bad = bad | (active & ~finite)
         active = active & finite & ~stopped & (n_out < max_new) & (seq_len < limit)
-        return step + 1, view.pages, seen, counts, seq_len, tok, n_out, active, out, bad
+        return step + 1, view.pages, seen, counts, seq_len, tok, n_out, active, out, bad, lp_out
 
+    k = min(MAX_TOP_LOGPROBS, m.config.text.vocab_size) if flags.logprobs else 0
+    lp_init = () if not flags.logprobs else (jnp.zeros((s, n_steps), jnp.float32),
+                                             jnp.zeros((s, n_steps, k), jnp.int32),
+                                             jnp.zeros((s, n_steps, k), jnp.float32))
     init = (jnp.zeros((), jnp.int32), pages, seen, counts, seq_len, last_tok, n_out, active,
-            jnp.full((s, n_steps), -1, jnp.int32), jnp.zeros((s,), bool))
+            jnp.full((s, n_steps), -1, jnp.int32), jnp.zeros((s,), bool), lp_init)
     c = jax.lax.while_loop(lambda c: (c[0] < n_steps) & jnp.any(c[7]), body, init)
-    return c[1], c[2], c[3], c[8], c[9]
+    return c[1], c[2], c[3], c[8], c[9], c[10] or None
 
 
 @functools.partial(jax.jit, donate_argnames=("seen", "counts"))
@@ -179,6 +198,23 @@ class RequestOutput:
     queue_s: float = 0.0  # submit -> first admission
     ttft_s: float = 0.0  # submit -> first token
     latency_s: float = 0.0  # submit -> finish
+    # With submit(logprobs=k): each new token's log-probability [n] float32, and the k most likely
+    # tokens at each step with theirs ([n, k] int32 / float32): the model's log-softmax before
+    # penalties, temperature and truncation (as model.generate's return_logprobs). None otherwise.
+    logprobs: np.ndarray | None = None
+    top_token_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class TokenChunk:
+    """New tokens as `RequestHandle.chunks()` yields them, with their log-probabilities when the
+    request asked for them (fields as in RequestOutput)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray | None = None
+    top_token_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 _DONE = object()
@@ -206,6 +242,11 @@ class RequestHandle:
         return self._output
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        for chunk in self.chunks():
+            yield chunk.tokens
+
+    def chunks(self) -> Iterator[TokenChunk]:
+        """Yields `TokenChunk`s (new tokens with their log-probabilities) as they come."""
         while True:
             item = self._stream.get()
             if item is _DONE:
@@ -219,8 +260,8 @@ class RequestHandle:
             self._engine._commands.put(("cancel", self))
 
     # scheduler side
-    def _emit(self, tokens: np.ndarray) -> None:
-        self._stream.put(tokens)
+    def _emit(self, chunk: TokenChunk) -> None:
+        self._stream.put(chunk)
 
     def _finish(self, output: RequestOutput | None, error: BaseException | None = None) -> None:
         if self._event.is_set():
@@ -255,7 +296,9 @@ class _Request:
     key: np.ndarray  # [2] uint32 PRNG key data
     stop: np.ndarray  # stop ids (-1 padded)
     submitted: float
+    n_top: int | None = None  # logprobs asked for: None (none), or how many alternatives per token
     outputs: list = dataclasses.field(default_factory=list)
+    lp: list = dataclasses.field(default_factory=list)  # per output token: (logprob, top ids, top logprobs)
     num_computed: int = 0  # tokens of seq whose keys/values are in the blocks
     blocks: list = dataclasses.field(default_factory=list)
     hashes: list = dataclasses.field(default_factory=list)  # hash chain of the full blocks of seq
@@ -459,8 +502,13 @@ class Engine:
         prep = prepare_inputs(cfg, **inputs)
         n = len(ids)
         max_new = max_new_tokens
+        n_top = kw.pop("logprobs", None)
+        if n_top is not None and (isinstance(n_top, bool) or not isinstance(n_top, (int, np.integer))
+                                  or not 0 <= n_top <= MAX_TOP_LOGPROBS):
+            raise InputError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per "
+                             f"token), got {n_top!r}")
         ctl, flags, key = self._gen._controls(1, max_new, kw.pop("stop_token_ids", None), kw.pop("pad_token_id", None),
-                                              kw)
+                                              kw, n_top is not None)
         if n + max_new > self.max_model_len:
             raise InputError(f"prompt of {n} tokens + max_new_tokens={max_new} = {n + max_new} exceeds the "
                              f"engine's max_model_len of {self.max_model_len}")
@@ -487,7 +535,7 @@ class Engine:
                         feat_index=None if prep.feat_index is None else prep.feat_index[0],
                         media=media, max_new=int(max_new), flags=flags, sp=sp,
                         key=np.asarray(jax.random.key_data(key), np.uint32), stop=np.asarray(ctl.stop_ids),
-                        submitted=time.perf_counter())
+                        submitted=time.perf_counter(), n_top=None if n_top is None else int(n_top))
 
     # -- scheduler thread --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -601,7 +649,7 @@ class Engine:
             tokens=np.asarray(req.outputs, np.int32), finish_reason=reason, prompt_tokens=len(req.prompt),
             cached_tokens=req.cached_tokens or 0, preemptions=req.preemptions,
             queue_s=(req.admitted or now) - req.submitted, ttft_s=(req.first_token or now) - req.submitted,
-            latency_s=now - req.submitted)
+            latency_s=now - req.submitted, **_logprob_fields(req.n_top, req.lp))
 
     def _retire(self, req: _Request, reason: str = "", error: BaseException | None = None) -> None:
         self._free(req)
@@ -724,7 +772,7 @@ class Engine:
                                                     jnp.int32(len(req.prompt)))
         rb = self._window_blocks(end)
         sp = sampling.SamplingParams(*(jnp.asarray(np.asarray(v)[None]) for v in req.sp))
-        self._pages, self._seen, self._counts, tok, finite = prefill_chunk(
+        self._pages, self._seen, self._counts, tok, finite, lps = prefill_chunk(
             *self.model.split, req.flags, self.block_size, self._pages, self._seen, self._counts,
             jnp.asarray(ids), jnp.asarray(positions), jnp.asarray([o], jnp.int32), jnp.asarray([n], jnp.int32),
             jnp.asarray(self._table[slot:slot + 1, :rb]), vision, jnp.asarray([slot], jnp.int32),
@@ -735,22 +783,27 @@ class Engine:
         if not final:
             return
         req.features = None  # the vision cache keeps what may be needed again
-        tok, finite = jax.device_get((tok, finite))
+        tok, finite, lps = jax.device_get((tok, finite, lps))
         if not finite[0]:
             self._retire(req, error=NumericalError("the model produced NaN/inf logits (prefill); check the "
                                                    "weights, or use float32 if a low-precision dtype overflowed"))
             return
         req.decoding = True
-        self._accept(req, [int(tok[0])])
+        self._accept(req, [int(tok[0])], None if lps is None else [tuple(a[0] for a in lps)])
 
-    def _accept(self, req: _Request, toks: list[int]) -> None:
-        """Appends new tokens, streams them, and retires req when it stopped."""
+    def _accept(self, req: _Request, toks: list[int], lps: list | None = None) -> None:
+        """Appends new tokens (and their log-probabilities when req asked), streams them, and retires
+        req when it stopped."""
         if not toks:
             return
         if req.first_token is None:
             req.first_token = time.perf_counter()
         req.outputs += toks
-        req.handle._emit(np.asarray(toks, np.int32))
+        new = []
+        if req.n_top is not None:
+            new = [(float(lp), ids[:req.n_top], top[:req.n_top]) for lp, ids, top in lps]
+            req.lp += new
+        req.handle._emit(TokenChunk(np.asarray(toks, np.int32), **_logprob_fields(req.n_top, new)))
         if toks[-1] in set(req.stop[req.stop >= 0].tolist()):
             self._retire(req, "stop")
         elif len(req.outputs) >= req.max_new:
@@ -796,16 +849,17 @@ class Engine:
         flags = sampling.SamplingFlags(**{f.name: any(getattr(r.flags, f.name) for r in dec)
                                           for f in dataclasses.fields(sampling.SamplingFlags)})
         rb = self._window_blocks(int(limit.max()))
-        self._pages, self._seen, self._counts, out, bad = decode_chunk(
+        self._pages, self._seen, self._counts, out, bad, lps = decode_chunk(
             *self.model.split, flags, bs, k, self._pages, self._seen, self._counts,
             jnp.asarray(self._table[:, :rb]), jnp.asarray(seq_len), jnp.asarray(last_tok), jnp.asarray(delta),
             jnp.asarray(active), jnp.asarray(limit), jnp.asarray(n_out), jnp.asarray(max_new), jnp.asarray(stop),
             sampling.SamplingParams(*(jnp.asarray(a) for a in sp)), jnp.asarray(keys))
-        out, bad = jax.device_get((out, bad))
+        out, bad, lps = jax.device_get((out, bad, lps))
         self.stats["decode_chunks"] += 1
         for r in dec:
             i = r.slot
-            toks = out[i][out[i] >= 0].tolist()
+            ran = out[i] >= 0
+            toks = out[i][ran].tolist()
             r.num_computed += len(toks)
             self.stats["decode_tokens"] += len(toks)
             if bad[i]:
@@ -814,7 +868,16 @@ class Engine:
                     "weights, or use float32 if a low-precision dtype overflowed"))
                 continue
             self._register_full_blocks(r)
-            self._accept(r, toks)
+            self._accept(r, toks, None if lps is None else list(zip(*(a[i][ran] for a in lps))))
+
+
+def _logprob_fields(n_top: int | None, lp: list) -> dict:
+    """RequestOutput / TokenChunk log-probability fields from a request's (logprob, ids, top) list."""
+    if n_top is None:
+        return {}
+    return {"logprobs": np.asarray([x[0] for x in lp], np.float32),
+            "top_token_ids": np.asarray([x[1] for x in lp], np.int32).reshape(len(lp), n_top),
+            "top_logprobs": np.asarray([x[2] for x in lp], np.float32).reshape(len(lp), n_top)}
 
 
 # Neutral sampling values of an idle slot, in SamplingParams order.

@@ -187,6 +187,18 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _LITERAL_MARK = "\ufdd0"
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each byte is a printable character, the printable Latin-1 ones as
+    themselves and the other 68 as code points from 256 up, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = iter(range(256, 512))
+    return {(chr(b) if b in keep else chr(next(shifted))): b for b in range(256)}
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
+
+
 def _describe(x: Any) -> str:
     t = type(x)
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
@@ -604,6 +616,26 @@ class Processor:
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Token ids (1-D) -> text; no stopping at eos (the caller trims)."""
         return self.tokenizer.decode(_ids_list(ids, "decode"), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character): what OpenAI's
+        logprobs report as `bytes`. Added tokens are their text; byte-level BPE tokens map back
+        through the byte alphabet; other tokenizers fall back to the decoded text."""
+        cache = self.__dict__.setdefault("_token_bytes", {})
+        if token_id not in cache:
+            added = self.__dict__.get("_added_content")
+            if added is None:
+                added = self.__dict__["_added_content"] = {
+                    i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+            piece = self.tokenizer.id_to_token(int(token_id))
+            if token_id in added:
+                cache[token_id] = added[token_id].encode()
+            elif piece is not None and type(self.tokenizer.decoder).__name__ == "ByteLevel" and \
+                    all(ch in _BYTE_OF_CHAR for ch in piece):
+                cache[token_id] = bytes(_BYTE_OF_CHAR[ch] for ch in piece)
+            else:
+                cache[token_id] = self.tokenizer.decode([int(token_id)], skip_special_tokens=False).encode()
+        return cache[token_id]
 
     def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
         """A batch of id sequences ([B, T] array or list of lists) -> list of texts."""

@@ -60,6 +60,7 @@ class _Choice:
     result: object = None
     error: BaseException | None = None
     last_t: float | None = None
+    logprobs: list = dataclasses.field(default_factory=list)  # (token id, logprob, top ids, top logprobs)
 
 
 class _End:
@@ -68,10 +69,10 @@ class _End:
 
 
 def _pump(handle, index: int, loop, q: asyncio.Queue) -> None:
-    """Forwards a handle's token arrays, then its result or error, to the event loop."""
+    """Forwards a handle's token chunks, then its result or error, to the event loop."""
     try:
-        for toks in handle:
-            loop.call_soon_threadsafe(q.put_nowait, (index, toks))
+        for chunk in handle.chunks():
+            loop.call_soon_threadsafe(q.put_nowait, (index, chunk))
         item = handle.result()
     except BaseException as e:  # the handle's error is the request's, reported to its client
         item = e
@@ -82,12 +83,14 @@ def _pump(handle, index: int, loop, q: asyncio.Queue) -> None:
 
 
 class _Run:
-    """The n engine requests behind one HTTP request, as a stream of (index, text delta, finish)."""
+    """The n engine requests behind one HTTP request, as a stream of (index, text delta, finish,
+    logprob entries of the new tokens: (id, logprob, top ids, top logprobs), without a final stop id)."""
 
     def __init__(self, app_state: "_State", handles: list, stops: list[str], stop_ids: set[int], t0: float):
         self.s, self.stops, self.stop_ids, self.t0 = app_state, stops, stop_ids, t0
         self.choices = [_Choice(h) for h in handles]
         self.first_token = False
+        self.want_logprobs = False
         self.loop = asyncio.get_running_loop()
         self.q: asyncio.Queue = asyncio.Queue()
         for i, h in enumerate(handles):
@@ -132,14 +135,14 @@ class _Run:
                 if isinstance(item.item, BaseException):
                     c.error = item.item
                     c.finish = c.finish or "error"
-                    yield i, "", c.finish
+                    yield i, "", c.finish, []
                     continue
                 c.result = item.item
                 c.tokens = item.item.tokens.tolist() if c.finish is None else c.tokens
                 if c.finish is None:
                     c.finish = item.item.finish_reason
                 delta = self._delta(c, final=True) if c.finish != "cancelled" else ""
-                yield i, delta, c.finish
+                yield i, delta, c.finish, []
                 continue
             now = time.perf_counter()
             if not self.first_token:
@@ -147,17 +150,23 @@ class _Run:
                 m.ttft.observe(now - self.t0)
                 m.waiting.dec()
                 m.running.inc()
-            elif c.last_t is not None:
-                for _ in range(len(item)):
-                    m.itl.observe((now - c.last_t) / len(item))
+            toks = item.tokens.tolist()
+            if c.last_t is not None:
+                for _ in range(len(toks)):
+                    m.itl.observe((now - c.last_t) / len(toks))
             c.last_t = now
-            m.generation_tokens.inc(len(item))
+            m.generation_tokens.inc(len(toks))
             if c.finish is not None:  # stopped by a stop string: the rest is discarded
                 continue
-            c.tokens += item.tolist()
+            c.tokens += toks
+            lps = []
+            if item.logprobs is not None:
+                lps = [(t, float(item.logprobs[j]), item.top_token_ids[j].tolist(), item.top_logprobs[j].tolist())
+                       for j, t in enumerate(toks) if t not in self.stop_ids]
+                c.logprobs += lps
             delta = self._delta(c, final=False)
-            if delta:
-                yield i, delta, None
+            if delta or lps:
+                yield i, delta, None, lps
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,7 +407,47 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, list[str], set
         kw["top_k"] = req.top_k
     if temperature > 0:
         kw["seed"] = req.seed if req.seed is not None else secrets.randbits(63)
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        if req.logprobs:
+            kw["logprobs"] = req.top_logprobs or 0
+    elif req.logprobs is not None:
+        kw["logprobs"] = req.logprobs
     return kw, max_tokens, stop_strings, stop_ids
+
+
+def _token_text(st: _State, token_id: int) -> tuple[str, list[int]]:
+    b = st.processor.token_bytes(token_id)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def _chat_logprobs(st: _State, entries: list) -> dict:
+    """OpenAI's chat logprobs object for (id, logprob, top ids, top logprobs) entries."""
+    content = []
+    for tok, lp, top_ids, top_lps in entries:
+        text, b = _token_text(st, tok)
+        top = []
+        for t, v in zip(top_ids, top_lps):
+            tt, tb = _token_text(st, t)
+            top.append({"token": tt, "logprob": v, "bytes": tb})
+        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(st: _State, entries: list, offset: int) -> dict:
+    """The completions endpoint's logprobs object; offset: the text offset of the first token."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tok, lp, top_ids, top_lps in entries:
+        text = _token_text(st, tok)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        top = {_token_text(st, t)[0]: v for t, v in zip(top_ids, top_lps)}
+        top.setdefault(text, lp)  # the chosen token too, as OpenAI and vLLM list it
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
 
 
 async def _serve(st: _State, request: Request, req, chat: bool):
@@ -453,6 +502,7 @@ async def _serve(st: _State, request: Request, req, chat: bool):
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
         run = _Run(st, handles, stop_strings, stop_ids, t0)
+        run.want_logprobs = "logprobs" in kw
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:
@@ -509,7 +559,7 @@ async def _complete(st, request, run: _Run, meta, chat, n_prompt, per):
     watcher = asyncio.create_task(_watch(request, run))
     texts = [""] * len(run.choices)
     try:
-        async for i, delta, _ in run.events():
+        async for i, delta, _, _ in run.events():
             texts[i] += delta
     finally:
         watcher.cancel()
@@ -518,11 +568,14 @@ async def _complete(st, request, run: _Run, meta, chat, n_prompt, per):
     err = _error_of(run)
     if err is not None:
         raise err
+    want_lp = run.want_logprobs
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": c.finish,
-                    "logprobs": None} for i, (t, c) in enumerate(zip(texts, run.choices))]
+                    "logprobs": _chat_logprobs(st, c.logprobs) if want_lp else None}
+                   for i, (t, c) in enumerate(zip(texts, run.choices))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
-    choices = [{"index": i, "text": t, "finish_reason": c.finish, "logprobs": None}
+    choices = [{"index": i, "text": t, "finish_reason": c.finish,
+                "logprobs": _completion_logprobs(st, c.logprobs, 0) if want_lp else None}
                for i, (t, c) in enumerate(zip(texts, run.choices))]
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
 
@@ -561,12 +614,21 @@ async def _stream(st, run: _Run, meta, chat, n_prompt, per, include_usage, relea
     obj = "chat.completion.chunk" if chat else "text_completion"
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(i, delta, finish, first=False):
+    offsets = [0] * len(run.choices)  # text offset of each choice's next token (completions logprobs)
+
+    def chunk(i, delta, finish, first=False, lps=()):
+        lp = None
+        if run.want_logprobs and not first:
+            if chat:
+                lp = _chat_logprobs(st, lps)
+            else:
+                lp = _completion_logprobs(st, lps, offsets[i])
+                offsets[i] += sum(map(len, lp["tokens"]))
         if chat:
             d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
-            choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": None}
+            choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": i, "text": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": i, "text": delta, "finish_reason": finish, "logprobs": lp}
         return _sse({**meta, "object": obj, "choices": [choice], **extra})
 
     done = False
@@ -574,11 +636,11 @@ async def _stream(st, run: _Run, meta, chat, n_prompt, per, include_usage, relea
         if chat:
             for i in range(len(run.choices)):
                 yield chunk(i, "", None, first=True)
-        async for i, delta, finish in run.events():
+        async for i, delta, finish, lps in run.events():
             if finish in ("error", "cancelled"):
                 continue
-            if delta or finish:
-                yield chunk(i, delta, finish)
+            if delta or finish or lps:
+                yield chunk(i, delta, finish, lps=lps)
         usage = _finished(st, run, n_prompt, per)
         done = True
         err = _error_of(run)

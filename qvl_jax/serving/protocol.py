@@ -2,7 +2,7 @@
 
 One rule for fields: a field this server does not know is ignored (as vLLM does, and so clients that
 send newer or vendor fields keep working); a field it knows but does not implement (tools,
-response_format other than text, logit_bias, logprobs, ...) is refused with a 400 naming it, because
+response_format other than text, logit_bias, ...) is refused with a 400 naming it, because
 ignoring it would silently change the answer.
 """
 
@@ -90,8 +90,6 @@ class _Sampling(_Model):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     # Known but not implemented: refused (see the module docstring).
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     best_of: Any = None
     suffix: Any = None
@@ -108,6 +106,8 @@ class _Sampling(_Model):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     add_generation_prompt: bool = True  # vLLM extra
     continue_final_message: bool = False  # vLLM extra
@@ -115,11 +115,12 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # alternatives per token (OpenAI allows 5)
 
 
 def unsupported(req: _Sampling) -> str | None:
     """The first known-but-unimplemented field that is set to something other than its no-op value."""
-    noop = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
+    noop = {"logit_bias": (None, {}), "best_of": (None, 1),
             "suffix": (None, ""), "echo": (None, False), "tools": (None, []), "tool_choice": (None, "none"),
             "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]),
             "prediction": (None,)}
