@@ -11,6 +11,9 @@ import binascii
 import dataclasses
 import io
 import os
+import re
+import stat
+import time
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -25,7 +28,7 @@ class MediaPolicy:
     max_bytes: int = 20 << 20  # encoded size of one image or video
     max_image_pixels: int = 40_000_000  # decoded width * height of one image (decompression bombs)
     max_video_pixels: int = 200_000_000  # decoded pixels over all frames of one video
-    timeout_s: float = 10.0  # a remote fetch, connect to last byte
+    timeout_s: float = 10.0  # a remote fetch, connect to last byte (checked between reads: at most ~2x this)
 
 
 def _too_large(what: str, limit: int, unit: str = "bytes") -> ApiError:
@@ -36,11 +39,15 @@ def _bad(message: str) -> ApiError:
     return ApiError(400, message, code="invalid_media")
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")  # RFC 3986; an absolute path has none (even with a ':')
+
+
 def fetch_bytes(url: str, policy: MediaPolicy, kind: str) -> bytes:
     """The encoded bytes behind a media URL, under the policy's rules."""
     if not isinstance(url, str) or not url:
         raise _bad(f"{kind}_url needs a url")
-    scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
+    m = _SCHEME.match(url)
+    scheme = m.group(1).lower() if m else ""
     if scheme == "data":
         head, sep, payload = url.partition(",")
         if not sep or not head.endswith(";base64"):
@@ -57,7 +64,10 @@ def fetch_bytes(url: str, policy: MediaPolicy, kind: str) -> bytes:
                        "send the data inline as a data: URL")
         return _fetch_remote(url, policy, kind)
     if scheme == "file" or scheme == "":
-        path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme == "file" else url
+        try:
+            path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if scheme == "file" else url
+        except ValueError:  # e.g. file://[x: an invalid host
+            raise _bad(f"invalid {kind} file URL") from None
         return _read_local(path, policy, kind)
     raise _bad(f"unsupported {kind} URL scheme {scheme!r}: use data:, http(s): or file:")
 
@@ -65,14 +75,18 @@ def fetch_bytes(url: str, policy: MediaPolicy, kind: str) -> bytes:
 def _read_local(path: str, policy: MediaPolicy, kind: str) -> bytes:
     if policy.allowed_local_path is None:
         raise _bad(f"this server does not read local {kind} files (start it with --allowed-local-media-path DIR)")
+    if "\x00" in path:
+        raise _bad(f"{kind} path contains a NUL character")
     # The real path, symlinks resolved, must lie under the allowed directory.
     real = os.path.realpath(path)
     root = policy.allowed_local_path
     if not os.path.isabs(path) or os.path.commonpath([real, root]) != root:
         raise _bad(f"{kind} path is not under the allowed local media directory")
     try:
-        size = os.path.getsize(real)
-        if size > policy.max_bytes:
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):  # a directory, FIFO or device: opening or reading it may block
+            raise _bad(f"the {kind} path is not a regular file")
+        if st.st_size > policy.max_bytes:
             raise _too_large(f"the {kind} file", policy.max_bytes)
         with open(real, "rb") as f:
             return f.read(policy.max_bytes + 1)
@@ -85,6 +99,10 @@ def _read_local(path: str, policy: MediaPolicy, kind: str) -> bytes:
 def _fetch_remote(url: str, policy: MediaPolicy, kind: str) -> bytes:
     import httpx
 
+    # httpx's timeout bounds each connect and each read, not the whole transfer: a server that
+    # trickles bytes would never trip it, so the deadline is also checked between reads.
+    deadline = time.monotonic() + policy.timeout_s
+    timed_out = _bad(f"fetching the {kind} timed out after {policy.timeout_s:g} s")
     try:
         with httpx.Client(timeout=policy.timeout_s, follow_redirects=True, max_redirects=3) as client:
             with client.stream("GET", url) as r:
@@ -98,10 +116,12 @@ def _fetch_remote(url: str, policy: MediaPolicy, kind: str) -> bytes:
                     buf += chunk
                     if len(buf) > policy.max_bytes:
                         raise _too_large(f"the {kind}", policy.max_bytes)
+                    if time.monotonic() > deadline:
+                        raise timed_out
                 return bytes(buf)
     except httpx.TimeoutException:
-        raise _bad(f"fetching the {kind} timed out after {policy.timeout_s:g} s") from None
-    except httpx.HTTPError as e:
+        raise timed_out from None
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise _bad(f"cannot fetch the {kind}: {type(e).__name__}") from None
 
 
@@ -139,6 +159,8 @@ def load_video(url: str, policy: MediaPolicy) -> tuple[list, float | None]:
             if not container.streams.video:
                 raise _bad("the video has no video stream")
             stream = container.streams.video[0]
+            if (stream.width or 0) * (stream.height or 0) > policy.max_video_pixels:  # before decoding a frame
+                raise _too_large("the decoded video", policy.max_video_pixels, "pixels")
             rate = float(stream.average_rate) if stream.average_rate else None
             for frame in container.decode(video=0):
                 pixels += frame.width * frame.height
