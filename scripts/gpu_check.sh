@@ -7,10 +7,12 @@
 #   scripts/gpu_check.sh warm    # the same program again in a new process: warm (persistent-cache) compiles
 #   scripts/gpu_check.sh fused   # cuDNN fused attention (QVL_JAX_ATTENTION=cudnn): bf16 check, then image
 #                                # and 4k cases with each kernel, in one process each
+#   scripts/gpu_check.sh paged   # the engine's paged attention: Pallas kernel tests on the GPU, then
+#                                # bench_engine.py with QVL_JAX_PAGED_ATTENTION=xla and =pallas
 #
 # Uses the current python3 (which must have jax with CUDA, torch, transformers and this repo's deps).
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|warm|fused}
+stage=${1:?usage: gpu_check.sh tests|bench|warm|fused|paged}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,6 +30,13 @@ case "$stage" in
     for impl in cudnn einsum; do
       python3 scripts/bench.py --config 2b --cases image,long --no-hf --repeats 2 --new-tokens 32 \
         --attention $impl 2>&1 | tee "$OUT/bench_2b_attention_$impl.jsonl"
+    done
+    ;;
+  paged)
+    QVL_JAX_PAGED_ATTENTION=pallas python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py 2>&1 | tee "$OUT/paged_tests.log"
+    for impl in xla pallas; do
+      QVL_JAX_PAGED_ATTENTION=$impl python3 scripts/bench_engine.py --config 2b --slots 64 --no-static \
+        --no-transformers 2>&1 | tee "$OUT/bench_engine_paged_$impl.jsonl"
     done
     ;;
   bench)

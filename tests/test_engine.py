@@ -282,3 +282,39 @@ def test_logprobs_equal_generate(setup):
         with pytest.raises(InputError, match="logprobs"):
             eng.submit(a, max_new_tokens=2, logprobs=bad).result()
     eng.close()
+
+
+def test_pallas_paged_attention_equals_xla(setup, monkeypatch):
+    """QVL_JAX_PAGED_ATTENTION=pallas: decode steps run JAX's Pallas paged attention kernel (interpret
+    mode on the CPU) over pools in its layout; tokens and log-probabilities equal model.generate's."""
+    from jax.experimental.pallas.ops.gpu import paged_attention as kernel_mod
+
+    hf, m = setup
+    calls = []
+    real = kernel_mod.paged_attention
+
+    def counted(*a, **k):
+        calls.append(a[3].shape)  # the block table [slots, window blocks]
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernel_mod, "paged_attention", counted)
+    monkeypatch.setenv("QVL_JAX_PAGED_ATTENTION", "pallas")
+    rng = np.random.RandomState(7)
+    jobs = [(_one(PromptBuilder(rng).text(21), hf, rng), 14), (_one(PromptBuilder(rng).text(3).image(4, 6).text(4), hf, rng), 9),
+            (_one(PromptBuilder(rng).text(40), hf, rng), 30)]
+    # max_model_len 80 with blocks of 4: a 20-block window, which the kernel splits in 4 x 5.
+    eng = m.engine(max_num_seqs=2, max_model_len=80, block_size=4, num_blocks=48, decode_steps=4,
+                   max_num_batched_tokens=8)
+    assert eng._pages.k[0].shape == (hf.config.text_config.num_key_value_heads, 48, 4, hf.config.text_config.head_dim)
+    outs = [h.result(timeout=600) for h in [eng.submit(inp, max_new_tokens=n, stop_token_ids=[], logprobs=0)
+                                            for inp, n in jobs]]
+    eng.close()
+    assert calls and any(shape[1] == 20 for shape in calls), calls
+    for (inp, n), out in zip(jobs, outs):
+        tokens, lp, _, _ = _expected_logprobs(m, inp, n, 0)
+        np.testing.assert_array_equal(out.tokens, tokens)
+        np.testing.assert_allclose(out.logprobs, lp, rtol=0, atol=2e-5)
+    monkeypatch.setenv("QVL_JAX_PAGED_ATTENTION", "bogus")
+    from qvl_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="QVL_JAX_PAGED_ATTENTION"):
+        m.engine(max_model_len=64, block_size=4, num_blocks=20)

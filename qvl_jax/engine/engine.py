@@ -145,7 +145,7 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
                           TRASH_BLOCK)
         mask = (j[None] <= seq_len[:, None])[:, None, :]
         h, view = m.model.language_model(m.embed(last_tok[:, None]), positions, mask, None,
-                                         PagedView(pages, write[:, None], read))
+                                         PagedView(pages, write[:, None], read, table, seq_len + 1))
         logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
         tok, finite, lps = _choose(flags, logits, sp, keys, n_out,
                                    seen if flags.repetition else None, counts if flags.frequency_presence else None)

@@ -6,8 +6,16 @@ table. `PagedView` is what the decoder's `cache` argument takes (`TextModel.__ca
 `write_and_read(layer, k, v)` per layer): it scatters this call's keys and values to their slots and
 gathers each row's attention window through its block table.
 
-The gather is the "xla" kernel, plain jnp indexing that runs on every backend. `KERNEL` is the one
-switch for a future Pallas paged / ragged attention kernel; only "xla" exists so far.
+The kernel is chosen by one switch, the environment variable QVL_JAX_PAGED_ATTENTION:
+
+- "xla" (default): the gather above, plain jnp indexing, then the decoder's own attention. Runs on
+  every backend; every engine test runs it.
+- "pallas": decode steps run JAX's Pallas paged attention kernel
+  (`jax.experimental.pallas.ops.gpu.paged_attention`, Triton on a GPU, interpret mode elsewhere),
+  which reads each row's blocks in place instead of gathering a window first. The pools are then laid
+  out as that kernel takes them, [kv_heads, num_blocks, block_size, head_dim]; prefill chunks (more
+  than one query) gather from that layout and run the decoder's attention. One device only. Tested
+  equal to "xla" in interpret mode on the CPU; whether it is faster on a GPU is not measured yet.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from qvl_jax.errors import ConfigError
 from qvl_jax.sharding import logical_to_spec
 
 ENV = "QVL_JAX_PAGED_ATTENTION"
-KERNELS = ("xla",)
+KERNELS = ("xla", "pallas")
 
 
 def kernel() -> str:
@@ -35,16 +43,20 @@ def kernel() -> str:
 
 
 class Pages(NamedTuple):
-    k: tuple[jax.Array, ...]  # per layer [num_blocks * block_size, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]  # per layer [num_blocks * block_size, kv_heads, head_dim] ("pallas":
+    v: tuple[jax.Array, ...]  # [kv_heads, num_blocks, block_size, head_dim])
 
 
 def allocate(cfg: TextConfig, num_blocks: int, block_size: int, dtype, mesh=None) -> Pages:
-    """Zeroed pools; under a mesh split over kv heads on "model" (where that divides), as the static
-    cache is, and created in that sharding."""
+    """Zeroed pools in the layout the configured kernel reads; under a mesh split over kv heads on
+    "model" (where that divides), as the static cache is, and created in that sharding."""
     shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
     where = None
-    if mesh is not None:
+    if kernel() == "pallas":
+        if mesh is not None:
+            raise ConfigError(f"{ENV}=pallas runs on one device; unset it to serve a sharded model")
+        shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
+    elif mesh is not None:
         where = NamedSharding(mesh, logical_to_spec(("cache_len", "kv_heads", "head_dim"), shape, mesh))
     n = cfg.num_hidden_layers
     return Pages(tuple(jnp.zeros(shape, dtype, device=where) for _ in range(n)),
@@ -64,20 +76,57 @@ def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
 class PagedView:
     """One jitted call's view of the pages: where this call's tokens go (write [b, t] flat slots)
     and which slots each row's attention reads (read [b, s]). Not a pytree: it lives inside one
-    trace, and `TextModel` hands back the updated view after its last layer."""
+    trace, and `TextModel` hands back the updated view after its last layer.
 
-    def __init__(self, pages: Pages, write: jax.Array, read: jax.Array):
+    table [b, blocks] and lengths [b] (tokens each row attends to, this call's included) are what the
+    "pallas" kernel reads instead of `read`; a decode step passes them."""
+
+    def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
+                 lengths: jax.Array | None = None):
         self.pages, self.write, self.read = pages, write, read
+        self.table, self.lengths = table, lengths
         self._impl = kernel()
 
-    def write_and_read(self, layer: int, k: jax.Array, v: jax.Array):
+    def _store(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, "PagedView"]:
         b, t, kv, hd = k.shape
         flat = self.write.reshape(-1)
-        kp = self.pages.k[layer].at[flat].set(k.reshape(b * t, kv, hd).astype(self.pages.k[layer].dtype))
-        vp = self.pages.v[layer].at[flat].set(v.reshape(b * t, kv, hd).astype(self.pages.v[layer].dtype))
-        ks = list(self.pages.k)
-        vs = list(self.pages.v)
+        kp, vp = self.pages.k[layer], self.pages.v[layer]
+        k, v = k.reshape(b * t, kv, hd).astype(kp.dtype), v.reshape(b * t, kv, hd).astype(vp.dtype)
+        if self._impl == "pallas":
+            bs = kp.shape[2]
+            blk, off = flat // bs, flat % bs
+            kp = kp.at[:, blk, off].set(k.transpose(1, 0, 2))
+            vp = vp.at[:, blk, off].set(v.transpose(1, 0, 2))
+        else:
+            kp, vp = kp.at[flat].set(k), vp.at[flat].set(v)
+        ks, vs = list(self.pages.k), list(self.pages.v)
         ks[layer], vs[layer] = kp, vp
-        view = PagedView(Pages(tuple(ks), tuple(vs)), self.write, self.read)
-        # "xla": gather each row's window; keys [b, s, kv_heads, head_dim] as attention reads them.
+        return kp, vp, PagedView(Pages(tuple(ks), tuple(vs)), self.write, self.read, self.table, self.lengths)
+
+    def write_and_read(self, layer: int, k: jax.Array, v: jax.Array):
+        """Stores this call's keys and values; returns each row's window [b, s, kv_heads, head_dim]."""
+        kp, vp, view = self._store(layer, k, v)
+        if self._impl == "pallas":
+            bs = kp.shape[2]
+            blk, off = self.read // bs, self.read % bs
+            return kp[:, blk, off].transpose(1, 2, 0, 3), vp[:, blk, off].transpose(1, 2, 0, 3), view
         return kp[self.read], vp[self.read], view
+
+    def fused_attention(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array):
+        """(attention output [b, 1, heads, head_dim], the updated view) from the "pallas" kernel for a
+        decode step given table and lengths; None where the decoder attends itself."""
+        if self._impl != "pallas" or q.shape[1] != 1 or self.table is None:
+            return None
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+        kp, vp, view = self._store(layer, k, v)
+        b, _, n, hd = q.shape
+        pages = self.table.shape[1]
+        splits = min(16, pages & -pages)  # a power of two dividing the window's block count
+        per = pages // splits
+        compute = max(d for d in range(1, min(8, per) + 1) if per % d == 0)
+        q = (q[:, 0].astype(jnp.float32) * hd ** -0.5).astype(kp.dtype)  # the kernel does not scale
+        o = paged_attention(q, kp, vp, self.table, self.lengths.astype(jnp.int32), k_splits=splits,
+                            pages_per_compute_block=compute, interpret=jax.default_backend() != "gpu")
+        return o[:, None].astype(k.dtype), view
+

@@ -126,7 +126,9 @@ class TextModel(nnx.Module):
         `write_pos` (shared by the batch) and attention reads the first `read_len` (static) cache
         entries: mask is [b, t, read_len]. A cache may also be any object with
         `write_and_read(layer, k, v) -> (keys, values, cache)` (keys [b, s, kv_heads, head_dim], what
-        attention reads; mask [b, t, s]): the engine's paged cache plugs in that way.
+        attention reads; mask [b, t, s]): the engine's paged cache plugs in that way. Such a cache may
+        also have `fused_attention(layer, q, k, v) -> (out [b, t, heads, head_dim], cache) | None`
+        to run attention with its own kernel (None: it does not, for this call).
 
         remat (no cache: training): each layer's activations are recomputed in the backward pass
         instead of kept, so activation memory holds one layer's rather than every layer's."""
@@ -148,17 +150,22 @@ class TextModel(nnx.Module):
                     x = x + deepstack[i].astype(x.dtype)
                 continue
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
-            if cache is not None and hasattr(cache, "write_and_read"):  # another layout (the engine's pages)
-                k, v, cache = cache.write_and_read(i, k, v)
-            elif cache is not None:
-                ck, cv = cache
-                at = (i, 0, write_pos, 0, 0)
-                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-                k = ck[i, :, :read_len]
-                v = cv[i, :, :read_len]
-                cache = (ck, cv)
-            x = x + layer.self_attn.out(q, k, v, mask, impl)
+            fused = cache.fused_attention(i, q, k, v) if hasattr(cache, "fused_attention") else None
+            if fused is not None:  # the cache's own kernel attended (the engine's Pallas decode)
+                o, cache = fused
+                x = x + layer.self_attn.o_proj(o.reshape(*o.shape[:2], -1))
+            else:
+                if cache is not None and hasattr(cache, "write_and_read"):  # another layout (the engine's pages)
+                    k, v, cache = cache.write_and_read(i, k, v)
+                elif cache is not None:
+                    ck, cv = cache
+                    at = (i, 0, write_pos, 0, 0)
+                    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+                    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                    k = ck[i, :, :read_len]
+                    v = cv[i, :, :read_len]
+                    cache = (ck, cv)
+                x = x + layer.self_attn.out(q, k, v, mask, impl)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             if i < n_ds:
                 x = x + deepstack[i].astype(x.dtype)
