@@ -1,13 +1,40 @@
 """Serving benchmark: a reproducible chat workload through the openai client against `qvl-jax serve`
-(started here unless --url is given) and optionally a peer such as `transformers serve` (--peer-url).
+(started here unless --url is given) and optionally a peer: `transformers serve` started here from
+another virtual environment (--peer-venv), or any OpenAI-compatible server already running (--peer-url).
 
-Workload (seeded): a shared system prompt, user prompts of mixed lengths (new ones at each level, after an untimed warm-up pass), an image (data URL) in every
---image-every-th request, greedy, streamed; run at each --concurrency level. Per level and server it
-prints one JSON line: output tokens/s, requests/s, TTFT and inter-token latency p50 / p99 (client side).
+Workload (seeded): a shared system prompt, user prompts of mixed lengths (new ones at each level, after an
+untimed warm-up pass at that level with other prompts), an image (data URL) in every --image-every-th
+request, greedy, streamed; run at each --concurrency level. Per level and server it prints one JSON
+line: output tokens/s, requests/s, TTFT and inter-token latency p50 / p99 (client side), output tokens
+received and asked for; then, with a peer, one line of ratios (ours over the peer: output tokens/s and
+TTFT p50 at each level).
 
     python scripts/bench_serve.py                              # tiny-random, concurrency 1/8/32
     python scripts/bench_serve.py --model Qwen/Qwen3-VL-2B-Instruct --requests 64
     python scripts/bench_serve.py --peer-url http://127.0.0.1:8001/v1 --peer-model Qwen/Qwen3-VL-2B-Instruct
+    python scripts/bench_serve.py --config 2b --layers 4 --peer-venv /work/peer-venv   # random 2B widths
+
+--config quick|2b|4b|8b [--layers N]: serve a random checkpoint of those widths instead of --model: a
+`qvl_jax.Model.random` (seed --seed-weights) written with save_pretrained in the Hugging Face layout,
+with the built-in tiny model's chat template and processor configs (small pixel budgets: at most 256
+patches an image) and a byte-level tokenizer whose vocabulary fills the config's (the tiny merges, then
+filler tokens that decode to ASCII words, then Qwen's added tokens at Qwen's ids where the vocabulary
+allows), so that every token a random model emits streams as text. Written once into the qvl_jax
+cache (bench-random-<config>-L<layers>-s<seed>) and reused, so our server's conversion is reused too.
+
+--peer-venv PATH: runs `PATH/bin/transformers serve <checkpoint> --continuous-batching --device
+--peer-device --dtype --peer-dtype` on the same Hugging Face checkpoint our server serves (the --config
+one, or --model's files: tiny-random's, a local HF directory or a hub snapshot), waits for /health,
+runs the same workloads at the same levels, and stops it at the end (also on errors and Ctrl-C). Its
+warm-up is --peer-warmup requests, one at a time (nothing to compile). transformers serves
+continuously batched only text-only models; for Qwen3-VL it falls back to one `generate` at a time
+(it logs "does not support continuous batching"), which is the baseline being measured.
+
+Exact output lengths: random weights almost never pick an end-of-sequence token, but they may. The
+peer is sent generation_config {"min_new_tokens": max_tokens} (transformers serve's own request field),
+so it always generates max_tokens; our server has no such field, so an early stop of ours shows as
+output_tokens below requested_tokens (and short_requests > 0) in its line, and the comparison is per
+token received.
 """
 
 from __future__ import annotations
@@ -17,11 +44,14 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -56,11 +86,13 @@ def _pct(xs, q):
     return round(float(np.percentile(xs, q)) * 1000, 2) if xs else None
 
 
-def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurrency: int) -> dict:
+def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurrency: int,
+              exact_tokens: bool = False) -> dict:
+    """exact_tokens: send transformers serve's generation_config field asking for max_tokens exactly."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
-    ttft, itl, out_tokens, errors = [], [], [0], [0]
+    ttft, itl, out_tokens, errors, short = [], [], [0], [0], [0]
     lock = threading.Lock()
     it = iter(jobs)
 
@@ -72,10 +104,12 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                 return
             t0 = time.perf_counter()
             first, last, n = None, None, 0
+            extra = {"generation_config": json.dumps({"max_new_tokens": job["max_tokens"], "do_sample": False,
+                                                      "min_new_tokens": job["max_tokens"]})} if exact_tokens else None
             try:
                 stream = client.chat.completions.create(model=model, messages=job["messages"], temperature=0,
                                                         max_tokens=job["max_tokens"], stream=True,
-                                                        stream_options={"include_usage": True})
+                                                        stream_options={"include_usage": True}, extra_body=extra)
                 gaps = []
                 for ch in stream:
                     now = time.perf_counter()
@@ -94,6 +128,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                 continue
             with lock:
                 out_tokens[0] += n
+                short[0] += n < job["max_tokens"]
                 if first is not None:
                     ttft.append(first - t0)
                     # Text chunks can carry several tokens: spread each gap over the tokens between.
@@ -101,7 +136,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                     itl.extend(g / per for g in gaps)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -109,40 +144,202 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": len(jobs), "errors": errors[0], "wall_s": round(wall, 2),
             "output_tok_s": round(out_tokens[0] / wall, 1), "req_s": round(len(jobs) / wall, 2),
+            "output_tokens": out_tokens[0], "requested_tokens": sum(j["max_tokens"] for j in jobs),
+            "short_requests": short[0],
             "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99), "itl_p50_ms": _pct(itl, 50),
             "itl_p99_ms": _pct(itl, 99)}
 
 
-def _start_ours(args) -> tuple[subprocess.Popen, str]:
-    import httpx
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "qvl_jax", "serve", "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
-           "--max-model-len", str(args.max_model_len), "--served-model-name", "bench", "--log-level", "warning"]
-    if args.model:
-        cmd += ["--model", args.model]
-    p = subprocess.Popen(cmd, env=dict(os.environ))
-    for _ in range(6000):
+        return s.getsockname()[1]
+
+
+def _wait_healthy(p: subprocess.Popen, port: int, name: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return p, f"http://127.0.0.1:{port}/v1"
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         if p.poll() is not None:
-            raise SystemExit("the server exited during start-up")
-        time.sleep(0.1)
-    raise SystemExit("the server did not become healthy")
+            raise SystemExit(f"{name} exited during start-up (exit status {p.returncode})")
+        time.sleep(0.2)
+    raise SystemExit(f"{name} did not become healthy within {timeout_s:.0f} s")
+
+
+def _start_ours(args, model: str | None, procs: list) -> str:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "qvl_jax", "serve", "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
+           "--max-model-len", str(args.max_model_len), "--served-model-name", "bench", "--log-level", "warning"]
+    if model:
+        cmd += ["--model", model]
+    p = subprocess.Popen(cmd, env=dict(os.environ))
+    procs.append(p)
+    _wait_healthy(p, port, "qvl-jax serve", 1200)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def _start_peer(args, model_dir: str, procs: list) -> tuple[str, Path]:
+    """`transformers serve` from --peer-venv, pinned to model_dir (its requests must name model_dir).
+    Its output goes to a log file (one line per request); returns its /v1 URL and the log's path."""
+    venv = Path(args.peer_venv).expanduser().absolute()
+    exe = venv / "bin" / "transformers"
+    if not exe.is_file():
+        raise SystemExit(f"{exe} not found: --peer-venv must be a virtual environment with transformers installed")
+    port = _free_port()
+    cmd = [str(exe), "serve", model_dir, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+           "--device", args.peer_device, "--dtype", args.peer_dtype, "--log-level", "warning", *args.peer_arg]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv), HF_HUB_OFFLINE="1")
+    if args.peer_log:
+        log = Path(args.peer_log)
+    else:
+        fd, name = tempfile.mkstemp(prefix="bench_serve_peer_", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    print(f"starting the peer (log: {log}): {' '.join(cmd)}", file=sys.stderr, flush=True)
+    with open(log, "wb") as f:
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    procs.append(p)
+    try:
+        _wait_healthy(p, port, "transformers serve", 1200)
+    except SystemExit:
+        sys.stderr.write("".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]))
+        raise
+    return f"http://127.0.0.1:{port}/v1", log
+
+
+def _peer_batching(log: Path) -> str | None:
+    """What transformers serve said about continuous batching for its last request ("CB: True/False")."""
+    cb = [line.rsplit("CB: ", 1)[1].strip() for line in log.read_text(errors="replace").splitlines() if "CB: " in line]
+    return cb[-1] if cb else None
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _full_vocab_tokenizer(vocab_size: int):
+    """The tiny byte-level tokenizer grown to vocab_size: its bytes and merges, then filler tokens (" ab",
+    " abc", ... in the byte-level alphabet: ASCII words once decoded, never part of an encoding), then
+    Qwen's added tokens, at Qwen's ids (151643...) where the vocabulary allows, else at its end.
+    Returns (tokenizer, {added token: id})."""
+    import itertools
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from qvl_jax.processing.tokenizer_files import QWEN_ADDED_TOKENS, build_tiny_tokenizer
+
+    n_added = len(QWEN_ADDED_TOKENS)
+    regular = min(151643, vocab_size - n_added)
+    d = json.loads(build_tiny_tokenizer().to_str())
+    vocab = {t: i for t, i in d["model"]["vocab"].items() if i < 256 + len(d["model"]["merges"])}
+    vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    fillers = ("\u0120" + "".join(w) for k in itertools.count(2) for w in itertools.product(letters, repeat=k))
+    for tok in fillers:
+        if len(vocab) >= regular:
+            break
+        vocab.setdefault(tok, len(vocab))
+    d["model"]["vocab"] = vocab
+    d["added_tokens"] = []
+    tok = Tokenizer.from_str(json.dumps(d))
+    for content, special in QWEN_ADDED_TOKENS:
+        tok.add_tokens([AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
+                                   single_word=False)])
+    ids = {content: tok.token_to_id(content) for content, _ in QWEN_ADDED_TOKENS}
+    assert max(ids.values()) < vocab_size and tok.get_vocab_size() == regular + n_added
+    return tok, ids
+
+
+def random_checkpoint(size: str, layers: int | None, seed: int) -> Path:
+    """A random Hugging Face checkpoint of `size` widths (see the module docstring), built once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import hf_config_dict
+
+    from qvl_jax.hub import cache_dir
+
+    out = cache_dir() / f"bench-random-{size}-L{layers or 'all'}-s{seed}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import jax.numpy as jnp
+
+    import qvl_jax
+    from qvl_jax.config import Qwen3VLConfig
+    from qvl_jax.tiny import write_tiny_checkpoint
+
+    print(f"building the random checkpoint {out}...", file=sys.stderr, flush=True)
+    cfg = hf_config_dict(size, layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        src = write_tiny_checkpoint(Path(tmp) / "src")  # chat template, processor configs
+        tok, ids = _full_vocab_tokenizer(cfg["text_config"]["vocab_size"])
+        tok.save(str(src / "tokenizer.json"))
+        tc = json.loads((src / "tokenizer_config.json").read_text())
+        tc["added_tokens_decoder"] = {str(ids[v["content"]]): v for v in tc["added_tokens_decoder"].values()}
+        (src / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+        cfg.update(architectures=["Qwen3VLForConditionalGeneration"], dtype="float32",
+                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        (src / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        (src / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]},
+            indent=1) + "\n")
+        model = qvl_jax.Model.random(Qwen3VLConfig.from_hf_dict(cfg), seed=seed, dtype=jnp.float32)
+        model.path = str(src)
+        tmp_out = Path(tmp) / "out"
+        model.save_pretrained(tmp_out)
+        del model
+        os.replace(tmp_out, out)  # whole or not at all
+    return out
+
+
+def _peer_files(args) -> str:
+    """The Hugging Face checkpoint directory the peer loads (the one our server serves)."""
+    from qvl_jax.hub import model_files
+
+    path = model_files(args.model or "tiny-random", log=False)
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise SystemExit(f"{path} is not a Hugging Face checkpoint directory; the peer needs one (--model HF_DIR "
+                         "or --config)")
+    return str(path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model for our server (default: tiny-random)")
+    ap.add_argument("--config", default=None, choices=["quick", "2b", "4b", "8b"],
+                    help="serve a random checkpoint of these widths instead of --model (see above)")
+    ap.add_argument("--layers", type=int, default=None, help="with --config: decoder layers (vision depth follows)")
+    ap.add_argument("--seed-weights", type=int, default=0, help="with --config: the random weights' seed")
     ap.add_argument("--url", default=None, help="an already running qvl-jax server's /v1 URL")
     ap.add_argument("--served-model", default="bench", help="model name to send to --url")
     ap.add_argument("--peer-url", default=None, help="a peer server's /v1 URL (e.g. `transformers serve`)")
     ap.add_argument("--peer-model", default=None, help="model name to send to the peer")
+    ap.add_argument("--peer-venv", default=None,
+                    help="start `transformers serve` from this virtual environment on the same checkpoint")
+    ap.add_argument("--peer-device", default="cpu", help="transformers serve --device")
+    ap.add_argument("--peer-dtype", default="float32", help="transformers serve --dtype")
+    ap.add_argument("--peer-arg", action="append", default=[],
+                    help="one more argument for transformers serve (repeatable), e.g. --peer-arg=--compile")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed requests to our server (and --peer-url) at each level before the timed ones "
+                         "(default: --requests)")
+    ap.add_argument("--peer-warmup", type=int, default=2, help="untimed requests to the peer before the levels")
+    ap.add_argument("--peer-log", default=None, help="file for transformers serve's output (default: a temp file)")
     ap.add_argument("--api-key", default="none")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
@@ -152,31 +349,67 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.peer_url and args.peer_venv:
+        ap.error("--peer-url and --peer-venv are alternatives")
+    if args.config and args.model:
+        ap.error("--config and --model are alternatives")
     levels = [int(c) for c in args.concurrency.split(",")]
-    targets = []
-    proc = None
-    if args.url:
-        targets.append(("qvl_jax", args.url, args.served_model))
-    else:
-        proc, url = _start_ours(args)
-        targets.append(("qvl_jax", url, "bench"))
-    if args.peer_url:
-        targets.append(("peer", args.peer_url, args.peer_model or args.served_model))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the servers (finally below)
+    procs: list[subprocess.Popen] = []
+    results: dict[str, dict[int, dict]] = {}
     try:
-        for name, url, model in targets:
-            # Untimed pass over a workload of the same shape: compiles the shape buckets. Each level then
-            # gets its own prompts, so only the shared system prompt is in the prefix cache.
-            run_level(url, model, args.api_key, workload(args.requests, args.seed + 1000, args.image_every,
-                                                         args.max_tokens), 8)
+        model = str(random_checkpoint(args.config, args.layers, args.seed_weights)) if args.config else args.model
+        targets = []  # (name, url, model name)
+        if args.url:
+            targets.append(("qvl_jax", args.url, args.served_model))
+        else:
+            targets.append(("qvl_jax", _start_ours(args, model, procs), "bench"))
+        if args.peer_url:
+            targets.append(("peer", args.peer_url, args.peer_model or args.served_model))
+        for name, url, served in targets:
+            # Untimed passes over workloads of the same shape, one at each level (--warmup requests): they
+            # compile the shape buckets that level meets (a few dozen requests still meet new ones). Each
+            # level then gets its own prompts, so only the shared system prompt is in the prefix cache.
+            for c in levels:
+                run_level(url, served, args.api_key, workload(args.warmup or args.requests, args.seed + 1000 + c,
+                                                              args.image_every, args.max_tokens), c)
             for c in levels:
                 jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
-                print(json.dumps({"server": name, **run_level(url, model, args.api_key, jobs, c)}), flush=True)
+                line = {"server": name, **run_level(url, served, args.api_key, jobs, c)}
+                results.setdefault(name, {})[c] = line
+                print(json.dumps(line), flush=True)
+        if args.peer_venv:
+            _stop(procs)  # ours is done: the peer gets the CPU to itself, as ours had
+            procs.clear()
+            peer_dir = model if args.config else _peer_files(args)
+            url, log = _start_peer(args, peer_dir, procs)
+            run_level(url, peer_dir, args.api_key, workload(args.peer_warmup, args.seed + 1000, args.image_every,
+                                                            args.max_tokens), 1, True)
+            for c in levels:
+                jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
+                line = {"server": "transformers", **run_level(url, peer_dir, args.api_key, jobs, c, True),
+                        "continuous_batching": _peer_batching(log)}
+                results.setdefault("transformers", {})[c] = line
+                print(json.dumps(line), flush=True)
+        peer = "transformers" if "transformers" in results else "peer" if "peer" in results else None
+        if peer:
+            ours, theirs = results["qvl_jax"], results[peer]
+            ratios = {"ratios": f"qvl_jax over {peer}"}
+            for c in levels:
+                a, b = ours.get(c), theirs.get(c)
+                if not a or not b:
+                    continue
+                ratios[f"output_tok_s_c{c}"] = round(a["output_tok_s"] / b["output_tok_s"], 2) if b["output_tok_s"] else None
+                ratios[f"ttft_p50_c{c}"] = (round(a["ttft_p50_ms"] / b["ttft_p50_ms"], 3)
+                                            if a["ttft_p50_ms"] and b["ttft_p50_ms"] else None)
+            print(json.dumps(ratios), flush=True)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        _stop(procs)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers were stopped on the way out
+        sys.exit(130)
