@@ -2,10 +2,10 @@
 
 A background thread runs the scheduler. Each visit it (1) spends a token budget on prompt chunks:
 first the requests already prefilling, then new ones admitted into free slots (prefix-cache blocks
-are taken instead of recomputed); (2) runs up to `decode_steps` decode steps for every decoding slot
-inside one jitted `lax.while_loop` over a fixed `max_num_seqs` slot batch with an active mask, so the
-host round trip is paid once per chunk; (3) hands new tokens to their handles and retires finished
-requests. Requests join and leave at those boundaries.
+are taken instead of recomputed); (2) runs up to `decode_steps` decode steps for every decoding
+request inside one jitted `lax.while_loop` over those requests (rows padded to a power of two, each
+size compiled once) with an active mask, so the host round trip is paid once per chunk; (3) hands
+new tokens to their handles and retires finished requests. Requests join and leave at those boundaries.
 
 Memory: blocks come from `BlockManager`. A request that needs a block when none is left preempts the
 most recently admitted running requests (their blocks freed, their full blocks kept in the prefix
@@ -122,20 +122,21 @@ def prefill_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFl
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "block_size", "n_steps"),
                    donate_argnames=("pages", "seen", "counts"))
 def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFlags, block_size: int, n_steps: int,
-                 pages: paged.Pages, seen: jax.Array, counts: jax.Array, table: jax.Array, seq_len: jax.Array,
+                 pages: paged.Pages, seen: jax.Array, counts: jax.Array, slot: jax.Array, table: jax.Array,
+                 seq_len: jax.Array,
                  last_tok: jax.Array, delta: jax.Array, active: jax.Array, limit: jax.Array, n_out: jax.Array,
                  max_new: jax.Array, stop_ids: jax.Array, sp: sampling.SamplingParams, keys: jax.Array):
-    """Up to n_steps decode steps over every slot in one `lax.while_loop`. A slot runs while it is
+    """Up to n_steps decode steps over a batch of rows in one `lax.while_loop`; row i is the request
+    in slot[i] (its penalty history row; idle padding rows are inactive). A row runs while it is
     active: not stopped, under its max_new, and with room in its blocks (`limit`, its sequence
-    length cap for this chunk). Returns the pages, the penalty history, tokens [slots, n_steps] (-1
-    where a slot did not run), which slots met non-finite logits, and with flags.logprobs each
-    step's (chosen logprob [slots, n_steps], top ids and logprobs [slots, n_steps, k]), else None."""
+    length cap for this chunk). Returns the pages, the penalty history, tokens [rows, n_steps] (-1
+    where a row did not run), which rows met non-finite logits, and with flags.logprobs each step's
+    (chosen logprob [rows, n_steps], top ids and logprobs [rows, n_steps, k]), else None."""
     m = structure.merge(leaves)
     s = table.shape[0]
     window = table.shape[1] * block_size
     j = jnp.arange(window)
     read = paged.slots(table, jnp.broadcast_to(j, (s, window)), block_size)
-    rows = jnp.arange(s)
 
     def body(c):
         step, pages, seen, counts, seq_len, last_tok, n_out, active, out, bad, lp_out = c
@@ -147,12 +148,12 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
         h, view = m.model.language_model(m.embed(last_tok[:, None]), positions, mask, None,
                                          PagedView(pages, write[:, None], read, table, seq_len + 1))
         logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
-        tok, finite, lps = _choose(flags, logits, sp, keys, n_out,
-                                   seen if flags.repetition else None, counts if flags.frequency_presence else None)
+        tok, finite, lps = _choose(flags, logits, sp, keys, n_out, seen[slot] if flags.repetition else None,
+                                   counts[slot] if flags.frequency_presence else None)
         if lps is not None:
             lp_out = tuple(buf.at[:, step].set(v) for buf, v in zip(lp_out, lps))
         tok = jnp.where(active, tok, last_tok)
-        seen, counts = _record_history(flags, seen, counts, rows, tok, active & finite)
+        seen, counts = _record_history(flags, seen, counts, slot, tok, active & finite)
         out = out.at[:, step].set(jnp.where(active, tok, -1))
         seq_len = seq_len + active
         n_out = n_out + active
@@ -819,7 +820,11 @@ class Engine:
         dec = [r for r in self._running if r.decoding]
         if not dec:
             return
-        s, bs = self.max_num_seqs, self.block_size
+        # Only the decoding requests run, padded to a power of two rows (each size compiles once):
+        # one request alone costs one row, not max_num_seqs.
+        s, bs = min(self.max_num_seqs, 1 << (len(dec) - 1).bit_length()), self.block_size
+        slot = np.zeros(s, np.int32)  # padding rows: inactive, their history writes are no-ops
+        table = np.full((s, self._table.shape[1]), TRASH_BLOCK, np.int32)
         seq_len = np.zeros(s, np.int32)
         last_tok = np.zeros(s, np.int32)
         delta = np.zeros(s, np.int32)
@@ -831,8 +836,9 @@ class Engine:
         stop = np.full((s, n_stop), -1, np.int32)
         sp = [np.array([v], np.asarray(v).dtype).repeat(s) for v in _NEUTRAL]
         keys = np.zeros((s, 2), np.uint32)
-        for r in dec:
-            i = r.slot
+        for i, r in enumerate(dec):
+            slot[i] = r.slot
+            table[i] = self._table[r.slot]
             seq_len[i] = r.num_computed
             last_tok[i] = r.outputs[-1]
             delta[i] = r.delta
@@ -850,14 +856,13 @@ class Engine:
                                           for f in dataclasses.fields(sampling.SamplingFlags)})
         rb = self._window_blocks(int(limit.max()))
         self._pages, self._seen, self._counts, out, bad, lps = decode_chunk(
-            *self.model.split, flags, bs, k, self._pages, self._seen, self._counts,
-            jnp.asarray(self._table[:, :rb]), jnp.asarray(seq_len), jnp.asarray(last_tok), jnp.asarray(delta),
+            *self.model.split, flags, bs, k, self._pages, self._seen, self._counts, jnp.asarray(slot),
+            jnp.asarray(table[:, :rb]), jnp.asarray(seq_len), jnp.asarray(last_tok), jnp.asarray(delta),
             jnp.asarray(active), jnp.asarray(limit), jnp.asarray(n_out), jnp.asarray(max_new), jnp.asarray(stop),
             sampling.SamplingParams(*(jnp.asarray(a) for a in sp)), jnp.asarray(keys))
         out, bad, lps = jax.device_get((out, bad, lps))
         self.stats["decode_chunks"] += 1
-        for r in dec:
-            i = r.slot
+        for i, r in enumerate(dec):
             ran = out[i] >= 0
             toks = out[i][ran].tolist()
             r.num_computed += len(toks)
