@@ -30,11 +30,10 @@ warm-up is --peer-warmup requests, one at a time (nothing to compile). transform
 continuously batched only text-only models; for Qwen3-VL it falls back to one `generate` at a time
 (it logs "does not support continuous batching"), which is the baseline being measured.
 
-Exact output lengths: random weights almost never pick an end-of-sequence token, but they may. The
-peer is sent generation_config {"min_new_tokens": max_tokens} (transformers serve's own request field),
-so it always generates max_tokens; our server has no such field, so an early stop of ours shows as
-output_tokens below requested_tokens (and short_requests > 0) in its line, and the comparison is per
-token received.
+Exact output lengths: random weights almost never pick an end-of-sequence token, but they may. Our
+server is sent vLLM's `ignore_eos`, the peer generation_config {"min_new_tokens": max_tokens}
+(transformers serve's own request field), so both generate max_tokens; every line reports
+output_tokens against requested_tokens (short_requests > 0 if a server stopped early anyway).
 """
 
 from __future__ import annotations
@@ -104,8 +103,10 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                 return
             t0 = time.perf_counter()
             first, last, n = None, None, 0
+            # Ours (and vLLM) take ignore_eos; transformers serve its own generation_config field.
             extra = {"generation_config": json.dumps({"max_new_tokens": job["max_tokens"], "do_sample": False,
-                                                      "min_new_tokens": job["max_tokens"]})} if exact_tokens else None
+                                                      "min_new_tokens": job["max_tokens"]})} if exact_tokens \
+                else {"ignore_eos": True}
             try:
                 stream = client.chat.completions.create(model=model, messages=job["messages"], temperature=0,
                                                         max_tokens=job["max_tokens"], stream=True,

@@ -270,6 +270,21 @@ def test_logprobs_chat_and_completions(srv):
                   400)["param"] == "logprobs"
 
 
+def test_ignore_eos(srv, monkeypatch):
+    """vLLM's ignore_eos: only stop / stop_token_ids end the answer. The tiny model's greedy answer
+    never reaches its real end-of-sequence tokens, so one of its own tokens is made the EOS here."""
+    ids = srv.proc.encode("The answer is")
+    ref = srv.model.generate(input_ids=np.asarray([ids]), max_new_tokens=12, stop_token_ids=[])
+    toks = ref.tokens[0].tolist()
+    monkeypatch.setattr(srv.proc, "_eos_token_ids", [toks[2]])
+    r = srv.client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == toks.index(toks[2]) + 1
+    r = srv.client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.choices[0].text == srv.proc.decode(toks, skip_special_tokens=True)
+
+
 def test_16_concurrent_clients_equal_alone(srv):
     cases = [(_chat(i, image=i % 4 != 3), 8 + i % 7, i % 2 == 0) for i in range(16)]
     alone = [srv.client.chat.completions.create(model=NAME, messages=m, max_tokens=n, temperature=0)

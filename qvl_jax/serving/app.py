@@ -395,8 +395,9 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, list[str], set
     stop_strings = [s for s in stops if isinstance(s, str)]
     if any(not s for s in stop_strings) or len(stops) > 16:
         raise ApiError(400, "stop takes up to 16 non-empty strings (or token ids)", param="stop")
-    stop_ids = set(st.processor.eos_token_ids) | {s for s in stops if isinstance(s, int)} | set(req.stop_token_ids or [])
-    if max(stop_ids) >= st.vocab or min(stop_ids) < 0:
+    eos = set() if req.ignore_eos else set(st.processor.eos_token_ids)
+    stop_ids = eos | {s for s in stops if isinstance(s, int)} | set(req.stop_token_ids or [])
+    if stop_ids and (max(stop_ids) >= st.vocab or min(stop_ids) < 0):
         raise ApiError(400, f"stop token ids must lie in [0, {st.vocab})", param="stop_token_ids")
     temperature = 1.0 if req.temperature is None else req.temperature
     kw = {"temperature": temperature, "stop_token_ids": sorted(stop_ids)}

@@ -89,6 +89,7 @@ class _Sampling(_Model):
     top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM: -1 or 0 = off
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    ignore_eos: bool = False  # vLLM extra: only stop / stop_token_ids end the answer (benchmarks)
     # Known but not implemented: refused (see the module docstring).
     logit_bias: Any = None
     best_of: Any = None
