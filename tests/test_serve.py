@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,10 @@ import openai
 import pytest
 from PIL import Image
 
+from serve_util import Running, free_port
+
 KEY = "sk-test-key"
 NAME = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(seed: int, h: int = 64, w: int = 80) -> str:
@@ -45,8 +40,6 @@ def _rss() -> int:
 
 class Server:
     def __init__(self, model, proc, tmp_path, **cfg):
-        import uvicorn
-
         from qvl_jax.serving.app import ServerConfig, create_app
         from qvl_jax.serving.media import MediaPolicy
 
@@ -56,26 +49,13 @@ class Server:
                                    media=MediaPolicy(allowed_local_path=os.path.realpath(tmp_path),
                                                      max_bytes=512 << 10), **cfg)
         self.app = create_app(self.engine, proc, self.config)
-        port = _free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(600):
-            try:
-                if httpx.get(self.base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("server did not become healthy")
+        self.running = Running(self.app)
+        self.base = self.running.base
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         self.start_blocks = self.engine.num_free_blocks
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.running.close()
         self.engine.close()
 
     def alone(self, messages, max_tokens):
@@ -455,7 +435,7 @@ def test_soak(srv):
 
 def test_sigterm_graceful_shutdown(tmp_path):
     """The CLI server: SIGTERM lets the stream in flight finish, refuses new work, exits 0."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, QVL_JAX_COMPILATION_CACHE="0")
     p = subprocess.Popen([sys.executable, "-m", "qvl_jax", "serve", "--port", str(port), "--max-model-len", "128",
                           "--max-num-seqs", "2", "--shutdown-timeout", "20", "--log-level", "warning"],

@@ -13,7 +13,6 @@ import base64
 import http.server
 import io
 import os
-import socket
 import threading
 import time
 
@@ -23,7 +22,9 @@ import openai
 import pytest
 from PIL import Image
 
-av = pytest.importorskip("av")
+import av  # in the test extra: a missing PyAV fails the module rather than skipping it
+from serve_util import Running
+
 
 KEY = "sk-test-key"
 NAME = "tiny"
@@ -103,43 +104,22 @@ def test_fixture_media_roundtrip():
 # Servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class App:
     """One app (one media policy) on a real port, over a shared engine."""
 
     def __init__(self, shared, policy):
-        import uvicorn
-
         from qvl_jax.serving.app import ServerConfig, create_app
 
         self.model, self.proc, self.engine = shared
         self.app = create_app(self.engine, self.proc, ServerConfig(
             served_model_name=NAME, api_key=KEY, max_body_bytes=4 << 20, max_pending=24, media=policy,
             warm_up=False))
-        port = _free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(300):
-            try:
-                if httpx.get(self.base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("server did not become healthy")
+        self.running = Running(self.app)
+        self.base = self.running.base
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.running.close()
 
     def ask(self, messages, stream=False) -> str:
         """The greedy answer through the openai client."""

@@ -530,6 +530,7 @@ class Processor:
         tokenizer_config.json names (eos_token, pad_token, bos_token, unk_token) -> token text, which
         templates may read and which set the pad id."""
         self.tokenizer = tokenizer
+        self._token_bytes: dict[int, bytes] = {}  # token_bytes' cache, added tokens filled on first use
         # Padding and truncation are done here, explicitly; a tokenizer.json may carry either.
         tokenizer.no_padding()
         tokenizer.no_truncation()
@@ -621,16 +622,14 @@ class Processor:
         """The bytes one token stands for (a token may hold part of a UTF-8 character): what OpenAI's
         logprobs report as `bytes`. Added tokens are their text; byte-level BPE tokens map back
         through the byte alphabet; other tokenizers fall back to the decoded text."""
-        cache = self.__dict__.setdefault("_token_bytes", {})
+        cache = self._token_bytes
         if token_id not in cache:
-            added = self.__dict__.get("_added_content")
-            if added is None:
-                added = self.__dict__["_added_content"] = {
-                    i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+            if not cache:  # first call: the added tokens' texts
+                cache.update((i, t.content.encode()) for i, t in self.tokenizer.get_added_tokens_decoder().items())
+                if token_id in cache:
+                    return cache[token_id]
             piece = self.tokenizer.id_to_token(int(token_id))
-            if token_id in added:
-                cache[token_id] = added[token_id].encode()
-            elif piece is not None and type(self.tokenizer.decoder).__name__ == "ByteLevel" and \
+            if piece is not None and type(self.tokenizer.decoder).__name__ == "ByteLevel" and \
                     all(ch in _BYTE_OF_CHAR for ch in piece):
                 cache[token_id] = bytes(_BYTE_OF_CHAR[ch] for ch in piece)
             else:

@@ -86,11 +86,12 @@ class _Run:
     """The n engine requests behind one HTTP request, as a stream of (index, text delta, finish,
     logprob entries of the new tokens: (id, logprob, top ids, top logprobs), without a final stop id)."""
 
-    def __init__(self, app_state: "_State", handles: list, stops: list[str], stop_ids: set[int], t0: float):
+    def __init__(self, app_state: "_State", handles: list, stops: list[str], stop_ids: set[int], t0: float,
+                 want_logprobs: bool = False):
         self.s, self.stops, self.stop_ids, self.t0 = app_state, stops, stop_ids, t0
+        self.want_logprobs = want_logprobs
         self.choices = [_Choice(h) for h in handles]
         self.first_token = False
-        self.want_logprobs = False
         self.loop = asyncio.get_running_loop()
         self.q: asyncio.Queue = asyncio.Queue()
         for i, h in enumerate(handles):
@@ -502,8 +503,7 @@ async def _serve(st: _State, request: Request, req, chat: bool):
                 h.cancel()
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
-        run = _Run(st, handles, stop_strings, stop_ids, t0)
-        run.want_logprobs = "logprobs" in kw
+        run = _Run(st, handles, stop_strings, stop_ids, t0, want_logprobs="logprobs" in kw)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:
