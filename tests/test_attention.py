@@ -132,3 +132,23 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
     assert run.returncode == 2, run.stderr
     err = [line for line in run.stderr.strip().splitlines() if not line.startswith(("***", "building", "converting"))]
     assert err == ["error: QVL_JAX_ATTENTION='flash': expected one of einsum, xla, cudnn"], run.stderr
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16])
+def test_one_query_attention_matches_torch(rows):
+    """A decode step's attention (one query per row; from ONE_QUERY_MIN_ROWS rows the multiply-reduce
+    form) equals torch's GQA attention in float64 over the same keys, values and mask."""
+    import torch
+
+    from qvl_jax.modeling.text import ONE_QUERY_MIN_ROWS, attend
+
+    assert ONE_QUERY_MIN_ROWS in range(2, 17)  # both forms are exercised by the rows above
+    r = np.random.RandomState(rows)
+    n, kv, h, s = 4, 2, 16, 40
+    q, k, v = (r.randn(rows, t, heads, h).astype(np.float32) for t, heads in ((1, n), (s, kv), (s, kv)))
+    mask = np.arange(s)[None, None, :] <= r.randint(0, s, size=(rows, 1, 1))
+    got = np.asarray(attend(q, k, v, mask)).reshape(rows, n, h)
+    tq, tk, tv = (torch.from_numpy(x).double().transpose(1, 2) for x in (q, k, v))  # [b, heads, len, h]
+    tk, tv = tk.repeat_interleave(n // kv, 1), tv.repeat_interleave(n // kv, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch.from_numpy(mask)[:, None])
+    np.testing.assert_allclose(got, want[:, :, 0].numpy(), rtol=1e-5, atol=1e-6)
