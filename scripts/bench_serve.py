@@ -6,7 +6,8 @@ Workload (seeded): a shared system prompt, user prompts of mixed lengths (new on
 untimed warm-up pass at that level with other prompts), an image (data URL) in every --image-every-th
 request, greedy, streamed; run at each --concurrency level. Per level and server it prints one JSON
 line: output tokens/s, requests/s, TTFT and inter-token latency p50 / p99 (client side), output tokens
-received and asked for; then, with a peer, one line of ratios (ours over the peer: output tokens/s and
+received and asked for (for ours also the engine's prefill / decode seconds and tokens during the level,
+from /metrics); then, with a peer, one line of ratios (ours over the peer: output tokens/s and
 TTFT p50 at each level).
 
     python scripts/bench_serve.py                              # tiny-random, concurrency 1/8/32
@@ -149,6 +150,31 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
             "short_requests": short[0],
             "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99), "itl_p50_ms": _pct(itl, 50),
             "itl_p99_ms": _pct(itl, 99)}
+
+
+def engine_counters(base_url: str) -> dict | None:
+    """Our server's qvl_engine_* counters from /metrics (None from a server without them)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(base_url.rsplit("/v1", 1)[0] + "/metrics", timeout=10).text
+        fams = list(text_string_to_metric_families(text))
+    except (httpx.HTTPError, ValueError):
+        return None
+    return {f.name[len("qvl_engine_"):]: f.samples[0].value for f in fams if f.name.startswith("qvl_engine_")} or None
+
+
+def engine_split(before: dict | None, after: dict | None) -> dict:
+    """What the engine did during a level: prefill / decode seconds, tokens and calls."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    steps = d.get("decode_chunks", 0)
+    return {"engine_prefill_s": round(d.get("prefill_seconds", 0), 1), "engine_decode_s": round(d.get("decode_seconds", 0), 1),
+            "engine_prefill_tokens": int(d.get("prefill_tokens", 0)), "engine_decode_tokens": int(d.get("decode_tokens", 0)),
+            "engine_decode_chunks": int(steps), "engine_steps": int(d.get("steps", 0)),
+            "engine_vision_encoded": int(d.get("vision_encoded", 0))}
 
 
 def _free_port() -> int:
@@ -376,7 +402,10 @@ def main() -> int:
                                                               args.image_every, args.max_tokens), c)
             for c in levels:
                 jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
+                before = engine_counters(url) if name == "qvl_jax" else None
                 line = {"server": name, **run_level(url, served, args.api_key, jobs, c)}
+                if before:
+                    line.update(engine_split(before, engine_counters(url)))
                 results.setdefault(name, {})[c] = line
                 print(json.dumps(line), flush=True)
         if args.peer_venv:

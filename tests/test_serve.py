@@ -163,6 +163,12 @@ def test_completions_models_health_metrics(srv):
                  "qvl_generation_tokens"):
         assert name in fams, name
     assert fams["qvl_generation_tokens"].samples[0].value > 0
+    # The engine's own counters: the requests above ran prefill and decode steps.
+    engine = {n: fams[n].samples[0].value for n in ("qvl_engine_steps", "qvl_engine_prefill_seconds",
+                                                    "qvl_engine_decode_seconds", "qvl_engine_prefill_tokens",
+                                                    "qvl_engine_decode_tokens")}
+    assert all(v > 0 for v in engine.values()), engine
+    assert engine["qvl_engine_decode_tokens"] == srv.engine.stats["decode_tokens"]
 
 
 def _reference_bytes(proc):

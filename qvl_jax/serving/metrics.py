@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -29,6 +30,7 @@ class Metrics:
         self.latency = Histogram("qvl_request_latency_seconds", "request received -> finished", registry=r,
                                  buckets=_LATENCY_BUCKETS)
         self.finished = Counter("qvl_requests_finished", "finished requests by finish reason", ["reason"], registry=r)
+        r.register(_EngineStats(engine))
         self.refused = Counter("qvl_requests_refused", "requests answered with an error, by HTTP status", ["status"],
                                registry=r)
 
@@ -38,3 +40,31 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# The engine scheduler's own counters (Engine.stats): where its time goes, for benchmarks and tuning.
+_ENGINE_STATS = {
+    "steps": "scheduler steps (a prefill phase then a decode phase)",
+    "prefill_s": "seconds in prefill phases (vision tower included)",
+    "decode_s": "seconds in decode phases",
+    "prefill_tokens": "prompt tokens computed (prefix-cache hits excluded)",
+    "decode_tokens": "tokens produced by decode steps",
+    "decode_chunks": "jitted decode calls (up to decode_steps tokens each)",
+    "preemptions": "requests preempted for KV blocks (recomputed later)",
+    "vision_encoded": "images and videos run through the vision tower (vision-cache misses)",
+}
+
+
+class _EngineStats:
+    """Exposes Engine.stats as qvl_engine_<name>_total counters, read at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = dict(self.engine.stats)  # a copy: the scheduler thread keeps counting
+        for key, doc in _ENGINE_STATS.items():
+            name = "qvl_engine_" + (key[:-2] + "_seconds" if key.endswith("_s") else key)
+            fam = CounterMetricFamily(name, doc)
+            fam.add_metric([], float(stats.get(key, 0)))
+            yield fam
