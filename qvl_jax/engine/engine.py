@@ -582,7 +582,11 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        self._prefill_phase()
+        if self._prefill_phase():
+            # A prefill chunk that is not a prompt's last returns nothing to the host, so its work would
+            # otherwise still run when the decode phase starts and be counted there: wait for it, so
+            # that prefill_s / decode_s split the time truthfully (a wait the decode phase does anyway).
+            jax.block_until_ready(self._pages)
         t1 = time.perf_counter()
         self._decode_phase()
         self.stats["steps"] += 1
@@ -659,7 +663,8 @@ class Engine:
         req.handle._finish(None if error is not None else self._output(req, reason), error)
 
     # -- prefill ------------------------------------------------------------------------------------
-    def _prefill_phase(self) -> None:
+    def _prefill_phase(self) -> bool:
+        """Prefill chunks within the token budget; whether any ran."""
         budget = self.max_num_batched_tokens
         for req in list(self._running):
             if budget <= 0:
@@ -677,6 +682,7 @@ class Engine:
                 break
             self._prefill(req, n)
             budget -= n
+        return budget < self.max_num_batched_tokens
 
     def _admit(self, req: _Request, budget: int) -> int:
         """Gives req a slot and its cached prefix blocks; the tokens it may prefill now (0: it stays
