@@ -172,7 +172,9 @@ def engine_split(before: dict | None, after: dict | None) -> dict:
     d = {k: after[k] - before.get(k, 0) for k in after}
     steps = d.get("decode_chunks", 0)
     return {"engine_prefill_s": round(d.get("prefill_seconds", 0), 1), "engine_decode_s": round(d.get("decode_seconds", 0), 1),
-            "engine_prefill_tokens": int(d.get("prefill_tokens", 0)), "engine_decode_tokens": int(d.get("decode_tokens", 0)),
+            "engine_prefill_tokens": int(d.get("prefill_tokens", 0)),
+            "engine_prefill_padded_tokens": int(d.get("prefill_padded_tokens", 0)),
+            "engine_decode_tokens": int(d.get("decode_tokens", 0)),
             "engine_decode_chunks": int(steps), "engine_steps": int(d.get("steps", 0)),
             "engine_vision_encoded": int(d.get("vision_encoded", 0))}
 

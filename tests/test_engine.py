@@ -130,6 +130,23 @@ def test_prefix_cache_and_different_image(setup, engine):
     _check(m, moved, out, 6)
 
 
+def test_prefill_chunks_pad_under_an_eighth(setup):
+    """A chunk runs padded to one of four lengths an octave, not to the next power of two (a 100-token
+    prompt under a 64-token budget: chunks of 64 and 36, run as 64 and 40, not 64 and 64), and the
+    answer still equals model.generate's."""
+    hf, m = setup
+    rng = np.random.RandomState(7)
+    inp = _one(PromptBuilder(rng).text(100), hf, rng)
+    n = inp["input_ids"].shape[1]
+    assert 96 < n < 112, n  # two chunks, the second of 33-47 tokens
+    with m.engine(max_num_seqs=2, max_model_len=256, block_size=4, num_blocks=80, max_num_batched_tokens=64,
+                  prefix_caching=False) as eng:
+        out = eng.submit(inp, max_new_tokens=5, stop_token_ids=[]).result()
+        assert eng.stats["prefill_tokens"] == n
+        assert eng.stats["prefill_padded_tokens"] == 64 + -(-(n - 64) // 8) * 8
+    _check(m, inp, out, 5)
+
+
 def test_stream_cancel_and_block_count(setup, engine):
     hf, m = setup
     rng = np.random.RandomState(2)

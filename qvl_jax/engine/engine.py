@@ -756,7 +756,9 @@ class Engine:
         o = req.num_computed
         end = o + n
         final = end == req.seq_len
-        t = bucket_length(n, 16)
+        # Four length buckets an octave: a chunk pads by under an eighth, not up to a power of two (a
+        # 300-token chunk ran as 512 tokens; under a shared budget most chunks are such remainders).
+        t = bucket_length(n, 16, per_octave=4)
         ids = np.zeros((1, t), np.int32)
         ids[0, :n] = req.seq(o, end)
         positions = np.zeros((3, 1, t), np.int32)
@@ -786,6 +788,7 @@ class Engine:
             jnp.asarray([final]), sp, jnp.asarray(req.key[None]), jnp.asarray([len(req.outputs)], jnp.int32))
         req.num_computed = end
         self.stats["prefill_tokens"] += n
+        self.stats["prefill_padded_tokens"] += t
         self._register_full_blocks(req)
         if not final:
             return

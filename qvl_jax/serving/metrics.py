@@ -48,6 +48,7 @@ _ENGINE_STATS = {
     "prefill_s": "seconds in prefill phases (vision tower included)",
     "decode_s": "seconds in decode phases",
     "prefill_tokens": "prompt tokens computed (prefix-cache hits excluded)",
+    "prefill_padded_tokens": "prefill_tokens with each chunk's padding to its compiled length",
     "decode_tokens": "tokens produced by decode steps",
     "decode_chunks": "jitted decode calls (up to decode_steps tokens each)",
     "preemptions": "requests preempted for KV blocks (recomputed later)",
