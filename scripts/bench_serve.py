@@ -162,7 +162,9 @@ def engine_counters(base_url: str) -> dict | None:
         fams = list(text_string_to_metric_families(text))
     except (httpx.HTTPError, ValueError):
         return None
-    return {f.name[len("qvl_engine_"):]: f.samples[0].value for f in fams if f.name.startswith("qvl_engine_")} or None
+    out = {f.name[len("qvl_engine_"):]: f.samples[0].value for f in fams if f.name.startswith("qvl_engine_")}
+    out.update({"compile_seconds": f.samples[0].value for f in fams if f.name == "qvl_jax_compile_seconds"})
+    return out or None
 
 
 def engine_split(before: dict | None, after: dict | None) -> dict:
@@ -176,7 +178,7 @@ def engine_split(before: dict | None, after: dict | None) -> dict:
             "engine_prefill_padded_tokens": int(d.get("prefill_padded_tokens", 0)),
             "engine_decode_tokens": int(d.get("decode_tokens", 0)),
             "engine_decode_chunks": int(steps), "engine_steps": int(d.get("steps", 0)),
-            "engine_vision_encoded": int(d.get("vision_encoded", 0))}
+            "engine_vision_encoded": int(d.get("vision_encoded", 0)), "compile_s": round(d.get("compile_seconds", 0), 1)}
 
 
 def _free_port() -> int:

@@ -169,6 +169,7 @@ def test_completions_models_health_metrics(srv):
                                                     "qvl_engine_decode_tokens")}
     assert all(v > 0 for v in engine.values()), engine
     assert engine["qvl_engine_decode_tokens"] == srv.engine.stats["decode_tokens"]
+    assert fams["qvl_jax_compile_seconds"].samples[0].value > 0  # the warm-up compiled the engine's steps
 
 
 def _reference_bytes(proc):

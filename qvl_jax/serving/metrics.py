@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import threading
+
+import jax.monitoring
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+
+# Seconds this process spent making executables (tracing, lowering, compiling or loading from the
+# persistent compilation cache), from JAX's own monitoring events: a new shape met while serving
+# shows up here rather than as a mystery pause.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile = {"seconds": 0.0}
+_compile_lock = threading.Lock()
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        with _compile_lock:
+            _compile["seconds"] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -69,3 +89,7 @@ class _EngineStats:
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], float(stats.get(key, 0)))
             yield fam
+        fam = CounterMetricFamily("qvl_jax_compile_seconds", "seconds this process spent tracing, lowering and "
+                                  "compiling (or loading from the compilation cache) jitted functions")
+        fam.add_metric([], _compile["seconds"])
+        yield fam
