@@ -6,8 +6,8 @@ Workload (seeded): a shared system prompt, user prompts of mixed lengths (new on
 untimed warm-up pass at that level with other prompts), an image (data URL) in every --image-every-th
 request, greedy, streamed; run at each --concurrency level. Per level and server it prints one JSON
 line: output tokens/s, requests/s, TTFT and inter-token latency p50 / p99 (client side), output tokens
-received and asked for (for ours also the engine's prefill / decode seconds and tokens during the level,
-from /metrics); then, with a peer, one line of ratios (ours over the peer: output tokens/s and
+received and asked for (for ours also, from /metrics, the engine's prefill / decode seconds and tokens,
+padded prefill tokens, decode calls and compile seconds during the level); then, with a peer, one line of ratios (ours over the peer: output tokens/s and
 TTFT p50 at each level).
 
     python scripts/bench_serve.py                              # tiny-random, concurrency 1/8/32
@@ -172,12 +172,11 @@ def engine_split(before: dict | None, after: dict | None) -> dict:
     if not before or not after:
         return {}
     d = {k: after[k] - before.get(k, 0) for k in after}
-    steps = d.get("decode_chunks", 0)
     return {"engine_prefill_s": round(d.get("prefill_seconds", 0), 1), "engine_decode_s": round(d.get("decode_seconds", 0), 1),
             "engine_prefill_tokens": int(d.get("prefill_tokens", 0)),
             "engine_prefill_padded_tokens": int(d.get("prefill_padded_tokens", 0)),
             "engine_decode_tokens": int(d.get("decode_tokens", 0)),
-            "engine_decode_chunks": int(steps), "engine_steps": int(d.get("steps", 0)),
+            "engine_decode_chunks": int(d.get("decode_chunks", 0)), "engine_steps": int(d.get("steps", 0)),
             "engine_vision_encoded": int(d.get("vision_encoded", 0)), "compile_s": round(d.get("compile_seconds", 0), 1)}
 
 

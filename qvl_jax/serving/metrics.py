@@ -77,7 +77,8 @@ _ENGINE_STATS = {
 
 
 class _EngineStats:
-    """Exposes Engine.stats as qvl_engine_<name>_total counters, read at scrape time."""
+    """Exposes Engine.stats as qvl_engine_<name>_total counters, and the process's compile seconds as
+    qvl_jax_compile_seconds_total, read at scrape time."""
 
     def __init__(self, engine):
         self.engine = engine
