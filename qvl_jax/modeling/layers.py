@@ -30,12 +30,38 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", units
     return nnx.Param(value, axes=tuple(axes), units=tuple(units or (1,) * len(shape)))
 
 
+# Up to this many rows, on the CPU, `matmul_t` multiplies with the weight on the left. Measured on the
+# 2-core AVX-512 CI machine by scripts/bench_matmul.py (a 4-layer decoder at 2B widths and its tied
+# lm_head, ms per step; docs/performance.md, "Decode rows on the CPU"):
+#   rows          1     2     4     8    16    32    64   128   256   512
+#   x @ w.T      63   127   122   121   159   207   288   330   368   691
+#   (w @ x.T).T  59    68    69    66    84   132   214   294   363   697
+WEIGHT_LEFT_MAX_ROWS = 128
+
+
+def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] times w [out, in] transposed: [..., out].
+
+    XLA CPU hands such a dot to YNNPACK, which runs a row-major [out, in] weight on the LEFT of the
+    dot at about the speed of reading it, and on the right about half as fast from 2 rows up (the
+    table above). From 2 to WEIGHT_LEFT_MAX_ROWS rows it is therefore computed as (w @ x.T).T: a
+    batch-8 decode step at 2B widths costs about what a batch-1 step does, not twice that. The optimization
+    barrier keeps XLA from folding the transpose back into the dot (which restores the slow form);
+    the transpose itself is of the small [out, rows] result. Other backends, and other row counts,
+    take the plain dot."""
+    rows = int(np.prod(x.shape[:-1]))
+    if 1 < rows <= WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu":
+        y = jax.lax.dot_general(w, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())))
+        return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class Linear(nnx.Module):
     """y = x @ weight.T (+ bias), weight [*out, *in] in Hugging Face's [out, in] layout.
 
-    The weight is viewed as one [out, in] matrix (a free reshape) and contracted on its last axis:
-    XLA CPU runs that 1.2-1.8x faster than x @ [in, out] at decode row counts. A weight of more than
-    two dims (the Conv3d patch embedding [out, C, T, P, P]) contracts its trailing dims."""
+    The weight is viewed as one [out, in] matrix (a free reshape) and contracted on its last axis by
+    `matmul_t` (which puts it on the left of the dot where that is faster). A weight of more than two
+    dims (the Conv3d patch embedding [out, C, T, P, P]) contracts its trailing dims."""
 
     def __init__(self, in_shape, out_features: int, *, bias: bool, axes, rngs, dtype=jnp.float32,
                  units=None):
@@ -47,7 +73,7 @@ class Linear(nnx.Module):
         """x [..., in] -> [..., out], or [..., *out_shape] (heads split out of the output)."""
         w = self.weight[...]
         w = w.reshape(w.shape[0], -1)
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+        y = matmul_t(x, w)
         if self.bias is not None:
             y = y + self.bias[...]
         return y if out_shape is None else y.reshape(*x.shape[:-1], *out_shape)
@@ -64,7 +90,7 @@ class Embedding(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h [..., width] against every row: the tied lm_head."""
-        return jax.lax.dot_general(h, self.weight[...], (((h.ndim - 1,), (1,)), ((), ())))
+        return matmul_t(h, self.weight[...])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
