@@ -224,6 +224,26 @@ def test_bad_requests_fail_alone(setup, engine):
         m.engine(max_model_len=64, block_size=4, num_blocks=8)  # cannot hold one sequence
 
 
+def test_pool_size_does_not_follow_small_changes_of_free_memory(setup, monkeypatch):
+    """The pool's block count is part of every compiled step's shapes. Sized from free memory as it
+    was, two starts with 4% more or less free RAM compiled everything anew (the persistent cache
+    never hit). Now it is the same (free memory anywhere from 1024 to 1535 blocks' worth gives 1024;
+    2^k and 3 * 2^(k-1) are the steps), and still within what the memory fraction allows."""
+    from qvl_jax.engine import engine as engine_mod
+    from qvl_jax.engine import paged
+
+    _, m = setup
+    per_block = paged.block_bytes(m.config.text, 4, m.dtype)
+    sizes = []
+    for blocks in (1030, 1080, 1300, 1530):
+        monkeypatch.setattr(engine_mod, "device_free_bytes", lambda b=blocks: 2 * b * per_block)
+        eng = m.engine(max_num_seqs=64, max_model_len=256, block_size=4)
+        sizes.append(eng.num_blocks)
+        assert eng.num_blocks <= blocks  # memory_fraction 0.5 of twice that
+        eng.close()
+    assert sizes == [1024] * 4
+
+
 def test_failed_step_fails_its_requests_and_engine_recovers(setup, engine, monkeypatch):
     """A step that raises (an out-of-memory, say) fails the requests in flight with a one-line error;
     the engine starts over with a fresh block pool and serves the next request."""

@@ -340,6 +340,17 @@ class _Request:
 # The engine
 
 
+def _round_down(n: int) -> int:
+    """n rounded down to two significant bits (2^k or 3 * 2^(k-1)). The pool's size is part of every
+    compiled step's shapes, and free memory (host RAM on the CPU) moves by a few percent between
+    starts: unrounded, each start compiled everything anew and the persistent compilation cache never
+    served a second one."""
+    if n < 4:
+        return n
+    shift = n.bit_length() - 2
+    return (n >> shift) << shift
+
+
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -351,8 +362,9 @@ class Engine:
 
     max_num_seqs: decode slots (requests running at once). max_model_len: longest prompt + output
     (default: the model's context, at most 8192). block_size: tokens per KV block. num_blocks: the
-    pool (default: what `memory_fraction` of free device memory holds, at most enough for every
-    slot at max_model_len). max_num_batched_tokens: prompt tokens prefilled per scheduler visit
+    pool (default: what `memory_fraction` of free device memory holds, rounded down to two
+    significant bits so that it, and with it every compiled shape, is the same from one start to the
+    next; at most enough for every slot at max_model_len). max_num_batched_tokens: prompt tokens prefilled per scheduler visit
     (chunked prefill: a long prompt does not stall the running decodes). decode_steps: decode
     steps per jitted loop between scheduler visits. prefix_caching: reuse full blocks of identical
     prefixes. vision_cache_bytes: memory for cached image / video features."""
@@ -379,7 +391,7 @@ class Engine:
                 raise InputError(f"memory_fraction must lie in (0, 1], got {memory_fraction!r}")
             per_block = paged.block_bytes(text, self.block_size, model.dtype)
             free = device_free_bytes()
-            fit = need_one if free is None else int(free * memory_fraction) // per_block
+            fit = need_one if free is None else _round_down(int(free * memory_fraction) // per_block)
             num_blocks = max(need_one, min(fit, self.max_num_seqs * self.max_blocks_per_seq + 1))
         self.num_blocks = _positive_int("num_blocks", num_blocks, 2)
         if self.num_blocks < need_one:
