@@ -217,6 +217,7 @@ def _text_stdout() -> None:
 def cmd_serve(args) -> int:
     from qvl_jax.serving.server import run
 
+    enable_compilation_cache()  # a restarted server loads its engine's programs instead of compiling them
     return run(args)
 
 

@@ -472,3 +472,23 @@ def test_sigterm_graceful_shutdown(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_serve_turns_on_the_persistent_compilation_cache(monkeypatch, tmp_path):
+    """`generate` and `finetune` used the persistent compilation cache and `serve` did not, so every
+    start of the server compiled the engine's programs anew (tens of seconds at 2B widths)."""
+    import jax
+
+    from qvl_jax import cli
+    from qvl_jax.serving import server
+
+    monkeypatch.setenv("QVL_JAX_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(server, "run", lambda args: seen.append(jax.config.jax_compilation_cache_dir) or 0)
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        assert cli.main(["serve", "--port", "0"]) == 0
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    assert seen == [str(tmp_path / "xla")]
