@@ -120,9 +120,9 @@ def prefill_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFl
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "block_size", "n_steps"),
-                   donate_argnames=("pages", "seen", "counts"))
+                   donate_argnames=("pages", "windows", "seen", "counts"))
 def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFlags, block_size: int, n_steps: int,
-                 pages: paged.Pages, seen: jax.Array, counts: jax.Array, slot: jax.Array, table: jax.Array,
+                 pages: paged.Pages, windows: tuple, seen: jax.Array, counts: jax.Array, slot: jax.Array, table: jax.Array,
                  seq_len: jax.Array,
                  last_tok: jax.Array, delta: jax.Array, active: jax.Array, limit: jax.Array, n_out: jax.Array,
                  max_new: jax.Array, stop_ids: jax.Array, sp: sampling.SamplingParams, keys: jax.Array):
@@ -131,7 +131,10 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
     active: not stopped, under its max_new, and with room in its blocks (`limit`, its sequence
     length cap for this chunk). Returns the pages, the penalty history, tokens [rows, n_steps] (-1
     where a row did not run), which rows met non-finite logits, and with flags.logprobs each step's
-    (chosen logprob [rows, n_steps], top ids and logprobs [rows, n_steps, k]), else None."""
+    (chosen logprob [rows, n_steps], top ids and logprobs [rows, n_steps, k]), else None.
+    windows: () or buffers of `paged.window_buffers` for these rows and this window: each row's
+    attention window is then gathered into them once before the loop and kept current
+    (`paged.PagedView`'s windows) instead of gathered every step; returned, to be passed again."""
     m = structure.merge(leaves)
     s = table.shape[0]
     window = table.shape[1] * block_size
@@ -139,14 +142,15 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
     read = paged.slots(table, jnp.broadcast_to(j, (s, window)), block_size)
 
     def body(c):
-        step, pages, seen, counts, seq_len, last_tok, n_out, active, out, bad, lp_out = c
+        step, pages, windows, seen, counts, seq_len, last_tok, n_out, active, out, bad, lp_out = c
         pos = seq_len + delta
         positions = jnp.broadcast_to(pos[None, :, None], (3, s, 1))
         write = jnp.where(active, paged.slots(table, jnp.minimum(seq_len, window - 1)[:, None], block_size)[:, 0],
                           TRASH_BLOCK)
         mask = (j[None] <= seq_len[:, None])[:, None, :]
-        h, view = m.model.language_model(m.embed(last_tok[:, None]), positions, mask, None,
-                                         PagedView(pages, write[:, None], read, table, seq_len + 1))
+        view = PagedView(pages, write[:, None], read, table, seq_len + 1, windows or None,
+                         jnp.where(active, seq_len, window))
+        h, view = m.model.language_model(m.embed(last_tok[:, None]), positions, mask, None, view)
         logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
         tok, finite, lps = _choose(flags, logits, sp, keys, n_out, seen[slot] if flags.repetition else None,
                                    counts[slot] if flags.frequency_presence else None)
@@ -160,16 +164,17 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
         stopped = jnp.any(tok[:, None] == stop_ids, axis=1)
         bad = bad | (active & ~finite)
         active = active & finite & ~stopped & (n_out < max_new) & (seq_len < limit)
-        return step + 1, view.pages, seen, counts, seq_len, tok, n_out, active, out, bad, lp_out
+        return step + 1, view.pages, view.windows or (), seen, counts, seq_len, tok, n_out, active, out, bad, lp_out
 
     k = min(MAX_TOP_LOGPROBS, m.config.text.vocab_size) if flags.logprobs else 0
     lp_init = () if not flags.logprobs else (jnp.zeros((s, n_steps), jnp.float32),
                                              jnp.zeros((s, n_steps, k), jnp.int32),
                                              jnp.zeros((s, n_steps, k), jnp.float32))
-    init = (jnp.zeros((), jnp.int32), pages, seen, counts, seq_len, last_tok, n_out, active,
+    windows = paged.gather_windows(pages, read, windows) if windows else ()
+    init = (jnp.zeros((), jnp.int32), pages, windows, seen, counts, seq_len, last_tok, n_out, active,
             jnp.full((s, n_steps), -1, jnp.int32), jnp.zeros((s,), bool), lp_init)
-    c = jax.lax.while_loop(lambda c: (c[0] < n_steps) & jnp.any(c[7]), body, init)
-    return c[1], c[2], c[3], c[8], c[9], c[10] or None
+    c = jax.lax.while_loop(lambda c: (c[0] < n_steps) & jnp.any(c[8]), body, init)
+    return c[1], c[2], c[3], c[4], c[9], c[10], c[11] or None
 
 
 @functools.partial(jax.jit, donate_argnames=("seen", "counts"))
@@ -364,14 +369,17 @@ class Engine:
     (default: the model's context, at most 8192). block_size: tokens per KV block. num_blocks: the
     pool (default: what `memory_fraction` of free device memory holds, rounded down to two
     significant bits so that it, and with it every compiled shape, is the same from one start to the
-    next; at most enough for every slot at max_model_len). max_num_batched_tokens: prompt tokens prefilled per scheduler visit
-    (chunked prefill: a long prompt does not stall the running decodes). decode_steps: decode
-    steps per jitted loop between scheduler visits. prefix_caching: reuse full blocks of identical
-    prefixes. vision_cache_bytes: memory for cached image / video features."""
+    next; at most enough for every slot at max_model_len). max_num_batched_tokens: prompt tokens
+    prefilled per scheduler visit (chunked prefill: a long prompt does not stall the running
+    decodes). decode_steps: decode steps per jitted loop between scheduler visits. prefix_caching: reuse full blocks of identical
+    prefixes. vision_cache_bytes: memory for cached image / video features. window_copy_bytes: a
+    decode loop whose rows' attention windows (every layer's keys and values) fit in this many bytes
+    gathers them once per loop rather than once per step (same numbers, faster; 0: never)."""
 
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int = 8,
-                 memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20):
+                 memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20,
+                 window_copy_bytes: int = 1 << 30):
         self.model = model
         self.cfg = model.config
         self._gen = Generator(model)  # request and sampling checks shared with model.generate
@@ -384,6 +392,7 @@ class Engine:
             raise InputError(f"max_model_len={self.max_model_len} exceeds the model's context of {limit} tokens")
         self.max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         self.decode_steps = _positive_int("decode_steps", decode_steps)
+        self.window_copy_bytes = _positive_int("window_copy_bytes", window_copy_bytes, 0)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         need_one = self.max_blocks_per_seq + 1  # one full-length sequence and the trash block
         if num_blocks is None:
@@ -414,7 +423,7 @@ class Engine:
         """Fresh pages, penalty history, block pool and caches (at start, and after a failed step,
         whose donated buffers may be gone)."""
         text, s = self.cfg.text, self.max_num_seqs
-        self._pages = None  # the old pool's memory goes before the new one is allocated
+        self._pages = self._windows = None  # the old pool's memory goes before the new one is allocated
         self.blocks = BlockManager(self.num_blocks, self.block_size, self._prefix_caching)
         self.vision_cache = VisionCache(self._vision_cache_bytes)
         self._pages = paged.allocate(text, self.num_blocks, self.block_size, self.model.dtype,
@@ -832,6 +841,20 @@ class Engine:
             self._retire(req, "length")
 
     # -- decode -------------------------------------------------------------------------------------
+    def _window_buffers(self, rows: int, window: int) -> tuple:
+        """The decode loop's window buffers for rows x window tokens, or () where they would exceed
+        window_copy_bytes (or the kernel reads the pages itself). One set is kept between loops, so
+        that a loop writes into memory already touched (fresh memory of that size cost more page
+        faults than the gathers it saves)."""
+        if paged.kernel() != "xla" or paged.window_bytes(self.cfg.text, rows, window,
+                                                         self.model.dtype) > self.window_copy_bytes:
+            return ()
+        kept, self._windows = self._windows, None  # donated to the loop, which hands them back
+        if kept is not None and kept[:2] == (rows, window):
+            return kept[2]
+        del kept  # the old set's memory goes first
+        return paged.window_buffers(self.cfg.text, rows, window, self.model.dtype, getattr(self.model, "mesh", None))
+
     def _decode_phase(self) -> None:
         k = self.decode_steps
         for req in [r for r in self._running if r.decoding]:
@@ -876,11 +899,14 @@ class Engine:
         flags = sampling.SamplingFlags(**{f.name: any(getattr(r.flags, f.name) for r in dec)
                                           for f in dataclasses.fields(sampling.SamplingFlags)})
         rb = self._window_blocks(int(limit.max()))
-        self._pages, self._seen, self._counts, out, bad, lps = decode_chunk(
-            *self.model.split, flags, bs, k, self._pages, self._seen, self._counts, jnp.asarray(slot),
+        windows = self._window_buffers(s, rb * bs)
+        self._pages, windows, self._seen, self._counts, out, bad, lps = decode_chunk(
+            *self.model.split, flags, bs, k, self._pages, windows, self._seen, self._counts, jnp.asarray(slot),
             jnp.asarray(table[:, :rb]), jnp.asarray(seq_len), jnp.asarray(last_tok), jnp.asarray(delta),
             jnp.asarray(active), jnp.asarray(limit), jnp.asarray(n_out), jnp.asarray(max_new), jnp.asarray(stop),
             sampling.SamplingParams(*(jnp.asarray(a) for a in sp)), jnp.asarray(keys))
+        if windows:
+            self._windows = (s, rb * bs, windows)
         out, bad, lps = jax.device_get((out, bad, lps))
         self.stats["decode_chunks"] += 1
         for i, r in enumerate(dec):

@@ -8,8 +8,10 @@ gathers each row's attention window through its block table.
 
 The kernel is chosen by one switch, the environment variable QVL_JAX_PAGED_ATTENTION:
 
-- "xla" (default): the gather above, plain jnp indexing, then the decoder's own attention. Runs on
-  every backend; every engine test runs it.
+- "xla" (default): the gather above, plain jnp indexing, then the decoder's own attention. A decode
+  loop gathers its rows' windows once, into buffers the engine keeps, and writes each step's token
+  into them as well as into the pages (`window_buffers`, `PagedView`; up to the engine's
+  window_copy_bytes, else it gathers every step). Runs on every backend; every engine test runs it.
 - "pallas": decode steps run JAX's Pallas paged attention kernel
   (`jax.experimental.pallas.ops.gpu.paged_attention`, Triton on a GPU, interpret mode elsewhere),
   which reads each row's blocks in place instead of gathering a window first. The pools are then laid
@@ -67,6 +69,30 @@ def block_bytes(cfg: TextConfig, block_size: int, dtype) -> int:
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+def window_buffers(cfg: TextConfig, rows: int, window: int, dtype, mesh=None) -> tuple:
+    """Zeroed buffers for `gather_windows`: (keys, values), each a tuple of [rows, window, kv_heads,
+    head_dim] per layer; under a mesh split over kv heads as the pools are."""
+    shape = (rows, window, cfg.num_key_value_heads, cfg.head_dim)
+    where = None
+    if mesh is not None:
+        where = NamedSharding(mesh, logical_to_spec((None, "cache_len", "kv_heads", "head_dim"), shape, mesh))
+    n = cfg.num_hidden_layers
+    return (tuple(jnp.zeros(shape, dtype, device=where) for _ in range(n)),
+            tuple(jnp.zeros(shape, dtype, device=where) for _ in range(n)))
+
+
+def gather_windows(pages: Pages, read: jax.Array, into: tuple) -> tuple:
+    """Every layer's keys and values at slots read [b, s] ("xla" layout), written into the buffers
+    `into` (of `window_buffers`): (keys, values), each a tuple of [b, s, kv_heads, head_dim] per layer."""
+    return tuple(tuple(jax.lax.dynamic_update_slice(buf, p[read], (0, 0, 0, 0)) for buf, p in zip(bufs, pool))
+                 for bufs, pool in zip(into, (pages.k, pages.v)))
+
+
+def window_bytes(cfg: TextConfig, rows: int, window: int, dtype) -> int:
+    """Bytes of `gather_windows` for rows x window tokens."""
+    return 2 * cfg.num_hidden_layers * rows * window * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
 def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
     """Flat slots of token indices index [b, t] of each row, through table [b, blocks]."""
     block = jnp.take_along_axis(table, index // block_size, axis=1)
@@ -79,12 +105,20 @@ class PagedView:
     trace, and `TextModel` hands back the updated view after its last layer.
 
     table [b, blocks] and lengths [b] (tokens each row attends to, this call's included) are what the
-    "pallas" kernel reads instead of `read`; a decode step passes them."""
+    "pallas" kernel reads instead of `read`; a decode step passes them.
+
+    windows (the "xla" kernel, one query per row): each layer's windows (keys, values: per layer
+    [b, s, kv_heads, head_dim]) gathered once before a loop of decode steps (`gather_windows`), and
+    at [b] the window index this step's token goes to (s: nowhere, an inactive row). The step then
+    writes its token into the pages and into the windows, and attention reads the windows: the
+    same keys and values as gathering them every step, without the gather (on the CPU, 8 rows over
+    2048 tokens at 2B widths, 4 layers: 149 -> 113 ms a step; 1 row: 92 -> 60 ms)."""
 
     def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
-                 lengths: jax.Array | None = None):
+                 lengths: jax.Array | None = None, windows: tuple | None = None, at: jax.Array | None = None):
         self.pages, self.write, self.read = pages, write, read
         self.table, self.lengths = table, lengths
+        self.windows, self.at = windows, at
         self._impl = kernel()
 
     def _store(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, "PagedView"]:
@@ -101,11 +135,19 @@ class PagedView:
             kp, vp = kp.at[flat].set(k), vp.at[flat].set(v)
         ks, vs = list(self.pages.k), list(self.pages.v)
         ks[layer], vs[layer] = kp, vp
-        return kp, vp, PagedView(Pages(tuple(ks), tuple(vs)), self.write, self.read, self.table, self.lengths)
+        return kp, vp, PagedView(Pages(tuple(ks), tuple(vs)), self.write, self.read, self.table, self.lengths,
+                                 self.windows, self.at)
 
     def write_and_read(self, layer: int, k: jax.Array, v: jax.Array):
         """Stores this call's keys and values; returns each row's window [b, s, kv_heads, head_dim]."""
         kp, vp, view = self._store(layer, k, v)
+        if self.windows is not None:
+            rows = jnp.arange(k.shape[0])
+            wk, wv = (list(w) for w in self.windows)
+            wk[layer] = wk[layer].at[rows, self.at].set(k[:, 0].astype(wk[layer].dtype), mode="drop")
+            wv[layer] = wv[layer].at[rows, self.at].set(v[:, 0].astype(wv[layer].dtype), mode="drop")
+            view.windows = (tuple(wk), tuple(wv))
+            return wk[layer], wv[layer], view
         if self._impl == "pallas":
             bs = kp.shape[2]
             blk, off = self.read // bs, self.read % bs
