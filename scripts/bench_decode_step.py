@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""The engine's decode loop alone: ms per step at given row counts and attention windows, with the
+window copy (the loop gathers its rows' windows once into kept buffers; the default) and without it
+(a gather from the pages every step), alternated in one process.
+
+    python scripts/bench_decode_step.py [--config 2b] [--layers 4] [--cases 8x2048,8x1024,4x2048,1x2048]
+        [--repeats 6] [--steps 8]
+
+Each case ROWSxWINDOW runs `engine.decode_chunk` on ROWS rows whose sequences are WINDOW - 100 tokens
+long, their blocks scattered over the pool (random weights of --config widths, --layers decoder
+layers; greedy). The first call of each form compiles and is not timed. One JSON line per case:
+the median ms per step of each form and their ratio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="2b", choices=["quick", "2b", "4b", "8b"])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--cases", default="8x2048,8x1024,4x2048,1x2048")
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8, help="decode steps per loop (the engine's decode_steps)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import hf_config_dict
+
+    from qvl_jax import Model
+    from qvl_jax.config import Qwen3VLConfig
+    from qvl_jax.engine import engine as engine_mod
+    from qvl_jax.engine import paged, sampling
+
+    model = Model.random(Qwen3VLConfig.from_hf_dict(hf_config_dict(args.config, args.layers)))
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+    bs = 16
+    eng = model.engine(max_num_seqs=max(r for r, _ in cases), max_model_len=max(w for _, w in cases), block_size=bs,
+                       num_blocks=max(r * w for r, w in cases) // bs * 2 + 1)
+    rng = np.random.RandomState(0)
+    flags = sampling.SamplingFlags()
+    for rows, window in cases:
+        nb = window // bs
+        table = rng.permutation(np.arange(1, eng.num_blocks))[:rows * nb].reshape(rows, nb).astype(np.int32)
+        seq = np.full(rows, window - 100, np.int32)
+        sp = sampling.SamplingParams(*(jnp.asarray(np.array([v], np.asarray(v).dtype).repeat(rows))
+                                       for v in engine_mod._NEUTRAL))
+        bufs = paged.window_buffers(model.config.text, rows, window, model.dtype)
+        times = {"window_copy": [], "gather_each_step": []}
+        for i in range(args.repeats + 1):
+            for name in times:
+                step_args = (jnp.arange(rows, dtype=jnp.int32), jnp.asarray(table), jnp.asarray(seq),
+                             jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32), jnp.ones(rows, bool),
+                             jnp.asarray(seq + args.steps), jnp.zeros(rows, jnp.int32),
+                             jnp.full(rows, 1 << 20, jnp.int32), jnp.full((rows, 1), -1, jnp.int32), sp,
+                             jnp.zeros((rows, 2), jnp.uint32))
+                t0 = time.perf_counter()
+                out = engine_mod.decode_chunk(*model.split, flags, bs, args.steps, eng._pages,
+                                              bufs if name == "window_copy" else (), eng._seen, eng._counts,
+                                              *step_args)
+                jax.block_until_ready(out)
+                eng._pages, eng._seen, eng._counts = out[0], out[2], out[3]
+                if name == "window_copy":
+                    bufs = out[1]
+                if i:
+                    times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+        med = {k: round(float(np.median(v)), 1) for k, v in times.items()}
+        print(json.dumps({"rows": rows, "window": window, "device": jax.default_backend(), "ms_per_step": med,
+                          "speedup": round(med["gather_each_step"] / med["window_copy"], 2)}), flush=True)
+    eng.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
