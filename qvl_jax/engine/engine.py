@@ -129,8 +129,8 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
     """Up to n_steps decode steps over a batch of rows in one `lax.while_loop`; row i is the request
     in slot[i] (its penalty history row; idle padding rows are inactive). A row runs while it is
     active: not stopped, under its max_new, and with room in its blocks (`limit`, its sequence
-    length cap for this chunk). Returns the pages, the penalty history, tokens [rows, n_steps] (-1
-    where a row did not run), which rows met non-finite logits, and with flags.logprobs each step's
+    length cap for this chunk). Returns the pages, the window buffers, the penalty history, tokens
+    [rows, n_steps] (-1 where a row did not run), which rows met non-finite logits, and with flags.logprobs each step's
     (chosen logprob [rows, n_steps], top ids and logprobs [rows, n_steps, k]), else None.
     windows: () or buffers of `paged.window_buffers` for these rows and this window: each row's
     attention window is then gathered into them once before the loop and kept current
@@ -371,10 +371,11 @@ class Engine:
     significant bits so that it, and with it every compiled shape, is the same from one start to the
     next; at most enough for every slot at max_model_len). max_num_batched_tokens: prompt tokens
     prefilled per scheduler visit (chunked prefill: a long prompt does not stall the running
-    decodes). decode_steps: decode steps per jitted loop between scheduler visits. prefix_caching: reuse full blocks of identical
-    prefixes. vision_cache_bytes: memory for cached image / video features. window_copy_bytes: a
-    decode loop whose rows' attention windows (every layer's keys and values) fit in this many bytes
-    gathers them once per loop rather than once per step (same numbers, faster; 0: never)."""
+    decodes). decode_steps: decode steps per jitted loop between scheduler visits. prefix_caching:
+    reuse full blocks of identical prefixes. vision_cache_bytes: memory for cached image / video
+    features. window_copy_bytes: a decode loop whose rows' attention windows (every layer's keys and
+    values) fit in this many bytes gathers them once per loop, into buffers kept beside the pool,
+    rather than once per step (the same numbers, faster; 0: never)."""
 
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int = 8,
