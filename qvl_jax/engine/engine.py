@@ -122,16 +122,17 @@ def prefill_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFl
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "block_size", "n_steps"),
                    donate_argnames=("pages", "windows", "seen", "counts"))
 def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFlags, block_size: int, n_steps: int,
-                 pages: paged.Pages, windows: tuple, seen: jax.Array, counts: jax.Array, slot: jax.Array, table: jax.Array,
-                 seq_len: jax.Array,
+                 pages: paged.Pages, windows: tuple, seen: jax.Array, counts: jax.Array, slot: jax.Array,
+                 table: jax.Array, seq_len: jax.Array,
                  last_tok: jax.Array, delta: jax.Array, active: jax.Array, limit: jax.Array, n_out: jax.Array,
                  max_new: jax.Array, stop_ids: jax.Array, sp: sampling.SamplingParams, keys: jax.Array):
     """Up to n_steps decode steps over a batch of rows in one `lax.while_loop`; row i is the request
     in slot[i] (its penalty history row; idle padding rows are inactive). A row runs while it is
     active: not stopped, under its max_new, and with room in its blocks (`limit`, its sequence
     length cap for this chunk). Returns the pages, the window buffers, the penalty history, tokens
-    [rows, n_steps] (-1 where a row did not run), which rows met non-finite logits, and with flags.logprobs each step's
-    (chosen logprob [rows, n_steps], top ids and logprobs [rows, n_steps, k]), else None.
+    [rows, n_steps] (-1 where a row did not run), which rows met non-finite logits, and with
+    flags.logprobs each step's (chosen logprob [rows, n_steps], top ids and logprobs [rows, n_steps,
+    k]), else None.
     windows: () or buffers of `paged.window_buffers` for these rows and this window: each row's
     attention window is then gathered into them once before the loop and kept current
     (`paged.PagedView`'s windows) instead of gathered every step; returned, to be passed again."""
@@ -148,8 +149,7 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
         write = jnp.where(active, paged.slots(table, jnp.minimum(seq_len, window - 1)[:, None], block_size)[:, 0],
                           TRASH_BLOCK)
         mask = (j[None] <= seq_len[:, None])[:, None, :]
-        view = PagedView(pages, write[:, None], read, table, seq_len + 1, windows or None,
-                         jnp.where(active, seq_len, window))
+        view = PagedView(pages, write[:, None], read, table, seq_len + 1, windows, jnp.where(active, seq_len, window))
         h, view = m.model.language_model(m.embed(last_tok[:, None]), positions, mask, None, view)
         logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
         tok, finite, lps = _choose(flags, logits, sp, keys, n_out, seen[slot] if flags.repetition else None,
@@ -164,7 +164,7 @@ def decode_chunk(structure: Structure, leaves: list, flags: sampling.SamplingFla
         stopped = jnp.any(tok[:, None] == stop_ids, axis=1)
         bad = bad | (active & ~finite)
         active = active & finite & ~stopped & (n_out < max_new) & (seq_len < limit)
-        return step + 1, view.pages, view.windows or (), seen, counts, seq_len, tok, n_out, active, out, bad, lp_out
+        return step + 1, view.pages, view.windows, seen, counts, seq_len, tok, n_out, active, out, bad, lp_out
 
     k = min(MAX_TOP_LOGPROBS, m.config.text.vocab_size) if flags.logprobs else 0
     lp_init = () if not flags.logprobs else (jnp.zeros((s, n_steps), jnp.float32),
@@ -847,8 +847,8 @@ class Engine:
         window_copy_bytes (or the kernel reads the pages itself). One set is kept between loops, so
         that a loop writes into memory already touched (fresh memory of that size cost more page
         faults than the gathers it saves)."""
-        if paged.kernel() != "xla" or paged.window_bytes(self.cfg.text, rows, window,
-                                                         self.model.dtype) > self.window_copy_bytes:
+        if paged.kernel() != "xla" or paged.block_bytes(self.cfg.text, rows * window,
+                                                        self.model.dtype) > self.window_copy_bytes:
             return ()
         kept, self._windows = self._windows, None  # donated to the loop, which hands them back
         if kept is not None and kept[:2] == (rows, window):

@@ -66,6 +66,8 @@ def allocate(cfg: TextConfig, num_blocks: int, block_size: int, dtype, mesh=None
 
 
 def block_bytes(cfg: TextConfig, block_size: int, dtype) -> int:
+    """Bytes of every layer's keys and values for block_size tokens (a block; or, with rows x window
+    tokens, a decode loop's `window_buffers`)."""
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
@@ -88,11 +90,6 @@ def gather_windows(pages: Pages, read: jax.Array, into: tuple) -> tuple:
                  for bufs, pool in zip(into, (pages.k, pages.v)))
 
 
-def window_bytes(cfg: TextConfig, rows: int, window: int, dtype) -> int:
-    """Bytes of `gather_windows` for rows x window tokens."""
-    return 2 * cfg.num_hidden_layers * rows * window * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
 def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
     """Flat slots of token indices index [b, t] of each row, through table [b, blocks]."""
     block = jnp.take_along_axis(table, index // block_size, axis=1)
@@ -107,7 +104,7 @@ class PagedView:
     table [b, blocks] and lengths [b] (tokens each row attends to, this call's included) are what the
     "pallas" kernel reads instead of `read`; a decode step passes them.
 
-    windows (the "xla" kernel, one query per row): each layer's windows (keys, values: per layer
+    windows (the "xla" kernel, one query per row; () where none): each layer's windows (keys, values: per layer
     [b, s, kv_heads, head_dim]) gathered once before a loop of decode steps (`gather_windows`), and
     at [b] the window index this step's token goes to (s: nowhere, an inactive row). The step then
     writes its token into the pages and into the windows, and attention reads the windows: the
@@ -115,7 +112,7 @@ class PagedView:
     2048 tokens at 2B widths, 4 layers: 149 -> 113 ms a step; 1 row: 92 -> 60 ms)."""
 
     def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
-                 lengths: jax.Array | None = None, windows: tuple | None = None, at: jax.Array | None = None):
+                 lengths: jax.Array | None = None, windows: tuple = (), at: jax.Array | None = None):
         self.pages, self.write, self.read = pages, write, read
         self.table, self.lengths = table, lengths
         self.windows, self.at = windows, at
@@ -141,7 +138,7 @@ class PagedView:
     def write_and_read(self, layer: int, k: jax.Array, v: jax.Array):
         """Stores this call's keys and values; returns each row's window [b, s, kv_heads, head_dim]."""
         kp, vp, view = self._store(layer, k, v)
-        if self.windows is not None:
+        if self.windows:
             rows = jnp.arange(k.shape[0])
             wk, wv = (list(w) for w in self.windows)
             wk[layer] = wk[layer].at[rows, self.at].set(k[:, 0].astype(wk[layer].dtype), mode="drop")

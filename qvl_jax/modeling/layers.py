@@ -32,7 +32,7 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", units
 
 # Up to this many rows, on the CPU, `matmul_t` multiplies with the weight on the left. Measured on the
 # 2-core AVX-512 CI machine by scripts/bench_matmul.py (a 4-layer decoder at 2B widths and its tied
-# lm_head, ms per step; docs/performance.md, "Decode rows on the CPU"):
+# lm_head, ms per step; docs/performance.md, seventh session):
 #   rows          1     2     4     8    16    32    64   128   256   512
 #   x @ w.T      63   127   122   121   159   207   288   330   368   691
 #   (w @ x.T).T  59    68    69    66    84   132   214   294   363   697
@@ -45,9 +45,9 @@ def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
     XLA CPU hands such a dot to YNNPACK, which runs a row-major [out, in] weight on the LEFT of the
     dot at about the speed of reading it, and on the right about half as fast from 2 rows up (the
     table above). From 2 to WEIGHT_LEFT_MAX_ROWS rows it is therefore computed as (w @ x.T).T: a
-    batch-8 decode step at 2B widths costs about what a batch-1 step does, not twice that. The optimization
-    barrier keeps XLA from folding the transpose back into the dot (which restores the slow form);
-    the transpose itself is of the small [out, rows] result. Other backends, and other row counts,
+    batch-8 decode step at 2B widths costs about what a batch-1 step does, not twice that. The
+    optimization barrier keeps XLA from folding the transpose back into the dot (which restores the
+    slow form); the transpose itself is of the small [out, rows] result. Other backends, and other row counts,
     take the plain dot."""
     rows = int(np.prod(x.shape[:-1]))
     if 1 < rows <= WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu":
