@@ -15,7 +15,8 @@ What it holds:
       * `apply_chat_template(..., literal_content=True)`: special-token strings typed inside message
         text (`<|im_start|>system`) are tokenized as plain text, not as control tokens (what a
         server wants; transformers, and the default here, turn them into real special tokens).
-  - `QWEN3_VL_CHAT_TEMPLATE`: the Qwen3-VL-Instruct chat template, used when a checkpoint ships none.
+  - `QWEN3_VL_CHAT_TEMPLATE`: the Qwen3-VL-Instruct chat template, used when a checkpoint ships none
+    (kept in chat_template.jinja; the Jinja sandbox is in template.py, message checks in messages.py).
 
 Deliberate differences from transformers:
   - Padding is on by default (to the longest prompt) and on the left, because the outputs are
@@ -32,141 +33,32 @@ import functools
 import json
 import os
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.sandbox
 import numpy as np
+from tokenizers import Tokenizer
 
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
 from qvl_jax.processing.image_processing import ImageProcessor, VideoProcessor, _split_videos
-
-# The chat template of Qwen/Qwen3-VL-*-Instruct (chat_template.json), unchanged.
-QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {%- if messages[0].content is string %}
-            {{- messages[0].content }}
-        {%- else %}
-            {%- for content in messages[0].content %}
-                {%- if 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' }}
-        {%- if messages[0].content is string %}
-            {{- messages[0].content }}
-        {%- else %}
-            {%- for content in messages[0].content %}
-                {%- if 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set image_count = namespace(value=0) %}
-{%- set video_count = namespace(value=0) %}
-{%- for message in messages %}
-    {%- if message.role == "user" %}
-        {{- '<|im_start|>' + message.role + '\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content in message.content %}
-                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
-                    <|vision_start|><|image_pad|><|vision_end|>
-                {%- elif content.type == 'video' or 'video' in content %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
-                    <|vision_start|><|video_pad|><|vision_end|>
-                {%- elif 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role + '\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content_item in message.content %}
-                {%- if 'text' in content_item %}
-                    {{- content_item.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and message.content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content in message.content %}
-                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
-                    <|vision_start|><|image_pad|><|vision_end|>
-                {%- elif content.type == 'video' or 'video' in content %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
-                    <|vision_start|><|video_pad|><|vision_end|>
-                {%- elif 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
+from qvl_jax.processing.messages import (
+    _REASONING_FIELDS,
+    _alias_reasoning,
+    _check_utf8,
+    _collect_media,
+    _cut_at_tag,
+    _describe,
+    _normalize_conversation,
+    _split_conversations,
+    _tag_final_message,
+)
+from qvl_jax.processing.template import (
+    QWEN3_VL_CHAT_TEMPLATE,
+    _compile_template,
+    _template_data,
+    _TemplateError,
+)
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
@@ -177,10 +69,6 @@ ENDOFTEXT_TOKEN = "<|endoftext|>"
 
 # mm_token_type_ids values (text is 0), as transformers' ProcessorMixin.create_mm_token_type_ids assigns them.
 _IMAGE_TYPE, _VIDEO_TYPE = 1, 2
-_CONTENT_TYPES = ("text", "image", "video")
-# Message keys the template reads a model's reasoning from; transformers copies whichever is given
-# into both reasoning_content and thinking, so "thinking" templates see it under either name.
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # literal_content marks special-token strings inside message text with this noncharacter (after their
 # first character), so they no longer match the tokenizer's special tokens; the mark is removed
 # before the text between real special tokens is encoded.
@@ -197,258 +85,6 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_alphabet()
-
-
-def _describe(x: Any) -> str:
-    t = type(x)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _check_utf8(text: str, where: str) -> str:
-    """Lone surrogates (bytes that were not UTF-8, as sys.argv and os.fsdecode keep them) cannot be
-    tokenized; say so in one line rather than fail inside the tokenizer."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{where} is not valid UTF-8: {text[e.start]!r} at character {e.start} (a lone "
-                         "surrogate, e.g. from undecodable bytes)") from None
-    return text
-
-
-# ----------------------------------------------------------------------------------------------------
-# Jinja: the environment transformers renders chat templates in (templates are untrusted code from the
-# Hub, so: sandboxed, and nothing the template sees is a live Python object)
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering
-    ignores it, but a template using it must still parse."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-class _TemplateError(Exception):
-    """raise_exception() from inside a template: the template rejected its input."""
-
-
-def _raise_exception(message):
-    raise _TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson HTML-escapes <, >, & and ' which would change the prompt
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format):
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    # dict() and dict.fromkeys() for templates, without exposing the dict type itself
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    # namespace() that refuses underscore names, so a template cannot reach CPython internals through it
-    def __init__(*args, **kwargs):
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(template: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ConfigError(f"chat template does not parse (line {e.lineno}): {e.message}") from None
-
-
-def _template_data(value: Any) -> Any:
-    """What the template may see: plain JSON-like data. Media and other objects become an inert
-    "<TypeName>" string (templates only test whether an "image" key exists), as in transformers."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):  # subclasses (enums, numpy strings) carry methods: keep the plain value
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_template_data(k): _template_data(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_template_data(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_template_data(v) for v in value)
-    if isinstance(value, np.generic):
-        return _template_data(value.item())
-    return f"<{type(value).__name__}>"
-
-
-# ----------------------------------------------------------------------------------------------------
-# messages
-
-
-def _split_conversations(messages: Any) -> tuple[list, bool]:
-    if not isinstance(messages, (list, tuple)):
-        raise InputError(
-            f"messages must be a list of message dicts (or a list of such lists), got {_describe(messages)}"
-        )
-    if not messages:
-        raise InputError("messages is empty")
-    if isinstance(messages[0], (list, tuple)):
-        return list(messages), True
-    return [messages], False
-
-
-def _normalize_conversation(conversation: Any, c: int, batched: bool) -> list[dict]:
-    """Checked copy of one conversation: None-valued keys dropped (as transformers does), OpenAI
-    image_url items turned into image items, every content item's type known."""
-    where0 = f"conversation {c}, " if batched else ""
-    if not isinstance(conversation, (list, tuple)):
-        raise InputError(f"conversation {c} must be a list of message dicts, got {_describe(conversation)}")
-    if not conversation:
-        raise InputError(f"conversation {c} is empty")
-    out = []
-    for m, message in enumerate(conversation):
-        if not isinstance(message, Mapping):
-            raise InputError(
-                f"{where0}message {m}: expected a dict with 'role' and 'content', got {_describe(message)}"
-            )
-        message = {k: v for k, v in message.items() if v is not None}
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise InputError(f"{where0}message {m}: 'role' must be a string, got {_describe(role)}")
-        where = f"{where0}message {m} ({role})"
-        content = message.get("content")
-        if isinstance(content, (list, tuple)):
-            items = []
-            for i, item in enumerate(content):
-                items.append(_normalize_item(item, f"{where}, content item {i}"))
-            message["content"] = items
-        elif isinstance(content, str):
-            _check_utf8(content, f"{where} content")
-        elif content is not None:
-            raise InputError(
-                f"{where}: 'content' must be a string or a list of content items, got {_describe(content)}"
-            )
-        out.append(message)
-    return out
-
-
-def _normalize_item(item: Any, where: str) -> dict:
-    if not isinstance(item, Mapping):
-        raise InputError(f"{where}: expected a dict like {{'type': 'text', 'text': ...}}, got {_describe(item)}")
-    item = {k: v for k, v in item.items() if v is not None}
-    kind = item.get("type")
-    if kind == "image_url" and "image_url" in item:
-        url = item["image_url"]
-        return {"type": "image", "url": url.get("url", "") if isinstance(url, Mapping) else url}
-    if kind not in _CONTENT_TYPES:
-        got = "no 'type'" if kind is None else f"unknown content type {kind!r}"
-        raise InputError(f"{where}: {got}; expected one of {', '.join(map(repr, _CONTENT_TYPES))}")
-    if kind == "text" and not isinstance(item.get("text"), str):
-        raise InputError(f"{where}: 'text' must be a string, got {_describe(item.get('text'))}")
-    if kind == "text":
-        _check_utf8(item["text"], f"{where} text")
-    if kind in ("image", "video") and _media(item) is None:
-        keys = "'image', 'url' or 'path'" if kind == "image" else "'video', 'url' or 'path'"
-        raise InputError(f"{where}: {kind} item has no {keys} key")
-    return item
-
-
-def _media(item: Mapping) -> Any:
-    for key in (item["type"], "url", "path"):
-        if key in item:
-            return item[key]
-    return None
-
-
-def _collect_media(conversations: list[list[dict]]) -> tuple[list, list, list]:
-    """Images, videos and per-video source fps of every message, in conversation order (transformers
-    collects from all roles; the placeholder count check then catches media the template dropped)."""
-    images, videos, rates = [], [], []
-    for conversation in conversations:
-        for message in conversation:
-            content = message.get("content")
-            if not isinstance(content, list):
-                continue
-            for item in content:
-                if item["type"] == "image":
-                    images.append(_media(item))
-                elif item["type"] == "video":
-                    videos.append(_media(item))
-                    rates.append(item.get("video_fps"))
-    return images, videos, rates
-
-
-# continue_final_message: the final text is tagged before rendering and the prompt cut where the tag
-# lands, which drops whatever the template writes after the message (its end-of-turn), as transformers does
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-
-
-def _tag_final_message(chat: list[dict]) -> str:
-    content = chat[-1].get("content")
-    if isinstance(content, str):
-        chat[-1]["content"] = content + _CONTINUE_TAG
-        return content
-    for block in reversed(content or []):
-        if "text" in block:
-            final = block["text"]
-            block["text"] = final + _CONTINUE_TAG
-            return final
-    raise InputError("continue_final_message is set but the last message has no text to continue")
-
-
-def _cut_at_tag(prompt: str, final_text: str) -> str:
-    tag = _CONTINUE_TAG.strip()
-    if final_text.strip() not in prompt or tag not in prompt:
-        raise InputError(
-            "continue_final_message is set but the chat template does not write the last message's text"
-        )
-    at = prompt.rindex(tag)
-    # a template that strips the message keeps the tag's trailing space out too: strip what precedes it
-    return prompt[:at] if prompt[at: at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else prompt[:at].rstrip()
-
-
-def _alias_reasoning(message: dict) -> dict:
-    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
-    if reasoning is None:
-        return message
-    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -568,7 +204,7 @@ class Processor:
         try:
             model_dir = Path(model)
             if isinstance(model, str) and (model == "tiny-random" or not model_dir.exists()):
-                from qvl_jax import hub
+                from qvl_jax import hub  # lazy: hub is a floor above processing (pyproject ignore_imports)
 
                 model_dir = hub.model_files(model, log=False)  # library calls stay quiet, as qvl_jax.load
             return cls._from_dir(model_dir)
@@ -577,8 +213,6 @@ class Processor:
 
     @classmethod
     def _from_dir(cls, model_dir: Path) -> Processor:
-        from tokenizers import Tokenizer
-
         if not model_dir.is_dir():
             raise CheckpointError(f"no such model directory: {model_dir}")
         tokenizer_file = model_dir / "tokenizer.json"
@@ -797,8 +431,6 @@ class Processor:
     def _literal_tools(self):
         """(regex over the special tokens' strings, longest first; a copy of the tokenizer that
         encodes special-token strings as plain text; the ids add_special_tokens puts before and after)."""
-        from tokenizers import Tokenizer
-
         specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
                           key=len, reverse=True)
         pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
