@@ -6,7 +6,9 @@
 
 A Hugging Face checkpoint directory is converted once into the cache (`$QVL_JAX_CACHE`, else
 ~/.cache/qvl_jax), keyed by its path and by the name, size and mtime of every file under it, so an
-edited chat template or tokenizer file gives a fresh conversion rather than a stale one.
+edited chat template or tokenizer file gives a fresh conversion rather than a stale one. Both
+`qvl_jax.load` and the CLI's --model go through it: the conversion streams one tensor at a time and
+the load memory-maps the result, so neither holds the whole model in host memory.
 """
 
 from __future__ import annotations
@@ -128,12 +130,26 @@ def converted_from_hf(hf_dir: Path, log: bool = True) -> Path:
         stale = out.exists()
         _log(f"converting {hf_dir} into {out} (once)" + (f"; the cached one is unusable: {e}" if stale else "")
              + "...", log)
-        convert_checkpoint(hf_dir, out, force=stale)
+        try:
+            convert_checkpoint(hf_dir, out, force=stale)
+        except CheckpointError:
+            if not _usable(out):  # else another process converting the same directory finished first
+                raise
     prefix = f"{hf_dir.name}-{where}-"
     for old in out.parent.iterdir():
         if old.name.startswith(prefix) and len(old.name) == len(out.name) and old != out and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _usable(converted: Path) -> bool:
+    from qvl_jax.checkpoint import read_manifest
+
+    try:
+        read_manifest(converted)
+        return True
+    except CheckpointError:
+        return False
 
 
 def _download(repo_id: str, log: bool = True) -> Path:
