@@ -2,7 +2,8 @@
 
 What it holds:
   - `smart_resize` / `smart_resize_video`: the target (height, width) rules of the reference processors.
-  - `load_image`: any accepted image input -> RGB uint8 [H, W, 3], converted the way transformers does.
+  - `load_image` (from media_io.py, where decoding lives): any accepted image input -> RGB uint8
+    [H, W, 3], converted the way transformers does (the rules below).
   - `ImageProcessor`: images -> {"pixel_values" [patches, C*T*P*P] float32, "image_grid_thw" [n, 3] int64},
     numerically equal to transformers' `Qwen2VLImageProcessorPil` (what `AutoImageProcessor` returns for
     Qwen3-VL when torchvision is absent) configured by Qwen3-VL's preprocessor_config.json.
@@ -41,9 +42,10 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from qvl_jax.errors import ConfigError, InputError
+from qvl_jax.processing.media_io import _describe, load_image
 
 # Qwen3-VL's preprocessor_config.json (what the released checkpoints ship).
 QWEN3_VL_IMAGE_MIN_PIXELS = 65536  # 256 * 256
@@ -146,86 +148,7 @@ def smart_resize_video(
 
 
 # ----------------------------------------------------------------------------------------------------
-# decoding and RGB conversion
-
-
-def _describe(x: Any) -> str:
-    t = type(x)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    # transformers' convert_to_rgb: anything with an alpha band or a transparency key is blended onto
-    # white through RGBA; everything else goes through PIL's own convert("RGB").
-    if image.width == 0 or image.height == 0:
-        raise InputError(f"image has zero size (width {image.width}, height {image.height})")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba).convert("RGB")
-    else:
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.uint8)
-
-
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8:
-        raise InputError(
-            f"image array must be uint8 (0..255), got dtype {array.dtype}; "
-            "convert with np.clip(x, 0, 255).round().astype(np.uint8)"
-        )
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise InputError(
-            f"image array must be [H, W] or [H, W, C] with C in (1, 3, 4), got shape {tuple(array.shape)}"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"image has zero size (height {array.shape[0]}, width {array.shape[1]})")
-    channels = array.shape[2]
-    if channels == 1:
-        return np.repeat(array, 3, axis=2)
-    if channels == 4:
-        # float64 blend and numpy's half-to-even rounding, as transformers does for arrays
-        alpha = array[..., 3:4] / 255
-        blended = alpha * array[..., :3] + (1 - alpha) * 255
-        return np.round(blended).astype(np.uint8)
-    return np.ascontiguousarray(array)
-
-
-def _open_file(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        if os.path.isdir(path):
-            raise InputError(f"image file not found: {path!r} is a directory, not an image file")
-        if path.startswith(("http://", "https://")):
-            raise InputError(f"image URLs are not fetched, download the file first: {path!r}")
-        raise InputError(f"image file not found: {path!r}")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            # convert() forces the decode, so truncated files fail here, inside the try
-            image = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise InputError(f"cannot read image file {path!r}: {reason}") from None
-    # A palette file with a transparent index keeps that colour as info["transparency"] through
-    # convert("RGB"); the reference then blends exactly those pixels onto white.
-    return _pil_to_rgb(image)
-
-
-def load_image(image: Any) -> np.ndarray:
-    """One image (file path, PIL image, or uint8 array [H, W] / [H, W, C]) -> RGB uint8 [H, W, 3],
-    converted exactly as transformers' Qwen2-VL PIL image processor converts it."""
-    if isinstance(image, (str, os.PathLike)):
-        return _open_file(os.fspath(image))
-    if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
-    raise InputError(
-        f"unsupported image type {_describe(image)}; expected a file path, a PIL.Image.Image or a "
-        "uint8 numpy array"
-    )
+# resize
 
 
 def _resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Images and videos named by a request: data: URLs always; local files (a path or file://) only
 under --allowed-local-media-path; http(s) only with --allow-remote-media, size- and time-limited.
+The bytes fetched are decoded by qvl_jax.processing.media_io, as the CLI and fine-tuning decode a file.
 
 Every refusal is an `ApiError`: 400 for a disallowed or unreadable source, 413 for one too large.
 """
@@ -9,15 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import os
 import re
 import stat
 import time
 import urllib.parse
-import warnings
 from pathlib import Path
 
+from qvl_jax.errors import InputError
+from qvl_jax.processing import media_io
 from qvl_jax.serving.protocol import ApiError
 
 
@@ -126,54 +127,28 @@ def _fetch_remote(url: str, policy: MediaPolicy, kind: str) -> bytes:
 
 
 def load_image(url: str, policy: MediaPolicy):
-    """A PIL image (RGB or with alpha, as decoded) from an image_url."""
-    from PIL import Image
-
+    """An image_url's image as RGB uint8 [H, W, 3], decoded by media_io as a file is."""
     data = fetch_bytes(url, policy, "image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > policy.max_image_pixels:
-                raise _too_large(f"the image ({image.width}x{image.height})", policy.max_image_pixels, "pixels")
-            image.load()  # decode now, so a truncated file fails here
-    except ApiError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _too_large("the image", policy.max_image_pixels, "pixels") from None
-    except Exception as e:  # PIL raises many types for undecodable data; any of them is the input's fault
-        raise _bad(f"cannot decode the image: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
-    return image
+        return media_io.load_image(data, max_pixels=policy.max_image_pixels)
+    except media_io.MediaTooLarge as e:
+        raise _too_large(e.what, policy.max_image_pixels, "pixels") from None
+    except InputError as e:
+        raise _bad(str(e)) from None
 
 
 def load_video(url: str, policy: MediaPolicy) -> tuple[list, float | None]:
     """(frames as RGB uint8 arrays, the stream's frame rate) from a video_url (needs PyAV)."""
     data = fetch_bytes(url, policy, "video")
+    if not media_io.has_pyav():
+        raise _bad("this server cannot decode videos (PyAV is not installed)")
     try:
-        import av
-    except ImportError:
-        raise _bad("this server cannot decode videos (PyAV is not installed)") from None
-    frames, pixels = [], 0
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise _bad("the video has no video stream")
-            stream = container.streams.video[0]
-            if (stream.width or 0) * (stream.height or 0) > policy.max_video_pixels:  # before decoding a frame
-                raise _too_large("the decoded video", policy.max_video_pixels, "pixels")
-            rate = float(stream.average_rate) if stream.average_rate else None
-            for frame in container.decode(video=0):
-                pixels += frame.width * frame.height
-                if pixels > policy.max_video_pixels:
-                    raise _too_large("the decoded video", policy.max_video_pixels, "pixels")
-                frames.append(frame.to_ndarray(format="rgb24"))
-    except ApiError:
-        raise
-    except Exception as e:  # PyAV's errors share no base class: any failure here is the input's
-        raise _bad(f"cannot decode the video: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
-    if not frames:
-        raise _bad("the video has no frames")
-    return frames, rate
+        video = media_io.load_video(data, max_pixels=policy.max_video_pixels)
+    except media_io.MediaTooLarge as e:
+        raise _too_large(e.what, policy.max_video_pixels, "pixels") from None
+    except InputError as e:
+        raise _bad(str(e)) from None
+    return video.frames, video.fps
 
 
 def allowed_dir(path: str | None) -> str | None:
@@ -182,7 +157,5 @@ def allowed_dir(path: str | None) -> str | None:
         return None
     p = Path(path).expanduser()
     if not p.is_dir():
-        from qvl_jax.errors import InputError
-
         raise InputError(f"--allowed-local-media-path {path} is not a directory")
     return os.path.realpath(p)

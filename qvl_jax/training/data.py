@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from qvl_jax.errors import InputError
+from qvl_jax.processing.media_io import load_video
 from qvl_jax.training.loss import IGNORE
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -202,29 +203,20 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
 # batches
 
 
-def _load_video(value: str, where: str):
-    """A frame directory -> its frame files sorted by name; a video file -> decoded frames (PyAV)."""
-    p = Path(value)
-    if p.is_dir():
-        frames = sorted(str(f) for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-        if not frames:
-            raise InputError(f"{where}: video directory {p} holds no frame files")
-        return frames
+def _load_video(item: dict, where: str) -> dict:
+    """A checked video item -> the same item holding its decoded frames and source frame rate (the
+    record's video_fps, else the file's), as `qvl-jax generate` and the server read the file."""
     try:
-        import av
-    except ImportError:
-        raise InputError(f"{where}: reading {p.name} needs PyAV (pip install av), or give a directory of frames") from None
-    try:
-        with av.open(str(p)) as container:
-            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except Exception as e:  # PyAV's errors have no common base: any failure here is the file's
-        raise InputError(f"{where}: cannot decode video {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        video = load_video(item["video"], item.get("video_fps"))
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    return dict(item, video=video.frames, **({"video_fps": video.fps} if video.fps is not None else {}))
 
 
 def encode_record(record: Record, processor) -> dict[str, np.ndarray]:
     """One record -> the processor's arrays for it (one row, unpadded) plus its labels."""
-    messages = [dict(m, content=[dict(it, video=_load_video(it["video"], record.where)) if it["type"] == "video"
-                                 else it for it in m["content"]]) if isinstance(m.get("content"), list) else m
+    messages = [dict(m, content=[_load_video(it, record.where) if it["type"] == "video" else it
+                                 for it in m["content"]]) if isinstance(m.get("content"), list) else m
                 for m in record.messages]
     try:
         out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, padding=False)
