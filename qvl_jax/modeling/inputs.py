@@ -129,3 +129,22 @@ def prepare_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask=None, pixel_val
         n_patches = int(all_grids.prod(-1).sum())
         vis = vision_mod.VisionInputs.build(np.concatenate(pix), all_grids, vcfg, vision_bucket(n_patches))
     return PreparedInputs(ids.astype(np.int32), mask, positions, delta, feat_index if present else None, vis)
+
+
+def compact_left(prep: PreparedInputs) -> PreparedInputs:
+    """The same batch with each row's real tokens moved to the right end, padded on the left to the
+    longest row: what prepare_inputs gives for that layout (padding ids 0, positions 0, feature rows
+    -1), without checking and laying it out a second time. Positions skip padding, so they move
+    with their tokens unchanged."""
+    lengths = prep.mask.sum(1)
+    b, t = len(lengths), int(lengths.max())
+    ids, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    positions = np.zeros((3, b, t), np.int32)
+    feat_index = None if prep.feat_index is None else np.full((b, t), -1, np.int32)
+    for r in range(b):
+        real, at = prep.mask[r] > 0, slice(t - int(lengths[r]), t)
+        ids[r, at], mask[r, at] = prep.input_ids[r][real], 1
+        positions[:, r, at] = prep.positions[:, r][:, real]
+        if feat_index is not None:
+            feat_index[r, at] = prep.feat_index[r][real]
+    return PreparedInputs(ids, mask, positions, prep.rope_delta, feat_index, prep.vision)
