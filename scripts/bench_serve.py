@@ -13,7 +13,7 @@ TTFT p50 at each level).
     python scripts/bench_serve.py                              # tiny-random, concurrency 1/8/32
     python scripts/bench_serve.py --model Qwen/Qwen3-VL-2B-Instruct --requests 64
     python scripts/bench_serve.py --peer-url http://127.0.0.1:8001/v1 --peer-model Qwen/Qwen3-VL-2B-Instruct
-    python scripts/bench_serve.py --config 2b --layers 4 --peer-venv /work/peer-venv   # random 2B widths
+    python scripts/bench_serve.py --config 2b --layers 4 --peer-venv VENV   # random 2B widths
 
 --config quick|2b|4b|8b [--layers N]: serve a random checkpoint of those widths instead of --model: a
 `qvl_jax.Model.random` (seed --seed-weights) written with save_pretrained in the Hugging Face layout,
@@ -23,7 +23,7 @@ filler tokens that decode to ASCII words, then Qwen's added tokens at Qwen's ids
 allows), so that every token a random model emits streams as text. Written once into the qvl_jax
 cache (bench-random-<config>-L<layers>-s<seed>) and reused, so our server's conversion is reused too.
 
---peer-venv PATH: runs `PATH/bin/transformers serve <checkpoint> --continuous-batching --device
+--peer-venv VENV: runs `VENV/bin/transformers serve <checkpoint> --continuous-batching --device
 --peer-device --dtype --peer-dtype` on the same Hugging Face checkpoint our server serves (the --config
 one, or --model's files: tiny-random's, a local HF directory or a hub snapshot), waits for /health,
 runs the same workloads at the same levels, and stops it at the end (also on errors and Ctrl-C). Its
@@ -359,7 +359,7 @@ def main() -> int:
     ap.add_argument("--served-model", default="bench", help="model name to send to --url")
     ap.add_argument("--peer-url", default=None, help="a peer server's /v1 URL (e.g. `transformers serve`)")
     ap.add_argument("--peer-model", default=None, help="model name to send to the peer")
-    ap.add_argument("--peer-venv", default=None,
+    ap.add_argument("--peer-venv", default=None, metavar="VENV",
                     help="start `transformers serve` from this virtual environment on the same checkpoint")
     ap.add_argument("--peer-device", default="cpu", help="transformers serve --device")
     ap.add_argument("--peer-dtype", default="float32", help="transformers serve --dtype")

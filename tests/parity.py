@@ -2,7 +2,7 @@
 
 import numpy as np
 
-# DESIGN.md §4: float32 logits agree to 1e-4 relative to the largest logit.
+# The parity bar: float32 logits agree to 1e-4 relative to the largest logit.
 LOGITS_RTOL = 1e-4
 
 

@@ -18,7 +18,7 @@ from qvl_jax.modeling import inputs as modeling_inputs
 from qvl_jax.modeling import model as modeling_model
 
 N_NEW = 24
-TIE_MARGIN = 1e-4  # DESIGN.md §4: below this top-2 margin in HF's logits a mismatch is a tie
+TIE_MARGIN = 1e-4  # below this top-2 margin in HF's logits a greedy mismatch is a tie, not a bug
 
 
 def _hf_generate(hf, inp: dict, n=N_NEW, **kw):

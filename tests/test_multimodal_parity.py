@@ -1,6 +1,6 @@
 """Image, multi-image and video logits against transformers, component tests of the host-side
-grid computations against transformers' own helpers, and proof that each reference behaviour of
-DESIGN.md §3 is pinned down by a test that fails when it is broken."""
+grid computations against transformers' own helpers, and proof that each reference behaviour below
+(each has broken some other port) is pinned down by a test that fails when it is broken."""
 
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def test_vision_features_match_transformers(hf_checkpoint, jax_model):
     assert rel_err(np.asarray(ds)[:, :n], ref_ds) <= 1e-5
 
 
-# --- Each reference behaviour (DESIGN.md §3) is caught when broken ---
+# --- Each reference behaviour is caught when broken ---
 
 def _mrope_chunked(_):
     # The non-interleaved (Qwen2.5-VL) layout: contiguous t | h | w chunks.
