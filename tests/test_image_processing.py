@@ -33,12 +33,10 @@ from transformers.video_utils import VideoMetadata as HFVideoMetadata
 from hf_reference import (HF_VIDEO_KWARGS, IMAGE_CONFIG, VIDEO_CONFIG, InterpolationMode,
                           install_torchvision_stand_in, pil_resize)
 from qvl_jax.errors import ConfigError
-from qvl_jax.processing.image_processing import (
-    ImageProcessor,
+from qvl_jax.processing.image_processing import ImageProcessor, load_image, smart_resize
+from qvl_jax.processing.video_processing import (
     VideoProcessor,
-    load_image,
     sample_frame_indices,
-    smart_resize,
     smart_resize_video,
     video_timestamps,
 )

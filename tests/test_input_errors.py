@@ -14,8 +14,9 @@ from PIL import Image
 import qvl_jax
 from qvl_jax.engine import sampling
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
-from qvl_jax.processing.image_processing import ImageProcessor, VideoProcessor
+from qvl_jax.processing.image_processing import ImageProcessor
 from qvl_jax.processing.processor import Processor
+from qvl_jax.processing.video_processing import VideoProcessor
 from qvl_jax.tiny import write_tiny_checkpoint
 
 

@@ -23,7 +23,7 @@ import av  # in the test extra: a missing PyAV fails the module rather than skip
 from qvl_jax import cli
 from qvl_jax.processing.processor import Processor
 from qvl_jax.processing.tokenizer_files import write_tiny_tokenizer
-from qvl_jax.processing.image_processing import sample_frame_indices, video_timestamps
+from qvl_jax.processing.video_processing import sample_frame_indices, video_timestamps
 from qvl_jax.serving import app
 from qvl_jax.serving.media import MediaPolicy
 from qvl_jax.serving.protocol import ChatCompletionRequest

@@ -3,14 +3,24 @@
 
 What it holds:
   - `load_image`: a file path, encoded bytes, a PIL image or a uint8 array -> RGB uint8 [H, W, 3],
-    converted the way transformers does (see image_processing.py's notes on the reference's rules).
+    converted the way transformers does (the rules below).
   - `load_video`: a video file (path or bytes, decoded with PyAV) -> frames and the stream's frame
     rate; a directory of frame images -> its frames sorted by name, at the caller's rate.
   - `MediaTooLarge`: decoded media over a caller's pixel limit (the server answers it with a 413).
 
-Encoded bytes are read as a file is (EXIF orientation applied, alpha dropped): they are a file's
-contents. A PIL image passed directly is not EXIF-transposed and has its transparency composited onto
-white, as transformers treats one.
+Reference behaviours reproduced on purpose (some are surprising):
+  - File paths: EXIF orientation IS applied (transformers' `load_image` calls `ImageOps.exif_transpose`),
+    then the file is converted with a plain `convert("RGB")`, which DROPS an alpha channel without
+    blending. PIL images passed directly are NOT EXIF-transposed, and their transparency IS composited
+    onto white. So a transparent PNG gives different pixels from its path and from `Image.open(path)`.
+    Encoded bytes are read as a file is (they are one's contents; transformers' `load_image` reads a
+    base64 string or URL that way too), and so is every frame of a frame directory.
+  - Mode conversion is PIL's own: CMYK uses PIL's naive formula, I;16 / I / F are clipped to 0..255
+    (not scaled), a palette image with a transparent index is blended onto white.
+  - uint8 arrays with 4 channels are blended onto white in float64 and rounded half-to-even (numpy's
+    path in transformers), PIL images with alpha through PIL's alpha_composite.
+  - 3-D arrays are always read as [H, W, C]; transformers guesses the layout and reads e.g. a
+    (3, 40, 3) array as channels-first.
 """
 
 from __future__ import annotations
