@@ -172,6 +172,37 @@ def test_completions_models_health_metrics(srv):
     assert fams["qvl_jax_compile_seconds"].samples[0].value > 0  # the warm-up compiled the engine's steps
 
 
+def test_stop_strings_streamed_and_incremental(srv, monkeypatch):
+    """A stop string that spans two tokens, n=3 greedy choices, streamed and not: each choice's text is
+    the answer cut before it, finish "stop", and the token completing it is the last one counted. The
+    server makes text token by token: the processor never decodes more than one id at a time."""
+    ids = srv.proc.encode("The answer is")
+    out = srv.model.generate(input_ids=np.asarray([ids]), max_new_tokens=16, stop_token_ids=srv.proc.eos_token_ids)
+    toks = out.tokens[0, :out.lengths[0]].tolist()
+    want = srv.proc.decode(toks)
+    ends = [len(srv.proc.decode(toks[:j])) for j in range(len(toks) + 1)]
+    cut = next(e for e in ends if 2 <= e <= len(want) - 2 and "\ufffd" not in want[e - 2:e + 2])
+    stop = want[cut - 2:cut + 2]
+    n_kept = next(j for j in range(len(toks) + 1) if stop in srv.proc.decode(toks[:j]))
+    calls = []
+    decode = srv.proc.decode
+    monkeypatch.setattr(srv.proc, "decode", lambda ids, **kw: calls.append(len(ids)) or decode(ids, **kw))
+    kw = dict(model=NAME, prompt=ids, max_tokens=16, temperature=0, n=3, stop=["never here", stop])
+    r = srv.client.completions.create(**kw)
+    assert [(c.text, c.finish_reason) for c in r.choices] == [(want[:want.find(stop)], "stop")] * 3
+    assert r.usage.completion_tokens == 3 * n_kept
+    texts, finish = [""] * 3, [None] * 3
+    for ch in srv.client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            texts[c.index] += c.text
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert texts == [want[:want.find(stop)]] * 3 and finish == ["stop"] * 3
+    assert set(calls) <= {1}
+    # Bounds: at most 16 stop entries, each string at most 256 characters.
+    for bad in (["x"] * 17, ["y" * 257], [""]):
+        assert _error(_post(srv, "/v1/completions", {"model": NAME, "prompt": "x", "stop": bad}), 400)["param"] == "stop"
+
+
 def _reference_bytes(proc):
     """Each token id's bytes from the byte-level alphabet as transformers defines it (independent of
     the server's Processor.token_bytes)."""

@@ -2,10 +2,10 @@
 with /health and /metrics.
 
 A request is checked, its media loaded and its prompt rendered in a worker thread; each of its n
-choices is one engine request whose token stream a small thread forwards to the event loop. Text
-is detokenized there, stop strings are matched there (the engine request is cancelled at a match),
-and the same event stream feeds both the SSE and the one-shot response. A client that goes away
-cancels its engine requests, which frees their KV blocks at the scheduler's next visit.
+choices is one engine request, and the request's task turns their tokens into text events
+(serving/runs.py: detokenization and stop strings by qvl_jax.engine.output). The same event stream
+feeds both the SSE and the one-shot response. A client that goes away cancels its engine requests,
+which frees their KV blocks at the scheduler's next visit.
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
 from qvl_jax.errors import InputError, QvlError
 from qvl_jax.serving import media
 from qvl_jax.serving.metrics import Metrics
-from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, error_body,
-                                      unsupported)
+from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, chat_logprobs,
+                                      completion_logprobs, error_body, sse, unsupported)
+from qvl_jax.serving.runs import Run
 
 log = logging.getLogger("qvl_jax.serve")
 
@@ -48,129 +51,6 @@ class ServerConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# One request's choices: engine handles -> text deltas
-
-
-@dataclasses.dataclass
-class _Choice:
-    handle: object
-    tokens: list = dataclasses.field(default_factory=list)
-    sent: str = ""  # text already handed out
-    finish: str | None = None
-    result: object = None
-    error: BaseException | None = None
-    last_t: float | None = None
-    logprobs: list = dataclasses.field(default_factory=list)  # (token id, logprob, top ids, top logprobs)
-
-
-class _End:
-    def __init__(self, item):
-        self.item = item
-
-
-def _pump(handle, index: int, loop, q: asyncio.Queue) -> None:
-    """Forwards a handle's token chunks, then its result or error, to the event loop."""
-    try:
-        for chunk in handle.chunks():
-            loop.call_soon_threadsafe(q.put_nowait, (index, chunk))
-        item = handle.result()
-    except BaseException as e:  # the handle's error is the request's, reported to its client
-        item = e
-    try:
-        loop.call_soon_threadsafe(q.put_nowait, (index, _End(item)))
-    except RuntimeError:  # the loop is gone (shutdown): nobody is waiting
-        pass
-
-
-class _Run:
-    """The n engine requests behind one HTTP request, as a stream of (index, text delta, finish,
-    logprob entries of the new tokens: (id, logprob, top ids, top logprobs), without a final stop id)."""
-
-    def __init__(self, app_state: "_State", handles: list, stops: list[str], stop_ids: set[int], t0: float,
-                 want_logprobs: bool = False):
-        self.s, self.stops, self.stop_ids, self.t0 = app_state, stops, stop_ids, t0
-        self.want_logprobs = want_logprobs
-        self.choices = [_Choice(h) for h in handles]
-        self.first_token = False
-        self.loop = asyncio.get_running_loop()
-        self.q: asyncio.Queue = asyncio.Queue()
-        for i, h in enumerate(handles):
-            threading.Thread(target=_pump, args=(h, i, self.loop, self.q), daemon=True, name="qvl-serve-pump").start()
-
-    def cancel(self) -> None:
-        for c in self.choices:
-            c.handle.cancel()
-
-    def _text(self, c: _Choice) -> str:
-        toks = c.tokens[:-1] if c.tokens and c.tokens[-1] in self.stop_ids else c.tokens
-        return self.s.processor.decode(toks, skip_special_tokens=True)
-
-    def _delta(self, c: _Choice, final: bool) -> str:
-        text = self._text(c)
-        if self.stops:
-            start = max(0, len(c.sent) - max(map(len, self.stops)))
-            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                text, final = text[:min(hits)], True
-                if c.finish is None:
-                    c.finish = "stop"
-                    c.handle.cancel()
-        safe = len(text)
-        if not final:
-            while safe > len(c.sent) and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
-                safe -= 1
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text[:safe].endswith(s[:k])), default=0)
-            safe = max(len(c.sent), safe - hold)
-        delta = text[len(c.sent):safe]
-        c.sent = text[:safe]
-        return delta
-
-    async def events(self):
-        pending = len(self.choices)
-        m = self.s.metrics
-        while pending:
-            i, item = await self.q.get()
-            c = self.choices[i]
-            if isinstance(item, _End):
-                pending -= 1
-                if isinstance(item.item, BaseException):
-                    c.error = item.item
-                    c.finish = c.finish or "error"
-                    yield i, "", c.finish, []
-                    continue
-                c.result = item.item
-                c.tokens = item.item.tokens.tolist() if c.finish is None else c.tokens
-                if c.finish is None:
-                    c.finish = item.item.finish_reason
-                delta = self._delta(c, final=True) if c.finish != "cancelled" else ""
-                yield i, delta, c.finish, []
-                continue
-            now = time.perf_counter()
-            if not self.first_token:
-                self.first_token = True
-                m.ttft.observe(now - self.t0)
-                m.waiting.dec()
-                m.running.inc()
-            toks = item.tokens.tolist()
-            if c.last_t is not None:
-                for _ in range(len(toks)):
-                    m.itl.observe((now - c.last_t) / len(toks))
-            c.last_t = now
-            m.generation_tokens.inc(len(toks))
-            if c.finish is not None:  # stopped by a stop string: the rest is discarded
-                continue
-            c.tokens += toks
-            lps = []
-            if item.logprobs is not None:
-                lps = [(t, float(item.logprobs[j]), item.top_token_ids[j].tolist(), item.top_logprobs[j].tolist())
-                       for j, t in enumerate(toks) if t not in self.stop_ids]
-                c.logprobs += lps
-            delta = self._delta(c, final=False)
-            if delta or lps:
-                yield i, delta, None, lps
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 class _State:
@@ -183,6 +63,8 @@ class _State:
         self.closing = False
         self.vocab = engine.cfg.text.vocab_size
         self.created = int(time.time())
+        self.table = TokenTable.of(processor)
+        self.pool = ThreadPoolExecutor(max_workers=config.max_pending, thread_name_prefix="qvl-serve-chunks")
 
 
 def _check_key(request: Request, key: str | None) -> None:
@@ -246,6 +128,7 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
             st.closing = True
             if task is not None:
                 task.cancel()
+            st.pool.shutdown(wait=False)
 
     app = FastAPI(title="qvl_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qvl = st
@@ -376,7 +259,7 @@ def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
     return out
 
 
-def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, list[str], set[int]]:
+def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, tuple[str, ...], set[int]]:
     name = unsupported(req)
     if name is not None:
         raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -393,9 +276,13 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, list[str], set
                        f"is more than this model's context of {limit} tokens", param="max_tokens",
                        code="context_length_exceeded")
     stops = req.stop if isinstance(req.stop, list) else [] if req.stop is None else [req.stop]
-    stop_strings = [s for s in stops if isinstance(s, str)]
-    if any(not s for s in stop_strings) or len(stops) > 16:
-        raise ApiError(400, "stop takes up to 16 non-empty strings (or token ids)", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop takes at most {MAX_STOP_STRINGS} entries (strings or token ids), got {len(stops)}",
+                       param="stop")
+    try:
+        stop_strings = check_stop([s for s in stops if isinstance(s, str)])
+    except InputError as e:
+        raise ApiError(400, str(e), param="stop") from None
     eos = set() if req.ignore_eos else set(st.processor.eos_token_ids)
     stop_ids = eos | {s for s in stops if isinstance(s, int)} | set(req.stop_token_ids or [])
     if stop_ids and (max(stop_ids) >= st.vocab or min(stop_ids) < 0):
@@ -417,39 +304,6 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, list[str], set
     elif req.logprobs is not None:
         kw["logprobs"] = req.logprobs
     return kw, max_tokens, stop_strings, stop_ids
-
-
-def _token_text(st: _State, token_id: int) -> tuple[str, list[int]]:
-    b = st.processor.token_bytes(token_id)
-    return b.decode("utf-8", errors="replace"), list(b)
-
-
-def _chat_logprobs(st: _State, entries: list) -> dict:
-    """OpenAI's chat logprobs object for (id, logprob, top ids, top logprobs) entries."""
-    content = []
-    for tok, lp, top_ids, top_lps in entries:
-        text, b = _token_text(st, tok)
-        top = []
-        for t, v in zip(top_ids, top_lps):
-            tt, tb = _token_text(st, t)
-            top.append({"token": tt, "logprob": v, "bytes": tb})
-        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": top})
-    return {"content": content, "refusal": None}
-
-
-def _completion_logprobs(st: _State, entries: list, offset: int) -> dict:
-    """The completions endpoint's logprobs object; offset: the text offset of the first token."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for tok, lp, top_ids, top_lps in entries:
-        text = _token_text(st, tok)[0]
-        out["tokens"].append(text)
-        out["token_logprobs"].append(lp)
-        top = {_token_text(st, t)[0]: v for t, v in zip(top_ids, top_lps)}
-        top.setdefault(text, lp)  # the chosen token too, as OpenAI and vLLM list it
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
 
 
 async def _serve(st: _State, request: Request, req, chat: bool):
@@ -483,7 +337,7 @@ async def _serve(st: _State, request: Request, req, chat: bool):
         t0 = time.perf_counter()
         inputs = await asyncio.to_thread(_chat_inputs if chat else _completion_inputs, st, req)
         n_prompt = [int(x["input_ids"].shape[1]) for x in inputs]
-        handles, stop_strings, stop_ids = [], [], set()
+        handles, stop_strings, stop_ids = [], (), set()
         try:
             for inp, n in zip(inputs, n_prompt):
                 kw, max_tokens, stop_strings, stop_ids = _sampling(st, req, n)
@@ -503,7 +357,7 @@ async def _serve(st: _State, request: Request, req, chat: bool):
                 h.cancel()
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
-        run = _Run(st, handles, stop_strings, stop_ids, t0, want_logprobs="logprobs" in kw)
+        run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, st.pool, want_logprobs="logprobs" in kw)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:
@@ -517,14 +371,14 @@ async def _serve(st: _State, request: Request, req, chat: bool):
             release()
 
 
-def _finished(st: _State, run: _Run, n_prompt: list[int], per: int) -> dict:
+def _finished(st: _State, run: Run, n_prompt: list[int], per: int) -> dict:
     """Metrics at the end of a request; returns its usage object."""
     m = st.metrics
     if run.first_token:
         m.running.dec()
     else:
         m.waiting.dec()
-    completion = sum(len(c.tokens) for c in run.choices)
+    completion = sum(c.out.n_tokens for c in run.choices)
     cached = sum(c.result.cached_tokens for c in run.choices[::per] if c.result is not None)
     prompt = sum(n_prompt)
     m.prompt_tokens.inc(prompt)
@@ -536,7 +390,7 @@ def _finished(st: _State, run: _Run, n_prompt: list[int], per: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _error_of(run: _Run) -> ApiError | None:
+def _error_of(run: Run) -> ApiError | None:
     for c in run.choices:
         if c.error is not None:
             e = c.error
@@ -548,7 +402,7 @@ def _error_of(run: _Run) -> ApiError | None:
     return None
 
 
-async def _watch(request: Request, run: _Run) -> None:
+async def _watch(request: Request, run: Run) -> None:
     while True:
         await asyncio.sleep(0.2)
         if await request.is_disconnected():
@@ -556,12 +410,11 @@ async def _watch(request: Request, run: _Run) -> None:
             return
 
 
-async def _complete(st, request, run: _Run, meta, chat, n_prompt, per):
+async def _complete(st, request, run: Run, meta, chat, n_prompt, per):
     watcher = asyncio.create_task(_watch(request, run))
-    texts = [""] * len(run.choices)
     try:
-        async for i, delta, _, _ in run.events():
-            texts[i] += delta
+        async for _ in run.events():
+            pass
     finally:
         watcher.cancel()
         run.cancel()
@@ -569,15 +422,15 @@ async def _complete(st, request, run: _Run, meta, chat, n_prompt, per):
     err = _error_of(run)
     if err is not None:
         raise err
-    want_lp = run.want_logprobs
+    want_lp, token_bytes = run.want_logprobs, st.processor.token_bytes
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": c.finish,
-                    "logprobs": _chat_logprobs(st, c.logprobs) if want_lp else None}
-                   for i, (t, c) in enumerate(zip(texts, run.choices))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.out.text}, "finish_reason": c.finish,
+                    "logprobs": chat_logprobs(token_bytes, c.logprobs) if want_lp else None}
+                   for i, c in enumerate(run.choices)]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
-    choices = [{"index": i, "text": t, "finish_reason": c.finish,
-                "logprobs": _completion_logprobs(st, c.logprobs, 0) if want_lp else None}
-               for i, (t, c) in enumerate(zip(texts, run.choices))]
+    choices = [{"index": i, "text": c.out.text, "finish_reason": c.finish,
+                "logprobs": completion_logprobs(token_bytes, c.logprobs, 0) if want_lp else None}
+               for i, c in enumerate(run.choices)]
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
 
 
@@ -587,7 +440,7 @@ class _SSEResponse(StreamingResponse):
     under ASGI 2.4 starlette only notices a disconnect when a send fails, and leaves the generator
     to the garbage collector."""
 
-    def __init__(self, gen, run: _Run):
+    def __init__(self, gen, run: Run):
         super().__init__(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         self.run = run
 
@@ -605,13 +458,7 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def _sse(obj) -> str:
-    import json
-
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-async def _stream(st, run: _Run, meta, chat, n_prompt, per, include_usage, release):
+async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, release):
     obj = "chat.completion.chunk" if chat else "text_completion"
     extra = {"usage": None} if include_usage else {}
 
@@ -621,16 +468,16 @@ async def _stream(st, run: _Run, meta, chat, n_prompt, per, include_usage, relea
         lp = None
         if run.want_logprobs and not first:
             if chat:
-                lp = _chat_logprobs(st, lps)
+                lp = chat_logprobs(st.processor.token_bytes, lps)
             else:
-                lp = _completion_logprobs(st, lps, offsets[i])
+                lp = completion_logprobs(st.processor.token_bytes, lps, offsets[i])
                 offsets[i] += sum(map(len, lp["tokens"]))
         if chat:
             d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
             choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lp}
         else:
             choice = {"index": i, "text": delta, "finish_reason": finish, "logprobs": lp}
-        return _sse({**meta, "object": obj, "choices": [choice], **extra})
+        return sse({**meta, "object": obj, "choices": [choice], **extra})
 
     done = False
     try:
@@ -646,9 +493,9 @@ async def _stream(st, run: _Run, meta, chat, n_prompt, per, include_usage, relea
         done = True
         err = _error_of(run)
         if err is not None:
-            yield _sse(err.body())
+            yield sse(err.body())
         elif include_usage:
-            yield _sse({**meta, "object": obj, "choices": [], "usage": usage})
+            yield sse({**meta, "object": obj, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
     finally:
         # A client that went away lands here (the task is cancelled): its engine requests stop too.

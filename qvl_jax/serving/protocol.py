@@ -1,4 +1,5 @@
-"""OpenAI request bodies as pydantic models, and OpenAI's error object.
+"""OpenAI request bodies as pydantic models, OpenAI's error object, and the response pieces built from
+tokens (logprobs objects, server-sent events).
 
 One rule for fields: a field this server does not know is ignored (as vLLM does, and so clients that
 send newer or vendor fields keep working); a field it knows but does not implement (tools,
@@ -8,7 +9,8 @@ ignoring it would silently change the answer.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import json
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -132,3 +134,45 @@ def unsupported(req: _Sampling) -> str | None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         return "response_format"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Response pieces: logprobs objects (token_bytes: id -> the bytes it stands for) and SSE events
+
+
+def _token_text(token_bytes: Callable[[int], bytes], token_id: int) -> tuple[str, list[int]]:
+    b = token_bytes(token_id)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def chat_logprobs(token_bytes: Callable[[int], bytes], entries: list) -> dict:
+    """OpenAI's chat logprobs object for (id, logprob, top ids, top logprobs) entries."""
+    content = []
+    for tok, lp, top_ids, top_lps in entries:
+        text, b = _token_text(token_bytes, tok)
+        top = []
+        for t, v in zip(top_ids, top_lps):
+            tt, tb = _token_text(token_bytes, t)
+            top.append({"token": tt, "logprob": v, "bytes": tb})
+        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(token_bytes: Callable[[int], bytes], entries: list, offset: int) -> dict:
+    """The completions endpoint's logprobs object; offset: the text offset of the first token."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tok, lp, top_ids, top_lps in entries:
+        text = _token_text(token_bytes, tok)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        top = {_token_text(token_bytes, t)[0]: v for t, v in zip(top_ids, top_lps)}
+        top.setdefault(text, lp)  # the chosen token too, as OpenAI and vLLM list it
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying obj as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
