@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+
+from qvl_jax.convert.core import MANIFEST_FILE, convert_checkpoint
+from qvl_jax.errors import QvlError
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -19,10 +23,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
-    from qvl_jax.convert.core import MANIFEST_FILE, convert_checkpoint
-
-    from qvl_jax.errors import QvlError
-
     start = time.perf_counter()
     try:
         out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force)
@@ -32,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the partial output is already removed
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    import json
-
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     print(f"converted {args.hf_dir} -> {out}: {manifest['num_params'] / 1e6:.1f}M params, "
           f"{manifest['params_bytes'] / 2**20:.1f} MiB ({manifest['dtype']}) in {time.perf_counter() - start:.1f}s")

@@ -32,8 +32,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+try:
+    import ctypes
+except ImportError:  # a Python built without ctypes: renames fall back to os.rename
+    ctypes = None
+
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from tqdm.auto import tqdm
 from qvl_jax.convert.table import TIED_LM_HEAD, TIED_SOURCE, Rule, rules_for
 
 from qvl_jax.config import Qwen3VLConfig
@@ -107,8 +114,6 @@ class Plan:
 
 
 def _safe_open(path: Path):
-    from safetensors import safe_open
-
     try:
         with open(path, "rb"):  # safetensors reports any failure to open (permission denied too) as "not found"
             pass
@@ -311,8 +316,6 @@ def _header(plan: Plan, metadata: dict[str, str]) -> bytes:
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
     # disable=None: a live bar on a terminal, silence in logs and CI.
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=None)
 
@@ -513,11 +516,11 @@ _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 
 @functools.cache
 def _renameat2():
+    if ctypes is None:
+        return None
     try:
-        import ctypes
-
         fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
@@ -528,8 +531,6 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     """os.rename that fails when `dst` exists, an empty directory included (Linux renameat2)."""
     fn = _renameat2()
     if fn is not None:
-        import ctypes
-
         if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()

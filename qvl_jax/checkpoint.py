@@ -10,17 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 from flax import nnx
+from safetensors.numpy import save_file
 
+# safetensors.safe_open, errors.device_free_bytes and convert_core.load_hf_params are looked up on
+# their modules at call time, where tests stub them.
+from qvl_jax import errors
 from qvl_jax.config import Qwen3VLConfig
+from qvl_jax.convert import core as convert_core
+from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from qvl_jax.errors import CheckpointError, ResourceError
-
-from qvl_jax.convert.core import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from qvl_jax.files import temp_sibling
+from qvl_jax.modeling.model import abstract_model, state_key
+from qvl_jax.sharding import key_shardings
 
 
 def is_converted(path: Path) -> bool:
@@ -106,8 +115,6 @@ _ST_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def _abstract(config: Qwen3VLConfig):
-    from qvl_jax.modeling.model import abstract_model, state_key
-
     graphdef, state = nnx.split(abstract_model(config))
     flat = {state_key(path): var for path, var in nnx.to_flat_state(state)}
     return graphdef, state, flat
@@ -115,8 +122,6 @@ def _abstract(config: Qwen3VLConfig):
 
 def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify: bool = False):
     """(config, graphdef, state) of a converted directory."""
-    from safetensors import safe_open
-
     manifest = read_manifest(path)
     config = Qwen3VLConfig.from_json_file(path / "config.json")
     if manifest.get("tie_word_embeddings", config.tie_word_embeddings) != config.tie_word_embeddings:
@@ -136,7 +141,7 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify
     graphdef, state, flat = _abstract(config)
     shardings = None if mesh is None else _shardings(flat, mesh)
     try:
-        with safe_open(str(params_file), framework="numpy") as f:
+        with safetensors.safe_open(str(params_file), framework="numpy") as f:
             _check_header(f, params_file, {k: tuple(v.shape) for k, v in flat.items()}, manifest)
             _check_fits(f, params_file, dtype, shardings)
             for key, var in flat.items():
@@ -158,9 +163,7 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 def _check_fits(f, params_file: Path, dtype, shardings) -> None:
     """Refuses, before placing anything, params that will not fit in the free memory of one device
     (each device's own block where a mesh splits them)."""
-    from qvl_jax.errors import device_free_bytes
-
-    free = device_free_bytes()
+    free = errors.device_free_bytes()
     if free is None:
         return
     need = 0
@@ -179,8 +182,6 @@ def _check_fits(f, params_file: Path, dtype, shardings) -> None:
 
 
 def _shardings(flat: dict, mesh) -> dict:
-    from qvl_jax.sharding import key_shardings
-
     return key_shardings(flat, mesh)
 
 
@@ -219,9 +220,7 @@ def load_state(path: str | os.PathLike, dtype: str | np.dtype | None = None,
         raise CheckpointError(f"{path} holds params.safetensors but no {MANIFEST_FILE} manifest: "
                               "the converted checkpoint is incomplete; convert it again")
     if (path / "config.json").is_file():
-        from qvl_jax.convert.core import load_hf_params
-
-        config, arrays = load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
+        config, arrays = convert_core.load_hf_params(path, "auto" if np_dtype is None else str(np_dtype))
         graphdef, state, flat = _abstract(config)
         shardings = {} if mesh is None else _shardings(flat, mesh)
         for key, var in flat.items():  # the converter checked names and shapes against the same config
@@ -240,14 +239,6 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
     HF's keys), and config.json plus the tokenizer and processor files copied from `source_dir`.
     Written whole into a temporary sibling and renamed into place; an existing `directory` is
     refused unless it is empty."""
-    import shutil
-
-    from safetensors.numpy import save_file
-
-    from qvl_jax.convert.core import AUX_FILES
-    from qvl_jax.files import temp_sibling
-    from qvl_jax.modeling.model import state_key
-
     if source_dir is None or not (Path(source_dir) / "config.json").is_file():
         raise CheckpointError("save_pretrained needs the config.json of the checkpoint the model was loaded "
                               "from; this model was not loaded from a directory")

@@ -40,7 +40,7 @@ def device_memory_errors(what: str):
     """Turns XLA's out-of-memory failure inside the block (a JaxRuntimeError whose status is
     RESOURCE_EXHAUSTED: activations of a long prompt, many images, a large batch) into a one-line
     ResourceError. Every other error passes through unchanged."""
-    import jax
+    import jax  # lazy: `import qvl_jax` and the CLI import errors and must not pay for JAX
 
     try:
         yield
@@ -55,7 +55,7 @@ def device_memory_errors(what: str):
 
 def device_free_bytes() -> int | None:
     """Free memory of the first device where the backend reports it (GPUs); host RAM on CPU."""
-    import jax
+    import jax  # lazy: `import qvl_jax` and the CLI import errors and must not pay for JAX
 
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:

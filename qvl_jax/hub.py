@@ -45,7 +45,7 @@ def model_files(spec: str | os.PathLike | None = DEFAULT_MODEL, log: bool = True
     """The directory holding a model's files as published (HF layout) or as converted: the built-in
     tiny checkpoint (built on first use), a local directory, or a hub snapshot (downloaded)."""
     if spec is None or (isinstance(spec, str) and spec == DEFAULT_MODEL):
-        from qvl_jax.tiny import TINY_NAME, write_tiny_checkpoint
+        from qvl_jax.tiny import TINY_NAME, write_tiny_checkpoint  # lazy: CLI start-up (tiny imports numpy)
 
         hf = cache_dir() / TINY_NAME
         if spec is None:
@@ -62,7 +62,7 @@ def model_files(spec: str | os.PathLike | None = DEFAULT_MODEL, log: bool = True
     path = Path(spec).expanduser()
     try:
         if path.is_dir():
-            from qvl_jax.checkpoint import is_converted
+            from qvl_jax.checkpoint import is_converted  # lazy: CLI start-up (checkpoint imports JAX)
 
             if is_converted(path) or (path / "config.json").is_file():
                 return path
@@ -82,8 +82,8 @@ def resolve_model(spec: str | os.PathLike | None = DEFAULT_MODEL, log: bool = Tr
     notice that no model was chosen), a converted qvl_jax directory (returned as is), a Hugging Face
     checkpoint directory or a hub id such as Qwen/Qwen3-VL-2B-Instruct (converted into the cache
     once). log=False keeps stderr quiet (building, downloading, converting notices)."""
-    from qvl_jax.checkpoint import is_converted
-    from qvl_jax.convert.core import PARAMS_FILE
+    from qvl_jax.checkpoint import is_converted  # lazy: CLI start-up (checkpoint imports JAX)
+    from qvl_jax.convert.core import PARAMS_FILE  # lazy: CLI start-up (the converter imports numpy)
 
     path = model_files(spec, log)
     try:
@@ -117,8 +117,8 @@ def converted_from_hf(hf_dir: Path, log: bool = True) -> Path:
     version cannot read (another params format, a broken manifest) is converted again in its place:
     the cache is ours to rebuild. Older conversions of the same directory are removed once a new one
     exists, so editing a file does not leave a stale copy of the weights behind."""
-    from qvl_jax.checkpoint import read_manifest
-    from qvl_jax.convert import convert_checkpoint
+    from qvl_jax.checkpoint import read_manifest  # lazy: CLI start-up (checkpoint imports JAX)
+    from qvl_jax.convert import convert_checkpoint  # lazy: CLI start-up (the converter imports numpy)
 
     hf_dir = Path(hf_dir).resolve()
     where = hashlib.sha256(str(hf_dir).encode()).hexdigest()[:8]
@@ -143,7 +143,7 @@ def converted_from_hf(hf_dir: Path, log: bool = True) -> Path:
 
 
 def _usable(converted: Path) -> bool:
-    from qvl_jax.checkpoint import read_manifest
+    from qvl_jax.checkpoint import read_manifest  # lazy: CLI start-up (checkpoint imports JAX)
 
     try:
         read_manifest(converted)
@@ -154,7 +154,7 @@ def _usable(converted: Path) -> bool:
 
 def _download(repo_id: str, log: bool = True) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # lazy: CLI start-up (~0.2 s to import)
 
         _log(f"downloading {repo_id}...", log)
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))

@@ -17,10 +17,13 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import QvlError
+from qvl_jax.modeling.model import abstract_model, state_key
 
 DATA, MODEL = "data", "model"
 AXES = (DATA, MODEL)
@@ -78,8 +81,6 @@ def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | 
         raise MeshError(f"dp * tp = {dp} * {tp} = {dp * tp}, but there are {n} devices: the mesh must use "
                         f"every device (pass devices= to use fewer)")
     try:  # topology-aware device order on GPU / TPU
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh((dp, tp), devices)
     except Exception:
         grid = np.asarray(devices, dtype=object).reshape(dp, tp)
@@ -132,8 +133,6 @@ def variable_spec(var, mesh: Mesh) -> P:
 def state_shardings(state, mesh: Mesh):
     """A NamedSharding for every Param of an NNX state (concrete or abstract), as a tree shaped like
     the state's values."""
-    from flax import nnx
-
     mesh = check_mesh(mesh)
     return jax.tree.map(lambda v: NamedSharding(mesh, variable_spec(v, mesh)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -141,10 +140,6 @@ def state_shardings(state, mesh: Mesh):
 
 def flat_param_shardings(config: Qwen3VLConfig, mesh: Mesh) -> dict[str, NamedSharding]:
     """Hugging Face key -> NamedSharding of every param of this config (from the abstract model)."""
-    from flax import nnx
-
-    from qvl_jax.modeling.model import abstract_model, state_key
-
     state = nnx.state(abstract_model(config), nnx.Param)
     return key_shardings({state_key(path): v for path, v in nnx.to_flat_state(state)}, mesh)
 

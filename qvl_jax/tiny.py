@@ -14,8 +14,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from qvl_jax.config import Qwen3VLConfig
+from qvl_jax.convert.table import rules_for
 from qvl_jax.files import temp_sibling
+from qvl_jax.processing.image_processing import QWEN3_VL_VIDEO_MAX_PIXELS
+from qvl_jax.processing.tokenizer_files import write_tiny_tokenizer
 
 TINY_NAME = "tiny-random"
 VOCAB_SIZE = 512
@@ -51,9 +56,6 @@ def tiny_config(special: dict) -> dict:
 def _random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     """Random tensors under the real HF names and shapes (the converter's key table, read backwards),
     scaled so that activations stay O(1)."""
-    from qvl_jax.convert.table import rules_for
-    from qvl_jax.config import Qwen3VLConfig
-
     rng = np.random.default_rng(seed)
     out = {}
     for rule in rules_for(Qwen3VLConfig.from_hf_dict(config)):
@@ -77,11 +79,6 @@ def _random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
 
 def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny-random HF checkpoint to out_dir (atomically: a temp dir renamed into place)."""
-    from safetensors.numpy import save_file
-
-    from qvl_jax.processing.image_processing import QWEN3_VL_VIDEO_MAX_PIXELS
-    from qvl_jax.processing.tokenizer_files import write_tiny_tokenizer
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out_dir)

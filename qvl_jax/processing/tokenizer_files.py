@@ -9,7 +9,7 @@ its text side:
     Qwen's order and with Qwen's special flags;
   - tokenizer_config.json: what Qwen3-VL ships (Qwen2Tokenizer, eos <|im_end|>, pad <|endoftext|>,
     added_tokens_decoder), so transformers' AutoTokenizer loads the directory to the same ids;
-  - chat_template.jinja: the Qwen3-VL-Instruct chat template (`processor.QWEN3_VL_CHAT_TEMPLATE`).
+  - chat_template.jinja: the Qwen3-VL-Instruct chat template (`template.QWEN3_VL_CHAT_TEMPLATE`).
 
 The merges come from a tiny BPE learner written here rather than `tokenizers`' trainer, so the same
 vocab_size always gives the same ids, whatever the installed `tokenizers` version breaks ties by.
@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from qvl_jax.processing.template import QWEN3_VL_CHAT_TEMPLATE
 
 # The split regex of Qwen2/2.5/3 tokenizer.json files (and of transformers' Qwen2Tokenizer).
 QWEN_PRETOKENIZE_REGEX = (
@@ -196,8 +198,6 @@ def write_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> d
     needed) and returns the ids a config.json / generation_config.json needs: image_token_id,
     video_token_id, vision_start_token_id, vision_end_token_id, eos_token_id ([im_end, endoftext]),
     pad_token_id, bos_token_id (None, as Qwen) and the ids of <|im_start|> / <|im_end|> / <|endoftext|>."""
-    from qvl_jax.processing.processor import QWEN3_VL_CHAT_TEMPLATE
-
     tok = build_tiny_tokenizer(vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def _read_local(path: str, policy: MediaPolicy, kind: str) -> bytes:
 
 
 def _fetch_remote(url: str, policy: MediaPolicy, kind: str) -> bytes:
-    import httpx
+    import httpx  # lazy: optional extra (`serve`), not a core dependency
 
     # httpx's timeout bounds each connect and each read, not the whole transfer: a server that
     # trickles bytes would never trip it, so the deadline is also checked between reads.

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from qvl_jax.errors import CheckpointError, ConfigError
 from qvl_jax.files import temp_sibling
-from qvl_jax.training.lora import LoraConfig, apply_lora, lora_modules
+from qvl_jax.training.lora import LoraConfig, apply_lora, lora_modules, lora_paths
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -21,8 +24,6 @@ PREFIX = "base_model.model."
 
 def save_adapter(module, cfg: LoraConfig, directory, base_model: str | None = None) -> Path:
     """Writes the adapters of `module` (written whole into a temporary sibling, then renamed)."""
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     tensors = {}
     for path, mod in lora_modules(module).items():
@@ -51,8 +52,6 @@ def save_adapter(module, cfg: LoraConfig, directory, base_model: str | None = No
         else:
             os.rename(tmp, directory)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
@@ -60,8 +59,6 @@ def save_adapter(module, cfg: LoraConfig, directory, base_model: str | None = No
 
 def read_adapter(directory) -> tuple[LoraConfig, dict[str, np.ndarray]]:
     """(config, {module path: (A, B)}) of a PEFT LoRA adapter directory, checked."""
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     cfg_file, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not cfg_file.is_file() or not weights.is_file():
@@ -108,11 +105,7 @@ def load_adapter_into(module, directory) -> LoraConfig:
     """Adds the adapter of `directory` to `module` in place; returns its config. Every module the
     adapter holds weights for must exist with matching shapes, and every module its target list
     names must have weights."""
-    import jax.numpy as jnp
-
     cfg, weights = read_adapter(directory)
-    from qvl_jax.training.lora import lora_paths
-
     ours = set(lora_paths(module, cfg))
     foreign = sorted(set(weights) - ours)
     if foreign:

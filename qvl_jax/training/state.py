@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from qvl_jax.errors import CheckpointError
@@ -34,8 +35,6 @@ def _trainable_dict(trainable: nnx.State) -> dict:
 
 
 def _abstract(tree):
-    import orbax.checkpoint as ocp
-
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -43,8 +42,6 @@ class TrainCheckpoints:
     """Step-numbered Orbax checkpoints of a Trainer under one directory (the newest `keep` kept)."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
-        import orbax.checkpoint as ocp
-
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise CheckpointError(f"keep must be a positive integer, got {keep!r}")
         self.directory = Path(directory).absolute()  # Orbax wants absolute paths
@@ -62,8 +59,6 @@ class TrainCheckpoints:
 
     def save(self, trainer, data_position: int, meta: dict | None = None) -> Path:
         """Writes the trainer's state at its current step (replacing a checkpoint of the same step)."""
-        import orbax.checkpoint as ocp
-
         step = int(trainer.steps)
         state = {"trainable": _trainable_dict(trainer.trainable), "opt_state": jax.tree.leaves(trainer.opt_state)}
         info = dict(meta or {}, step=step, data_position=int(data_position))
@@ -76,8 +71,6 @@ class TrainCheckpoints:
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON meta item of a checkpoint (default: the latest), without touching any array."""
-        import orbax.checkpoint as ocp
-
         step = self._step(step)
         return dict(self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META])
 
@@ -95,8 +88,6 @@ class TrainCheckpoints:
         """Loads a checkpoint (default: the latest) into `trainer`, which must train the same Params
         with the same optimizer (built as the saving run built it); returns the checkpoint's meta
         item, with its "step" and "data_position". The model the trainer holds gets the weights."""
-        import orbax.checkpoint as ocp
-
         step = self._step(step)
         ours = _trainable_dict(trainer.trainable)
         opt_leaves, opt_def = jax.tree.flatten(trainer.opt_state)

@@ -16,11 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from qvl_jax.errors import InputError
 from qvl_jax.modeling.inputs import bucket_length, prepare_inputs
+from qvl_jax.sharding import logical_to_spec
 from qvl_jax.training.lora import LoraConfig, LoraParam, apply_lora
 from qvl_jax.training.loss import IGNORE, loss_sum_and_count
+from qvl_jax.training.peft import load_adapter_into, save_adapter
 
 
 def _loss_sum(graphdef, trainable, frozen, compute_dtype, remat, ids, positions, valid, labels, vis, feat_index):
@@ -92,8 +95,6 @@ class Trainer:
         self.model = model
         module = model.module
         if adapter is not None:
-            from qvl_jax.training.peft import load_adapter_into
-
             lora = load_adapter_into(module, adapter)
         elif lora is not None:
             apply_lora(module, lora, seed)
@@ -171,10 +172,6 @@ class Trainer:
         mesh = getattr(self.model, "mesh", None)
         if mesh is None:
             return jnp.asarray(a)
-        from jax.sharding import NamedSharding
-
-        from qvl_jax.sharding import logical_to_spec
-
         axes = [None] * a.ndim
         axes[axis] = "batch"
         return jax.device_put(a, NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh)))
@@ -216,8 +213,6 @@ class Trainer:
 
     def save_adapter(self, directory) -> None:
         """The LoRA adapter in PEFT's format (adapter_config.json, adapter_model.safetensors)."""
-        from qvl_jax.training.peft import save_adapter
-
         if self.lora is None:
             raise InputError("this trainer trains every weight, not a LoRA adapter: use model.save_pretrained")
         save_adapter(self.model.module, self.lora, directory)
