@@ -93,6 +93,7 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     attention_bias: bool = False
     max_position_embeddings: int = 262144
+    attention: str = "xla"  # the attention kernel (a load setting, not from config.json): ATTENTION_KERNELS
 
     @property
     def num_kv_groups(self) -> int:
@@ -165,6 +166,7 @@ class VisionConfig:
     spatial_merge_size: int = 2
     num_position_embeddings: int = 2304
     rope_theta: float = 10000.0
+    attention: str = "xla"  # the attention kernel (a load setting, not from config.json): ATTENTION_KERNELS
 
     @property
     def head_dim(self) -> int:
@@ -270,11 +272,33 @@ class Qwen3VLConfig:
             vision_end_token_id=_int(d, "vision_end_token_id", "", 151653, minimum=0),
         )
 
+    @property
+    def attention(self) -> str:
+        """The attention kernel the model runs (qvl_jax.modeling.attention)."""
+        return self.text.attention
+
+    def with_attention(self, kernel: str) -> "Qwen3VLConfig":
+        """The same config with another attention kernel (one of ATTENTION_KERNELS)."""
+        kernel = check_attention(kernel)
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, attention=kernel),
+                                   vision=dataclasses.replace(self.vision, attention=kernel))
+
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Qwen3VLConfig":
         if not os.path.lexists(path):
             raise ConfigError(f"no config.json at {os.fspath(path)}")
         return cls.from_hf_dict(read_json(path))
+
+
+# The attention kernels a model can run (qvl_jax.modeling.attention says what each does).
+ATTENTION_KERNELS = ("xla", "cudnn", "pallas", "dot_product")
+
+
+def check_attention(kernel) -> str:
+    """A checked attention kernel name (ConfigError naming the choices otherwise)."""
+    if not isinstance(kernel, str) or kernel.strip().lower() not in ATTENTION_KERNELS:
+        raise ConfigError(f"attention={kernel!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
+    return kernel.strip().lower()
 
 
 def read_json(path: str | os.PathLike) -> Any:

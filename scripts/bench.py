@@ -223,12 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compilation-cache", action="store_true")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (a data x model mesh)")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size")
-    ap.add_argument("--attention", default=None, choices=["einsum", "xla", "cudnn"],
-                    help="attention kernel of vision and prefill (sets QVL_JAX_ATTENTION; see qvl_jax/attention.py)")
+    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn", "dot_product"],
+                    help="attention kernel of vision and prefill (qvl_jax.load's attention=; see qvl_jax/modeling/attention.py)")
     args = ap.parse_args(argv)
 
-    if args.attention:
-        os.environ["QVL_JAX_ATTENTION"] = args.attention
     import qvl_jax
     from qvl_jax.modeling import attention
     from qvl_jax.config import Qwen3VLConfig
@@ -258,12 +256,13 @@ def main(argv=None) -> int:
 
     mesh = parse_mesh(args.dp, args.tp)
     if args.model:
-        model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh)
+        model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh, attention=args.attention)
         cfg_dict = json.loads((Path(args.model) / "config.json").read_text())
     else:
         cfg_dict = hf_config_dict("quick" if args.quick else args.config, args.layers)
         cfg = Qwen3VLConfig.from_hf_dict(cfg_dict)
         model = qvl_jax.Model.random(cfg, dtype=dtype)  # nnx.Rngs(0): random weights on the device
+        model.set_attention(args.attention)
         if mesh is not None:
             from qvl_jax.sharding import state_shardings
 
@@ -293,7 +292,7 @@ def main(argv=None) -> int:
                 "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
                 "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),
                 "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes(),
-                "compilation_cache": cache_state, "attention": attention.kernel(dtype)}
+                "compilation_cache": cache_state, "attention": attention.implementation(args.attention, dtype)}
         if hf_model is not None:
             hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)
             line.update({k: round(v, 3) for k, v in hf.items()})

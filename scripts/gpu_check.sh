@@ -5,10 +5,10 @@
 #   scripts/gpu_check.sh tests   # parity suites with JAX on the GPU (float32, highest precision) + bf16 check
 #   scripts/gpu_check.sh bench   # bench.py --config 2b, every case, transformers on the same GPU; cold compiles
 #   scripts/gpu_check.sh warm    # the same program again in a new process: warm (persistent-cache) compiles
-#   scripts/gpu_check.sh fused   # cuDNN fused attention (QVL_JAX_ATTENTION=cudnn): bf16 check, then image
+#   scripts/gpu_check.sh fused   # cuDNN fused attention (--attention cudnn): bf16 check, then image
 #                                # and 4k cases with each kernel, in one process each
 #   scripts/gpu_check.sh paged   # the engine's paged attention: Pallas kernel tests on the GPU, then
-#                                # bench_engine.py with QVL_JAX_PAGED_ATTENTION=xla and =pallas
+#                                # bench_engine.py with --attention xla and pallas
 #
 # Uses the current python3 (which must have jax with CUDA, torch, transformers and this repo's deps).
 set -uo pipefail
@@ -26,17 +26,17 @@ case "$stage" in
       tests/test_generate.py tests/test_bf16.py tests/test_attention.py 2>&1 | tee "$OUT/tests.log"
     ;;
   fused)
-    QVL_JAX_ATTENTION=cudnn python3 -m pytest -q -x -p no:cacheprovider tests/test_bf16.py 2>&1 | tee "$OUT/fused_tests.log"
-    for impl in cudnn einsum; do
+    QVL_JAX_TEST_ATTENTION=cudnn python3 -m pytest -q -x -p no:cacheprovider tests/test_bf16.py 2>&1 | tee "$OUT/fused_tests.log"
+    for impl in cudnn xla; do
       python3 scripts/bench.py --config 2b --cases image,long --no-hf --repeats 2 --new-tokens 32 \
         --attention $impl 2>&1 | tee "$OUT/bench_2b_attention_$impl.jsonl"
     done
     ;;
   paged)
-    QVL_JAX_PAGED_ATTENTION=pallas python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py 2>&1 | tee "$OUT/paged_tests.log"
+    QVL_JAX_TEST_ATTENTION=pallas python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py 2>&1 | tee "$OUT/paged_tests.log"
     for impl in xla pallas; do
-      QVL_JAX_PAGED_ATTENTION=$impl python3 scripts/bench_engine.py --config 2b --slots 64 --no-static \
-        --no-transformers 2>&1 | tee "$OUT/bench_engine_paged_$impl.jsonl"
+      python3 scripts/bench_engine.py --config 2b --slots 64 --no-static --no-transformers --attention $impl \
+        2>&1 | tee "$OUT/bench_engine_paged_$impl.jsonl"
     done
     ;;
   bench)

@@ -1,7 +1,7 @@
 """The fused-attention path (qvl_jax.modeling.attention): its inputs, checked on CPU through XLA's
 implementation of the same `jax.nn.dot_product_attention` call that runs cuDNN on a GPU.
 
-With QVL_JAX_ATTENTION=xla the vision tower lays frames out one per block and masks each block's
+With attention="dot_product" the vision tower lays frames out one per block and masks each block's
 padding by a sequence length, and text prefill passes its mask to the kernel. Both must still match
 transformers at the float32 tolerance. cuDNN itself cannot run here; scripts/gpu_check.sh runs it."""
 
@@ -13,6 +13,7 @@ import pytest
 
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim, torch_logits
 from parity import LOGITS_RTOL, rel_err
+import qvl_jax
 from qvl_jax import ConfigError
 from qvl_jax.modeling import attention
 from qvl_jax.modeling import vision as vision_mod
@@ -23,7 +24,7 @@ from test_text_parity import _ids, _torch_logits
 
 @pytest.fixture
 def fused_xla(monkeypatch):
-    """Switches the process to the fused path with XLA's kernel; counts the kernel's traced calls."""
+    """Counts the fused kernel's traced calls (models loaded with attention="dot_product" run it)."""
     calls = []
     real = attention.fused
 
@@ -31,7 +32,6 @@ def fused_xla(monkeypatch):
         calls.append("lengths" if kwargs.get("lengths") is not None else "mask")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "IMPL", "xla")
     monkeypatch.setattr(attention, "fused", spy)
     jax.clear_caches()
     yield calls
@@ -39,35 +39,38 @@ def fused_xla(monkeypatch):
     jax.clear_caches()
 
 
+def _fused_model(converted, name):
+    return qvl_jax.load(converted(name), attention="dot_product")
+
+
 @pytest.mark.parametrize("case", ["three_images", "batch_with_video"])
-def test_fused_path_matches_transformers(case, fused_xla, hf_checkpoint, jax_model):
+def test_fused_path_matches_transformers(case, fused_xla, hf_checkpoint, converted):
     hf, _ = hf_checkpoint("untied")
     inp = _inputs(hf, case, seed=3)
-    ours = jax_model("untied").logits(**inp)
+    ours = _fused_model(converted, "untied").logits(**inp)
     assert rel_err(ours, torch_logits(hf, inp), inp["attention_mask"].astype(bool)) <= LOGITS_RTOL
     assert "lengths" in fused_xla and "mask" in fused_xla  # both towers of the fused path ran
 
 
-def test_fused_path_left_padded_text(fused_xla, hf_checkpoint, jax_model):
+def test_fused_path_left_padded_text(fused_xla, hf_checkpoint, converted):
     hf, _ = hf_checkpoint("tied")
     ids = _ids((2, 11), seed=8)
     mask = np.ones_like(ids)
     mask[1, :4] = 0
-    ours = jax_model("tied").logits(ids, attention_mask=mask)
+    ours = _fused_model(converted, "tied").logits(ids, attention_mask=mask)
     assert rel_err(ours, _torch_logits(hf, ids, mask), mask.astype(bool)) <= LOGITS_RTOL
     assert fused_xla == ["mask"] * len(fused_xla) and fused_xla
 
 
-def test_fused_path_generates_as_the_einsum_path(monkeypatch, hf_checkpoint, jax_model):
+def test_fused_path_generates_as_the_einsum_path(hf_checkpoint, jax_model, converted):
     """Greedy generation (prefill through the kernel, decode through the einsum) and a second chat
     turn on the same cache (a prefill at a non-zero cache offset) agree with the einsum path."""
     hf, _ = hf_checkpoint("untied")
-    m = jax_model("untied")
     dim = patch_dim(hf.config)
     first = PromptBuilder(np.random.RandomState(14)).text(4).image(4, 6).text(3)
     inp1 = batch_inputs([first], dim, np.random.RandomState(1))
 
-    def run():
+    def run(m):
         jax.clear_caches()
         session = m.chat_session()
         out1 = session.generate(**inp1, max_new_tokens=6, stop_token_ids=[], return_logits=True)
@@ -80,10 +83,8 @@ def test_fused_path_generates_as_the_einsum_path(monkeypatch, hf_checkpoint, jax
         assert out2.reused_tokens > 0
         return out1, out2
 
-    want = run()
-    monkeypatch.setattr(attention, "IMPL", "xla")
-    got = run()
-    monkeypatch.undo()
+    want = run(jax_model("untied"))
+    got = run(_fused_model(converted, "untied"))
     jax.clear_caches()
     for w, g in zip(want, got):
         assert rel_err(g.logits, w.logits) <= 1e-5
@@ -101,37 +102,34 @@ def test_unpacked_layout_gives_each_frame_its_own_block(sizes, bucket):
     assert len(set(starts // size)) == len(sizes)
 
 
-def test_cudnn_applies_only_on_gpu_with_16_bit(monkeypatch):
-    monkeypatch.setattr(attention, "IMPL", "cudnn")
+def test_cudnn_applies_only_on_gpu_with_16_bit():
     on_gpu = jax.default_backend() == "gpu"
-    assert attention.kernel(np.float32) == "einsum"
-    assert attention.kernel(jax.numpy.bfloat16) == ("cudnn" if on_gpu else "einsum")
-    monkeypatch.setattr(attention, "IMPL", "xla")
-    assert attention.kernel(np.float32) == "xla"
+    assert attention.implementation("cudnn", np.float32) == "einsum"
+    assert attention.implementation("cudnn", jax.numpy.bfloat16) == ("cudnn" if on_gpu else "einsum")
+    assert attention.implementation("dot_product", np.float32) == "xla"
+    assert attention.implementation("xla", jax.numpy.bfloat16) == "einsum"
+    assert attention.implementation("pallas", jax.numpy.bfloat16) == "einsum"
 
 
-def test_unknown_attention_setting_is_refused(monkeypatch):
-    monkeypatch.setenv(attention.ENV, "flash")
-    with pytest.raises(ConfigError, match="QVL_JAX_ATTENTION='flash': expected one of einsum, xla, cudnn"):
-        attention._configured()
-    monkeypatch.setenv(attention.ENV, " XLA ")
-    assert attention._configured() == "xla"
+def test_unknown_attention_setting_is_refused(converted):
+    with pytest.raises(ConfigError, match="attention='flash': expected one of xla, cudnn, pallas, dot_product"):
+        qvl_jax.load(converted("tied"), attention="flash")
+    assert qvl_jax.load(converted("tied"), attention=" Dot_Product ").config.attention == "dot_product"
 
 
 def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
-    """A bad QVL_JAX_ATTENTION is read when a request first needs it, so the CLI reports it as any
-    other error: one line, exit status 2 (not a traceback at import)."""
+    """A bad --attention is an argparse error: one line naming the choices, exit status 2."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, QVL_JAX_ATTENTION="flash", QVL_JAX_CACHE=str(tmp_path), QVL_JAX_COMPILATION_CACHE="0")
-    run = subprocess.run([sys.executable, "-m", "qvl_jax", "generate", "--prompt", "hi", "--max-new-tokens", "2"],
+    env = dict(os.environ, QVL_JAX_CACHE=str(tmp_path), QVL_JAX_COMPILATION_CACHE="0")
+    run = subprocess.run([sys.executable, "-m", "qvl_jax", "generate", "--prompt", "hi", "--max-new-tokens", "2",
+                          "--attention", "flash"],
                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=240)
     assert run.returncode == 2, run.stderr
-    err = [line for line in run.stderr.strip().splitlines() if not line.startswith(("***", "building", "converting"))]
-    assert err == ["error: QVL_JAX_ATTENTION='flash': expected one of einsum, xla, cudnn"], run.stderr
+    assert "--attention: invalid choice: 'flash'" in run.stderr.strip().splitlines()[-1], run.stderr
 
 
 @pytest.mark.parametrize("rows", [1, 8, 16])
@@ -140,7 +138,7 @@ def test_one_query_attention_matches_torch(rows):
     form) equals torch's GQA attention in float64 over the same keys, values and mask."""
     import torch
 
-    from qvl_jax.modeling.text import ONE_QUERY_MIN_ROWS, attend
+    from qvl_jax.modeling.attention import ONE_QUERY_MIN_ROWS, attend
 
     assert ONE_QUERY_MIN_ROWS in range(2, 17)  # both forms are exercised by the rows above
     r = np.random.RandomState(rows)

@@ -39,7 +39,9 @@ def test_bfloat16_error_comparable_to_transformers(name, hf_checkpoint, tmp_path
 
     hf32, hf_dir = hf_checkpoint(name)
     hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
-    ours16 = qvl_jax.load(convert_checkpoint(hf_dir, tmp_path / "bf16", dtype="bfloat16"))
+    from conftest import TEST_ATTENTION
+
+    ours16 = qvl_jax.load(convert_checkpoint(hf_dir, tmp_path / "bf16", dtype="bfloat16"), attention=TEST_ATTENTION)
     assert str(ours16.dtype) == "bfloat16"
 
     rng = np.random.RandomState(21)

@@ -74,6 +74,15 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         return self.lm_logits(h).astype(jnp.float32)
 
 
+def set_attention(module: Qwen3VLForConditionalGeneration, kernel: str) -> None:
+    """Switches a model's attention kernel (`qvl_jax.modeling.attention`): the configs its modules
+    hold, which are static parts of its graphdef, so that jitted functions compile for it."""
+    cfg = module.config.with_attention(kernel)
+    module.config = cfg
+    module.model.language_model.config = cfg.text
+    module.model.visual.config = cfg.vision
+
+
 def splice_vision(x: jax.Array, feat_index: jax.Array, feats: jax.Array) -> jax.Array:
     """Replaces the embedding of each vision placeholder token by its feature row."""
     rows = jnp.take(feats, jnp.maximum(feat_index, 0), axis=0).astype(x.dtype)

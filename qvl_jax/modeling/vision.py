@@ -146,10 +146,10 @@ class VisionInputs:
     @classmethod
     def build(cls, pixel_values, grid_thw: np.ndarray, cfg: VisionConfig, bucket: int,
               pack: bool | None = None) -> "VisionInputs":
-        """pack: whether frames may share a block; default: as the configured attention kernel needs
+        """pack: whether frames may share a block; default: as the config's attention kernel needs
         (`attention.packs_frames`)."""
         if pack is None:
-            pack = attention.packs_frames()
+            pack = attention.packs_frames(cfg.attention)
         pixels = np.asarray(pixel_values)
         if pixels.dtype.kind != "f":
             raise InputError(f"pixel values must be floating point, got dtype {pixels.dtype}")
@@ -309,7 +309,7 @@ class VisionModel(nnx.Module):
         for patches [B*S, C*T*P*P] in block layout (see VisionInputs; packed as VisionInputs.packed)."""
         cfg = self.config
         dtype = self.patch_embed.proj.weight.dtype
-        impl = "einsum" if packed else attention.kernel(dtype)
+        impl = "einsum" if packed else attention.implementation(cfg.attention, dtype)
         x = self.patch_embed(patches)
         pos = self.pos_embed(pos_idx)  # [P, 4, d]
         x = x + jnp.sum(pos * pos_w[..., None].astype(pos.dtype), axis=1).astype(x.dtype)
