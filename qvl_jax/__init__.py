@@ -14,6 +14,7 @@ _LAZY = {
     "Processor": "qvl_jax.processing.processor",
     "Trainer": "qvl_jax.training.trainer",
     "LoraConfig": "qvl_jax.training.lora",
+    "SamplingParams": "qvl_jax.engine.sampling",
 }
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "QvlError",
     "Qwen3VLConfig",
     "ResourceError",
+    "SamplingParams",
     "TextConfig",
     "Trainer",
     "VisionConfig",

@@ -14,11 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qvl_jax.checkpoint import load_state
-from qvl_jax.config import Qwen3VLConfig
+from qvl_jax.checkpoint import load_state, save_hf
+from qvl_jax.config import Qwen3VLConfig, generation_defaults
+from qvl_jax.engine import generate
+from qvl_jax.engine.engine import Engine
 from qvl_jax.errors import device_memory_errors
+from qvl_jax.hub import resolve_model
 from qvl_jax.modeling.inputs import PreparedInputs, bucket_length, prepare_inputs
-from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration, forward_logits, split, vision_tower
+from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, vision_tower
+from qvl_jax.sharding import check_mesh
+from qvl_jax.training.lora import lora_modules, merge_lora
+from qvl_jax.training.peft import load_adapter_into
 
 
 class Model:
@@ -63,6 +69,14 @@ class Model:
         """The merged nnx.Module (a new view of the same arrays on each access)."""
         return nnx.merge(self.graphdef, self.params)
 
+    def set_attention(self, kernel: str) -> None:
+        """Switches the attention kernel (one of `qvl_jax.config.ATTENTION_KERNELS`; see
+        `qvl_jax.modeling.attention`) for every later call: generate, logits, engines made after."""
+        module = self.module
+        set_attention(module, kernel)
+        self.config = module.config
+        self.set_module_state(*nnx.split(module))
+
     def set_module_state(self, graphdef: nnx.GraphDef, state: nnx.State) -> None:
         """Replaces the module (e.g. with LoRA adapters added, or trained weights)."""
         self.graphdef = graphdef
@@ -72,10 +86,6 @@ class Model:
         """Writes a Hugging Face checkpoint (config, model.safetensors under HF keys, tokenizer and
         processor files) that transformers loads with no missing or unexpected keys. LoRA adapters
         are merged into the saved weights; the model itself keeps them."""
-        from qvl_jax.checkpoint import save_hf
-
-        from qvl_jax.training.lora import lora_modules, merge_lora
-
         module = self.module
         if lora_modules(module):
             module = nnx.clone(module)  # the model keeps its adapters
@@ -90,20 +100,18 @@ class Model:
     def generate(self, max_new_tokens: int = 64, **kwargs):
         """Generates up to max_new_tokens new tokens for each row of a batch.
 
-        Inputs as for `logits` (any padding side). With no sampling argument decoding is greedy.
-        Keyword arguments: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
+        Inputs as for `logits` (any padding side). Sampling: `sampling_params=qvl_jax.SamplingParams(...)`
+        or its fields as keywords (temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
         frequency_penalty, presence_penalty (each a number or one per row), seed, stop_token_ids
-        (default: the checkpoint's eos ids), pad_token_id, return_logprobs, return_logits.
-        Returns a `GenerateOutput`: tokens np.int32 [b, n] (stop token included, pad after it),
-        lengths [b], and optionally logprobs [b, n] and raw logits [b, n, vocab]."""
-        from qvl_jax.engine import generate
-
+        (default: the checkpoint's eos ids), ignore_eos); with none, decoding is greedy. Also
+        pad_token_id, return_logprobs, return_logits. Row r draws as it would alone (see
+        `SamplingParams`). Returns a `GenerateOutput`: tokens np.int32 [b, n] (stop token included,
+        pad after it), lengths [b], and optionally logprobs [b, n] and raw logits [b, n, vocab]."""
         with device_memory_errors("generate"):
             return generate.generate(self, max_new_tokens, **kwargs)
 
     def stream(self, max_new_tokens: int = 64, **kwargs):
         """Like `generate`, as an iterator of np.int32 [b] tokens, one step at a time."""
-        from qvl_jax.engine import generate
 
         def guarded():
             with device_memory_errors("stream"):
@@ -115,14 +123,10 @@ class Model:
         """A continuous-batching `Engine` over this model (paged KV cache, prefix and vision caches):
         `submit` one prompt at a time from any thread, or `generate` a list. Keyword arguments as
         `qvl_jax.engine.engine.Engine` takes them (max_num_seqs, max_model_len, block_size, ...)."""
-        from qvl_jax.engine.engine import Engine
-
         return Engine(self, **kw)
 
     def chat_session(self, max_cache_len: int | None = None):
         """A `ChatSession`: multi-turn generation that reuses the KV cache across turns."""
-        from qvl_jax.engine import generate
-
         return generate.ChatSession(self, max_cache_len)
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -154,10 +158,14 @@ class Model:
 
 
 def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool = False, adapter=None,
-         merge_adapter: bool = False) -> Model:
+         merge_adapter: bool = False, attention: str = "xla") -> Model:
     """Loads a model as the CLI's --model names it: a converted qvl_jax directory, a Hugging Face
-    checkpoint directory (converted in memory), "tiny-random" (the built-in random model) or a hub
-    id such as Qwen/Qwen3-VL-2B-Instruct (downloaded and converted into the cache once).
+    checkpoint directory, "tiny-random" (the built-in random model) or a hub id such as
+    Qwen/Qwen3-VL-2B-Instruct (downloaded first). A Hugging Face checkpoint is converted once into
+    the cache ($QVL_JAX_CACHE, else ~/.cache/qvl_jax; qvl_jax.hub.resolve_model), as stored, and
+    read from there memory-mapped, one tensor at a time: beside the params, the host holds about
+    one tensor (and the map's file pages, which the kernel can drop), never the whole model
+    converted in memory; later loads of the unchanged directory reuse the conversion.
 
     dtype: cast every param to this dtype on load (default: as stored).
     mesh: a ("data", "model") mesh (qvl_jax.sharding.make_mesh, or jax.make_mesh with those axis
@@ -166,25 +174,23 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     adapter: a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to
     apply; merge_adapter=True folds it into the weights (W + scaling * B A) instead of keeping it
     as a separate branch.
+    attention: the attention kernel, one of "xla" (default), "cudnn", "pallas" (the engine's paged
+    decode), "dot_product" (qvl_jax.modeling.attention says what each runs).
     verify: recompute the sha256 of the converted params file and of every file the manifest lists
     and compare them with the ones recorded at conversion (CheckpointError if one differs); without
     it only the params file's size is checked (and its header against the config, always).
     """
     if mesh is not None:
-        from qvl_jax.sharding import check_mesh
-
         mesh = check_mesh(mesh)
-    if path is None or not os.path.isdir(path):  # a name, not a directory: tiny-random or a hub id
-        from qvl_jax.hub import resolve_model
-
-        path = resolve_model(path, log=False)
+    # A converted directory as is; anything else (an HF directory, tiny-random, a hub id) through
+    # the convert-once cache, as the CLI's --model does, never converted whole into host memory.
+    path = resolve_model(path, log=False)
     config, graphdef, params = load_state(path, dtype, mesh, verify)
     model = Model(config, graphdef, params, _generation_defaults(path), mesh)
     model.path = os.fspath(path)
+    if attention != model.config.attention:
+        model.set_attention(attention)
     if adapter is not None:
-        from qvl_jax.training.lora import merge_lora
-        from qvl_jax.training.peft import load_adapter_into
-
         module = model.module
         load_adapter_into(module, adapter)
         if merge_adapter:
@@ -195,6 +201,4 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
 
 def _generation_defaults(path) -> dict:
     """eos_token_id (as a list) and pad_token_id from generation_config.json, when the model has one."""
-    from qvl_jax.config import generation_defaults
-
     return generation_defaults(path)

@@ -19,12 +19,22 @@ until a command runs, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
+import secrets
 import sys
+import time
+from pathlib import Path
 
+from qvl_jax.config import ATTENTION_KERNELS, Qwen3VLConfig
 from qvl_jax.errors import InputError, QvlError
 from qvl_jax.hub import DEFAULT_MODEL, cache_dir, resolve_model
+
+ATTENTION_HELP = ("attention kernel: xla (ours, any backend), cudnn (cuDNN flash attention for vision and prefill "
+                  "on a GPU in 16-bit), pallas (the server's paged decode through JAX's Pallas kernel), dot_product "
+                  "(the fused path through XLA, for testing)")
 
 __all__ = ["DEFAULT_MODEL", "build_parser", "cache_dir", "enable_compilation_cache", "main", "resolve_model"]
 
@@ -33,7 +43,7 @@ def enable_compilation_cache() -> None:
     """Persistent XLA compilation cache (QVL_JAX_COMPILATION_CACHE=0 turns it off)."""
     if os.environ.get("QVL_JAX_COMPILATION_CACHE", "1") == "0":
         return
-    import jax
+    import jax  # lazy: `qvl-jax --help` and the other commands must not pay for JAX
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -60,61 +70,13 @@ def _check_utf8(flag: str, text: str | None) -> None:
         raise InputError(f"{flag} is not valid UTF-8 (bytes {raw!r} at character {e.start})") from None
 
 
-_FRAME_HINT = "it must hold only the video's frame images"
-
-
-def _load_frame_dir(p) -> list:
-    """Frames of a frame directory, sorted by name. Every entry but hidden files must be an image of
-    sane size: a stray file or folder is an error, never skipped, and so is a frame past PIL's
-    decompression-bomb limit (its warning too: a video multiplies one huge frame by its length)."""
-    import warnings
-
-    from PIL import Image
-
-    frames = []
-    for f in sorted(e for e in p.iterdir() if not e.name.startswith(".")):
-        if not f.is_file():
-            raise InputError(f"video directory {p} holds {f.name!r}, which is not a file: {_FRAME_HINT}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                with Image.open(f) as image:
-                    frames.append(image.convert("RGB"))
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise InputError(f"frame {f.name!r} in {p} is too large: {' '.join(str(e).split())}") from None
-            except (OSError, SyntaxError, ValueError) as e:
-                reason = " ".join(str(e).split()) or type(e).__name__
-                raise InputError(f"video directory {p} holds {f.name!r}, which is not a readable image "
-                                 f"({reason}): {_FRAME_HINT}") from None
-    if not frames:
-        raise InputError(f"video directory {p} holds no frame images")
-    return frames
-
-
 def _load_video(path: str, fps: float | None) -> dict:
     """A chat content item for a directory of frame images (sorted by name; frame rate from
     --video-fps) or a video file (needs PyAV; frame rate from the file unless --video-fps)."""
-    from pathlib import Path
+    from qvl_jax.processing.media_io import load_video  # lazy: imports numpy and PIL (CLI start-up)
 
-    p = Path(path)
-    if p.is_dir():
-        return {"type": "video", "video": _load_frame_dir(p), **({"video_fps": fps} if fps is not None else {})}
-    if not p.is_file():
-        raise InputError(f"no video file or frame directory {p}")
-    try:
-        import av
-    except ImportError:
-        raise InputError(f"reading {p.name} needs PyAV: pip install 'qvl_jax[video]' (or pass a directory of frames)"
-                         ) from None
-    try:
-        with av.open(str(p)) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate) if stream.average_rate else None
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except Exception as e:  # PyAV's errors have no common base: any failure here is the file's
-        raise InputError(f"cannot decode video {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    rate = fps if fps is not None else rate
-    return {"type": "video", "video": frames, **({"video_fps": rate} if rate is not None else {})}
+    video = load_video(path, fps)
+    return {"type": "video", "video": video.frames, **({"video_fps": video.fps} if video.fps is not None else {})}
 
 
 def parse_mesh(dp: int | None, tp: int | None):
@@ -122,7 +84,7 @@ def parse_mesh(dp: int | None, tp: int | None):
     Giving one size derives the other from the device count."""
     if dp is None and tp is None:
         return None
-    from qvl_jax.sharding import make_mesh
+    from qvl_jax.sharding import make_mesh  # lazy: `qvl-jax --help` and the other commands must not pay for JAX
 
     return make_mesh(dp, tp)
 
@@ -134,8 +96,6 @@ _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "fr
 def _sampling_kwargs(args) -> dict:
     kw = {name: getattr(args, name) for name in _SAMPLING if getattr(args, name) is not None}
     if kw.get("temperature", 0) > 0 and "seed" not in kw:
-        import secrets
-
         # A fresh seed per run, as transformers and vLLM sample; --json reports it, --seed repeats it.
         kw["seed"] = secrets.randbits(63)
     return kw
@@ -150,12 +110,11 @@ def _utf8_stdout() -> bool:
 
 
 def cmd_generate(args) -> int:
-    import json
-    import time
-
     _check_utf8("--prompt", args.prompt)
     _check_utf8("--system", args.system)
+    # lazy, here and in the other commands: `qvl-jax --help` and a bad flag must not pay for JAX
     import qvl_jax
+    from qvl_jax.engine.output import OutputStream, TokenTable
     from qvl_jax.processing.processor import Processor
 
     enable_compilation_cache()
@@ -172,7 +131,7 @@ def cmd_generate(args) -> int:
     inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
     # Inputs are checked (images opened, prompt built) before the weights are loaded: a bad file
     # fails in a second, not after loading a large model.
-    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh, adapter=args.adapter)
+    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh, adapter=args.adapter, attention=args.attention)
     load_s = time.perf_counter() - t0
     sampling = _sampling_kwargs(args)
     kw = dict(sampling, stop_token_ids=proc.eos_token_ids)
@@ -191,20 +150,15 @@ def cmd_generate(args) -> int:
             print(escape_controls(text))
         return 0
     _text_stdout()
-    tokens: list[int] = []
-    shown = ""
-    stops = set(proc.eos_token_ids)
+    out = OutputStream(TokenTable.of(proc), stop_token_ids=proc.eos_token_ids)  # holds split characters back
     for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, **kw):
-        tok = int(step[0])
-        if tok in stops:
-            break
-        tokens.append(tok)
-        text = proc.decode(tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(escape_controls(text[len(shown):]))
+        delta = out.add([int(step[0])])
+        if delta:
+            sys.stdout.write(escape_controls(delta))
             sys.stdout.flush()
-            shown = text
-    sys.stdout.write(escape_controls(proc.decode(tokens, skip_special_tokens=True)[len(shown):]) + "\n")
+        if out.finish_reason is not None:
+            break
+    sys.stdout.write(escape_controls(out.finish("length")) + "\n")
     return 0
 
 
@@ -215,14 +169,14 @@ def _text_stdout() -> None:
 
 
 def cmd_serve(args) -> int:
-    from qvl_jax.serving.server import run
+    from qvl_jax.serving.server import run  # lazy: the serve extra (fastapi, uvicorn) and JAX
 
     enable_compilation_cache()  # a restarted server loads its engine's programs instead of compiling them
     return run(args)
 
 
 def cmd_convert(args) -> int:
-    from qvl_jax.convert.__main__ import run
+    from qvl_jax.convert.__main__ import run  # lazy: numpy and safetensors (CLI start-up)
 
     return run(args)
 
@@ -232,10 +186,7 @@ def _count(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    import json
-
-    from qvl_jax.checkpoint import read_manifest
-    from qvl_jax.config import Qwen3VLConfig
+    from qvl_jax.checkpoint import read_manifest  # lazy: `qvl-jax --help` and the other commands must not pay for JAX
 
     model_dir = resolve_model(args.model)
     cfg = Qwen3VLConfig.from_json_file(model_dir / "config.json")
@@ -298,9 +249,6 @@ def _eval_loss(trainer, batches) -> float:
 
 
 def cmd_finetune(args) -> int:
-    import math
-    from pathlib import Path
-
     for flag in ("steps", "epochs", "batch_size", "grad_accum", "lr"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     for flag in ("lora_rank", "save_every", "eval_every", "warmup_steps", "weight_decay", "max_grad_norm"):
@@ -310,7 +258,7 @@ def cmd_finetune(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
-    import optax
+    import optax  # lazy, with the rest: JAX and the trainer only once the flags are checked
 
     import qvl_jax
     from qvl_jax.processing.processor import Processor
@@ -375,10 +323,7 @@ def cmd_finetune(args) -> int:
 
 def _train_loop(args, trainer, batches, schedule, total, ckpt, meta, proc, eval_records, final) -> int:
     """Steps until `total`, checkpoints, eval, then the adapter (or model) and a JSON summary line."""
-    import json
-    import time
-
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy, as in cmd_finetune
 
     from qvl_jax.training.data import eval_batches
 
@@ -479,6 +424,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="sampling seed, 0 <= seed < 2**64 (absent: a fresh random one, shown by --json)")
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (absent: as stored)")
+    g.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size: shard heads/MLP/vocab over N devices")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size: shard the batch over N devices")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -511,6 +457,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
     s.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (absent: as stored)")
+    s.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _debug_flag(s)
     s.set_defaults(func=cmd_serve)
@@ -549,7 +496,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint", **fmt)
     if _command(sys.argv[1:] if argv is None else argv) == "convert":
-        from qvl_jax.convert.__main__ import build_parser as convert_parser
+        from qvl_jax.convert.__main__ import build_parser as convert_parser  # lazy: only for `convert`
 
         convert_parser(c)
     _debug_flag(c)

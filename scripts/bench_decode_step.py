@@ -6,7 +6,7 @@ window copy (the loop gathers its rows' windows once into kept buffers; the defa
     python scripts/bench_decode_step.py [--config 2b] [--layers 4] [--cases 8x2048,8x1024,4x2048,1x2048]
         [--repeats 6] [--steps 8]
 
-Each case ROWSxWINDOW runs `engine.decode_chunk` on ROWS rows whose sequences are WINDOW - 100 tokens
+Each case ROWSxWINDOW runs `steps.decode` (the engine's decode loop) on ROWS rows whose sequences are WINDOW - 100 tokens
 long, their blocks scattered over the pool (random weights of --config widths, --layers decoder
 layers; greedy). The first call of each form compiles and is not timed. One JSON line per case:
 the median ms per step of each form and their ratio."""
@@ -37,8 +37,7 @@ def main() -> int:
 
     from qvl_jax import Model
     from qvl_jax.config import Qwen3VLConfig
-    from qvl_jax.engine import engine as engine_mod
-    from qvl_jax.engine import paged, sampling
+    from qvl_jax.engine import paged, sampling, steps
 
     model = Model.random(Qwen3VLConfig.from_hf_dict(hf_config_dict(args.config, args.layers)))
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
@@ -51,25 +50,25 @@ def main() -> int:
         nb = window // bs
         table = rng.permutation(np.arange(1, eng.num_blocks))[:rows * nb].reshape(rows, nb).astype(np.int32)
         seq = np.full(rows, window - 100, np.int32)
-        sp = sampling.SamplingParams(*(jnp.asarray(np.array([v], np.asarray(v).dtype).repeat(rows))
-                                       for v in engine_mod._NEUTRAL))
+        sp = sampling.SamplingArrays(*(jnp.asarray(a) for a in sampling.SamplingParams().rows(rows)))
+        rows_in = steps.Rows(slot=jnp.arange(rows, dtype=jnp.int32), seq_len=jnp.asarray(seq),
+                             lo=jnp.zeros(rows, jnp.int32), delta=jnp.zeros(rows, jnp.int32),
+                             n_out=jnp.zeros(rows, jnp.int32), max_new=jnp.full(rows, 1 << 20, jnp.int32),
+                             limit=jnp.asarray(seq + args.steps), keys=jnp.zeros((rows, 2), jnp.uint32),
+                             stop_ids=jnp.full((rows, 1), -1, jnp.int32), sampling=sp)
         bufs = paged.window_buffers(model.config.text, rows, window, model.dtype)
         times = {"window_copy": [], "gather_each_step": []}
         for i in range(args.repeats + 1):
             for name in times:
-                step_args = (jnp.arange(rows, dtype=jnp.int32), jnp.asarray(table), jnp.asarray(seq),
-                             jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32), jnp.ones(rows, bool),
-                             jnp.asarray(seq + args.steps), jnp.zeros(rows, jnp.int32),
-                             jnp.full(rows, 1 << 20, jnp.int32), jnp.full((rows, 1), -1, jnp.int32), sp,
-                             jnp.zeros((rows, 2), jnp.uint32))
+                cache = paged.PagedCache(eng._pages, jnp.asarray(table), bufs if name == "window_copy" else (), bs)
                 t0 = time.perf_counter()
-                out = engine_mod.decode_chunk(*model.split, flags, bs, args.steps, eng._pages,
-                                              bufs if name == "window_copy" else (), eng._seen, eng._counts,
-                                              *step_args)
+                cache, eng._seen, eng._counts, out = steps.decode(
+                    *model.split, flags, window, args.steps, False, cache, eng._seen, eng._counts,
+                    jnp.zeros(rows, jnp.int32), jnp.ones(rows, bool), rows_in)
                 jax.block_until_ready(out)
-                eng._pages, eng._seen, eng._counts = out[0], out[2], out[3]
+                eng._pages = cache.pages
                 if name == "window_copy":
-                    bufs = out[1]
+                    bufs = cache.windows
                 if i:
                     times[name].append((time.perf_counter() - t0) / args.steps * 1000)
         med = {k: round(float(np.median(v)), 1) for k, v in times.items()}

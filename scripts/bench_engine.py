@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--budget", type=int, default=512, help="engine max_num_batched_tokens")
+    ap.add_argument("--attention", default="xla", choices=["xla", "pallas"], help="the engine's paged attention kernel")
     ap.add_argument("--no-static", action="store_true")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers generate side")
     ap.add_argument("--no-check-tokens", action="store_true",
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
     max_len = int(max(inp["input_ids"].shape[1] + n for inp, n in workload(cfg, args.requests, 1, **shape)))
     # max_model_len: the longest request, rounded up to a power of two with some room
     max_len = 1 << (max_len + 64 - 1).bit_length()
-    ekw = dict(block_size=args.block_size, decode_steps=args.decode_steps, max_num_batched_tokens=args.budget)
+    ekw = dict(block_size=args.block_size, decode_steps=args.decode_steps, max_num_batched_tokens=args.budget,
+               attention=args.attention)
     head = {"device": device_name(), "config": args.config, "layers": args.layers, "dtype": str(dtype),
             "requests": args.requests, "slots": args.slots}
 

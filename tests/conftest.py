@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # Tests compare float32 against PyTorch: full-precision matmuls on every backend.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
@@ -11,6 +14,11 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # runs on the first device.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, os.path.dirname(__file__))
+# Never the user's cache (~/.cache/qvl_jax or their $QVL_JAX_CACHE): tiny-random and the HF
+# directories qvl_jax.load converts go into one temporary cache per session.
+_CACHE = tempfile.mkdtemp(prefix="qvl_jax_test_cache_")
+os.environ["QVL_JAX_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -51,6 +59,12 @@ def converted(hf_checkpoint, tmp_path_factory):
     return get
 
 
+# The attention kernel the shared models load with (qvl_jax.load's attention=): "xla" unless
+# QVL_JAX_TEST_ATTENTION says otherwise (scripts/gpu_check.sh runs the bf16 and engine tests under
+# "cudnn" and "pallas" on a GPU).
+TEST_ATTENTION = os.environ.get("QVL_JAX_TEST_ATTENTION", "xla")
+
+
 @pytest.fixture(scope="session")
 def jax_model(converted):
     import qvl_jax
@@ -59,7 +73,7 @@ def jax_model(converted):
 
     def get(name: str):
         if name not in cache:
-            cache[name] = qvl_jax.load(converted(name))
+            cache[name] = qvl_jax.load(converted(name), attention=TEST_ATTENTION)
         return cache[name]
 
     return get

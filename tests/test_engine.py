@@ -270,18 +270,18 @@ def test_pool_size_does_not_follow_small_changes_of_free_memory(setup, monkeypat
 def test_failed_step_fails_its_requests_and_engine_recovers(setup, engine, monkeypatch):
     """A step that raises (an out-of-memory, say) fails the requests in flight with a one-line error;
     the engine starts over with a fresh block pool and serves the next request."""
-    from qvl_jax.engine import engine as engine_mod
+    from qvl_jax.engine import steps
     from qvl_jax.errors import QvlError
 
     hf, m = setup
     rng = np.random.RandomState(5)
     inp = _one(PromptBuilder(rng).text(10), hf, rng)
-    real = engine_mod.decode_chunk
+    real = steps.decode
 
     def broken(*a, **k):
-        monkeypatch.setattr(engine_mod, "decode_chunk", real)
+        monkeypatch.setattr(steps, "decode", real)
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore")
-    monkeypatch.setattr(engine_mod, "decode_chunk", broken)
+    monkeypatch.setattr(steps, "decode", broken)
     with pytest.raises(QvlError) as e:
         engine.submit(inp, max_new_tokens=6, stop_token_ids=[]).result(timeout=60)
     assert "\n" not in str(e.value)
@@ -345,7 +345,7 @@ def test_logprobs_equal_generate(setup):
 
 
 def test_pallas_paged_attention_equals_xla(setup, monkeypatch):
-    """QVL_JAX_PAGED_ATTENTION=pallas: decode steps run JAX's Pallas paged attention kernel (interpret
+    """attention="pallas": decode steps run JAX's Pallas paged attention kernel (interpret
     mode on the CPU) over pools in its layout; tokens and log-probabilities equal model.generate's."""
     from jax.experimental.pallas.ops.gpu import paged_attention as kernel_mod
 
@@ -358,13 +358,12 @@ def test_pallas_paged_attention_equals_xla(setup, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(kernel_mod, "paged_attention", counted)
-    monkeypatch.setenv("QVL_JAX_PAGED_ATTENTION", "pallas")
     rng = np.random.RandomState(7)
     jobs = [(_one(PromptBuilder(rng).text(21), hf, rng), 14), (_one(PromptBuilder(rng).text(3).image(4, 6).text(4), hf, rng), 9),
             (_one(PromptBuilder(rng).text(40), hf, rng), 30)]
     # max_model_len 80 with blocks of 4: a 20-block window, which the kernel splits in 4 x 5.
     eng = m.engine(max_num_seqs=2, max_model_len=80, block_size=4, num_blocks=48, decode_steps=4,
-                   max_num_batched_tokens=8)
+                   max_num_batched_tokens=8, attention="pallas")
     assert eng._pages.k[0].shape == (hf.config.text_config.num_key_value_heads, 48, 4, hf.config.text_config.head_dim)
     outs = [h.result(timeout=600) for h in [eng.submit(inp, max_new_tokens=n, stop_token_ids=[], logprobs=0)
                                             for inp, n in jobs]]
@@ -374,7 +373,63 @@ def test_pallas_paged_attention_equals_xla(setup, monkeypatch):
         tokens, lp, _, _ = _expected_logprobs(m, inp, n, 0)
         np.testing.assert_array_equal(out.tokens, tokens)
         np.testing.assert_allclose(out.logprobs, lp, rtol=0, atol=2e-5)
-    monkeypatch.setenv("QVL_JAX_PAGED_ATTENTION", "bogus")
     from qvl_jax.errors import ConfigError
-    with pytest.raises(ConfigError, match="QVL_JAX_PAGED_ATTENTION"):
-        m.engine(max_model_len=64, block_size=4, num_blocks=20)
+    with pytest.raises(ConfigError, match="attention='bogus': expected one of xla, cudnn, pallas, dot_product"):
+        m.engine(max_model_len=64, block_size=4, num_blocks=20, attention="bogus")
+
+
+class _BracketProcessor:
+    """A stand-in tokenizer for stop strings: token t reads "<t>" (the test models have no tokenizer)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{t}>" for t in ids)
+
+    def token_bytes(self, t):
+        return f"<{t}>".encode()
+
+
+def test_generate_stops_at_stop_strings(setup):
+    """engine.generate(stop=...): the answer ends with the token that completes the first stop string
+    met (text cut before it, finish_reason "stop"), and the request stops there; without a match the
+    text is the whole answer."""
+    hf, m = setup
+    rng = np.random.RandomState(31)
+    inp = _one(PromptBuilder(rng).text(12), hf, rng)
+    ref, _ = _alone(m, inp, 12)
+    ref = ref[0].tolist()
+    k = 4
+    first = ref.index(ref[k])  # the first time the stop string can match
+    eng = m.engine(max_num_seqs=2, max_model_len=64, block_size=4, num_blocks=40, decode_steps=4,
+                   processor=_BracketProcessor())
+    try:
+        # A stop string spanning two tokens' text: the end of "<a>" and the start of "<b>".
+        stop = f"{ref[first - 1]}><{ref[first]}"[-5:] if first else f"<{ref[0]}>"
+        out = eng.generate([inp, inp], max_new_tokens=12, stop_token_ids=[], stop=[stop])
+        want = "".join(f"<{t}>" for t in ref)
+        cut = want.index(stop)
+        end = next(i for i in range(1, len(ref) + 1) if stop in "".join(f"<{t}>" for t in ref[:i]))
+        for o in out:
+            assert o.finish_reason == "stop" and o.stop_reason == stop
+            assert o.text == want[:cut]
+            assert o.tokens.tolist() == ref[:end]
+        plain = eng.generate([inp], max_new_tokens=6, stop_token_ids=[], stop=["never"])[0]
+        assert plain.finish_reason == "length" and plain.stop_reason is None
+        assert plain.text == "".join(f"<{t}>" for t in ref[:6])
+        with pytest.raises(InputError, match="stop"):
+            eng.generate([inp], max_new_tokens=4, stop=[""])
+    finally:
+        eng.close()
+
+
+def test_a_finished_handle_iterates_again(setup, engine):
+    """Iterating a handle a second time (or subscribing after the end) gives the same tokens again,
+    never blocks."""
+    hf, m = setup
+    rng = np.random.RandomState(32)
+    h = engine.submit(_one(PromptBuilder(rng).text(9), hf, rng), max_new_tokens=7, stop_token_ids=[])
+    streamed = np.concatenate(list(h))
+    assert streamed.tolist() == h.result(timeout=60).tokens.tolist()
+    assert np.concatenate(list(h)).tolist() == streamed.tolist()
+    seen = []
+    h.subscribe(seen.append)
+    assert seen[-1] is None and np.concatenate([c.tokens for c in seen[:-1]]).tolist() == streamed.tolist()

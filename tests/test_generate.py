@@ -13,7 +13,7 @@ from flax import nnx
 from mm_inputs import PromptBuilder, batch_inputs, patch_dim
 from parity import LOGITS_RTOL, rel_err
 from qvl_jax import InputError
-from qvl_jax.engine import generate as gen_mod, sampling
+from qvl_jax.engine import generate as gen_mod, sampling, steps
 from qvl_jax.modeling import inputs as modeling_inputs
 from qvl_jax.modeling import model as modeling_model
 
@@ -370,12 +370,12 @@ def test_no_recompile_inside_a_bucket(jax_model):
     m = jax_model("tied")
     rng = np.random.RandomState(16)
     m.generate(input_ids=rng.randint(0, 290, size=(2, 20)), max_new_tokens=10, stop_token_ids=[])
-    counts = (gen_mod.prefill._cache_size(), gen_mod.decode_loop._cache_size())
+    counts = (steps.prefill._cache_size(), steps.decode._cache_size())
     for t in (17, 25, 32):  # all in the 32 bucket
         m.generate(input_ids=rng.randint(0, 290, size=(2, t)), max_new_tokens=10, stop_token_ids=[])
     m.generate(input_ids=rng.randint(0, 290, size=(2, 19)), max_new_tokens=12, stop_token_ids=[],
                temperature=0.0)
-    assert (gen_mod.prefill._cache_size(), gen_mod.decode_loop._cache_size()) == counts
+    assert (steps.prefill._cache_size(), steps.decode._cache_size()) == counts
 
 
 # --- bad requests ---
@@ -397,12 +397,12 @@ def test_no_recompile_inside_a_bucket(jax_model):
 ])
 def test_bad_generation_arguments(kw, match, jax_model):
     m = jax_model("tied")
-    before = gen_mod.prefill._cache_size()
+    before = steps.prefill._cache_size()
     kw = {"max_new_tokens": 4, **kw}
     with pytest.raises(InputError, match=match) as e:
         m.generate(input_ids=np.arange(10, 20)[None], **kw)
     assert "\n" not in str(e.value)
-    assert gen_mod.prefill._cache_size() == before  # rejected before anything compiled
+    assert steps.prefill._cache_size() == before  # rejected before anything compiled
 
 
 def test_non_finite_logits_are_reported_not_sampled(jax_model):

@@ -20,6 +20,7 @@ from mm_inputs import PromptBuilder, batch_inputs, patch_dim
 from parity import rel_err
 from qvl_jax import sharding
 from qvl_jax.engine import cache as cache_mod
+from qvl_jax.engine import generate
 from qvl_jax.engine.generate import Generator
 from qvl_jax.sharding import MeshError, make_mesh
 
@@ -314,7 +315,7 @@ def test_cache_is_sharded_and_stays_so(dp, tp, batch, hf_checkpoint, mesh_model)
     kv = "model" if 2 % tp == 0 else None
     want = cache_mod.cache_sharding(model.config, mesh, batch)
     assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, rows, None, kv)), 5)
-    assert cache.k.sharding.spec == want.k.spec and cache.start.sharding.spec == want.start.spec
+    assert cache.k.sharding.spec == want.k.spec
     for field in cache._fields:
         assert getattr(cache, field).sharding.is_equivalent_to(getattr(want, field), getattr(cache, field).ndim)
     shard = NamedSharding(mesh, P(None, rows, None, kv)).shard_shape(cache.k.shape)
@@ -323,12 +324,13 @@ def test_cache_is_sharded_and_stays_so(dp, tp, batch, hf_checkpoint, mesh_model)
     hf, _ = hf_checkpoint("tied")
     inp = _inputs(hf, batch)
     req = gen.request({k: v for k, v in inp.items()})
-    ctl, flags, key = gen._controls(batch, N_NEW, [], None, {})
-    state = gen.start(req, cache, N_NEW, ctl, flags, key, False)
-    assert state.cache.k.sharding.is_equivalent_to(want.k, 5)
-    state = gen.run_loop(state, ctl, flags)
-    assert state.cache.k.sharding.is_equivalent_to(want.k, 5)
-    assert state.cache.v.sharding.is_equivalent_to(want.v, 5)
+    ctl = generate.controls(model, batch, N_NEW, {"stop_token_ids": []})
+    run = gen.start(req, cache, 0, ctl, gen.history(ctl, req.seen_ids), False)
+    assert run.cache.k.sharding.is_equivalent_to(want.k, 5)
+    run.run()
+    assert len(run.parts) > 1  # the decode loop ran
+    assert run.cache.k.sharding.is_equivalent_to(want.k, 5)
+    assert run.cache.v.sharding.is_equivalent_to(want.v, 5)
 
 
 # -- collectives of a decode step -------------------------------------------------------------------
@@ -370,18 +372,19 @@ def _loop_collectives(hlo: str) -> tuple[list[str], list[str]]:
 
 def _decode_hlo(model, batch: int, pin: bool = True, logprobs: bool = False, **kw) -> str:
     """Compiled HLO of the decode loop of a batch (greedy unless kw says otherwise). pin=False: the
-    jitted functions without their mesh argument, i.e. as before generate.py pinned any layout."""
-    from qvl_jax.engine import generate
+    jitted steps without their mesh argument, i.e. without the layouts the steps pin."""
+    from qvl_jax.engine import steps
 
     gen = Generator(model)
     if not pin:
         gen.mesh = None  # the static argument that pins the layouts
     ids = np.random.RandomState(0).randint(0, 200, size=(batch, 9))
     req = gen.request({"input_ids": ids})
-    ctl, flags, key = gen._controls(batch, N_NEW, [], None, kw, logprobs)
-    state = gen.start(req, gen.new_cache(batch, 64), N_NEW, ctl, flags, key, False)
-    return generate.decode_loop.lower(*model.split, flags, 64, state, ctl,
-                                      mesh=gen.mesh).compile().as_text()
+    ctl = generate.controls(model, batch, N_NEW, dict(kw, stop_token_ids=[]), logprobs)
+    run = gen.start(req, gen.new_cache(batch, 64), 0, ctl, gen.history(ctl, req.seen_ids), False)
+    rows = run.rows._replace(seq_len=np.asarray(run.last.seq_len), n_out=np.asarray(run.last.n_out))
+    return steps.decode.lower(*model.split, ctl.flags, 64, 16, False, run.cache, run.seen, run.counts,
+                              run.last.last_tok, run.last.active, rows, mesh=gen.mesh).compile().as_text()
 
 
 @needs_8
@@ -411,11 +414,11 @@ def test_decode_step_collectives(dp, tp, kw, mesh_model):
 @needs_8
 def test_generation_paths_equal_one_device(hf_checkpoint, jax_model, mesh_model, monkeypatch):
     """Under a 2x4 mesh the blocked greedy path (rows split over "data", vocab blocks over "model")
-    equals one device also where rows stop early (finished rows are fed the pad token: their raw
-    logits after the stop match too), with log-probabilities, with a repetition penalty, when
+    equals one device also where rows stop early (finished rows are fed their last token again: their
+    raw logits after the stop match too), with log-probabilities, with a repetition penalty, when
     streaming, and when the next step looks its embedding up instead of carrying it; sampling
     (the unblocked sampler under a mesh) agrees as well."""
-    from qvl_jax.engine import generate
+    from qvl_jax.engine import steps
 
     hf, _ = hf_checkpoint("tied")
     inp = _inputs(hf, 8)
@@ -440,11 +443,11 @@ def test_generation_paths_equal_one_device(hf_checkpoint, jax_model, mesh_model,
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
     streamed = np.stack(list(model.stream(**inp, max_new_tokens=N_NEW, stop_token_ids=[])), axis=1)
     np.testing.assert_array_equal(streamed, first)
-    # The fallback of large batches: prefill decides (at trace time) not to carry the embedding.
-    monkeypatch.setattr(generate, "CARRY_EMBED_MAX_BYTES", 0)
-    generate.prefill.clear_cache()
+    # The fallback of large batches: the loop decides (at trace time) not to carry the embedding.
+    monkeypatch.setattr(steps, "CARRY_EMBED_MAX_BYTES", 0)
+    steps.decode.clear_cache()
     try:
         out = model.generate(**inp, max_new_tokens=N_NEW, stop_token_ids=[])
     finally:
-        generate.prefill.clear_cache()
+        steps.decode.clear_cache()
     np.testing.assert_array_equal(out.tokens, first)

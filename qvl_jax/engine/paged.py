@@ -6,23 +6,27 @@ table. `PagedView` is what the decoder's `cache` argument takes (`TextModel.__ca
 `write_and_read(layer, k, v)` per layer): it scatters this call's keys and values to their slots and
 gathers each row's attention window through its block table.
 
-The kernel is chosen by one switch, the environment variable QVL_JAX_PAGED_ATTENTION:
+Two views implement `qvl_jax.modeling.kv_cache.KVCache` over the pools, chosen by the model's
+attention kernel (`qvl_jax.load(path, attention=...)`, or the engine's own `attention=`):
 
-- "xla" (default): the gather above, plain jnp indexing, then the decoder's own attention. A decode
-  loop gathers its rows' windows once, into buffers the engine keeps, and writes each step's token
-  into them as well as into the pages (`window_buffers`, `PagedView`; up to the engine's
-  window_copy_bytes, else it gathers every step). Runs on every backend; every engine test runs it.
-- "pallas": decode steps run JAX's Pallas paged attention kernel
+- `PagedView` (every kernel but "pallas"): the gather above, plain jnp indexing, then the decoder's
+  own attention. A decode loop gathers its rows' windows once, into buffers the engine keeps, and
+  writes each step's token into them as well as into the pages (`window_buffers`; up to the
+  engine's window_copy_bytes, else it gathers every step). Runs on every backend; every engine
+  test runs it.
+- `PallasPagedView` ("pallas"): decode steps run JAX's Pallas paged attention kernel
   (`jax.experimental.pallas.ops.gpu.paged_attention`, Triton on a GPU, interpret mode elsewhere),
-  which reads each row's blocks in place instead of gathering a window first. The pools are then laid
-  out as that kernel takes them, [kv_heads, num_blocks, block_size, head_dim]; prefill chunks (more
-  than one query) gather from that layout and run the decoder's attention. One device only. Tested
-  equal to "xla" in interpret mode on the CPU; whether it is faster on a GPU is not measured yet.
+  which reads each row's blocks in place instead of gathering a window first. The pools are then
+  laid out as that kernel takes them, [kv_heads, num_blocks, block_size, head_dim]; prefill chunks
+  (more than one query) gather from that layout and run the decoder's attention. One device only.
+  Tested equal to `PagedView` in interpret mode on the CPU; whether it is faster on a GPU is not
+  measured yet.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -30,18 +34,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from qvl_jax.config import TextConfig
+from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.errors import ConfigError
+from qvl_jax.modeling.kv_cache import KVCache
 from qvl_jax.sharding import logical_to_spec
-
-ENV = "QVL_JAX_PAGED_ATTENTION"
-KERNELS = ("xla", "pallas")
-
-
-def kernel() -> str:
-    value = os.environ.get(ENV, "xla").strip().lower() or "xla"
-    if value not in KERNELS:
-        raise ConfigError(f"{ENV}={value!r}: expected one of {', '.join(KERNELS)}")
-    return value
 
 
 class Pages(NamedTuple):
@@ -49,14 +45,15 @@ class Pages(NamedTuple):
     v: tuple[jax.Array, ...]  # [kv_heads, num_blocks, block_size, head_dim])
 
 
-def allocate(cfg: TextConfig, num_blocks: int, block_size: int, dtype, mesh=None) -> Pages:
-    """Zeroed pools in the layout the configured kernel reads; under a mesh split over kv heads on
-    "model" (where that divides), as the static cache is, and created in that sharding."""
+def allocate(cfg: TextConfig, num_blocks: int, block_size: int, dtype, mesh=None, pallas: bool = False) -> Pages:
+    """Zeroed pools in the layout the view reads (pallas: `PallasPagedView`'s); under a mesh split
+    over kv heads on "model" (where that divides), as the static cache is, and created in that
+    sharding."""
     shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
     where = None
-    if kernel() == "pallas":
+    if pallas:
         if mesh is not None:
-            raise ConfigError(f"{ENV}=pallas runs on one device; unset it to serve a sharded model")
+            raise ConfigError("attention='pallas' runs on one device; use attention='xla' to serve a sharded model")
         shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
     elif mesh is not None:
         where = NamedSharding(mesh, logical_to_spec(("cache_len", "kv_heads", "head_dim"), shape, mesh))
@@ -96,15 +93,58 @@ def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
     return block * block_size + index % block_size
 
 
-class PagedView:
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["pages", "table", "windows"],
+                   meta_fields=["block_size", "pallas"])
+@dataclasses.dataclass
+class PagedCache:
+    """The paged cache as one jitted step takes it (`qvl_jax.engine.steps`): the pools, the block
+    table of the step's rows [r, blocks] (attention reads blocks * block_size cache indices), and
+    for a decode loop the window buffers (`window_buffers`, or () to gather every step)."""
+
+    pages: Pages
+    table: jax.Array
+    windows: tuple = ()
+    block_size: int = 16
+    pallas: bool = False
+
+    def view(self, index: jax.Array, valid: jax.Array, window: int) -> "PagedView":
+        """The decoder's view for tokens at cache indices index [r, t] (valid [r, t]: real tokens;
+        the rest are written to the trash block). One query per row (a decode step) also tells the
+        view each row's length and, with window buffers, where the token goes in them."""
+        bs = self.block_size
+        assert window == self.table.shape[1] * bs, (window, self.table.shape, bs)
+        r = index.shape[0]
+        write = jnp.where(valid, slots(self.table, jnp.minimum(index, window - 1), bs), TRASH_BLOCK)
+        read = slots(self.table, jnp.broadcast_to(jnp.arange(window), (r, window)), bs)
+        cls = PallasPagedView if self.pallas else PagedView
+        if index.shape[1] != 1:
+            return cls(self.pages, write, read)
+        at = jnp.where(valid[:, 0], index[:, 0], window)
+        return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at)
+
+    def merge(self, view: "PagedView") -> "PagedCache":
+        return dataclasses.replace(self, pages=view.pages, windows=view.windows if self.windows else ())
+
+    def start_decode(self, rows: int, window: int) -> "PagedCache":
+        """Gathers each row's window into the buffers once, before a decode loop."""
+        if not self.windows:
+            return self
+        read = slots(self.table, jnp.broadcast_to(jnp.arange(window), (rows, window)), self.block_size)
+        return dataclasses.replace(self, windows=gather_windows(self.pages, read, self.windows))
+
+    def end_decode(self) -> "PagedCache":
+        return self
+
+
+class PagedView(KVCache):
     """One jitted call's view of the pages: where this call's tokens go (write [b, t] flat slots)
-    and which slots each row's attention reads (read [b, s]). Not a pytree: it lives inside one
-    trace, and `TextModel` hands back the updated view after its last layer.
+    and which slots each row's attention reads (read [b, s]). Lives inside one trace; `TextModel`
+    hands back the updated view after its last layer.
 
-    table [b, blocks] and lengths [b] (tokens each row attends to, this call's included) are what the
-    "pallas" kernel reads instead of `read`; a decode step passes them.
+    table [b, blocks] and lengths [b] (tokens each row attends to, this call's included) are what
+    `PallasPagedView` reads instead of `read`; a decode step passes them.
 
-    windows (the "xla" kernel, one query per row; () where none): each layer's windows (keys, values: per layer
+    windows (one query per row; () where none): each layer's windows (keys, values: per layer
     [b, s, kv_heads, head_dim]) gathered once before a loop of decode steps (`gather_windows`), and
     at [b] the window index this step's token goes to (s: nowhere, an inactive row). The step then
     writes its token into the pages and into the windows, and attention reads the windows: the
@@ -116,26 +156,30 @@ class PagedView:
         self.pages, self.write, self.read = pages, write, read
         self.table, self.lengths = table, lengths
         self.windows, self.at = windows, at
-        self._impl = kernel()
+
+    def _replace(self, **kw) -> "PagedView":
+        fields = dict(pages=self.pages, write=self.write, read=self.read, table=self.table, lengths=self.lengths,
+                      windows=self.windows, at=self.at)
+        return type(self)(**{**fields, **kw})
+
+    def _scatter(self, kp: jax.Array, vp: jax.Array, flat: jax.Array, k: jax.Array, v: jax.Array):
+        """Writes k, v [n, kv_heads, head_dim] at flat slots [n] of one layer's pools."""
+        return kp.at[flat].set(k), vp.at[flat].set(v)
+
+    def _gather(self, kp: jax.Array, vp: jax.Array):
+        """Each row's window [b, s, kv_heads, head_dim] of one layer's pools."""
+        return kp[self.read], vp[self.read]
 
     def _store(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, "PagedView"]:
         b, t, kv, hd = k.shape
-        flat = self.write.reshape(-1)
         kp, vp = self.pages.k[layer], self.pages.v[layer]
-        k, v = k.reshape(b * t, kv, hd).astype(kp.dtype), v.reshape(b * t, kv, hd).astype(vp.dtype)
-        if self._impl == "pallas":
-            bs = kp.shape[2]
-            blk, off = flat // bs, flat % bs
-            kp = kp.at[:, blk, off].set(k.transpose(1, 0, 2))
-            vp = vp.at[:, blk, off].set(v.transpose(1, 0, 2))
-        else:
-            kp, vp = kp.at[flat].set(k), vp.at[flat].set(v)
+        kp, vp = self._scatter(kp, vp, self.write.reshape(-1), k.reshape(b * t, kv, hd).astype(kp.dtype),
+                               v.reshape(b * t, kv, hd).astype(vp.dtype))
         ks, vs = list(self.pages.k), list(self.pages.v)
         ks[layer], vs[layer] = kp, vp
-        return kp, vp, PagedView(Pages(tuple(ks), tuple(vs)), self.write, self.read, self.table, self.lengths,
-                                 self.windows, self.at)
+        return kp, vp, self._replace(pages=Pages(tuple(ks), tuple(vs)))
 
-    def write_and_read(self, layer: int, k: jax.Array, v: jax.Array):
+    def update(self, layer: int, k: jax.Array, v: jax.Array):
         """Stores this call's keys and values; returns each row's window [b, s, kv_heads, head_dim]."""
         kp, vp, view = self._store(layer, k, v)
         if self.windows:
@@ -145,17 +189,28 @@ class PagedView:
             wv[layer] = wv[layer].at[rows, self.at].set(v[:, 0].astype(wv[layer].dtype), mode="drop")
             view.windows = (tuple(wk), tuple(wv))
             return wk[layer], wv[layer], view
-        if self._impl == "pallas":
-            bs = kp.shape[2]
-            blk, off = self.read // bs, self.read % bs
-            return kp[:, blk, off].transpose(1, 2, 0, 3), vp[:, blk, off].transpose(1, 2, 0, 3), view
-        return kp[self.read], vp[self.read], view
+        return (*self._gather(kp, vp), view)
 
-    def fused_attention(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array):
-        """(attention output [b, 1, heads, head_dim], the updated view) from the "pallas" kernel for a
-        decode step given table and lengths; None where the decoder attends itself."""
-        if self._impl != "pallas" or q.shape[1] != 1 or self.table is None:
-            return None
+
+class PallasPagedView(PagedView):
+    """`PagedView` over pools in the Pallas kernel's layout [kv_heads, num_blocks, block_size,
+    head_dim] (`allocate(pallas=True)`); a decode step given table and lengths attends through JAX's
+    Pallas paged attention kernel, which reads each row's blocks in place."""
+
+    def _scatter(self, kp, vp, flat, k, v):
+        bs = kp.shape[2]
+        blk, off = flat // bs, flat % bs
+        return kp.at[:, blk, off].set(k.transpose(1, 0, 2)), vp.at[:, blk, off].set(v.transpose(1, 0, 2))
+
+    def _gather(self, kp, vp):
+        bs = kp.shape[2]
+        blk, off = self.read // bs, self.read % bs
+        return kp[:, blk, off].transpose(1, 2, 0, 3), vp[:, blk, off].transpose(1, 2, 0, 3)
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str):
+        if q.shape[1] != 1 or self.table is None:  # a prefill chunk: gather, then the decoder's attention
+            return super().attend(layer, q, k, v, mask, impl)
+        # Imported only when this kernel is chosen: it loads Pallas' GPU lowering.
         from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
         kp, vp, view = self._store(layer, k, v)
@@ -167,5 +222,4 @@ class PagedView:
         q = (q[:, 0].astype(jnp.float32) * hd ** -0.5).astype(kp.dtype)  # the kernel does not scale
         o = paged_attention(q, kp, vp, self.table, self.lengths.astype(jnp.int32), k_splits=splits,
                             pages_per_compute_block=compute, interpret=jax.default_backend() != "gpu")
-        return o[:, None].astype(k.dtype), view
-
+        return o.astype(k.dtype).reshape(b, 1, n * hd), view

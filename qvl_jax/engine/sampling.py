@@ -9,19 +9,22 @@ stages run at all is decided statically (`SamplingFlags`), so greedy decoding pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qvl_jax.engine.output import check_stop
 from qvl_jax.errors import InputError
 
 NEG_INF = -jnp.inf
 
 
-class SamplingParams(NamedTuple):
-    """Per-row sampling parameters, each [b]. Neutral values switch a stage off for that row."""
+class SamplingArrays(NamedTuple):
+    """Per-row sampling parameters on the device, each [b] (built by `SamplingParams.arrays`).
+    Neutral values switch a stage off for that row."""
 
     temperature: jax.Array  # float32; 0 = greedy
     top_k: jax.Array  # int32; 0 = off
@@ -42,22 +45,12 @@ class SamplingFlags:
     min_p: bool = False
     repetition: bool = False
     frequency_presence: bool = False
-    logprobs: bool = False  # log-softmax over the vocabulary each step only when asked for
+    logprobs: bool = False  # the chosen token's log-probability (a log-softmax over the vocabulary each step)
+    top_logprobs: bool = False  # and the MAX_TOP_LOGPROBS most likely tokens with theirs
 
     @property
     def penalties(self) -> bool:
         return self.repetition or self.frequency_presence
-
-
-def _per_row(name: str, value, batch: int, dtype, neutral) -> np.ndarray:
-    if value is None:
-        value = neutral
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iuf" or arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != batch):
-        raise InputError(f"{name} must be a number or one number per batch row ({batch}), got {value!r}")
-    if not np.isfinite(arr.astype(np.float64)).all():
-        raise InputError(f"{name} must be finite, got {value!r}")
-    return np.broadcast_to(arr, (batch,)).astype(dtype)
 
 
 # Token ids travel as int32 on the device; a larger value would wrap around instead of failing.
@@ -106,40 +99,133 @@ def prng_key(seed) -> jax.Array:
     return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
 
 
-def make_sampling(batch: int, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
-                  frequency_penalty=None, presence_penalty=None) -> tuple[SamplingParams, SamplingFlags]:
-    """Validates the user's sampling arguments (numbers or per-row sequences). No argument = greedy."""
-    t = _per_row("temperature", temperature, batch, np.float32, 0.0)
-    k = _per_row("top_k", top_k, batch, np.float64, 0)
-    p = _per_row("top_p", top_p, batch, np.float32, 1.0)
-    mp = _per_row("min_p", min_p, batch, np.float32, 0.0)
-    rp = _per_row("repetition_penalty", repetition_penalty, batch, np.float32, 1.0)
-    fp = _per_row("frequency_penalty", frequency_penalty, batch, np.float32, 0.0)
-    pp = _per_row("presence_penalty", presence_penalty, batch, np.float32, 0.0)
-    if (t < 0).any():
-        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if (k < 0).any() or (k != np.round(k)).any():
-        raise InputError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
-    if ((p <= 0) | (p > 1)).any():
-        raise InputError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if ((mp < 0) | (mp > 1)).any():
-        raise InputError(f"min_p must lie in [0, 1], got {min_p!r}")
-    if (rp <= 0).any():
-        raise InputError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
-    sample = bool((t > 0).any())
-    flags = SamplingFlags(
-        sample=sample,
-        top_k=sample and bool((k > 0).any()),
-        top_p=sample and bool((p < 1).any()),
-        min_p=sample and bool((mp > 0).any()),
-        repetition=bool((rp != 1).any()),
-        frequency_presence=bool((fp != 0).any() or (pp != 0).any()),
-    )
-    params = SamplingParams(*(jnp.asarray(a) for a in (t, k.astype(np.int32), p, mp, rp, fp, pp)))
-    return params, flags
+# The numeric fields: (name, neutral value, dtype on the device).
+_NUMERIC = (("temperature", 0.0, np.float32), ("top_k", 0, np.int32), ("top_p", 1.0, np.float32),
+            ("min_p", 0.0, np.float32), ("repetition_penalty", 1.0, np.float32), ("frequency_penalty", 0.0, np.float32),
+            ("presence_penalty", 0.0, np.float32))
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per token (OpenAI's limit)
 
 
-def apply_penalties(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags, seen: jax.Array | None,
+def _number_or_rows(name: str, value, neutral):
+    """A number, or a flat sequence of numbers (one per batch row) as a tuple; None is the neutral value."""
+    if value is None:
+        return neutral
+    arr = np.asarray(value) if not isinstance(value, (str, bytes)) else np.asarray(None)
+    if arr.dtype.kind not in "iuf" or arr.ndim > 1:
+        raise InputError(f"{name} must be a number or one number per batch row, got {value!r}")
+    if not np.isfinite(arr.astype(np.float64)).all():
+        raise InputError(f"{name} must be finite, got {value!r}")
+    return tuple(arr.tolist()) if arr.ndim == 1 else arr.item()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens, validated once, here (one InputError naming the field): what
+    `model.generate` / `stream`, `ChatSession.generate`, `engine.submit` and the server take.
+
+    Numeric fields are a number, or for `model.generate` on a batch one number per row. None (or
+    absent) is the neutral value: temperature 0 (greedy), top_k 0 (off), top_p 1, min_p 0, the
+    penalties off. The order of the stages is transformers' (`choose`). seed: the PRNG seed, an int
+    in [0, 2**64) (None: 0); row r of a batch, or one engine request, draws its i-th token with
+    fold_in(fold_in(key(seed), r), i), so a request draws the same tokens alone or batched.
+    stop_token_ids: None for the model's EOS ids; ignore_eos: stop only at stop_token_ids / stop
+    (vLLM's). stop: strings that end the answer (matched on the text; the engine's output
+    processor). logprobs: None, or k in [0, 20]: report each new token's log-probability and the k
+    most likely tokens with theirs."""
+
+    temperature: float | tuple = 0.0
+    top_k: int | tuple = 0
+    top_p: float | tuple = 1.0
+    min_p: float | tuple = 0.0
+    repetition_penalty: float | tuple = 1.0
+    frequency_penalty: float | tuple = 0.0
+    presence_penalty: float | tuple = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple | None = None
+    stop: tuple = ()
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        put = functools.partial(object.__setattr__, self)
+        for name, neutral, _ in _NUMERIC:
+            put(name, _number_or_rows(name, getattr(self, name), neutral))
+        rows = {name: np.asarray(getattr(self, name), np.float64) for name, _, _ in _NUMERIC}
+        if (rows["temperature"] < 0).any():
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        k = rows["top_k"]
+        if (k < 0).any() or (k != np.round(k)).any() or (k > _INT32_MAX).any():
+            raise InputError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if ((rows["top_p"] <= 0) | (rows["top_p"] > 1)).any():
+            raise InputError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if ((rows["min_p"] < 0) | (rows["min_p"] > 1)).any():
+            raise InputError(f"min_p must lie in [0, 1], got {self.min_p!r}")
+        if (rows["repetition_penalty"] <= 0).any():
+            raise InputError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None:
+            prng_key(self.seed)  # the checks, once
+        if self.stop_token_ids is not None:
+            put("stop_token_ids", tuple(token_ids("stop_token_ids", self.stop_token_ids)))
+        if not isinstance(self.stop, (str, list, tuple)):
+            raise InputError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        put("stop", check_stop(self.stop))
+        n = self.logprobs
+        if n is not None and (not _is_int(n) or not 0 <= n <= MAX_TOP_LOGPROBS):
+            raise InputError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per "
+                             f"token), got {n!r}")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    @classmethod
+    def from_kwargs(cls, kw: dict) -> "SamplingParams":
+        """From keyword arguments as `model.generate` takes them (one InputError for unknown names)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(kw) - names
+        if unknown:
+            raise InputError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        return cls(**kw)
+
+    @property
+    def flags(self) -> "SamplingFlags":
+        """The stages the compiled sampler needs for these values."""
+        t = np.asarray(self.temperature)
+        sample = bool((t > 0).any())
+        return SamplingFlags(
+            sample=sample,
+            top_k=sample and bool((np.asarray(self.top_k) > 0).any()),
+            top_p=sample and bool((np.asarray(self.top_p) < 1).any()),
+            min_p=sample and bool((np.asarray(self.min_p) > 0).any()),
+            repetition=bool((np.asarray(self.repetition_penalty) != 1).any()),
+            frequency_presence=bool((np.asarray(self.frequency_penalty) != 0).any()
+                                    or (np.asarray(self.presence_penalty) != 0).any()),
+            logprobs=self.logprobs is not None, top_logprobs=bool(self.logprobs))
+
+    def rows(self, batch: int) -> tuple[np.ndarray, ...]:
+        """The numeric fields as [batch] numpy arrays, in SamplingArrays order (InputError when a
+        per-row field has another length)."""
+        out = []
+        for name, _, dtype in _NUMERIC:
+            arr = np.asarray(getattr(self, name))
+            if arr.ndim == 1 and arr.shape[0] != batch:
+                raise InputError(f"{name} must be a number or one number per batch row ({batch}), "
+                                 f"got {getattr(self, name)!r}")
+            out.append(np.broadcast_to(arr, (batch,)).astype(dtype))
+        return tuple(out)
+
+    def arrays(self, batch: int) -> tuple[SamplingArrays, "SamplingFlags"]:
+        """(device arrays [batch] each, the sampler's static flags)."""
+        return SamplingArrays(*(jnp.asarray(a) for a in self.rows(batch))), self.flags
+
+    def key(self) -> jax.Array:
+        return prng_key(self.seed)
+
+
+def make_sampling(batch: int, **kw) -> tuple[SamplingArrays, "SamplingFlags"]:
+    """Sampling arrays and flags for a batch from keyword values (tests and benchmarks)."""
+    return SamplingParams(**kw).arrays(batch)
+
+
+def apply_penalties(logits: jax.Array, sp: SamplingArrays, flags: SamplingFlags, seen: jax.Array | None,
                     counts: jax.Array | None) -> jax.Array:
     """seen [b, v]: token occurs in prompt or output; counts [b, v]: occurrences in the output."""
     if flags.repetition:
@@ -152,7 +238,7 @@ def apply_penalties(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags,
     return logits
 
 
-def warp(logits: jax.Array, sp: SamplingParams, flags: SamplingFlags) -> jax.Array:
+def warp(logits: jax.Array, sp: SamplingArrays, flags: SamplingFlags) -> jax.Array:
     """Temperature, top-k, top-p, min-p as transformers' warpers: filtered tokens get -inf."""
     t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
     logits = logits / t
@@ -196,7 +282,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return idx.astype(jnp.int32)
 
 
-def choose(key: jax.Array, logits: jax.Array, sp: SamplingParams, flags: SamplingFlags,
+def choose(key: jax.Array, logits: jax.Array, sp: SamplingArrays, flags: SamplingFlags,
            seen: jax.Array | None = None, counts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(tokens [b] int32, log-probability of each chosen token under the model [b]; zeros unless
     flags.logprobs)."""

@@ -306,16 +306,6 @@ def _flatten_images(images: Any) -> list:
     return [images]
 
 
-def __getattr__(name: str):
-    # processor.py imports these from here; they live in video_processing.py, which imports this
-    # module, so a plain import at the top would be a cycle. Goes when processor.py imports them there.
-    if name in ("VideoProcessor", "_split_videos"):
-        from qvl_jax.processing import video_processing
-
-        return getattr(video_processing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "ImageProcessor",
     "load_image",

@@ -41,7 +41,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
-from qvl_jax.processing.image_processing import ImageProcessor, VideoProcessor, _split_videos
+from qvl_jax.processing.image_processing import ImageProcessor
+from qvl_jax.processing.video_processing import VideoProcessor, _split_videos
 from qvl_jax.processing.messages import (
     _REASONING_FIELDS,
     _alias_reasoning,

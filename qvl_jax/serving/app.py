@@ -18,14 +18,15 @@ import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
+from qvl_jax.engine.sampling import SamplingParams
 from qvl_jax.errors import InputError, QvlError
 from qvl_jax.serving import media
 from qvl_jax.serving.metrics import Metrics
@@ -64,7 +65,6 @@ class _State:
         self.vocab = engine.cfg.text.vocab_size
         self.created = int(time.time())
         self.table = TokenTable.of(processor)
-        self.pool = ThreadPoolExecutor(max_workers=config.max_pending, thread_name_prefix="qvl-serve-chunks")
 
 
 def _check_key(request: Request, key: str | None) -> None:
@@ -128,7 +128,6 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
             st.closing = True
             if task is not None:
                 task.cancel()
-            st.pool.shutdown(wait=False)
 
     app = FastAPI(title="qvl_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qvl = st
@@ -189,8 +188,6 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
 
 def _warm_up(st: _State) -> None:
     """Compiles the common paths (a text prompt, an image prompt) before /health says ready."""
-    import numpy as np
-
     try:
         img = np.full((64, 64, 3), 128, np.uint8)
         for content in ("warm up", [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]):
@@ -240,8 +237,6 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
 
 
 def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
-    import numpy as np
-
     prompts = req.prompt
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
@@ -259,7 +254,9 @@ def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
     return out
 
 
-def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, tuple[str, ...], set[int]]:
+def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tuple[str, ...], set[int]]:
+    """The request's SamplingParams (checked once, here: a bad value is a 400 naming it), its token
+    budget, stop strings and stop ids."""
     name = unsupported(req)
     if name is not None:
         raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -303,7 +300,11 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[dict, int, tuple[str, ...
             kw["logprobs"] = req.top_logprobs or 0
     elif req.logprobs is not None:
         kw["logprobs"] = req.logprobs
-    return kw, max_tokens, stop_strings, stop_ids
+    try:
+        sp = SamplingParams(**kw)
+    except InputError as e:
+        raise ApiError(400, str(e)) from None
+    return sp, max_tokens, stop_strings, stop_ids
 
 
 async def _serve(st: _State, request: Request, req, chat: bool):
@@ -340,11 +341,10 @@ async def _serve(st: _State, request: Request, req, chat: bool):
         handles, stop_strings, stop_ids = [], (), set()
         try:
             for inp, n in zip(inputs, n_prompt):
-                kw, max_tokens, stop_strings, stop_ids = _sampling(st, req, n)
-                seed = kw.pop("seed", None)
+                sp, max_tokens, stop_strings, stop_ids = _sampling(st, req, n)
                 for j in range(req.n):
-                    extra = {} if seed is None else {"seed": (seed + j) % 2**64}
-                    h = st.engine.submit(inp, max_new_tokens=max_tokens, **kw, **extra)
+                    sp_j = sp if sp.seed is None or j == 0 else dataclasses.replace(sp, seed=(sp.seed + j) % 2**64)
+                    h = st.engine.submit(inp, max_new_tokens=max_tokens, sampling_params=sp_j)
                     handles.append(h)
                     if h.done():  # refused by the engine's own checks
                         h.result()
@@ -357,7 +357,7 @@ async def _serve(st: _State, request: Request, req, chat: bool):
                 h.cancel()
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
-        run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, st.pool, want_logprobs="logprobs" in kw)
+        run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, want_logprobs=sp.logprobs is not None)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:

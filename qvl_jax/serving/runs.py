@@ -1,10 +1,9 @@
 """One HTTP request's n engine requests (its choices) as one stream of text events.
 
-The request's own task (the handler, or the SSE response's body iterator) is the only consumer: it
-waits on all its choices at once with `asyncio.wait`. The engine's `RequestHandle` offers a blocking
-chunk iterator only, so each choice has at most one `next()` outstanding in the server's chunk pool:
-a thread pool as large as the admission limit (no choice waits for a thread, and the default
-executor stays free for media loading). Text is made on the event loop by each choice's
+The request's own task (the handler, or the SSE response's body iterator) is the only consumer: each
+choice's engine handle tells it of new chunks through `RequestHandle.subscribe`, whose callback (on
+the engine's thread) only hands the chunk to the event loop's queue of this request, so no thread
+waits per choice or per request. Text is made on the event loop by each choice's
 `OutputStream` (qvl_jax.engine.output), whose work per token is bounded by the token's bytes and the
 stop strings' lengths; at a stop string the engine request is cancelled.
 """
@@ -14,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from concurrent.futures import Executor
-
 from qvl_jax.engine.output import OutputStream, TokenTable
 
 
@@ -34,16 +31,15 @@ class Choice:
 
 
 class _End:
+    """A choice's end: its RequestOutput, or the error it failed with."""
+
     def __init__(self, item):
         self.item = item
 
 
-def _next_chunk(handle, chunks):
-    """A handle's next TokenChunk, or at its end _End(its result or error); blocks (chunk pool)."""
+def _ended(handle) -> _End:
     try:
-        return next(chunks)
-    except StopIteration:
-        return _End(handle.result())
+        return _End(handle.result(timeout=0))
     except BaseException as e:  # the handle's error is the request's, reported to its client
         return _End(e)
 
@@ -53,8 +49,8 @@ class Run:
     of the new tokens: (id, logprob, top ids, top logprobs), without a stop id)."""
 
     def __init__(self, handles: list, table: TokenTable, stops: tuple, stop_ids: set[int], t0: float,
-                 metrics, pool: Executor, want_logprobs: bool = False):
-        self.stop_ids, self.t0, self.metrics, self.pool = stop_ids, t0, metrics, pool
+                 metrics, want_logprobs: bool = False):
+        self.stop_ids, self.t0, self.metrics = stop_ids, t0, metrics
         self.want_logprobs = want_logprobs
         self.choices = [Choice(h, OutputStream(table, stops, stop_ids)) for h in handles]
         self.first_token = False
@@ -65,17 +61,24 @@ class Run:
 
     async def events(self):
         loop, m = asyncio.get_running_loop(), self.metrics
-        its = [c.handle.chunks() for c in self.choices]
+        q: asyncio.Queue = asyncio.Queue()
+        def tell(i, handle, chunk):  # on the engine's thread: hand over and return
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (i, chunk if chunk is not None else _ended(handle)))
+            except RuntimeError:  # the event loop is closed (the server stopped): nobody is listening
+                pass
 
-        def ask(i):
-            return loop.run_in_executor(self.pool, _next_chunk, self.choices[i].handle, its[i])
-
-        waiting = {ask(i): i for i in range(len(self.choices))}
-        while waiting:
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            for i, item in sorted(((waiting.pop(f), f.result()) for f in done), key=lambda x: x[0]):
+        for i, c in enumerate(self.choices):
+            c.handle.subscribe(lambda chunk, i=i, h=c.handle: tell(i, h, chunk))
+        left = len(self.choices)
+        while left:
+            batch = [await q.get()]
+            while not q.empty():
+                batch.append(q.get_nowait())
+            for i, item in sorted(batch, key=lambda x: x[0]):
                 c = self.choices[i]
                 if isinstance(item, _End):
+                    left -= 1
                     if isinstance(item.item, BaseException):
                         c.error = item.item
                         c.out.finish("error")
@@ -84,7 +87,6 @@ class Run:
                         c.result = item.item
                         yield i, c.out.finish(item.item.finish_reason), c.finish, []
                     continue
-                waiting[ask(i)] = i
                 now = time.perf_counter()
                 if not self.first_token:
                     self.first_token = True

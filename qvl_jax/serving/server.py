@@ -10,23 +10,23 @@ from __future__ import annotations
 import signal
 import sys
 
+import uvicorn
+
+import qvl_jax
+from qvl_jax.hub import resolve_model
+from qvl_jax.processing.processor import Processor
+from qvl_jax.serving import media
+from qvl_jax.serving.app import ServerConfig, create_app
+
 
 def run(args) -> int:
-    import uvicorn
-
-    import qvl_jax
-    from qvl_jax.hub import resolve_model
-    from qvl_jax.processing.processor import Processor
-    from qvl_jax.serving import media
-    from qvl_jax.serving.app import ServerConfig, create_app
-
     policy = media.MediaPolicy(allowed_local_path=media.allowed_dir(args.allowed_local_media_path),
                                allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
                                timeout_s=args.media_timeout)
     model_dir = resolve_model(args.model)  # no --model: the built-in tiny model, with a notice
     processor = Processor.from_pretrained(model_dir)
-    model = qvl_jax.load(model_dir, dtype=args.dtype)
-    engine = model.engine(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    model = qvl_jax.load(model_dir, dtype=args.dtype, attention=args.attention)
+    engine = model.engine(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, processor=processor)
     name = args.served_model_name or (args.model if args.model else "tiny-random")
     config = ServerConfig(served_model_name=name, api_key=args.api_key, media=policy,
                           max_body_bytes=args.max_body_bytes,

@@ -1,0 +1,344 @@
+"""The jitted steps of generation: one prefill chunk and one multi-step decode loop, shared by every
+path. `model.generate`, `model.stream` and `ChatSession` run them over the static preallocated
+cache (`cache.StaticCache`); the `Engine` runs them over the paged cache (`paged.PagedCache`). A
+cache is a pytree with `view(index, valid, window)`, the `qvl_jax.modeling.kv_cache.KVCache` that the
+decoder writes and reads inside the trace, and `merge(view)`, the cache after the call.
+
+Rows are the unit of work: a row of a static batch, or one engine request. Everything a row needs
+travels in `Rows` (per-row arrays): where its next token goes in its cache (`seq_len`), where its
+attention window starts (`lo`, a static batch's left padding), its rotary offset, how many tokens it
+produced (its PRNG index), its budget, stop ids, sampling values and PRNG key. Row r of a batch, and
+an engine request (row 0 of its own), draws its i-th token with fold_in(its key, i), where its key is
+fold_in(key(seed), r): a request draws the same tokens alone, batched, or in the engine.
+
+The decode loop's carry is `DecodeState`. A row runs while it is active: not stopped (a stop id or
+non-finite logits), under its max_new, and below its `limit` (the static cache's attention window,
+or the end of the blocks the engine granted); the loop runs up to n_steps steps while a row is
+active, so the host pays one round trip per loop, not per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qvl_jax import sharding
+from qvl_jax.engine import sampling
+from qvl_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingFlags
+from qvl_jax.modeling.model import Structure
+
+
+class Rows(NamedTuple):
+    """Per-row inputs of a step, each [r]."""
+
+    slot: jax.Array  # int32: the row's line in the penalty history (seen / counts)
+    seq_len: jax.Array  # int32: cache index of the row's next token (tokens of it already in the cache)
+    lo: jax.Array  # int32: first cache index its attention reads (a static batch's left padding; else 0)
+    delta: jax.Array  # int32: rotary position of a generated token = its cache index + delta
+    n_out: jax.Array  # int32: tokens generated so far (the PRNG index of the next)
+    max_new: jax.Array  # int32
+    limit: jax.Array  # int32: decode runs while seq_len < limit
+    keys: jax.Array  # [r, 2] uint32: PRNG key data
+    stop_ids: jax.Array  # [r, n] int32, -1 = unused
+    sampling: SamplingArrays
+
+
+class Tokens(NamedTuple):
+    """What a step hands the host: tokens [r, n] (-1 where a row did not run) and, when asked for,
+    their log-probabilities [r, n], the top alternatives [r, n, k] and raw logits [r, n, vocab]."""
+
+    tokens: jax.Array
+    logprobs: jax.Array | None
+    top_ids: jax.Array | None
+    top_logprobs: jax.Array | None
+    logits: jax.Array | None
+    seq_len: jax.Array  # [r] after the call
+    last_tok: jax.Array  # [r]: each row's last chosen token (the next call feeds it)
+    n_out: jax.Array  # [r]
+    active: jax.Array  # [r] bool: the row may go on
+    bad: jax.Array  # [r] int32: n_out index of the first non-finite logits, -1 none
+
+
+class DecodeState(NamedTuple):
+    """The decode loop's carry."""
+
+    step: jax.Array  # [] int32: steps this loop ran
+    cache: object  # the cache pytree
+    seen: jax.Array | None  # [slots, vocab] bool: token in prompt or output (repetition penalty only)
+    counts: jax.Array | None  # [slots, vocab] int32: occurrences in the output (frequency/presence only)
+    seq_len: jax.Array  # [r]
+    n_out: jax.Array  # [r]
+    last_tok: jax.Array  # [r]: the token fed next
+    embed: jax.Array | None  # [r, 1, d]: its input embedding (greedy under a mesh, `_carry_embed`)
+    active: jax.Array  # [r] bool
+    bad: jax.Array  # [r] int32
+    out: Tokens
+
+
+def row_keys(key: jax.Array, rows: int):
+    """[rows, 2] key data of rows 0..rows-1 of a request drawn with `key` (fold_in(key, r))."""
+    return jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(key, r)))(jnp.arange(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing tokens
+
+
+# Under a mesh, greedy decoding chooses its token with `_greedy_by_blocks`, and also hands the next
+# step its input embedding while the all-gather that carries it stays below this size; past it (large
+# batches) the next step looks the token up in the vocab-split table instead: one all-reduce of
+# [b, d] more per step, but fewer bytes than gathering every block's candidate row.
+CARRY_EMBED_MAX_BYTES = 4 << 20
+
+
+def _carry_embed(m, flags: SamplingFlags, mesh, rows: int) -> bool:
+    """Whether greedy decoding under a mesh also gathers each block's candidate embedding row
+    (`DecodeState.embed`): only where the vocabulary is split (else the lookup is local anyway) and
+    the gather is small."""
+    cfg = m.config.text
+    n = sharding.vocab_blocks(cfg.vocab_size, mesh)
+    return (mesh is not None and not flags.sample and n > 1
+            and rows * n * (cfg.hidden_size + 6) * 4 <= CARRY_EMBED_MAX_BYTES)
+
+
+def _greedy_by_blocks(logits: jax.Array, table: jax.Array | None, sp: SamplingArrays, flags: SamplingFlags,
+                      seen: jax.Array | None, counts: jax.Array | None, mesh):
+    """Greedy choice over vocab-sharded logits [b, vocab] with one collective: (tokens [b], their
+    log-probabilities [b] (None unless flags.logprobs), finite [b], and given the embedding table
+    [vocab, d], the tokens' input embeddings [b, 1, d] for the next step).
+
+    Left to itself XLA spends an all-reduce per step for each of: the finite check, the max, the
+    first index of the max, and the next step's lookup in the vocab-split embedding table (a masked
+    local gather, then a sum). Here each vocabulary block (as the rules split the lm_head output, and
+    the embedding rows alike) reduces locally to its candidate: (max, first index of the max, all
+    finite), and with the table the candidate's own embedding row. The [b, blocks, fields]
+    candidates are gathered everywhere at once, and every device picks the first block holding the
+    overall max: the same token as `sampling.first_argmax` over the whole row, and its embedding
+    row exactly. Tokens come out whole on every device, so `active` is too, and the loop condition
+    needs no collective."""
+    b, vocab = logits.shape
+    n = sharding.vocab_blocks(vocab, mesh)
+    if vocab > 2 ** 24:  # token ids travel as float32 in the gathered candidates
+        raise ValueError(f"vocabulary of {vocab} entries: too large for the blocked greedy choice")
+    blocks = ("batch", "vocab", None)
+    processed = sampling.apply_penalties(logits, sp, flags, seen, counts)  # elementwise: stays split
+    processed = sharding.constrain(processed.reshape(b, n, vocab // n), mesh, blocks)
+    raw = sharding.constrain(logits.reshape(b, n, vocab // n), mesh, blocks)
+    local = sampling.first_argmax(processed)  # [b, n]: index inside each block
+    index = local + jnp.arange(n, dtype=jnp.int32) * (vocab // n)
+    fields = [jnp.max(processed, axis=-1), index.astype(jnp.float32),
+              jnp.all(jnp.isfinite(raw), axis=-1).astype(jnp.float32)]
+    if flags.logprobs:  # each block's (max logit, sum of exp(logit - max), logit of its candidate)
+        top = jnp.max(raw, axis=-1, keepdims=True)
+        fields += [top[..., 0], jnp.sum(jnp.exp(raw - top), axis=-1),
+                   jnp.take_along_axis(raw, local[..., None], axis=-1)[..., 0]]
+    cand = jnp.stack(fields, axis=-1)
+    if table is not None:  # each block's candidate row, from the device's own rows
+        rows = sharding.constrain(table.reshape(n, vocab // n, -1), mesh, ("vocab", None, None))
+        rows = jax.vmap(lambda block, i: block[i], in_axes=(0, 1), out_axes=1)(rows, local)
+        cand = jnp.concatenate([cand, rows.astype(jnp.float32)], axis=-1)
+    cand = sharding.replicate(cand, mesh, blocks)  # the one collective: an all-gather
+    pick = jnp.take_along_axis(cand, sampling.first_argmax(cand[..., 0])[:, None, None], axis=1)[:, 0]
+    tok = pick[:, 1].astype(jnp.int32)
+    finite = jnp.all(cand[..., 2] > 0, axis=1)
+    lp = None
+    if flags.logprobs:  # log_softmax at the token, its sum of exponentials assembled from the blocks
+        top = jnp.max(cand[..., 3], axis=1)
+        lp = (pick[:, 5] - top) - jnp.log(jnp.sum(cand[..., 4] * jnp.exp(cand[..., 3] - top[:, None]), axis=1))
+    x = None if table is None else pick[:, None, len(fields):].astype(table.dtype)
+    # Pinned whole, or XLA may work on batch shards from here and gather the results again.
+    return tuple(None if a is None else sharding.constrain(a, mesh, (None,) * a.ndim) for a in (tok, lp, finite, x))
+
+
+def choose(m, flags: SamplingFlags, logits: jax.Array, rows: Rows, n_out: jax.Array, seen: jax.Array | None,
+           counts: jax.Array | None, mesh=None, carry_embed: bool = False):
+    """One token per row from logits [r, vocab] (float32): (tokens [r], finite [r], chosen logprob
+    [r] | None, (top ids, top logprobs) [r, k] | None, the tokens' embeddings [r, 1, d] | None).
+
+    Greedy rows take the first maximum after the penalties; sampling rows draw each as a batch of
+    one with fold_in(its key, n_out), the draw `model.generate` makes for that row alone. A row whose
+    logits are not finite is reported (finite False), never sampled from. Log-probabilities are the
+    model's log-softmax before penalties, temperature and truncation."""
+    sp = rows.sampling
+    seen_rows = seen[rows.slot] if flags.repetition else None
+    count_rows = counts[rows.slot] if flags.frequency_presence else None
+    x_next = lp = top = None
+    if mesh is not None and not flags.sample:
+        table = m.model.language_model.embed_tokens.weight[...] if carry_embed else None
+        tok, lp, finite, x_next = _greedy_by_blocks(logits, table, sp, flags, seen_rows, count_rows, mesh)
+    else:
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        clean = jnp.where(finite[:, None], logits, 0.0)
+        if flags.sample:
+            plain = dataclasses.replace(flags, logprobs=False, top_logprobs=False)
+
+            def one(kd, i, lg, sp_row, seen_row, count_row):
+                key = jax.random.fold_in(jax.random.wrap_key_data(kd), i)
+                sp1 = SamplingArrays(*(a[None] for a in sp_row))
+                tok, _ = sampling.choose(key, lg[None], sp1, plain, None if seen_row is None else seen_row[None],
+                                         None if count_row is None else count_row[None])
+                return tok[0]
+
+            tok = jax.vmap(one)(rows.keys, n_out, clean, sp, seen_rows, count_rows)
+        else:
+            tok = sampling.first_argmax(sampling.apply_penalties(clean, sp, flags, seen_rows, count_rows))
+    if flags.logprobs and (lp is None or flags.top_logprobs):
+        lsm = jax.nn.log_softmax(logits, axis=-1)
+        lp = jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0]
+        if flags.top_logprobs:
+            top_lp, top_ids = jax.lax.top_k(lsm, min(MAX_TOP_LOGPROBS, lsm.shape[-1]))
+            top = (top_ids.astype(jnp.int32), top_lp)
+    return tok, finite, lp, top, x_next
+
+
+def _record_history(flags: SamplingFlags, seen, counts, slot, tok, live):
+    if flags.repetition:
+        seen = seen.at[slot, tok].max(live)  # an OR; no read of seen (a vocab-split gather)
+    if flags.frequency_presence:
+        counts = counts.at[slot, tok].add(live.astype(jnp.int32))
+    return seen, counts
+
+
+@functools.partial(jax.jit, donate_argnames=("seen", "counts"))
+def set_history(seen, counts, slot, hist, n_prompt):
+    """Resets rows slot [r] of the penalty history: seen = every token of hist [r, L] (-1 padded),
+    counts = those at indices >= n_prompt [r] (the generated ones)."""
+    valid = hist >= 0
+    idx = jnp.where(valid, hist, 0)
+    rows = jnp.arange(hist.shape[0])[:, None]
+    if seen is not None:
+        fresh = jnp.zeros((hist.shape[0], seen.shape[1]), bool).at[rows, idx].max(valid)
+        seen = seen.at[slot].set(fresh)
+    if counts is not None:
+        is_out = valid & (jnp.arange(hist.shape[1])[None] >= n_prompt[:, None])
+        fresh = jnp.zeros((hist.shape[0], counts.shape[1]), jnp.int32).at[rows, idx].add(is_out.astype(jnp.int32))
+        counts = counts.at[slot].set(fresh)
+    return seen, counts
+
+
+def _stopped(tok: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    return jnp.any(tok[:, None] == stop_ids, axis=1)
+
+
+def _top_buffers(flags: SamplingFlags, m, r: int, n: int, want_logits: bool):
+    k = min(MAX_TOP_LOGPROBS, m.config.text.vocab_size)
+    return (jnp.zeros((r, n), jnp.float32) if flags.logprobs else None,
+            jnp.zeros((r, n, k), jnp.int32) if flags.top_logprobs else None,
+            jnp.zeros((r, n, k), jnp.float32) if flags.top_logprobs else None,
+            jnp.zeros((r, n, m.config.text.vocab_size), jnp.float32) if want_logits else None)
+
+
+def _put(buf, col, value):
+    return None if buf is None else jax.lax.dynamic_update_index_in_dim(buf, value, col, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "flags", "window", "want_logits", "mesh"),
+                   donate_argnames=("cache", "seen", "counts"))
+def prefill(structure: Structure, leaves: list, flags: SamplingFlags, window: int, want_logits: bool, cache,
+            seen, counts, ids: jax.Array, positions: jax.Array, valid: jax.Array, offset: jax.Array,
+            last_idx: jax.Array, vision, rows: Rows, final: jax.Array, mesh=None):
+    """Writes a chunk of each row's sequence into its cache and chooses the row's next token from
+    its last real position's logits.
+
+    ids [r, t] at cache indices offset [r] + i; valid [r, t] marks real tokens (a static batch is
+    left-padded, an engine chunk right-padded); last_idx [r]: each row's last real token in the
+    chunk; window: the cache indices attention reads (static); vision: (features, DeepStack
+    features, feature index [r, t]) or None. final [r]: whether the chunk ends the row's known
+    sequence (its token counts; a non-final chunk's choice is discarded). (structure, leaves): the
+    model, split. Returns (cache, seen, counts, Tokens with one column)."""
+    m = structure.merge(leaves)
+    r, t = ids.shape
+    index = offset[:, None] + jnp.arange(t)[None]  # [r, t] cache index of each query
+    j = jnp.arange(window)
+    rel = jnp.clip(j[None] - offset[:, None], 0, t - 1)
+    chunk_valid = jnp.take_along_axis(valid, rel, axis=1)  # [r, window]: key j is a real token of the chunk
+    key_ok = (j[None] >= rows.lo[:, None]) & ((j[None] < offset[:, None])
+                                              | ((j[None] < offset[:, None] + t) & chunk_valid))
+    mask = key_ok[:, None, :] & (j[None, None, :] <= index[:, :, None])
+    x, deepstack = m.embed_inputs(ids, vision)
+    h, view = m.model.language_model(x, positions, mask, deepstack, cache.view(index, valid, window))
+    last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
+    logits = m.lm_logits(last)[:, 0].astype(jnp.float32)
+    tok, finite, lp, top, _ = choose(m, flags, logits, rows, rows.n_out, seen, counts, mesh)
+    seen, counts = _record_history(flags, seen, counts, rows.slot, tok, final & finite)
+    seq_len = offset + last_idx + 1
+    n_out = rows.n_out + final
+    active = final & finite & ~_stopped(tok, rows.stop_ids) & (n_out < rows.max_new)
+    lps, top_ids, top_lps, out_logits = _top_buffers(flags, m, r, 1, want_logits)
+    out = Tokens(tokens=tok[:, None], logprobs=None if lp is None else lp[:, None],
+                 top_ids=None if top is None else top[0][:, None], top_logprobs=None if top is None else top[1][:, None],
+                 logits=logits[:, None] if want_logits else None, seq_len=seq_len, last_tok=tok, n_out=n_out,
+                 active=sharding.constrain(active, mesh, (None,)),
+                 bad=jnp.where(finite, -1, rows.n_out).astype(jnp.int32))
+    return cache.merge(view), seen, counts, out
+
+
+def _decode_step(m, flags: SamplingFlags, window: int, rows: Rows, mesh, carry: bool,
+                 s: DecodeState) -> DecodeState:
+    """Feeds each active row's last token at its seq_len and chooses its next one."""
+    whole = functools.partial(sharding.constrain, mesh=mesh, axes=(None,))  # see `decode`
+    s = s._replace(seq_len=whole(s.seq_len), n_out=whole(s.n_out), active=whole(s.active), bad=whole(s.bad))
+    r = s.seq_len.shape[0]
+    positions = jnp.broadcast_to((s.seq_len + rows.delta)[None, :, None], (3, r, 1))
+    j = jnp.arange(window)
+    mask = ((j[None] >= rows.lo[:, None]) & (j[None] <= s.seq_len[:, None]))[:, None, :]
+    x = m.embed(s.last_tok[:, None]) if s.embed is None else s.embed
+    view = s.cache.view(s.seq_len[:, None], s.active[:, None], window)
+    h, view = m.model.language_model(x, positions, mask, None, view)
+    logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
+    tok, finite, lp, top, x_next = choose(m, flags, logits, rows, s.n_out, s.seen, s.counts, mesh, carry)
+    live = s.active & finite
+    tok = sharding.constrain(jnp.where(s.active, tok, s.last_tok), mesh, (None,))
+    seen, counts = _record_history(flags, s.seen, s.counts, rows.slot, tok, live)
+    o = s.out
+    out = Tokens(tokens=_put(o.tokens, s.step, jnp.where(s.active, tok, -1)),
+                 logprobs=_put(o.logprobs, s.step, None if lp is None else jnp.where(s.active, lp, 0.0)),
+                 top_ids=_put(o.top_ids, s.step, None if top is None else top[0]),
+                 top_logprobs=_put(o.top_logprobs, s.step, None if top is None else top[1]),
+                 logits=_put(o.logits, s.step, logits), seq_len=o.seq_len, last_tok=o.last_tok, n_out=o.n_out,
+                 active=o.active, bad=o.bad)
+    seq_len = s.seq_len + s.active
+    n_out = s.n_out + s.active
+    bad = jnp.where((s.bad < 0) & s.active & ~finite, s.n_out, s.bad)
+    active = live & ~_stopped(tok, rows.stop_ids) & (n_out < rows.max_new) & (seq_len < rows.limit)
+    if x_next is not None:  # an inactive row is fed its last token again, as without the carry
+        x_next = jnp.where(s.active[:, None, None], x_next, s.embed)
+    return DecodeState(step=s.step + 1, cache=s.cache.merge(view), seen=seen, counts=counts, seq_len=whole(seq_len),
+                       n_out=whole(n_out), last_tok=tok, embed=x_next, active=whole(active), bad=whole(bad), out=out)
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "flags", "window", "n_steps", "want_logits", "mesh"),
+                   donate_argnames=("cache", "seen", "counts"))
+def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int, n_steps: int, want_logits: bool,
+           cache, seen, counts, last_tok: jax.Array, active: jax.Array, rows: Rows, mesh=None):
+    """Up to n_steps decode steps in one `lax.while_loop`, while some row is active; row i feeds
+    last_tok[i] at rows.seq_len[i] first. window: the cache indices attention reads (static).
+    Returns (cache, seen, counts, Tokens [r, n_steps])."""
+    m = structure.merge(leaves)
+    r = last_tok.shape[0]
+    carry = _carry_embed(m, flags, mesh, r)
+    # Under a mesh the per-row bookkeeping ([r]: cheap) is kept whole on every device, down to
+    # `active`: the loop condition's jnp.any then needs no all-reduce over "data".
+    whole = functools.partial(jax.tree.map, lambda a: sharding.constrain(a, mesh, (None,) * a.ndim))
+    rows, last_tok, active = whole(rows), whole(last_tok), whole(active)
+    lps, top_ids, top_lps, out_logits = _top_buffers(flags, m, r, n_steps, want_logits)
+    out = Tokens(jnp.full((r, n_steps), -1, jnp.int32), lps, top_ids, top_lps, out_logits, rows.seq_len, last_tok,
+                 rows.n_out, active, jnp.full((r,), -1, jnp.int32))
+    state = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache.start_decode(rows.seq_len.shape[0], window),
+                        seen=seen, counts=counts, seq_len=rows.seq_len, n_out=rows.n_out, last_tok=last_tok,
+                        embed=m.embed(last_tok[:, None]) if carry else None,
+                        active=sharding.constrain(active & (rows.seq_len < rows.limit), mesh, (None,)),
+                        bad=jnp.full((r,), -1, jnp.int32), out=out)
+    state = jax.lax.while_loop(lambda s: (s.step < n_steps) & jnp.any(s.active),
+                               functools.partial(_decode_step, m, flags, window, rows, mesh, carry), state)
+    out = state.out._replace(seq_len=state.seq_len, last_tok=state.last_tok, n_out=state.n_out, active=state.active,
+                             bad=state.bad)
+    return state.cache.end_decode(), state.seen, state.counts, out
