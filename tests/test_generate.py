@@ -65,6 +65,21 @@ def test_greedy_matches_transformers(name, kind, hf_checkpoint, jax_model):
     _assert_same_greedy(out.tokens, ref, ref_logits)
 
 
+def test_generation_crosses_attention_window_buckets(hf_checkpoint, jax_model):
+    """A decode longer than the first attention window (64 cache entries) re-enters the loop with the
+    next bucket and goes on: the whole answer, greedy and streamed, equals transformers' and has
+    every token asked for (a loop that stopped at the window's end would return 64 - prompt)."""
+    hf, _ = hf_checkpoint("untied")
+    inp = _prompt(hf, "padded_batch", seed=17)
+    n = 140 - inp["input_ids"].shape[1]  # the cache holds 140 tokens: windows 64, 128, 256
+    ref, ref_logits = _hf_generate(hf, inp, n=n)
+    out = jax_model("untied").generate(**inp, max_new_tokens=n, stop_token_ids=[])
+    assert out.tokens.shape == ref.shape and (out.lengths == n).all()
+    _assert_same_greedy(out.tokens, ref, ref_logits)
+    streamed = np.stack(list(jax_model("untied").stream(**inp, max_new_tokens=n, stop_token_ids=[])), 1)
+    np.testing.assert_array_equal(streamed, out.tokens)
+
+
 def _full_forward(m, inp, out):
     """Our full (uncached) forward over prompt + fed tokens, with decode positions index + rope_delta:
     the logits each decode step must reproduce."""

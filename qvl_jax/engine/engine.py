@@ -246,7 +246,7 @@ class Engine:
             output = OutputStream(self._tokens(), ctl.sampling.stop, stop_ids)
         return EngineRequest(handle=handle, layout=layout, max_new=max_new, flags=ctl.flags,
                              sp=tuple(a[0] for a in ctl.sampling.rows(1)),
-                             key=np.asarray(steps.row_keys(ctl.sampling.key(), 1)[0], np.uint32), stop=ctl.stop_ids,
+                             key=steps.row_keys(ctl.sampling.seed, 1)[0], stop=ctl.stop_ids,
                              submitted=time.perf_counter(), n_top=ctl.sampling.logprobs, output=output)
 
     def _tokens(self) -> TokenTable:
@@ -384,7 +384,7 @@ class Engine:
         rows = self._rows([req], 1)
         cache = paged.PagedCache(self._pages, jnp.asarray(self.scheduler.table[slot:slot + 1, :rb]), (), self.block_size,
                                  self._pallas)
-        cache, self._seen, self._counts, out = steps.prefill(
+        cache, self._seen, self._counts, out, _ = steps.prefill(
             *self.model.split, req.flags, rb * self.block_size, False, cache, self._seen, self._counts, ids,
             positions, (np.arange(t) < n)[None], np.array([o], np.int32), np.array([n - 1], np.int32), vision, rows,
             np.array([final]), mesh=self.mesh)

@@ -116,7 +116,7 @@ def controls(model, batch: int, max_new_tokens, kw: dict, return_logprobs: bool 
 def rows_for(ctl: Controls, batch: int, *, seq_len, lo, delta, limit, slot=None, n_out=None) -> steps.Rows:
     """The steps' per-row arrays for `batch` rows of one call's settings."""
     zeros = np.zeros(batch, np.int32)
-    keys = np.asarray(steps.row_keys(ctl.sampling.key(), batch), np.uint32)
+    keys = steps.row_keys(ctl.sampling.seed, batch)
     return steps.Rows(
         slot=np.arange(batch, dtype=np.int32) if slot is None else slot,
         seq_len=np.broadcast_to(np.asarray(seq_len, np.int32), (batch,)),
@@ -134,6 +134,8 @@ class Generator:
         self.model = model
         self.cfg: Qwen3VLConfig = model.config
         self.mesh = getattr(model, "mesh", None)  # static argument of the jitted steps
+        # Where host arrays the steps reuse are put: replicated over the mesh, or the default device.
+        self._where = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
     # -- checks ------------------------------------------------------------------------------------
     def _check_capacity(self, prompt_len: int, max_new: int, batch: int, cache_len: int):
@@ -181,9 +183,8 @@ class Generator:
         if not flags.penalties:
             return None, None
         b, vocab = seen_ids.shape[0], self.cfg.text.vocab_size
-        where = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
-        seen = jnp.zeros((b, vocab), bool, device=where) if flags.repetition else None
-        counts = jnp.zeros((b, vocab), jnp.int32, device=where) if flags.frequency_presence else None
+        seen = jnp.zeros((b, vocab), bool, device=self._where) if flags.repetition else None
+        counts = jnp.zeros((b, vocab), jnp.int32, device=self._where) if flags.frequency_presence else None
         hist = np.full((b, bucket_length(seen_ids.shape[1], 16)), -1, np.int32)
         hist[:, :seen_ids.shape[1]] = seen_ids
         return steps.set_history(seen, counts, np.arange(b, dtype=np.int32), hist,
@@ -203,7 +204,9 @@ class Generator:
             feats, deepstack = vision_tower(*self.model.split, req.vision)
             vision = (feats, deepstack, jnp.asarray(req.feat_index))
         seen, counts = history
-        cache, seen, counts, out = steps.prefill(
+        # Prefill hands the rows back on the device: the decode calls reuse them, changing only what
+        # each loop hands back.
+        cache, seen, counts, out, rows = steps.prefill(
             *self.model.split, ctl.flags, window, want_logits, cache, seen, counts, req.ids, req.positions, req.valid,
             np.full(b, offset, np.int32), req.last_idx, vision, rows, np.ones(b, bool), mesh=self.mesh)
         return _Run(self, ctl, want_logits, cache, seen, counts, rows, out)
@@ -219,6 +222,7 @@ class _Run:
         self.rows = rows
         self.last = first
         self.parts = [first]  # Tokens of each call, on the device until `collect`
+        self._limits: dict[int, jax.Array] = {}  # window -> [b] limit on the device
 
     def step(self, n_steps: int) -> steps.Tokens | None:
         """One decode loop of up to n_steps steps (None when every row is finished)."""
@@ -226,12 +230,14 @@ class _Run:
         seq_len, active, n_out = jax.device_get((last.seq_len, last.active, last.n_out))
         if not active.any() or int(n_out.max()) >= self.ctl.max_new:
             return None
-        end = int(seq_len.max())
-        window = min(self.cache.max_len, bucket_length(end + 1, MIN_READ))
-        rows = self.rows._replace(seq_len=seq_len, n_out=n_out, limit=np.full_like(seq_len, window))
+        window = min(self.cache.max_len, bucket_length(int(seq_len.max()) + 1, MIN_READ))
+        if window not in self._limits:
+            self._limits[window] = jax.device_put(np.full(len(seq_len), window, np.int32), self.gen._where)
+        # The loop's own outputs go back in as they are (no copy through the host).
+        rows = self.rows._replace(seq_len=last.seq_len, n_out=last.n_out, limit=self._limits[window])
         self.cache, self.seen, self.counts, out = steps.decode(
             *self.gen.model.split, self.ctl.flags, window, n_steps, self.want_logits, self.cache, self.seen,
-            self.counts, last.last_tok, active, rows, mesh=self.gen.mesh)
+            self.counts, last.last_tok, last.active, rows, mesh=self.gen.mesh)
         self.last = out
         self.parts.append(out)
         return out
@@ -243,14 +249,15 @@ class _Run:
 
     def collect(self, return_logprobs: bool, return_logits: bool, **extra) -> GenerateOutput:
         """The tokens so far, as `model.generate` returns them (NumericalError for a bad row)."""
-        parts = jax.device_get(self.parts)
-        bad = np.max([p.bad for p in parts], axis=0)
+        fields = ("tokens", "bad") + (("logprobs",) if return_logprobs else ()) + (("logits",) if return_logits else ())
+        parts = [dict(zip(fields, p)) for p in jax.device_get([[getattr(p, f) for f in fields] for p in self.parts])]
+        bad = np.max([p["bad"] for p in parts], axis=0)
         if (bad >= 0).any():
             row = int(np.flatnonzero(bad >= 0)[0])
             raise NumericalError(f"the model produced NaN/inf logits (batch row {row}, new token {int(bad[row])}); "
                                  "check the weights, or use float32 if a low-precision dtype overflowed")
-        ran = [p.tokens.shape[1] if i == 0 else int((p.tokens >= 0).any(0).sum()) for i, p in enumerate(parts)]
-        tokens = np.concatenate([p.tokens[:, :n] for p, n in zip(parts, ran)], axis=1).astype(np.int32)
+        ran = [p["tokens"].shape[1] if i == 0 else int((p["tokens"] >= 0).any(0).sum()) for i, p in enumerate(parts)]
+        tokens = np.concatenate([p["tokens"][:, :n] for p, n in zip(parts, ran)], axis=1).astype(np.int32)
         tokens = np.where(tokens >= 0, tokens, self.ctl.pad_id).astype(np.int32)
         stop = self.ctl.stop_ids
         is_stop = np.isin(tokens, stop[stop >= 0])
@@ -260,10 +267,10 @@ class _Run:
         tokens = np.where(np.arange(n)[None] < lengths[:, None], tokens, self.ctl.pad_id).astype(np.int32)
         out = GenerateOutput(tokens=tokens, lengths=lengths, **extra)
         if return_logprobs:
-            lp = np.concatenate([p.logprobs[:, :k] for p, k in zip(parts, ran)], axis=1).astype(np.float32)
+            lp = np.concatenate([p["logprobs"][:, :k] for p, k in zip(parts, ran)], axis=1).astype(np.float32)
             out.logprobs = np.where(np.arange(n)[None] < lengths[:, None], lp, 0.0).astype(np.float32)
         if return_logits:
-            out.logits = np.concatenate([p.logits[:, :k] for p, k in zip(parts, ran)], axis=1).astype(np.float32)
+            out.logits = np.concatenate([p["logits"][:, :k] for p, k in zip(parts, ran)], axis=1).astype(np.float32)
         return out
 
 
@@ -291,9 +298,9 @@ def generate(model, max_new_tokens: int = 64, return_logprobs=False, return_logi
     gen, req, run, prefill_s = _begin(model, max_new_tokens, return_logits, kwargs, return_logprobs)
     t1 = time.perf_counter()
     run.run()
-    out = run.collect(return_logprobs, return_logits, prompt_tokens=req.prompt_len, prefill_s=prefill_s)
-    out.decode_s = time.perf_counter() - t1
-    return out
+    jax.block_until_ready(run.last.tokens)
+    return run.collect(return_logprobs, return_logits, prompt_tokens=req.prompt_len, prefill_s=prefill_s,
+                       decode_s=time.perf_counter() - t1)
 
 
 def stream(model, max_new_tokens: int = 64, **kwargs) -> Iterator[np.ndarray]:
@@ -379,8 +386,9 @@ class ChatSession:
         jax.block_until_ready(run.last.tokens)
         t1 = time.perf_counter()
         run.run()
-        out = run.collect(return_logprobs, return_logits, prompt_tokens=total, reused_tokens=n, prefill_s=t1 - t0)
-        out.decode_s = time.perf_counter() - t1
+        jax.block_until_ready(run.last.tokens)
+        out = run.collect(return_logprobs, return_logits, prompt_tokens=total, reused_tokens=n, prefill_s=t1 - t0,
+                          decode_s=time.perf_counter() - t1)
         # The cache now holds the conversation and every new token but the last (never fed).
         self._cache = run.cache
         fed = out.tokens[0, : out.lengths[0] - 1]

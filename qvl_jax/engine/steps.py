@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qvl_jax import sharding
 from qvl_jax.engine import sampling
@@ -59,7 +60,7 @@ class Tokens(NamedTuple):
     seq_len: jax.Array  # [r] after the call
     last_tok: jax.Array  # [r]: each row's last chosen token (the next call feeds it)
     n_out: jax.Array  # [r]
-    active: jax.Array  # [r] bool: the row may go on
+    active: jax.Array  # [r] bool: the row may go on (not finished; a later call with room continues it)
     bad: jax.Array  # [r] int32: n_out index of the first non-finite logits, -1 none
 
 
@@ -74,13 +75,23 @@ class DecodeState(NamedTuple):
     n_out: jax.Array  # [r]
     last_tok: jax.Array  # [r]: the token fed next
     embed: jax.Array | None  # [r, 1, d]: its input embedding (greedy under a mesh, `_carry_embed`)
-    active: jax.Array  # [r] bool
+    done: jax.Array  # [r] bool: finished for good (stop id, non-finite logits, budget spent)
+    active: jax.Array  # [r] bool: runs this step (not done, and below its limit)
     bad: jax.Array  # [r] int32
     out: Tokens
 
 
-def row_keys(key: jax.Array, rows: int):
-    """[rows, 2] key data of rows 0..rows-1 of a request drawn with `key` (fold_in(key, r))."""
+@functools.lru_cache(maxsize=4096)
+def row_keys(seed: int | None, rows: int) -> np.ndarray:
+    """[rows, 2] uint32 key data of rows 0..rows-1 of a request with this seed: fold_in(key(seed), r).
+    Cached (read-only): deriving them costs more host time than a short generate call."""
+    out = np.asarray(_row_keys(sampling.prng_key(seed), rows), np.uint32)
+    out.setflags(write=False)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _row_keys(key: jax.Array, rows: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(key, r)))(jnp.arange(rows))
 
 
@@ -253,7 +264,8 @@ def prefill(structure: Structure, leaves: list, flags: SamplingFlags, window: in
     chunk; window: the cache indices attention reads (static); vision: (features, DeepStack
     features, feature index [r, t]) or None. final [r]: whether the chunk ends the row's known
     sequence (its token counts; a non-final chunk's choice is discarded). (structure, leaves): the
-    model, split. Returns (cache, seen, counts, Tokens with one column)."""
+    model, split. Returns (cache, seen, counts, Tokens with one column, rows): rows as given, now on
+    the device, for the decode calls that follow (putting host arrays there one by one costs more)."""
     m = structure.merge(leaves)
     r, t = ids.shape
     index = offset[:, None] + jnp.arange(t)[None]  # [r, t] cache index of each query
@@ -278,14 +290,15 @@ def prefill(structure: Structure, leaves: list, flags: SamplingFlags, window: in
                  logits=logits[:, None] if want_logits else None, seq_len=seq_len, last_tok=tok, n_out=n_out,
                  active=sharding.constrain(active, mesh, (None,)),
                  bad=jnp.where(finite, -1, rows.n_out).astype(jnp.int32))
-    return cache.merge(view), seen, counts, out
+    return cache.merge(view), seen, counts, out, rows
 
 
 def _decode_step(m, flags: SamplingFlags, window: int, rows: Rows, mesh, carry: bool,
                  s: DecodeState) -> DecodeState:
     """Feeds each active row's last token at its seq_len and chooses its next one."""
     whole = functools.partial(sharding.constrain, mesh=mesh, axes=(None,))  # see `decode`
-    s = s._replace(seq_len=whole(s.seq_len), n_out=whole(s.n_out), active=whole(s.active), bad=whole(s.bad))
+    s = s._replace(seq_len=whole(s.seq_len), n_out=whole(s.n_out), done=whole(s.done), active=whole(s.active),
+                   bad=whole(s.bad))
     r = s.seq_len.shape[0]
     positions = jnp.broadcast_to((s.seq_len + rows.delta)[None, :, None], (3, r, 1))
     j = jnp.arange(window)
@@ -308,20 +321,24 @@ def _decode_step(m, flags: SamplingFlags, window: int, rows: Rows, mesh, carry: 
     seq_len = s.seq_len + s.active
     n_out = s.n_out + s.active
     bad = jnp.where((s.bad < 0) & s.active & ~finite, s.n_out, s.bad)
-    active = live & ~_stopped(tok, rows.stop_ids) & (n_out < rows.max_new) & (seq_len < rows.limit)
+    done = s.done | (s.active & (~finite | _stopped(tok, rows.stop_ids) | (n_out >= rows.max_new)))
+    active = ~done & (seq_len < rows.limit)
     if x_next is not None:  # an inactive row is fed its last token again, as without the carry
         x_next = jnp.where(s.active[:, None, None], x_next, s.embed)
     return DecodeState(step=s.step + 1, cache=s.cache.merge(view), seen=seen, counts=counts, seq_len=whole(seq_len),
-                       n_out=whole(n_out), last_tok=tok, embed=x_next, active=whole(active), bad=whole(bad), out=out)
+                       n_out=whole(n_out), last_tok=tok, embed=x_next, done=whole(done), active=whole(active),
+                       bad=whole(bad), out=out)
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "window", "n_steps", "want_logits", "mesh"),
                    donate_argnames=("cache", "seen", "counts"))
 def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int, n_steps: int, want_logits: bool,
            cache, seen, counts, last_tok: jax.Array, active: jax.Array, rows: Rows, mesh=None):
-    """Up to n_steps decode steps in one `lax.while_loop`, while some row is active; row i feeds
-    last_tok[i] at rows.seq_len[i] first. window: the cache indices attention reads (static).
-    Returns (cache, seen, counts, Tokens [r, n_steps])."""
+    """Up to n_steps decode steps in one `lax.while_loop`, while some row runs; row i feeds
+    last_tok[i] at rows.seq_len[i] first. active [r]: the rows that may go on (the others are idle).
+    A row runs while it is not done and below rows.limit; one that reached its limit comes back
+    active (the caller continues it with more room). window: the cache indices attention reads
+    (static). Returns (cache, seen, counts, Tokens [r, n_steps])."""
     m = structure.merge(leaves)
     r = last_tok.shape[0]
     carry = _carry_embed(m, flags, mesh, r)
@@ -334,11 +351,10 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
                  rows.n_out, active, jnp.full((r,), -1, jnp.int32))
     state = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache.start_decode(rows.seq_len.shape[0], window),
                         seen=seen, counts=counts, seq_len=rows.seq_len, n_out=rows.n_out, last_tok=last_tok,
-                        embed=m.embed(last_tok[:, None]) if carry else None,
-                        active=sharding.constrain(active & (rows.seq_len < rows.limit), mesh, (None,)),
-                        bad=jnp.full((r,), -1, jnp.int32), out=out)
+                        embed=m.embed(last_tok[:, None]) if carry else None, done=~active,
+                        active=active & (rows.seq_len < rows.limit), bad=jnp.full((r,), -1, jnp.int32), out=out)
     state = jax.lax.while_loop(lambda s: (s.step < n_steps) & jnp.any(s.active),
                                functools.partial(_decode_step, m, flags, window, rows, mesh, carry), state)
-    out = state.out._replace(seq_len=state.seq_len, last_tok=state.last_tok, n_out=state.n_out, active=state.active,
+    out = state.out._replace(seq_len=state.seq_len, last_tok=state.last_tok, n_out=state.n_out, active=~state.done,
                              bad=state.bad)
     return state.cache.end_decode(), state.seen, state.counts, out
