@@ -78,7 +78,7 @@ class DecodeState(NamedTuple):
     done: jax.Array  # [r] bool: finished for good (stop id, non-finite logits, budget spent)
     active: jax.Array  # [r] bool: runs this step (not done, and below its limit)
     bad: jax.Array  # [r] int32
-    out: Tokens
+    out: tuple  # per-step buffers [r, n_steps, ...]: tokens, logprobs, top ids, top logprobs, logits (or None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -311,13 +311,9 @@ def _decode_step(m, flags: SamplingFlags, window: int, rows: Rows, mesh, carry: 
     live = s.active & finite
     tok = sharding.constrain(jnp.where(s.active, tok, s.last_tok), mesh, (None,))
     seen, counts = _record_history(flags, s.seen, s.counts, rows.slot, tok, live)
-    o = s.out
-    out = Tokens(tokens=_put(o.tokens, s.step, jnp.where(s.active, tok, -1)),
-                 logprobs=_put(o.logprobs, s.step, None if lp is None else jnp.where(s.active, lp, 0.0)),
-                 top_ids=_put(o.top_ids, s.step, None if top is None else top[0]),
-                 top_logprobs=_put(o.top_logprobs, s.step, None if top is None else top[1]),
-                 logits=_put(o.logits, s.step, logits), seq_len=o.seq_len, last_tok=o.last_tok, n_out=o.n_out,
-                 active=o.active, bad=o.bad)
+    values = (jnp.where(s.active, tok, -1), None if lp is None else jnp.where(s.active, lp, 0.0),
+              None if top is None else top[0], None if top is None else top[1], logits)
+    out = tuple(_put(buf, s.step, v) for buf, v in zip(s.out, values))
     seq_len = s.seq_len + s.active
     n_out = s.n_out + s.active
     bad = jnp.where((s.bad < 0) & s.active & ~finite, s.n_out, s.bad)
@@ -347,14 +343,13 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
     whole = functools.partial(jax.tree.map, lambda a: sharding.constrain(a, mesh, (None,) * a.ndim))
     rows, last_tok, active = whole(rows), whole(last_tok), whole(active)
     lps, top_ids, top_lps, out_logits = _top_buffers(flags, m, r, n_steps, want_logits)
-    out = Tokens(jnp.full((r, n_steps), -1, jnp.int32), lps, top_ids, top_lps, out_logits, rows.seq_len, last_tok,
-                 rows.n_out, active, jnp.full((r,), -1, jnp.int32))
+    out = (jnp.full((r, n_steps), -1, jnp.int32), lps, top_ids, top_lps, out_logits)
     state = DecodeState(step=jnp.zeros((), jnp.int32), cache=cache.start_decode(rows.seq_len.shape[0], window),
                         seen=seen, counts=counts, seq_len=rows.seq_len, n_out=rows.n_out, last_tok=last_tok,
                         embed=m.embed(last_tok[:, None]) if carry else None, done=~active,
                         active=active & (rows.seq_len < rows.limit), bad=jnp.full((r,), -1, jnp.int32), out=out)
     state = jax.lax.while_loop(lambda s: (s.step < n_steps) & jnp.any(s.active),
                                functools.partial(_decode_step, m, flags, window, rows, mesh, carry), state)
-    out = state.out._replace(seq_len=state.seq_len, last_tok=state.last_tok, n_out=state.n_out, active=~state.done,
-                             bad=state.bad)
+    out = Tokens(*state.out, seq_len=state.seq_len, last_tok=state.last_tok, n_out=state.n_out, active=~state.done,
+                 bad=state.bad)
     return state.cache.end_decode(), state.seen, state.counts, out
