@@ -18,7 +18,6 @@ tokens are those of the same request run alone.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import queue
 import sys
@@ -31,10 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from qvl_jax.config import check_attention
-from qvl_jax.engine import paged, sampling, steps
+from qvl_jax.engine import batch, paged, steps
 from qvl_jax.engine.generate import INPUT_NAMES, controls
 from qvl_jax.engine.output import OutputStream, TokenTable
-from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.engine.request import (EngineRequest, RequestHandle, RequestOutput, TokenChunk, logprob_fields,
                                     step_logprobs)
 from qvl_jax.engine.scheduler import PrefillChunk, Scheduler
@@ -381,7 +379,7 @@ class Engine:
             self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([slot], np.int32), hist,
                                                          np.array([len(req.prompt)], np.int32))
         rb = self.scheduler.window_blocks(end)
-        rows = self._rows([req], 1)
+        rows = batch.rows([req], 1)
         cache = paged.PagedCache(self._pages, jnp.asarray(self.scheduler.table[slot:slot + 1, :rb]), (), self.block_size,
                                  self._pallas)
         cache, self._seen, self._counts, out, _ = steps.prefill(
@@ -445,26 +443,21 @@ class Engine:
         k = self.decode_steps
         # Only the decoding requests run, padded to a power of two rows (each size compiles once):
         # one request alone costs one row, not max_num_seqs.
-        s, bs = min(self.max_num_seqs, 1 << (len(dec) - 1).bit_length()), self.block_size
-        rows = self._rows(dec, s)
-        limit = np.zeros(s, np.int32)
-        limit[:len(dec)] = limits
-        active = np.zeros(s, bool)
-        active[:len(dec)] = rows.seq_len[:len(dec)] < limit[:len(dec)]
+        s, bs = batch.padded_rows(len(dec), self.max_num_seqs), self.block_size
+        rows = batch.rows(dec, s, limits)
+        limit = rows.limit
+        active = rows.seq_len < limit  # padding rows: 0 < 0
         if not active.any():
             return
-        table = np.full((s, self.max_blocks_per_seq), TRASH_BLOCK, np.int32)  # padding rows write to the trash
-        table[:len(dec)] = self.scheduler.table[[r.slot for r in dec]]
-        last_tok = np.zeros(s, np.int32)
-        last_tok[:len(dec)] = [r.outputs[-1] for r in dec]
-        flags = sampling.SamplingFlags(**{f.name: any(getattr(r.flags, f.name) for r in dec)
-                                          for f in dataclasses.fields(sampling.SamplingFlags)})
+        table = batch.tables(dec, s, self.scheduler.table)
+        last_tok = batch.last_tokens(dec, s)
+        flags = batch.flags(dec)
         rb = self.scheduler.window_blocks(int(limit.max()))
         cache = paged.PagedCache(self._pages, jnp.asarray(table[:, :rb]), self._window_buffers(s, rb * bs), bs,
                                  self._pallas)
         cache, self._seen, self._counts, out = steps.decode(
-            *self.model.split, flags, rb * bs, k, False, cache, self._seen, self._counts, last_tok, active,
-            rows._replace(limit=limit), mesh=self.mesh)
+            *self.model.split, flags, rb * bs, k, False, cache, self._seen, self._counts, last_tok, active, rows,
+            mesh=self.mesh)
         self._pages = cache.pages
         if cache.windows:
             self._windows = (s, rb * bs, cache.windows)
@@ -481,26 +474,3 @@ class Engine:
                     "weights, or use float32 if a low-precision dtype overflowed"))
                 continue
             self._accept(r, toks, step_logprobs(out, i, ran))
-
-    def _rows(self, reqs: list[EngineRequest], s: int) -> steps.Rows:
-        """The steps' per-row arrays of requests (rows past them: idle padding, neutral values)."""
-        n = len(reqs)
-
-        def col(values, dtype, fill=0):
-            out = np.full(s, fill, dtype)
-            out[:n] = values
-            return out
-
-        n_stop = max(len(r.stop) for r in reqs)
-        stop = np.full((s, n_stop), -1, np.int32)
-        keys = np.zeros((s, 2), np.uint32)
-        for i, r in enumerate(reqs):
-            stop[i, :len(r.stop)] = r.stop
-            keys[i] = r.key
-        neutral = sampling.SamplingParams().rows(1)
-        sp = sampling.SamplingArrays(*(col([r.sp[f] for r in reqs], a.dtype, a[0]) for f, a in enumerate(neutral)))
-        return steps.Rows(slot=col([r.slot for r in reqs], np.int32), seq_len=col([r.num_computed for r in reqs], np.int32),
-                          lo=np.zeros(s, np.int32), delta=col([r.delta for r in reqs], np.int32),
-                          n_out=col([len(r.outputs) for r in reqs], np.int32),
-                          max_new=col([r.max_new for r in reqs], np.int32), limit=np.zeros(s, np.int32), keys=keys,
-                          stop_ids=stop, sampling=sp)
