@@ -11,10 +11,11 @@ produced (its PRNG index), its budget, stop ids, sampling values and PRNG key. R
 an engine request (row 0 of its own), draws its i-th token with fold_in(its key, i), where its key is
 fold_in(key(seed), r): a request draws the same tokens alone, batched, or in the engine.
 
-The decode loop's carry is `DecodeState`. A row runs while it is active: not stopped (a stop id or
-non-finite logits), under its max_new, and below its `limit` (the static cache's attention window,
-or the end of the blocks the engine granted); the loop runs up to n_steps steps while a row is
-active, so the host pays one round trip per loop, not per token.
+The decode loop's carry is `DecodeState`. A row runs while it is not done (a stop id, non-finite
+logits, its max_new) and below its `limit` (the static cache's attention window, or the end of the
+blocks the engine granted); the loop runs up to n_steps steps while a row runs, so the host pays one
+round trip per loop, not per token. A row that reached its limit comes back able to go on: the
+caller continues it with more room (the next window bucket, more blocks).
 """
 
 from __future__ import annotations
