@@ -234,6 +234,17 @@ def cmd_info(args) -> int:
 _LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
+def _port(text: str) -> int:
+    """--port: a TCP port, 0-65535 (0: one the system picks); argparse reports anything else in one line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (0-65535)")
+    return port
+
+
 def _positive(flag: str, value, allow_zero: bool = False) -> None:
     if value is not None and not (value >= 0 if allow_zero else value > 0):
         raise InputError(f"{flag} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
@@ -436,7 +447,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help=f"converted dir, HF dir, hub id or {DEFAULT_MODEL} "
                                                   f"(default: {DEFAULT_MODEL}, with a notice)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--port", type=_port, default=8000, help="port to listen on (0-65535; 0: one the system picks)")
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 requests")
     s.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded at once")

@@ -96,6 +96,17 @@ def test_docs_reference_only_files_that_exist():
 # start-up and flags
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http", "65536"])
+def test_serve_port_out_of_range_is_refused(port, capsys):
+    """`serve --port 99999` used to print ':99999' and listen on some other port."""
+    from qvl_jax import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--port", port])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("qvl-jax serve: error: argument --port: ")
+
+
 def test_help_imports_no_jax():
     code = ("import sys\nfrom qvl_jax import cli\n"
             "for argv in (['--help'], ['generate', '--help'], ['info', '--help']):\n"

@@ -348,6 +348,16 @@ def test_refusals(srv, tmp_path):
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]}
     _error(_post(srv, "/v1/chat/completions", ok, key=None), 401)
     _error(_post(srv, "/v1/chat/completions", ok, key="sk-wrong"), 401)
+    # The key is checked before the body is read or parsed: bad JSON or a body over the limit from a
+    # client without the key is a 401, not a 400 / 413; with the key they are what they are.
+    raw = lambda body, key: httpx.post(srv.base + "/v1/chat/completions", content=body, timeout=60,  # noqa: E731
+                                       headers={"Content-Type": "application/json",
+                                                **({"Authorization": f"Bearer {key}"} if key else {})})
+    _error(raw(b"{not json", None), 401)
+    _error(raw(b"x" * (5 << 20), None), 401)
+    _error(raw(b"{not json", KEY), 400)
+    _error(raw(b"x" * (5 << 20), KEY), 413)
+    _error(httpx.get(srv.base + "/v1/models", timeout=60), 401)
     assert _error(_post(srv, "/v1/chat/completions", {**ok, "model": "gpt-9"}), 404)["code"] == "model_not_found"
     assert _error(_post(srv, "/v1/chat/completions", {**ok, "temperature": -1}), 400)["param"] == "temperature"
     _error(_post(srv, "/v1/chat/completions", {**ok, "messages": []}), 400)
@@ -390,6 +400,10 @@ def test_refusals(srv, tmp_path):
         with st.lock:
             st.pending -= 10
     assert _error(r, 503)["code"] == "overloaded" and r.headers["retry-after"] == "1"
+    # More completions than the server ever admits at once (24) can never fit: 400, not "retry".
+    big = _error(_post(srv, "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 9, "max_tokens": 2}),
+                 400)
+    assert "27 completions" in big["message"] and big["param"] == "n"
     assert srv.wait_blocks() == srv.start_blocks
     assert srv.client.chat.completions.create(model=NAME, messages=ok["messages"], max_tokens=3).choices
 

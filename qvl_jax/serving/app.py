@@ -67,24 +67,33 @@ class _State:
         self.table = TokenTable.of(processor)
 
 
-def _check_key(request: Request, key: str | None) -> None:
-    if key is None:
-        return
-    got = request.headers.get("authorization", "")
+def _key_ok(headers: list, key: str) -> bool:
+    """Whether the ASGI headers carry `Authorization: Bearer <key>` (compared in constant time)."""
+    got = dict(headers).get(b"authorization", b"").decode("latin-1")
     scheme, _, token = got.partition(" ")
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())):
-        raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                       type="authentication_error", code="invalid_api_key")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
-class _BodyLimit:
-    """Pure ASGI middleware: a request body over the limit gets 413 before any handler reads it."""
+class _Gate:
+    """Pure ASGI middleware in front of every handler: with an API key, a /v1/ request without it gets
+    401 before anything of its body is read or parsed; a request body over the limit gets 413 before
+    any handler reads it."""
 
-    def __init__(self, app, limit: int, state: _State):
-        self.app, self.limit, self.state = app, limit, state
+    def __init__(self, app, limit: int, state: _State, key: str | None):
+        self.app, self.limit, self.state, self.key = app, limit, state, key
+
+    async def _refuse(self, scope, receive, send, status: int, body: dict) -> None:
+        self.state.metrics.refused.labels(str(status)).inc()
+        await JSONResponse(body, status_code=status)(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.key is not None and scope["path"].startswith("/v1/") and not _key_ok(scope["headers"], self.key):
+            return await self._refuse(scope, receive, send, 401, error_body(
+                "invalid or missing API key (send Authorization: Bearer <key>)", type="authentication_error",
+                code="invalid_api_key"))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         too_big = length is not None and length.isdigit() and int(length) > self.limit
@@ -99,10 +108,8 @@ class _BodyLimit:
             if not msg.get("more_body"):
                 break
         if too_big:
-            self.state.metrics.refused.labels("413").inc()
-            resp = JSONResponse(error_body(f"request body is larger than this server's limit of {self.limit:,} bytes",
-                                           code="request_too_large"), status_code=413)
-            return await resp(scope, receive, send)
+            return await self._refuse(scope, receive, send, 413, error_body(
+                f"request body is larger than this server's limit of {self.limit:,} bytes", code="request_too_large"))
         body, done = b"".join(chunks), False
 
         async def replay():
@@ -131,7 +138,7 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
 
     app = FastAPI(title="qvl_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qvl = st
-    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes, state=st)
+    app.add_middleware(_Gate, limit=cfg.max_body_bytes, state=st, key=cfg.api_key)
 
     def refuse(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         st.metrics.refused.labels(str(status)).inc()
@@ -169,18 +176,15 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
 
     @app.get("/v1/models")
     async def models(request: Request):
-        _check_key(request, cfg.api_key)
         return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model", "created": st.created,
                                             "owned_by": "qvl_jax", "max_model_len": engine.max_model_len}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatCompletionRequest):
-        _check_key(request, cfg.api_key)
         return await _serve(st, request, body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        _check_key(request, cfg.api_key)
         return await _serve(st, request, body, chat=False)
 
     return app
@@ -317,6 +321,9 @@ async def _serve(st: _State, request: Request, req, chat: bool):
     n_prompts = 1 if chat or isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
         else len(req.prompt)
     want = req.n * n_prompts
+    if want > cfg.max_pending:  # it could never be admitted: not a matter of retrying
+        raise ApiError(400, f"the request asks for {want} completions (prompts x n), more than this server "
+                            f"admits at once ({cfg.max_pending}, --max-pending)", param="n")
     with st.lock:
         if st.pending + want > cfg.max_pending:
             full = True
