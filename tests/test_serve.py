@@ -400,6 +400,20 @@ def test_refusals(srv, tmp_path):
         with st.lock:
             st.pending -= 10
     assert _error(r, 503)["code"] == "overloaded" and r.headers["retry-after"] == "1"
+    # Text that cannot fit the context whatever it tokenizes to is refused before it is tokenized (the
+    # processor is never asked), in chat messages and completions prompts alike.
+    st = srv.app.state.qvl
+    huge = "ab " * (st.engine.max_model_len * st.token_chars * 3 // 3 + 1)
+    calls = []
+    real = st.processor.apply_chat_template
+    st.processor.apply_chat_template = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        err = _error(_post(srv, "/v1/chat/completions", {**ok, "messages": [{"role": "user", "content": huge}]}), 400)
+        assert err["code"] == "context_length_exceeded" and err["param"] == "messages" and not calls
+        err = _error(_post(srv, "/v1/completions", {"model": NAME, "prompt": huge, "max_tokens": 2}), 400)
+        assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    finally:
+        del st.processor.apply_chat_template
     # More completions than the server ever admits at once (24) can never fit: 400, not "retry".
     big = _error(_post(srv, "/v1/completions", {"model": NAME, "prompt": ["a", "b", "c"], "n": 9, "max_tokens": 2}),
                  400)

@@ -65,6 +65,8 @@ class _State:
         self.vocab = engine.cfg.text.vocab_size
         self.created = int(time.time())
         self.table = TokenTable.of(processor)
+        # The most characters one token stands for (byte-level entries: at least one byte a character).
+        self.token_chars = max(1, max(map(len, processor.tokenizer.get_vocab(with_added_tokens=True))))
 
 
 def _key_ok(headers: list, key: str) -> bool:
@@ -212,9 +214,25 @@ def _media_url(x) -> str:
     return x.url if isinstance(x, MediaURL) else x
 
 
+def _too_long(st: _State, chars: int, param: str) -> None:
+    """Refuses text that cannot fit the context whatever it tokenizes to, before tokenizing it: a token
+    covers at most `st.token_chars` characters (the longest vocabulary entry), and Unicode
+    normalization (NFC) merges at most 3 characters into one (Hangul jamo), so `chars` characters are
+    at least chars / (3 token_chars) tokens. (A 60 MB message was tokenized whole before the context
+    check, and the process grew past 15 GB.)"""
+    limit, per_token = st.engine.max_model_len, 3 * st.token_chars
+    if chars > limit * per_token:
+        raise ApiError(400, f"the prompt has {chars:,} characters: at least {-(-chars // per_token):,} tokens, "
+                            f"more than this model's context of {limit} tokens", param=param,
+                       code="context_length_exceeded")
+
+
 def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
     """Messages -> one processor output (worker thread: media loading and preprocessing)."""
     policy = st.cfg.media
+    _too_long(st, sum(len(m.content) if isinstance(m.content, str) else
+                      sum(len(p.text) for p in m.content if p.type == "text") if m.content else 0
+                      for m in req.messages), "messages")
     msgs = []
     for m in req.messages:
         if m.content is None or isinstance(m.content, str):
@@ -248,6 +266,8 @@ def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
         raise ApiError(400, "prompt is empty", param="prompt")
     out = []
     for p in prompts:
+        if isinstance(p, str):
+            _too_long(st, len(p), "prompt")
         # The completions prompt is the model's raw input: special tokens in it are meant (as in vLLM).
         ids = st.processor.encode(p) if isinstance(p, str) else list(p)
         if not ids:
