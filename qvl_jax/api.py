@@ -186,7 +186,7 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     # the convert-once cache, as the CLI's --model does, never converted whole into host memory.
     path = resolve_model(path, log=False)
     config, graphdef, params = load_state(path, dtype, mesh, verify)
-    model = Model(config, graphdef, params, _generation_defaults(path), mesh)
+    model = Model(config, graphdef, params, generation_defaults(path), mesh)
     model.path = os.fspath(path)
     if attention != model.config.attention:
         model.set_attention(attention)
@@ -197,8 +197,3 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
             merge_lora(module)
         model.set_module_state(*nnx.split(module))
     return model
-
-
-def _generation_defaults(path) -> dict:
-    """eos_token_id (as a list) and pad_token_id from generation_config.json, when the model has one."""
-    return generation_defaults(path)

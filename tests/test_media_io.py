@@ -9,7 +9,6 @@ The clip is 10 fps: a loader that drops the file's rate falls back to 24 fps, wh
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import av  # in the test extra: a missing PyAV fails the module rather than skipping it
 from qvl_jax import cli
 from qvl_jax.processing.processor import Processor
 from qvl_jax.processing.tokenizer_files import write_tiny_tokenizer
@@ -28,6 +26,7 @@ from qvl_jax.serving import app
 from qvl_jax.serving.media import MediaPolicy
 from qvl_jax.serving.protocol import ChatCompletionRequest
 from qvl_jax.training.data import encode_record, read_jsonl
+from test_serve_media import _mp4  # the lossless H.264 writer the serving tests use
 
 FPS = 10
 N_FRAMES = 30  # 3 s at 10 fps
@@ -43,18 +42,6 @@ def _clip_frames() -> list[np.ndarray]:
     rs = np.random.RandomState(0)
     return [np.clip(rs.randint(0, 256, 3) + rs.randint(-40, 40, (32, 48, 3)), 0, 255).astype(np.uint8)
             for _ in range(N_FRAMES)]
-
-
-def _mp4(frames: list[np.ndarray], fps: int) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("libx264rgb", rate=fps)
-        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "rgb24"
-        s.options = {"crf": "0", "preset": "ultrafast"}
-        for f in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        c.mux(s.encode())
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +74,7 @@ def _cli(proc, path: str, fps: float | None) -> dict:
 def _server(proc, url: str, allowed: str) -> dict:
     """What the server's chat endpoint hands the engine for a video_url part."""
     st = SimpleNamespace(cfg=app.ServerConfig(media=MediaPolicy(allowed_local_path=os.path.realpath(allowed))),
-                         processor=proc)
+                         processor=proc, engine=SimpleNamespace(max_model_len=4096), token_chars=16)
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": PROMPT}]}])
     (inputs,) = app._chat_inputs(st, req)
