@@ -216,9 +216,6 @@ class SamplingParams:
         """(device arrays [batch] each, the sampler's static flags)."""
         return SamplingArrays(*(jnp.asarray(a) for a in self.rows(batch))), self.flags
 
-    def key(self) -> jax.Array:
-        return prng_key(self.seed)
-
 
 def make_sampling(batch: int, **kw) -> tuple[SamplingArrays, "SamplingFlags"]:
     """Sampling arrays and flags for a batch from keyword values (tests and benchmarks)."""
