@@ -2,9 +2,10 @@
 (started here unless --url is given) and optionally a peer: `transformers serve` started here from
 another virtual environment (--peer-venv), or any OpenAI-compatible server already running (--peer-url).
 
-Workload (seeded): a shared system prompt, user prompts of mixed lengths (new ones at each level, after an
-untimed warm-up pass at that level with other prompts), an image (data URL) in every --image-every-th
-request, greedy, streamed; run at each --concurrency level. Per level and server it prints one JSON
+Workload (seeded): a shared system prompt, user prompts of mixed lengths (new ones at each level), an
+image (data URL) in every --image-every-th request, greedy, streamed; run at each --concurrency level.
+Servers are timed as their own start-up left them (the timed window includes any compiling they still
+do); --warmup N sends N untimed requests of the same shape at each level first. Per level and server it prints one JSON
 line: output tokens/s, requests/s, TTFT and inter-token latency p50 / p99 (client side), output tokens
 received and asked for (for ours also, from /metrics, the engine's prefill / decode seconds and tokens,
 padded prefill tokens, decode calls and compile seconds during the level); then, with a peer, one line of ratios (ours over the peer: output tokens/s and
@@ -23,7 +24,15 @@ filler tokens that decode to ASCII words, then Qwen's added tokens at Qwen's ids
 allows), so that every token a random model emits streams as text. Written once into the qvl_jax
 cache (bench-random-<config>-L<layers>-s<seed>) and reused, so our server's conversion is reused too.
 
---peer-venv VENV: runs `VENV/bin/transformers serve <checkpoint> --continuous-batching --device
+--peer vllm --peer-venv VENV: runs vLLM's CPU backend (`VENV/bin/vllm serve <checkpoint>`, a venv built by
+`../shared/peers/vllm-cpu.sh VENV`) on the same checkpoint, started as its README says: OpenMP threads on
+every core (VLLM_CPU_OMP_THREADS_BIND=0-(N-1), VLLM_CPU_NUM_OF_RESERVED_CPU=0), VLLM_CPU_KVCACHE_SPACE
+--peer-kv-gib, --dtype, --max-num-seqs and --max-model-len as ours, one image and no video a prompt.
+It warms itself up before /health (70-100 s here); no untimed requests are sent to it.
+
+--dtype float32|bfloat16: both servers' working dtype (ours: `serve --dtype`; default: as stored).
+
+--peer transformers --peer-venv VENV (the default peer): runs `VENV/bin/transformers serve <checkpoint> --continuous-batching --device
 --peer-device --dtype --peer-dtype` on the same Hugging Face checkpoint our server serves (the --config
 one, or --model's files: tiny-random's, a local HF directory or a hub snapshot), waits for /health,
 runs the same workloads at the same levels, and stops it at the end (also on errors and Ctrl-C). Its
@@ -208,6 +217,9 @@ def _start_ours(args, model: str | None, procs: list) -> str:
            "--max-model-len", str(args.max_model_len), "--served-model-name", "bench", "--log-level", "warning"]
     if model:
         cmd += ["--model", model]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    cmd += args.our_arg
     p = subprocess.Popen(cmd, env=dict(os.environ))
     procs.append(p)
     _wait_healthy(p, port, "qvl-jax serve", 1200)
@@ -215,17 +227,27 @@ def _start_ours(args, model: str | None, procs: list) -> str:
 
 
 def _start_peer(args, model_dir: str, procs: list) -> tuple[str, Path]:
-    """`transformers serve` from --peer-venv, pinned to model_dir (its requests must name model_dir).
-    Its output goes to a log file (one line per request); returns its /v1 URL and the log's path."""
+    """The peer (--peer: `transformers serve` or `vllm serve`) from --peer-venv, pinned to model_dir (its
+    requests must name model_dir). Its output goes to a log file; returns its /v1 URL and the log's path."""
     venv = Path(args.peer_venv).expanduser().absolute()
-    exe = venv / "bin" / "transformers"
+    exe = venv / "bin" / ("vllm" if args.peer == "vllm" else "transformers")
     if not exe.is_file():
-        raise SystemExit(f"{exe} not found: --peer-venv must be a virtual environment with transformers installed")
+        raise SystemExit(f"{exe} not found: --peer-venv must be a virtual environment with {args.peer} installed")
     port = _free_port()
-    cmd = [str(exe), "serve", model_dir, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
-           "--device", args.peer_device, "--dtype", args.peer_dtype, "--log-level", "warning", *args.peer_arg]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv), HF_HUB_OFFLINE="1")
+    if args.peer == "vllm":
+        cores = len(os.sched_getaffinity(0))
+        env.update(VLLM_CPU_KVCACHE_SPACE=str(args.peer_kv_gib), VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}",
+                   VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+        cmd = [str(exe), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", args.dtype or args.peer_dtype, "--max-num-seqs", str(args.max_num_seqs),
+               "--max-model-len", str(args.max_model_len), "--limit-mm-per-prompt", '{"image": 1, "video": 0}',
+               *args.peer_arg]
+    else:
+        cmd = [str(exe), "serve", model_dir, "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+               "--device", args.peer_device, "--dtype", args.dtype or args.peer_dtype, "--log-level", "warning",
+               *args.peer_arg]
     if args.peer_log:
         log = Path(args.peer_log)
     else:
@@ -237,7 +259,7 @@ def _start_peer(args, model_dir: str, procs: list) -> tuple[str, Path]:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     procs.append(p)
     try:
-        _wait_healthy(p, port, "transformers serve", 1200)
+        _wait_healthy(p, port, f"{args.peer} serve", 1200)
     except SystemExit:
         sys.stderr.write("".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]))
         raise
@@ -361,14 +383,23 @@ def main() -> int:
     ap.add_argument("--peer-model", default=None, help="model name to send to the peer")
     ap.add_argument("--peer-venv", default=None, metavar="VENV",
                     help="start `transformers serve` from this virtual environment on the same checkpoint")
+    ap.add_argument("--peer", default="transformers", choices=["transformers", "vllm"],
+                    help="which server --peer-venv holds (default: transformers)")
+    ap.add_argument("--peer-kv-gib", type=float, default=2, help="vllm: VLLM_CPU_KVCACHE_SPACE in GiB (default: 2)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="both servers' dtype (default: ours as stored, the peer's --peer-dtype)")
+    ap.add_argument("--our-arg", action="append", default=[],
+                    help="one more argument for qvl-jax serve (repeatable), e.g. --our-arg=--attention=xla")
     ap.add_argument("--peer-device", default="cpu", help="transformers serve --device")
     ap.add_argument("--peer-dtype", default="float32", help="transformers serve --dtype")
     ap.add_argument("--peer-arg", action="append", default=[],
-                    help="one more argument for transformers serve (repeatable), e.g. --peer-arg=--compile")
-    ap.add_argument("--warmup", type=int, default=None,
+                    help="one more argument for the peer's serve (repeatable), e.g. --peer-arg=--compile")
+    ap.add_argument("--warmup", type=int, default=0,
                     help="untimed requests to our server (and --peer-url) at each level before the timed ones "
-                         "(default: --requests)")
-    ap.add_argument("--peer-warmup", type=int, default=2, help="untimed requests to the peer before the levels")
+                         "(default: 0, the servers' own start-up is their warm-up)")
+    ap.add_argument("--peer-warmup", type=int, default=2,
+                    help="untimed requests to transformers serve before the levels (vllm: none)")
+    ap.add_argument("--only-peer", action="store_true", help="run the peer alone (ours is not started)")
     ap.add_argument("--peer-log", default=None, help="file for transformers serve's output (default: a temp file)")
     ap.add_argument("--api-key", default="none")
     ap.add_argument("--concurrency", default="1,8,32")
@@ -392,7 +423,7 @@ def main() -> int:
         targets = []  # (name, url, model name)
         if args.url:
             targets.append(("qvl_jax", args.url, args.served_model))
-        else:
+        elif not args.only_peer:
             targets.append(("qvl_jax", _start_ours(args, model, procs), "bench"))
         if args.peer_url:
             targets.append(("peer", args.peer_url, args.peer_model or args.served_model))
@@ -400,9 +431,9 @@ def main() -> int:
             # Untimed passes over workloads of the same shape, one at each level (--warmup requests): they
             # compile the shape buckets that level meets (a few dozen requests still meet new ones). Each
             # level then gets its own prompts, so only the shared system prompt is in the prefix cache.
-            for c in levels:
-                run_level(url, served, args.api_key, workload(args.warmup or args.requests, args.seed + 1000 + c,
-                                                              args.image_every, args.max_tokens), c)
+            for c in levels if args.warmup else ():
+                run_level(url, served, args.api_key, workload(args.warmup, args.seed + 1000 + c, args.image_every,
+                                                              args.max_tokens), c)
             for c in levels:
                 jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
                 before = engine_counters(url) if name == "qvl_jax" else None
@@ -415,17 +446,22 @@ def main() -> int:
             _stop(procs)  # ours is done: the peer gets the CPU to itself, as ours had
             procs.clear()
             peer_dir = model if args.config else _peer_files(args)
+            t_start = time.perf_counter()
             url, log = _start_peer(args, peer_dir, procs)
-            run_level(url, peer_dir, args.api_key, workload(args.peer_warmup, args.seed + 1000, args.image_every,
-                                                            args.max_tokens), 1, True)
+            print(f"{args.peer} serve healthy after {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
+            hf = args.peer == "transformers"  # it needs its own min_new_tokens field, and a warm-up
+            if hf and args.peer_warmup:
+                run_level(url, peer_dir, args.api_key, workload(args.peer_warmup, args.seed + 1000, args.image_every,
+                                                                args.max_tokens), 1, True)
             for c in levels:
                 jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
-                line = {"server": "transformers", **run_level(url, peer_dir, args.api_key, jobs, c, True),
-                        "continuous_batching": _peer_batching(log)}
-                results.setdefault("transformers", {})[c] = line
+                line = {"server": args.peer, **run_level(url, peer_dir, args.api_key, jobs, c, hf)}
+                if hf:
+                    line["continuous_batching"] = _peer_batching(log)
+                results.setdefault(args.peer, {})[c] = line
                 print(json.dumps(line), flush=True)
-        peer = "transformers" if "transformers" in results else "peer" if "peer" in results else None
-        if peer:
+        peer = next((p for p in ("transformers", "vllm", "peer") if p in results), None)
+        if peer and "qvl_jax" in results:
             ours, theirs = results["qvl_jax"], results[peer]
             ratios = {"ratios": f"qvl_jax over {peer}"}
             for c in levels:

@@ -45,6 +45,7 @@ class Server:
 
         self.model, self.proc = model, proc
         self.engine = model.engine(max_num_seqs=8, max_model_len=256, decode_steps=4, max_num_batched_tokens=256)
+        cfg.setdefault("warm_up", "requests")  # the full warm-up: tests/test_engine_warmup.py
         self.config = ServerConfig(served_model_name=NAME, api_key=KEY, max_body_bytes=4 << 20, max_pending=24,
                                    media=MediaPolicy(allowed_local_path=os.path.realpath(tmp_path),
                                                      max_bytes=512 << 10), **cfg)
@@ -504,7 +505,8 @@ def test_sigterm_graceful_shutdown(tmp_path):
     port = free_port()
     env = dict(os.environ, QVL_JAX_COMPILATION_CACHE="0")
     p = subprocess.Popen([sys.executable, "-m", "qvl_jax", "serve", "--port", str(port), "--max-model-len", "128",
-                          "--max-num-seqs", "2", "--shutdown-timeout", "20", "--log-level", "warning"],
+                          "--max-num-seqs", "2", "--shutdown-timeout", "20", "--log-level", "warning",
+                          "--warm-up", "requests"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -551,3 +553,37 @@ def test_serve_turns_on_the_persistent_compilation_cache(monkeypatch, tmp_path):
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     assert seen == [str(tmp_path / "xla")]
+
+
+def test_health_says_warming_up_until_every_program_is_compiled(srv, monkeypatch):
+    """With the full warm-up, /health is 503 naming the progress until the engine's programs are
+    compiled (Engine.warm_up, stubbed here: tests/test_engine_warmup.py runs it), then 200."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from qvl_jax.serving.app import ServerConfig, create_app
+
+    release, calls = threading.Event(), []
+
+    def warm_up(sampling, vision_patches, progress):
+        calls.append((sampling, vision_patches))
+        progress(2, 7, ("prefill", None, 16))
+        release.wait(30)
+        return 0.0
+
+    monkeypatch.setattr(srv.engine, "warm_up", warm_up)
+    app = create_app(srv.engine, srv.proc, ServerConfig(served_model_name=NAME, warm_up="full"))
+    with TestClient(app) as client:
+        r = client.get("/health")
+        assert (r.status_code, r.text) == (503, "warming up (compiling 2/7)")
+        release.set()
+        for _ in range(600):
+            if client.get("/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        assert client.get("/health").status_code == 200
+    # Greedy requests and requests without sampling fields (temperature 1); images up to the processor's.
+    assert calls[0][0] == ({"temperature": 0.0}, {"temperature": 1.0}) and calls[0][1] > 0
+    with pytest.raises(ValueError, match="warm_up must be one of"):
+        create_app(srv.engine, srv.proc, ServerConfig(warm_up="some"))

@@ -18,6 +18,11 @@ def padded_rows(n: int, max_rows: int) -> int:
     return min(max_rows, 1 << (n - 1).bit_length())
 
 
+def stop_width(n: int) -> int:
+    """Columns of the stop-id array for n ids: at least 8, a power of two (each width compiles)."""
+    return max(8, 1 << max(0, n - 1).bit_length())
+
+
 def rows(reqs: list, s: int, limits=None) -> steps.Rows:
     """The steps' per-row arrays of requests (`EngineRequest`s) in s rows; limits: how far each
     may grow in a decode loop (padding rows: 0)."""
@@ -28,7 +33,7 @@ def rows(reqs: list, s: int, limits=None) -> steps.Rows:
         out[:n] = values
         return out
 
-    stop = np.full((s, max(len(r.stop) for r in reqs)), -1, np.int32)
+    stop = np.full((s, stop_width(max((len(r.stop) for r in reqs), default=0))), -1, np.int32)
     keys = np.zeros((s, 2), np.uint32)
     for i, r in enumerate(reqs):
         stop[i, :len(r.stop)] = r.stop

@@ -2,12 +2,16 @@
 
 A background thread owns the device state (the pools, the penalty history, the window buffers) and
 runs the scheduler (`qvl_jax.engine.scheduler`, host-only) in visits. Each visit (1) runs the prompt
-chunks the scheduler plans within a token budget (the shared prefill step, `qvl_jax.engine.steps`),
-(2) runs up to `decode_steps` decode steps for every decoding request inside one jitted
+chunks the scheduler plans within a token budget, each in one jitted call together with one decode
+step of every decoding request (`steps.mixed`: the decode tokens ride on the chunk's reads of the
+weights, as vLLM schedules prefill and decode in one step), (2) when no prompt waits to be
+prefilled, runs up to `decode_steps` decode steps for every decoding request inside one jitted
 `lax.while_loop` over those requests (rows padded to a power of two, each size compiled once), so
 the host round trip is paid once per loop, and (3) hands new tokens to their handles
 (`qvl_jax.engine.request`) and retires finished requests. Requests join and leave at those
-boundaries; memory and preemption are the scheduler's.
+boundaries; memory and preemption are the scheduler's. Every program has few shapes (a chunk
+length bucket, a row count; the attention window is a traced bucket index), and `warm_up`
+compiles them all before the first request.
 
 Exactness: every request keeps its own 3-D prompt positions and rope_delta (decode position = cache
 index + rope_delta), DeepStack features at its visual tokens, its own sampling parameters, stop ids
@@ -30,9 +34,10 @@ import numpy as np
 from tqdm import tqdm
 
 from qvl_jax.config import check_attention
-from qvl_jax.engine import batch, paged, steps
+from qvl_jax.engine import batch, paged, steps, warmup
 from qvl_jax.engine.generate import INPUT_NAMES, controls
 from qvl_jax.engine.output import OutputStream, TokenTable
+from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.engine.request import (EngineRequest, RequestHandle, RequestOutput, TokenChunk, logprob_fields,
                                     step_logprobs)
 from qvl_jax.engine.scheduler import PrefillChunk, Scheduler
@@ -41,6 +46,7 @@ from qvl_jax.errors import InputError, NumericalError, QvlError, device_free_byt
 from qvl_jax.modeling.inputs import bucket_length
 from qvl_jax.modeling.layout import feature_order, prepare_prompt
 from qvl_jax.modeling.model import vision_tower
+from qvl_jax.modeling.vision import VisionInputs
 from qvl_jax.processing.processor import Processor
 
 __all__ = ["Engine", "RequestHandle", "RequestOutput", "TokenChunk"]
@@ -48,6 +54,22 @@ __all__ = ["Engine", "RequestHandle", "RequestOutput", "TokenChunk"]
 
 # ---------------------------------------------------------------------------------------------
 # The engine
+
+
+def _dummy_vision(vc):
+    """Tower inputs of one all-zero image of 64 patches (for shapes and dtypes only)."""
+    m = vc.spatial_merge_size
+    return VisionInputs.build(np.zeros((64, vc.patch_dim), np.float32), np.array([[1, m, 64 // m]]), vc, 64)
+
+
+@jax.jit
+def _chunk_features(feats: jax.Array, deepstack: jax.Array, index: np.ndarray) -> tuple:
+    """One prefill chunk's vision input in chunk order: (features [t, d], DeepStack features [K, t,
+    d], feature index [1, t]) from the request's features [n, d] / [K, n, d] and the chunk's
+    feature index [t] (-1 at text). Their shapes depend on the chunk's length alone, so the prefill
+    step compiles once per chunk length whatever the media (`Engine.warm_up` compiles them all)."""
+    at = jnp.maximum(index, 0)
+    return feats[at], deepstack[:, at], jnp.where(index >= 0, jnp.arange(index.shape[0]), -1)[None]
 
 
 def _round_down(n: int) -> int:
@@ -122,6 +144,7 @@ class Engine:
         self._pallas = self.attention == "pallas"
         self._prefix_caching, self._vision_cache_bytes = prefix_caching, vision_cache_bytes
         self._processor, self._token_table = processor, None
+        self._features_dtype = None
         self.stats = collections.Counter()  # prefill_tokens, decode_tokens, decode_chunks, preemptions, ...
         self._reset_device_state()
         self._commands: queue.Queue = queue.Queue()
@@ -137,6 +160,8 @@ class Engine:
         self._pages = self._windows = None  # the old pool's memory goes before the new one is allocated
         self.scheduler = Scheduler(self.num_blocks, self.block_size, s, self.max_blocks_per_seq,
                                    self.max_num_batched_tokens, self.decode_steps, self._prefix_caching, self.stats)
+        self._sizes = self.scheduler.window_sizes()
+        self._no_vision = {}
         self.vision_cache = VisionCache(self._vision_cache_bytes)
         self._pages = paged.allocate(text, self.num_blocks, self.block_size, self.model.dtype, self.mesh, self._pallas)
         self._seen = jnp.zeros((s, text.vocab_size), bool)
@@ -204,6 +229,27 @@ class Engine:
                 if isinstance(r, BaseException):
                     raise r
         return out
+
+    def warm_up(self, sampling: tuple = ({},), vision_patches: int = 0, progress=None) -> float:
+        """Compiles the engine's programs before its first requests (`qvl_jax.engine.warmup`): the
+        prefill step for every chunk length bucket and the decode loop for every row count, for the
+        sampler of each entry of `sampling` (keywords as `submit` takes them; default: greedy), and with vision_patches > 0 the vision tower for every patch bucket
+        up to that many patches. progress(i, n, program) is called before each. Runs on the engine's
+        thread between steps; returns the seconds it took."""
+        flag_sets = list(dict.fromkeys(controls(self.model, 1, 1, dict(kw)).flags for kw in sampling))
+        programs = warmup.plan(self, flag_sets, _positive_int("vision_patches", vision_patches, 0))
+        done, box = threading.Event(), {}
+        with self._lock:
+            if self._closed:
+                raise QvlError("the engine is closed")
+            self._commands.put(("warm_up", (programs, progress, done, box)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="qvl-engine", daemon=True)
+                self._thread.start()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["seconds"]
 
     def close(self) -> None:
         """Stops the scheduler; unfinished requests end as cancelled."""
@@ -290,6 +336,19 @@ class Engine:
                 req = next((r for r in self.scheduler.requests if r.handle is arg), None)
                 if req is not None:
                     self._retire(req, reason="cancelled")
+            elif cmd == "warm_up":
+                programs, progress, done, box = arg
+                try:
+                    with device_memory_errors("engine warm-up"):
+                        box["seconds"] = warmup.run(self, programs, progress)
+                except Exception as e:  # the steps donate the pools: start from fresh ones
+                    box["error"] = e if isinstance(e, QvlError) else QvlError(
+                        f"engine warm-up failed: {type(e).__name__}: {str(e).strip()[:200]}")
+                    for req in self.scheduler.requests:
+                        self._retire(req, error=box["error"])
+                    self._reset_device_state()
+                finally:
+                    done.set()
             elif cmd == "close":
                 for req in self.scheduler.requests:
                     self._retire(req, reason="cancelled")
@@ -304,14 +363,20 @@ class Engine:
         t0 = time.perf_counter()
         chunks = self.scheduler.schedule_prefill()
         for chunk in chunks:
-            self._prefill(chunk)
+            if self._pallas:
+                self._prefill(chunk)
+            else:  # the decoding requests take a token each with every chunk
+                self._mixed(chunk, self.scheduler.schedule_decode_one())
         if chunks:
             # A prefill chunk that is not a prompt's last returns nothing to the host, so its work would
             # otherwise still run when the decode phase starts and be counted there: wait for it, so
             # that prefill_s / decode_s split the time truthfully (a wait the decode phase does anyway).
             jax.block_until_ready(self._pages)
         t1 = time.perf_counter()
-        batch = self.scheduler.schedule_decode()
+        # While prompts wait to be prefilled, decoding rides on their chunks (as vLLM schedules it);
+        # a decode loop of its own runs when no prefill work is left.
+        batch = None if chunks and not self._pallas and self.scheduler.prefill_pending() \
+            else self.scheduler.schedule_decode()
         if batch is not None:
             self._decode(batch.requests, batch.limits)
         self.stats["steps"] += 1
@@ -357,42 +422,96 @@ class Engine:
         deepstack = jnp.concatenate([d for _, d in parts], axis=1) if len(parts) > 1 else parts[0][1]
         return jnp.pad(feats, ((0, pad), (0, 0))), jnp.pad(deepstack, ((0, 0), (0, pad), (0, 0))), need
 
-    def _prefill(self, chunk: PrefillChunk) -> None:
-        req, o, n, end, final = chunk.request, chunk.start, chunk.n, chunk.end, chunk.final
+    def _text_vision(self, t: int) -> tuple:
+        """The vision input of a chunk of t padded tokens without media: zero features, no feature
+        rows (-1), shaped as `_chunk_features` shapes a chunk with media, so that both run one
+        compiled prefill step (adding zero DeepStack features leaves the hidden states as they are)."""
+        if t not in self._no_vision:
+            d, k = self.cfg.text.hidden_size, len(self.cfg.vision.deepstack_visual_indexes)
+            dt = self._vision_dtype()
+            self._no_vision[t] = (jnp.zeros((t, d), dt), jnp.zeros((k, t, d), dt), jnp.full((1, t), -1, jnp.int32))
+        return self._no_vision[t]
+
+    def _vision_dtype(self):
+        """The dtype of the vision tower's features (what `_features` hands `_chunk_features`)."""
+        if self._features_dtype is None:
+            vis = self.model.split
+            out = jax.eval_shape(lambda leaves: vision_tower(vis[0], leaves, _dummy_vision(self.cfg.vision))[0],
+                                 vis[1])
+            self._features_dtype = out.dtype
+        return self._features_dtype
+
+    def _chunk_inputs(self, chunk: PrefillChunk) -> tuple:
+        """(t, ids [1, t], positions [3, 1, t], valid [1, t], vision) of a prefill chunk, padded to its
+        length bucket; a final chunk of a request with penalties also resets its penalty history."""
+        req, o, n, end = chunk.request, chunk.start, chunk.n, chunk.end
         # Four length buckets an octave: a chunk pads by under an eighth, not up to a power of two (a
         # 300-token chunk ran as 512 tokens; under a shared budget most chunks are such remainders).
-        t = bucket_length(n, 16, per_octave=4)
+        t = bucket_length(n, 16, per_octave=warmup.CHUNK_PER_OCTAVE)
         ids = np.zeros((1, t), np.int32)
         ids[0, :n] = req.seq(o, end)
         positions = np.zeros((3, 1, t), np.int32)
         positions[:, 0, :n] = req.seq_positions(o, end)
-        vision = None
+        vision = self._text_vision(t)
         if req.layout.items_overlapping(o, end):
             if req.features is None:
                 req.features = self._features(req, o)
             feats, deepstack, items = req.features
-            vision = (feats, deepstack, req.layout.chunk_feat_index(items, o, end, t)[None])
-        slot = req.slot
-        if final and req.flags.penalties:
+            vision = _chunk_features(feats, deepstack, req.layout.chunk_feat_index(items, o, end, t))
+        if chunk.final and req.flags.penalties:
             hist = np.full((1, bucket_length(req.seq_len, 16)), -1, np.int32)
             hist[0, :req.seq_len] = req.seq(0, req.seq_len)
-            self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([slot], np.int32), hist,
+            self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([req.slot], np.int32), hist,
                                                          np.array([len(req.prompt)], np.int32))
-        rb = self.scheduler.window_blocks(end)
-        rows = batch.rows([req], 1)
-        cache = paged.PagedCache(self._pages, jnp.asarray(self.scheduler.table[slot:slot + 1, :rb]), (), self.block_size,
-                                 self._pallas)
-        cache, self._seen, self._counts, out, _ = steps.prefill(
-            *self.model.split, req.flags, rb * self.block_size, False, cache, self._seen, self._counts, ids,
-            positions, (np.arange(t) < n)[None], np.array([o], np.int32), np.array([n - 1], np.int32), vision, rows,
-            np.array([final]), mesh=self.mesh)
-        self._pages = cache.pages
         self.stats["prefill_tokens"] += n
         self.stats["prefill_padded_tokens"] += t
-        if not final:
+        return t, ids, positions, (np.arange(t) < n)[None], vision
+
+    def _prefill(self, chunk: PrefillChunk) -> None:
+        """A prefill chunk alone (the Pallas kernel's path; otherwise `_mixed`)."""
+        req = chunk.request
+        t, ids, positions, valid, vision = self._chunk_inputs(chunk)
+        cache = self._cache(self.scheduler.table[req.slot:req.slot + 1], chunk.end)
+        cache, self._seen, self._counts, out, _ = steps.prefill(
+            *self.model.split, req.flags, self.max_blocks_per_seq * self.block_size, False, cache, self._seen,
+            self._counts, ids, positions, valid, np.array([chunk.start], np.int32), np.array([chunk.n - 1], np.int32),
+            vision, batch.rows([req], 1), np.array([chunk.final]), mesh=self.mesh)
+        self._pages = cache.pages
+        if chunk.final:
+            self._prefilled(req, jax.device_get(out))
+
+    def _mixed(self, chunk: PrefillChunk, dec) -> None:
+        """A prefill chunk and one decode step of the decoding requests dec (a `DecodeBatch` of one
+        token each, or None) in one jitted call (`steps.mixed`): the decode rows ride on the chunk's
+        weight reads. Rows: the chunk's, then the decode rows padded to max_num_seqs (one compiled
+        program per chunk length)."""
+        req = chunk.request
+        t, ids, positions, valid, vision = self._chunk_inputs(chunk)
+        decs, limits = ([], []) if dec is None else (dec.requests, dec.limits)
+        s = self.max_num_seqs
+        rows = batch.rows([req] + decs, 1 + s, [0] + limits)
+        active = np.zeros(s, bool)
+        active[:len(decs)] = rows.seq_len[1:1 + len(decs)] < rows.limit[1:1 + len(decs)]
+        table = np.full((1 + s, self.max_blocks_per_seq), TRASH_BLOCK, np.int32)
+        table[0] = self.scheduler.table[req.slot]
+        table[1:1 + len(decs)] = self.scheduler.table[[r.slot for r in decs]]
+        cache = self._cache(table, max([chunk.end] + limits))
+        cache, self._seen, self._counts, out = steps.mixed(
+            *self.model.split, batch.flags([req] + decs), self.max_blocks_per_seq * self.block_size, cache, self._seen,
+            self._counts, ids, positions, valid, np.array([chunk.start], np.int32), np.array([chunk.n - 1], np.int32),
+            vision, np.array([chunk.final]), batch.last_tokens(decs, s), active, rows, mesh=self.mesh)
+        self._pages = cache.pages
+        if not chunk.final and not active.any():
             return
-        req.features = None  # the vision cache keeps what may be needed again
         out = jax.device_get(out)
+        if chunk.final:
+            self._prefilled(req, out)
+        self.stats["mixed_steps"] += 1
+        self._decoded(decs, out, first=1)
+
+    def _prefilled(self, req: EngineRequest, out) -> None:
+        """Takes the token a request's final prefill chunk chose (row 0 of out)."""
+        req.features = None  # the vision cache keeps what may be needed again
         if out.bad[0] >= 0:
             self._retire(req, error=NumericalError("the model produced NaN/inf logits (prefill); check the "
                                                    "weights, or use float32 if a low-precision dtype overflowed"))
@@ -425,18 +544,28 @@ class Engine:
             self._retire(req, "length")
 
     # -- decode -------------------------------------------------------------------------------------
-    def _window_buffers(self, rows: int, window: int) -> tuple:
-        """The decode loop's window buffers for rows x window tokens, or () where they would exceed
-        window_copy_bytes (or the kernel reads the pages itself). One set is kept between loops, so
-        that a loop writes into memory already touched (fresh memory of that size cost more page
-        faults than the gathers it saves)."""
-        if self._pallas or paged.block_bytes(self.cfg.text, rows * window, self.model.dtype) > self.window_copy_bytes:
+    def _cache(self, table: np.ndarray, n_tokens: int, windows: tuple = ()) -> paged.PagedCache:
+        """The paged cache a step takes: the rows' whole block tables (host arrays: passed to the
+        jitted step as they are), and the window bucket that n_tokens need as a traced index, so that
+        one compiled step serves every window (`paged.PagedCache`)."""
+        return paged.PagedCache(self._pages, table, windows, np.int32(self._sizes.index(
+            self.scheduler.window_blocks(n_tokens) * self.block_size)), self.block_size, self._pallas, self._sizes)
+
+    def _window_buffers(self, rows: int) -> tuple:
+        """The decode loop's window buffers for rows x the longest window that fits window_copy_bytes
+        (windows up to it are read from them, longer ones from the pages), or () where none fits (or
+        the kernel reads the pages itself). One set per row count is kept between loops, so that a
+        loop writes into memory already touched (fresh memory of that size cost more page faults
+        than the gathers it saves)."""
+        fit = [w for w in self._sizes
+               if paged.block_bytes(self.cfg.text, rows * w, self.model.dtype) <= self.window_copy_bytes]
+        if self._pallas or not fit:
             return ()
         kept, self._windows = self._windows, None  # donated to the loop, which hands them back
-        if kept is not None and kept[:2] == (rows, window):
-            return kept[2]
+        if kept is not None and kept[0] == rows:
+            return kept[1]
         del kept  # the old set's memory goes first
-        return paged.window_buffers(self.cfg.text, rows, window, self.model.dtype, self.mesh)
+        return paged.window_buffers(self.cfg.text, rows, fit[-1], self.model.dtype, self.mesh)
 
     def _decode(self, dec: list[EngineRequest], limits: list[int]) -> None:
         """One decode loop over the requests dec, request i growing to at most limits[i] tokens."""
@@ -452,18 +581,19 @@ class Engine:
         table = batch.tables(dec, s, self.scheduler.table)
         last_tok = batch.last_tokens(dec, s)
         flags = batch.flags(dec)
-        rb = self.scheduler.window_blocks(int(limit.max()))
-        cache = paged.PagedCache(self._pages, jnp.asarray(table[:, :rb]), self._window_buffers(s, rb * bs), bs,
-                                 self._pallas)
+        cache = self._cache(table, int(limit.max()), self._window_buffers(s))
         cache, self._seen, self._counts, out = steps.decode(
-            *self.model.split, flags, rb * bs, k, False, cache, self._seen, self._counts, last_tok, active, rows,
-            mesh=self.mesh)
+            *self.model.split, flags, self.max_blocks_per_seq * bs, k, False, cache, self._seen, self._counts, last_tok,
+            active, rows, mesh=self.mesh)
         self._pages = cache.pages
         if cache.windows:
-            self._windows = (s, rb * bs, cache.windows)
-        out = jax.device_get(out)
+            self._windows = (s, cache.windows)
         self.stats["decode_chunks"] += 1
-        for i, r in enumerate(dec):
+        self._decoded(dec, jax.device_get(out))
+
+    def _decoded(self, dec: list[EngineRequest], out, first: int = 0) -> None:
+        """Takes the tokens rows first.. of out (`steps.Tokens` on the host) hold for the requests dec."""
+        for i, r in enumerate(dec, first):
             ran = out.tokens[i] >= 0
             toks = out.tokens[i][ran].tolist()
             self.scheduler.advance(r, len(toks))

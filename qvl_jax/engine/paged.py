@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding
 from qvl_jax.config import TextConfig
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.errors import ConfigError
+from qvl_jax.modeling import attention
 from qvl_jax.modeling.kv_cache import KVCache
 from qvl_jax.sharding import logical_to_spec
 
@@ -93,19 +94,27 @@ def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
     return block * block_size + index % block_size
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["pages", "table", "windows"],
-                   meta_fields=["block_size", "pallas"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["pages", "table", "windows", "bucket"],
+                   meta_fields=["block_size", "pallas", "sizes"])
 @dataclasses.dataclass
 class PagedCache:
     """The paged cache as one jitted step takes it (`qvl_jax.engine.steps`): the pools, the block
     table of the step's rows [r, blocks] (attention reads blocks * block_size cache indices), and
-    for a decode loop the window buffers (`window_buffers`, or () to gather every step)."""
+    for a decode loop the window buffers (`window_buffers`, or () to gather every step).
+
+    Window buckets (sizes, bucket): the table then covers the engine's longest window, and
+    attention reads only the first sizes[bucket] cache indices of each row, bucket a traced
+    scalar: one compiled step serves every window (`lax.switch` over the sizes, each branch the
+    same attention over its window as a step compiled for that window alone). The window buffers
+    may be shorter than the table (sizes up to their length read them, longer ones the pages)."""
 
     pages: Pages
     table: jax.Array
     windows: tuple = ()
+    bucket: jax.Array | None = None
     block_size: int = 16
     pallas: bool = False
+    sizes: tuple = ()
 
     def view(self, index: jax.Array, valid: jax.Array, window: int) -> "PagedView":
         """The decoder's view for tokens at cache indices index [r, t] (valid [r, t]: real tokens;
@@ -117,20 +126,33 @@ class PagedCache:
         write = jnp.where(valid, slots(self.table, jnp.minimum(index, window - 1), bs), TRASH_BLOCK)
         read = slots(self.table, jnp.broadcast_to(jnp.arange(window), (r, window)), bs)
         cls = PallasPagedView if self.pallas else PagedView
+        buckets = (self.bucket, self.sizes) if self.sizes else None
         if index.shape[1] != 1:
-            return cls(self.pages, write, read)
+            return cls(self.pages, write, read, buckets=buckets)
         at = jnp.where(valid[:, 0], index[:, 0], window)
-        return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at)
+        return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at, buckets)
 
     def merge(self, view: "PagedView") -> "PagedCache":
         return dataclasses.replace(self, pages=view.pages, windows=view.windows if self.windows else ())
 
     def start_decode(self, rows: int, window: int) -> "PagedCache":
-        """Gathers each row's window into the buffers once, before a decode loop."""
+        """Gathers each row's window into the buffers once, before a decode loop (with window
+        buckets: the first sizes[bucket] indices, where they fit the buffers)."""
         if not self.windows:
             return self
-        read = slots(self.table, jnp.broadcast_to(jnp.arange(window), (rows, window)), self.block_size)
-        return dataclasses.replace(self, windows=gather_windows(self.pages, read, self.windows))
+        bs = self.block_size
+
+        def gather(w: int):
+            def run(windows):
+                read = slots(self.table, jnp.broadcast_to(jnp.arange(w), (rows, w)), bs)
+                return gather_windows(self.pages, read, windows)
+            return run
+
+        if not self.sizes:
+            return dataclasses.replace(self, windows=gather(window)(self.windows))
+        held = self.windows[0][0].shape[1]
+        branches = [gather(w) if w <= held else (lambda windows: windows) for w in self.sizes]
+        return dataclasses.replace(self, windows=jax.lax.switch(self.bucket, branches, self.windows))
 
     def end_decode(self) -> "PagedCache":
         return self
@@ -152,14 +174,16 @@ class PagedView(KVCache):
     2048 tokens at 2B widths, 4 layers: 149 -> 113 ms a step; 1 row: 92 -> 60 ms)."""
 
     def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
-                 lengths: jax.Array | None = None, windows: tuple = (), at: jax.Array | None = None):
+                 lengths: jax.Array | None = None, windows: tuple = (), at: jax.Array | None = None,
+                 buckets: tuple | None = None):
         self.pages, self.write, self.read = pages, write, read
         self.table, self.lengths = table, lengths
         self.windows, self.at = windows, at
+        self.buckets = buckets  # (bucket, sizes): attention reads the first sizes[bucket] indices
 
     def _replace(self, **kw) -> "PagedView":
         fields = dict(pages=self.pages, write=self.write, read=self.read, table=self.table, lengths=self.lengths,
-                      windows=self.windows, at=self.at)
+                      windows=self.windows, at=self.at, buckets=self.buckets)
         return type(self)(**{**fields, **kw})
 
     def _scatter(self, kp: jax.Array, vp: jax.Array, flat: jax.Array, k: jax.Array, v: jax.Array):
@@ -179,17 +203,44 @@ class PagedView(KVCache):
         ks[layer], vs[layer] = kp, vp
         return kp, vp, self._replace(pages=Pages(tuple(ks), tuple(vs)))
 
+    def _store_windows(self, layer: int, k: jax.Array, v: jax.Array, view: "PagedView"):
+        """Writes a decode step's token into this layer's window buffers; returns them."""
+        rows = jnp.arange(k.shape[0])
+        wk, wv = (list(w) for w in self.windows)
+        wk[layer] = wk[layer].at[rows, self.at].set(k[:, 0].astype(wk[layer].dtype), mode="drop")
+        wv[layer] = wv[layer].at[rows, self.at].set(v[:, 0].astype(wv[layer].dtype), mode="drop")
+        view.windows = (tuple(wk), tuple(wv))
+        return wk[layer], wv[layer]
+
     def update(self, layer: int, k: jax.Array, v: jax.Array):
         """Stores this call's keys and values; returns each row's window [b, s, kv_heads, head_dim]."""
         kp, vp, view = self._store(layer, k, v)
         if self.windows:
-            rows = jnp.arange(k.shape[0])
-            wk, wv = (list(w) for w in self.windows)
-            wk[layer] = wk[layer].at[rows, self.at].set(k[:, 0].astype(wk[layer].dtype), mode="drop")
-            wv[layer] = wv[layer].at[rows, self.at].set(v[:, 0].astype(wv[layer].dtype), mode="drop")
-            view.windows = (tuple(wk), tuple(wv))
-            return wk[layer], wv[layer], view
+            return (*self._store_windows(layer, k, v, view), view)
         return (*self._gather(kp, vp), view)
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str):
+        """As `KVCache.attend`; with window buckets, over the first sizes[bucket] cache indices only
+        (one `lax.switch` branch per size: the window buffers where the size fits them, else a gather
+        of that many indices from the pages)."""
+        if self.buckets is None:
+            return super().attend(layer, q, k, v, mask, impl)
+        bucket, sizes = self.buckets
+        kp, vp, view = self._store(layer, k, v)
+        wk, wv = self._store_windows(layer, k, v, view) if self.windows else (None, None)
+        held = 0 if wk is None else wk.shape[1]
+
+        def branch(w: int):
+            def run(q, mask, kp, vp, wk, wv):
+                if w <= held:
+                    keys, values = wk[:, :w], wv[:, :w]
+                else:
+                    keys, values = self._replace(read=self.read[:, :w])._gather(kp, vp)
+                return attention.attend(q, keys, values, mask[:, :, :w], impl)
+            return run
+
+        out = jax.lax.switch(bucket, [branch(w) for w in sizes], q, mask, kp, vp, wk, wv)
+        return out, view
 
 
 class PallasPagedView(PagedView):
@@ -223,3 +274,35 @@ class PallasPagedView(PagedView):
         o = paged_attention(q, kp, vp, self.table, self.lengths.astype(jnp.int32), k_splits=splits,
                             pages_per_compute_block=compute, interpret=jax.default_backend() != "gpu")
         return o.astype(k.dtype).reshape(b, 1, n * hd), view
+
+
+class MixedView(KVCache):
+    """The view of a mixed step (`steps.mixed`): one sequence of t + s tokens whose first t are a
+    prefill chunk of one row (`first`, a `PagedView` of that row) and whose last s are one decode
+    token of each of s rows (`second`, a `PagedView` of those rows). Each part stores its keys and
+    values and attends over its own rows' windows; both write the same pages, one after the other."""
+
+    def __init__(self, first: PagedView, second: PagedView, t: int):
+        self.first, self.second, self.t = first, second, t
+
+    @property
+    def pages(self) -> Pages:
+        return self.second.pages
+
+    @property
+    def windows(self) -> tuple:
+        return ()
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, mask: tuple, impl: str):
+        t, s = self.t, q.shape[1] - self.t
+        mask_first, mask_second = mask
+        out_first, first = self.first.attend(layer, q[:, :t], k[:, :t], v[:, :t], mask_first, impl)
+
+        def rows(a):  # [1, s, ...] -> [s, 1, ...]: one decode token per row
+            return jnp.swapaxes(a[:, t:], 0, 1)
+
+        second = self.second._replace(pages=first.pages)
+        # One query per row: the decode step's attention, as `steps.decode` runs it.
+        out_second, second = second.attend(layer, rows(q), rows(k), rows(v), mask_second, "einsum")
+        out = jnp.concatenate([out_first, out_second.reshape(1, s, -1)], axis=1)
+        return out, MixedView(first._replace(pages=second.pages), second, t)

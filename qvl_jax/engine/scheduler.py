@@ -7,7 +7,10 @@ A visit has two phases, each planned right before it runs:
 1. `schedule_prefill`: a token budget (max_num_batched_tokens) is spent on prompt chunks, first for
    the requests already prefilling (in admission order), then for waiting requests admitted into
    free slots, whose cached prefix blocks are taken instead of recomputed.
-2. `schedule_decode`: every decoding request is granted room for up to decode_steps more tokens.
+   Each chunk runs with one decode token of every decoding request that `schedule_decode_one`
+   grants a block without preempting anyone (the chunks planned in this visit keep theirs).
+2. `schedule_decode`, once no prompt is left to prefill (`prefill_pending`): every decoding request
+   is granted room for up to decode_steps more tokens.
 
 Memory: blocks come from `BlockManager`. A request that needs a block when none is left preempts
 the most recently admitted running requests (their blocks freed, their full blocks kept in the
@@ -126,15 +129,47 @@ class Scheduler:
             return None
         return DecodeBatch(dec, [min(len(r.blocks) * self.block_size, r.num_computed + k) for r in dec])
 
+    def schedule_decode_one(self) -> DecodeBatch | None:
+        """The decoding requests that can take one more token now without preempting anyone (a mixed
+        step's decode rows: planned between the chunks of a visit, whose blocks must stay), each
+        with its limit; None if none."""
+        dec = []
+        for req in [r for r in self.running if r.decoding]:
+            if self._grant(req, min(1, req.max_new - len(req.outputs)), may_preempt=False):
+                dec.append(req)
+        if not dec:
+            return None
+        return DecodeBatch(dec, [min(len(r.blocks) * self.block_size, r.num_computed + 1) for r in dec])
+
+    def prefill_pending(self) -> bool:
+        """Whether a running request still has prompt to prefill, or a waiting one a free slot."""
+        return any(not r.decoding for r in self.running) or bool(self.waiting and self.free_slots)
+
     def advance(self, req, n: int) -> None:
         """n more tokens of req were computed by a decode step; its full blocks join the prefix cache."""
         req.num_computed += n
         self._register_full_blocks(req)
 
     def window_blocks(self, n_tokens: int) -> int:
-        """Blocks an attention window reads: a power-of-two bucket (each compiles once)."""
+        """Blocks an attention window reads: a power-of-two bucket (at most the longest sequence's)."""
         n = max(-(-n_tokens // self.block_size), -(-MIN_WINDOW // self.block_size))
         return min(self.max_blocks_per_seq, 1 << (n - 1).bit_length())
+
+    def window_sizes(self) -> tuple[int, ...]:
+        """Every window (in tokens) `window_blocks` gives, ascending: the branches of the steps'
+        window switch (`paged.PagedCache`), whose table covers the last."""
+        out, n = [], 1
+        while True:
+            w = self.window_blocks(n * self.block_size)
+            if not out or w * self.block_size != out[-1]:
+                out.append(w * self.block_size)
+            if w == self.max_blocks_per_seq:
+                return tuple(out)
+            n = w + 1
+
+    def window_bucket(self, n_tokens: int) -> int:
+        """The index in `window_sizes` of the window that n_tokens need."""
+        return self.window_sizes().index(self.window_blocks(n_tokens) * self.block_size)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _take(self, req, n: int) -> PrefillChunk:

@@ -30,6 +30,7 @@ import numpy as np
 
 from qvl_jax import sharding
 from qvl_jax.engine import sampling
+from qvl_jax.engine.paged import MixedView
 from qvl_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingFlags
 from qvl_jax.modeling.model import Structure
 
@@ -354,3 +355,54 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
     out = Tokens(*state.out, seq_len=state.seq_len, last_tok=state.last_tok, n_out=state.n_out, active=~state.done,
                  bad=state.bad)
     return state.cache.end_decode(), state.seen, state.counts, out
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "flags", "window", "mesh"),
+                   donate_argnames=("cache", "seen", "counts"))
+def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int, cache, seen, counts, ids: jax.Array,
+          positions: jax.Array, valid: jax.Array, offset: jax.Array, last_idx: jax.Array, vision, final: jax.Array,
+          last_tok: jax.Array, active: jax.Array, rows: Rows, mesh=None):
+    """A prefill chunk of one row and a decode step of s rows in one forward (the engine's paged
+    cache only): the chunk's t tokens and the s decode tokens run through the decoder as one
+    sequence of t + s tokens, each attending over its own row's cache (`paged.MixedView`), so the
+    decode rows ride on the chunk's reads of the weights instead of a step of their own.
+
+    Row 0 of rows (and of cache.table) is the chunk's: ids, positions, valid [1, t], offset,
+    last_idx, final [1] and vision as `prefill` takes them. Rows 1..s decode: row 1 + i feeds
+    last_tok[i] at rows.seq_len[1 + i] when active[i]. The window bucket (cache.bucket) covers both.
+    Returns (cache, seen, counts, Tokens [1 + s, 1]): row 0 the chunk's next token (kept only when
+    final), then the decode rows' (-1 where not active)."""
+    m = structure.merge(leaves)
+    t, s = ids.shape[1], last_tok.shape[0]
+    first = dataclasses.replace(cache, table=cache.table[:1])
+    second = dataclasses.replace(cache, table=cache.table[1:])
+    j = jnp.arange(window)
+    index = offset[:, None] + jnp.arange(t)[None]  # [1, t]
+    rel = jnp.clip(j[None] - offset[:, None], 0, t - 1)
+    chunk_valid = jnp.take_along_axis(valid, rel, axis=1)
+    key_ok = (j[None] >= rows.lo[:1, None]) & ((j[None] < offset[:, None])
+                                               | ((j[None] < offset[:, None] + t) & chunk_valid))
+    mask_first = key_ok[:, None, :] & (j[None, None, :] <= index[:, :, None])
+    seq = rows.seq_len[1:]
+    mask_second = ((j[None] >= rows.lo[1:, None]) & (j[None] <= seq[:, None]))[:, None, :]
+    x, deepstack = m.embed_inputs(ids, vision)
+    x = jnp.concatenate([x, m.embed(last_tok[:, None]).reshape(1, s, -1).astype(x.dtype)], axis=1)
+    if deepstack is not None:
+        deepstack = jnp.concatenate([deepstack, jnp.zeros((deepstack.shape[0], 1, s, deepstack.shape[-1]),
+                                                          deepstack.dtype)], axis=2)
+    positions = jnp.concatenate([positions, jnp.broadcast_to((seq + rows.delta[1:])[None, None], (3, 1, s))], axis=2)
+    view = MixedView(first.view(index, valid, window), second.view(seq[:, None], active[:, None], window), t)
+    h, view = m.model.language_model(x, positions, (mask_first, mask_second), deepstack, view)
+    last = jnp.concatenate([jnp.take_along_axis(h[:, :t], last_idx[:, None, None], axis=1), h[:, t:]], axis=1)
+    logits = m.lm_logits(last)[0].astype(jnp.float32)  # [1 + s, vocab]
+    tok, finite, lp, top, _ = choose(m, flags, logits, rows, rows.n_out, seen, counts, mesh)
+    ran = jnp.concatenate([final, active])
+    seen, counts = _record_history(flags, seen, counts, rows.slot, tok, ran & finite)
+    n_out = rows.n_out + ran
+    out = Tokens(tokens=jnp.where(jnp.concatenate([jnp.ones(1, bool), active]), tok, -1)[:, None],
+                 logprobs=None if lp is None else lp[:, None],
+                 top_ids=None if top is None else top[0][:, None], top_logprobs=None if top is None else top[1][:, None],
+                 logits=None, seq_len=jnp.concatenate([offset + last_idx + 1, seq + active]), last_tok=tok, n_out=n_out,
+                 active=ran & finite & ~_stopped(tok, rows.stop_ids) & (n_out < rows.max_new),
+                 bad=jnp.where(finite | ~ran, -1, rows.n_out).astype(jnp.int32))
+    return cache.merge(view), seen, counts, out

@@ -15,6 +15,7 @@ import dataclasses
 import hmac
 import logging
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -48,7 +49,9 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     max_pending: int = 256  # engine requests (choices) admitted and not finished; more get 503
     special_tokens_in_messages: bool = False  # True: typed <|im_start|> becomes a control token (transformers)
-    warm_up: bool = True
+    # Before /health says ready: "full" compiles every engine program the common requests meet
+    # (`_warm_up`), "requests" only runs a text and an image prompt, "none" (or False) nothing.
+    warm_up: str | bool = "full"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,7 +63,10 @@ class _State:
         self.metrics = Metrics(engine)
         self.pending = 0
         self.lock = threading.Lock()
-        self.ready = not config.warm_up
+        if config.warm_up not in WARM_UP_MODES:
+            raise ValueError(f"warm_up must be one of {', '.join(map(str, WARM_UP_MODES))}, got {config.warm_up!r}")
+        self.ready = config.warm_up in (False, "none")
+        self.warming = ""  # warm-up progress: "i/n" programs compiled
         self.closing = False
         self.vocab = engine.cfg.text.vocab_size
         self.created = int(time.time())
@@ -130,7 +136,7 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
     st = _State(engine, processor, cfg)
 
     async def lifespan(app):
-        task = asyncio.create_task(asyncio.to_thread(_warm_up, st)) if cfg.warm_up else None
+        task = None if st.ready else asyncio.create_task(asyncio.to_thread(_warm_up, st))
         try:
             yield
         finally:
@@ -170,7 +176,8 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
     async def health():
         if st.closing:
             return Response(status_code=503, content="shutting down")
-        return Response(status_code=200 if st.ready else 503, content="ok" if st.ready else "warming up")
+        return Response(status_code=200 if st.ready else 503,
+                        content="ok" if st.ready else f"warming up (compiling {st.warming})")
 
     @app.get("/metrics")
     async def metrics():
@@ -192,9 +199,32 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
     return app
 
 
+# The vision tower is compiled at start for every patch bucket up to one image of the processor's
+# largest size, at most this many patches (a 1024 x 1024 image at patch size 16); larger images
+# compile on first use.
+WARM_UP_MAX_PATCHES = 4096
+WARM_UP_MODES = ("full", "requests", "none", True, False)
+
+
 def _warm_up(st: _State) -> None:
-    """Compiles the common paths (a text prompt, an image prompt) before /health says ready."""
+    """Before /health says ready: compiles every engine program the common requests meet
+    (`Engine.warm_up`: each prefill chunk bucket and decode row count, for greedy requests and for
+    requests that give no sampling fields (temperature 1), and the vision tower's patch buckets up to one image of the
+    processor's largest size), then runs a text and an image prompt through the whole path."""
     try:
+        if st.cfg.warm_up in (True, "full"):
+            ip = st.processor.image_processor
+            patches = min(WARM_UP_MAX_PATCHES, ip.max_pixels // ip.patch_size ** 2)
+
+            def progress(i, n, prog):
+                st.warming = f"{i}/{n}"
+                if i % 10 == 0:
+                    print(f"warm-up: compiling program {i + 1} of {n} ({prog[0]})", file=sys.stderr, flush=True)
+
+            # Greedy, and a request without sampling fields (temperature 1, as _sampling reads it).
+            secs = st.engine.warm_up(sampling=({"temperature": 0.0}, {"temperature": 1.0}), vision_patches=patches,
+                                     progress=progress)
+            print(f"warm-up: the engine's programs are ready ({secs:.1f} s)", file=sys.stderr, flush=True)
         img = np.full((64, 64, 3), 128, np.uint8)
         for content in ("warm up", [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]):
             inp = st.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,

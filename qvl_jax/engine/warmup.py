@@ -1,0 +1,109 @@
+"""Compiling an engine's steps before its first request (`Engine.warm_up`).
+
+The engine's jitted programs have few shapes by design: a prefill step per chunk length bucket (with
+the decode rows that ride on it, `steps.mixed`, always max_num_seqs of them; the chunk's vision
+input is shaped by its length alone, and the attention window is a traced index into
+the engine's window buckets, `paged.PagedCache`), a decode loop per power-of-two row count, and the
+vision tower per patch bucket. Each also compiles per sampler configuration (`SamplingFlags`). So
+a server can compile everything its common requests will meet before it reports ready, instead of
+inside its users' first requests; with the persistent compilation cache a restart loads them.
+
+The warm-up runs the programs themselves on idle inputs (every token invalid, written to the trash
+block; no row active, so a decode loop ends at once), so nothing of the engine's state changes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from qvl_jax.engine import batch, steps
+from qvl_jax.engine.prefix_cache import TRASH_BLOCK
+from qvl_jax.modeling import vision as vision_mod
+from qvl_jax.modeling.inputs import bucket_length, vision_bucket
+from qvl_jax.modeling.model import vision_tower
+
+# Chunk lengths bucket as the engine's prefill pads them: four buckets an octave.
+CHUNK_PER_OCTAVE = 4
+
+
+def chunk_buckets(max_tokens: int) -> list[int]:
+    """Every padded length of a prefill chunk of 1..max_tokens tokens."""
+    return sorted({bucket_length(n, 16, per_octave=CHUNK_PER_OCTAVE) for n in range(1, max_tokens + 1)})
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Every row count of a decode loop (`batch.padded_rows`)."""
+    return sorted({batch.padded_rows(n, max_rows) for n in range(1, max_rows + 1)})
+
+
+def patch_buckets(max_patches: int) -> list[int]:
+    """Every patch bucket of a vision call of up to max_patches patches."""
+    top = vision_bucket(max_patches)
+    out, n = [], 1
+    while True:
+        b = vision_bucket(n)
+        if b > top:
+            return out
+        out.append(b)
+        n = b + 1
+
+
+def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
+    """The programs `run` compiles: ("prefill", flags, t), ("decode", flags, rows), ("vision", patches)."""
+    out = []
+    for flags in flag_sets:
+        out += [("prefill", flags, t) for t in chunk_buckets(engine.max_num_batched_tokens)]
+        out += [("decode", flags, s) for s in row_buckets(engine.max_num_seqs)]
+    if vision_patches:
+        out += [("vision", p) for p in patch_buckets(vision_patches)]
+    return out
+
+
+def run(engine, programs: list[tuple], progress=None) -> float:
+    """Runs each program of `plan` once on idle inputs; progress(i, n, program) before each.
+    Returns the seconds taken. Call from the engine's own thread or before it starts (the steps
+    donate the engine's pools)."""
+    t0 = time.perf_counter()
+    cfg = engine.cfg
+    width = engine.max_blocks_per_seq * engine.block_size
+    for i, prog in enumerate(programs):
+        if progress is not None:
+            progress(i, len(programs), prog)
+        if prog[0] == "vision":
+            p = prog[1]
+            vc = cfg.vision
+            m = vc.spatial_merge_size
+            vis = vision_mod.VisionInputs.build(np.zeros((p, vc.patch_dim), np.float32), np.array([[1, m, p // m]]),
+                                                vc, p)
+            vision_tower(*engine.model.split, vis)
+            continue
+        kind, flags, n = prog
+        chunk = (np.zeros((1, n), np.int32), np.zeros((3, 1, n), np.int32), np.zeros((1, n), bool),
+                 np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(n))
+        if kind == "prefill" and engine._pallas:  # a chunk alone
+            table = np.full((1, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
+            cache = engine._cache(table, 1)
+            cache, engine._seen, engine._counts, _, _ = steps.prefill(
+                *engine.model.split, flags, width, False, cache, engine._seen, engine._counts, *chunk,
+                batch.rows([], 1), np.zeros(1, bool), mesh=engine.mesh)
+        elif kind == "prefill":  # a chunk with max_num_seqs decode rows (`Engine._mixed`)
+            s = engine.max_num_seqs
+            table = np.full((1 + s, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
+            cache = engine._cache(table, 1)
+            cache, engine._seen, engine._counts, _ = steps.mixed(
+                *engine.model.split, flags, width, cache, engine._seen, engine._counts, *chunk, np.zeros(1, bool),
+                np.zeros(s, np.int32), np.zeros(s, bool), batch.rows([], 1 + s), mesh=engine.mesh)
+        else:
+            rows = batch.rows([], n)
+            table = np.full((n, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
+            cache = engine._cache(table, 1, engine._window_buffers(n))
+            cache, engine._seen, engine._counts, _ = steps.decode(
+                *engine.model.split, flags, width, engine.decode_steps, False, cache, engine._seen, engine._counts,
+                np.zeros(n, np.int32), np.zeros(n, bool), rows, mesh=engine.mesh)
+            if cache.windows:
+                engine._windows = (n, cache.windows)
+        engine._pages = cache.pages
+    engine._pages[0][0].block_until_ready()
+    return time.perf_counter() - t0
