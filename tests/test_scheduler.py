@@ -206,3 +206,35 @@ def test_window_blocks_are_power_of_two_buckets():
     s = sched(max_blocks_per_seq=64)
     assert [s.window_blocks(n) for n in (1, 64, 65, 128, 129, 200)] == [16, 16, 32, 32, 64, 64]
     assert sched(max_blocks_per_seq=20).window_blocks(79) == 20  # never past a sequence's blocks
+    s = sched(max_blocks_per_seq=100)  # 400 tokens
+    assert s.window_sizes() == (64, 128, 256, 400)
+    assert [s.window_bucket(n) for n in (1, 64, 65, 200, 257, 400)] == [0, 0, 1, 2, 3, 3]
+    assert sched(max_blocks_per_seq=20).window_sizes() == (64, 80)
+
+
+def test_decode_rides_on_chunks_without_preempting_the_planned_ones():
+    """A visit's chunks are planned first; each runs with one decode token of every decoding request
+    that can have a block without preempting anyone (a later-admitted request's planned chunk keeps
+    its blocks); a decode loop of its own waits until no prompt is pending."""
+    s = sched(num_blocks=6, budget=8, decode_steps=4)  # 5 usable blocks
+    a = FakeRequest(range(8), max_new=8)
+    s.add(a)
+    assert plan(s) == [(a, 0, 8, True)]
+    finish_prefill([a])  # 2 blocks, 8 tokens computed: its next token needs a third block
+    assert not s.prefill_pending()
+    b = FakeRequest(range(100, 112), max_new=4)
+    s.add(b)
+    assert s.prefill_pending()
+    assert plan(s) == [(b, 0, 8, False)] and s.blocks.num_free == 1 and s.prefill_pending()
+    one = s.schedule_decode_one()
+    assert one.requests == [a] and one.limits == [9] and len(a.blocks) == 3 and s.blocks.num_free == 0
+    s.advance(a, 1)
+    a.outputs.append(7)
+    a.outputs += [7] * 3  # up to 12 tokens: still its third block
+    s.advance(a, 3)
+    # a's 13th token needs a fourth block and none is free: it sits out, preempting nobody.
+    assert s.schedule_decode_one() is None and b.preemptions == 0 and len(b.blocks) == 2
+    s.remove(a)
+    assert plan(s) == [(b, 8, 4, True)]
+    finish_prefill([b])
+    assert not s.prefill_pending()
