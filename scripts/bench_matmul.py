@@ -4,6 +4,11 @@ puts the [out, in] weight on the left of the dot on the CPU from 2 to WEIGHT_LEF
 against the plain dot x @ w.T, at each row count.
 
     python scripts/bench_matmul.py [--rows 1,2,4,8,16,32,64,128,256,512] [--layers 4] [--repeats 3]
+        [--dtype float32|bfloat16]
+
+--dtype bfloat16: weights and activations in bfloat16 (products accumulate as XLA chooses); XLA's CPU
+library choices for dots come from XLA_FLAGS (e.g. --xla_cpu_experimental_ynn_fusion_type=dot), so
+run the script once per setting to compare them.
 
 A chain of --layers decoder layers at Qwen3-VL-2B widths (q/k/v/o, gate/up/down; random float32
 weights, distinct per layer, so the weights stream from memory as in the model) and the tied
@@ -57,14 +62,16 @@ def main() -> int:
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,256,512")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
+    dt = jnp.dtype(args.dtype)
     key = jax.random.PRNGKey(0)
-    ws = [jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * 0.02
+    ws = [(jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * 0.02).astype(dt)
           for i, s in enumerate(SHAPES * args.layers)]
-    emb = jax.random.normal(key, (151936, 2048), jnp.float32) * 0.02
+    emb = (jax.random.normal(key, (151936, 2048), jnp.float32) * 0.02).astype(dt)
     for rows in (int(r) for r in args.rows.split(",")):
         steps = 8 if rows <= 16 else 2
-        x = jax.random.normal(key, (rows, 2048), jnp.float32)
+        x = jax.random.normal(key, (rows, 2048), jnp.float32).astype(dt)
         forms = {"plain": chain(plain, steps), "matmul_t": chain(matmul_t, steps)}
         times = {name: [] for name in forms}
         for f in forms.values():
@@ -75,7 +82,7 @@ def main() -> int:
                 f(x, ws, emb).block_until_ready()
                 times[name].append((time.perf_counter() - t0) / steps * 1000)
         med = {name: round(float(np.median(t)), 1) for name, t in times.items()}
-        print(json.dumps({"rows": rows, "device": jax.default_backend(), "ms_per_step": med,
+        print(json.dumps({"rows": rows, "device": jax.default_backend(), "dtype": args.dtype, "ms_per_step": med,
                           "plain_over_matmul_t": round(med["plain"] / med["matmul_t"], 2)}), flush=True)
     return 0
 
