@@ -60,3 +60,24 @@ def test_warm_up_errors(setup):
     with pytest.raises(InputError, match="temperature"):
         eng.warm_up(sampling=({"temperature": -1},))
     eng.close()
+
+
+def test_close_stops_a_warm_up_between_programs(setup):
+    """A server stopped (SIGTERM) during its warm-up closes its engine: the warm-up ends at the next
+    program instead of compiling the rest first."""
+    import threading
+
+    _, m = setup
+    eng = m.engine(max_num_seqs=2, max_model_len=64, block_size=4, num_blocks=40, max_num_batched_tokens=64)
+    started, seen = threading.Event(), []
+
+    def progress(i, n, prog):
+        seen.append(i)
+        if i == 0:
+            started.set()
+            threading.Thread(target=eng.close).start()
+            while not eng._closed:
+                pass
+
+    eng.warm_up(progress=progress)
+    assert started.is_set() and seen == [0]

@@ -62,13 +62,15 @@ def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
 
 
 def run(engine, programs: list[tuple], progress=None) -> float:
-    """Runs each program of `plan` once on idle inputs; progress(i, n, program) before each.
-    Returns the seconds taken. Call from the engine's own thread or before it starts (the steps
+    """Runs each program of `plan` once on idle inputs; progress(i, n, program) before each; stops
+    early once the engine is closing. Returns the seconds taken. Call from the engine's own thread or before it starts (the steps
     donate the engine's pools)."""
     t0 = time.perf_counter()
     cfg = engine.cfg
     width = engine.max_blocks_per_seq * engine.block_size
     for i, prog in enumerate(programs):
+        if engine._closed:  # closing (a server's SIGTERM): stop at the next program, not after them all
+            break
         if progress is not None:
             progress(i, len(programs), prog)
         if prog[0] == "vision":
