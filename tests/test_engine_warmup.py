@@ -24,29 +24,31 @@ def test_buckets():
     assert warmup.chunk_buckets(64) == [16, 20, 24, 28, 32, 40, 48, 56, 64]
     assert warmup.row_buckets(6) == [1, 2, 4, 6]
     assert warmup.row_buckets(8) == [1, 2, 4, 8]
+    assert warmup.mixed_row_buckets(4) == [4] and warmup.mixed_row_buckets(32) == [8, 32]
     assert warmup.patch_buckets(100) == [64, 80, 96, 112]
 
 
 def test_nothing_compiles_after_warm_up(setup):
     hf, m = setup
-    eng = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=200, decode_steps=4,
+    # 10 slots: a mixed step's decode rows are 8, or 10 with more than 8 decoding (both compiled).
+    eng = m.engine(max_num_seqs=10, max_model_len=128, block_size=4, num_blocks=400, decode_steps=4,
                    max_num_batched_tokens=32)
     seen = []
     secs = eng.warm_up(sampling=({"temperature": 0},), vision_patches=64,
                        progress=lambda i, n, prog: seen.append((i, n, prog[0])))
     assert secs > 0 and [s[0] for s in seen] == list(range(len(seen))) and {s[2] for s in seen} == {
-        "prefill", "decode", "vision"}
-    compiled = (steps.prefill._cache_size(), steps.decode._cache_size())
+        "mixed", "decode", "vision"}
+    compiled = (steps.mixed._cache_size(), steps.decode._cache_size(), steps.prefill._cache_size())
     rng = np.random.RandomState(3)
     cases = [(PromptBuilder(rng).text(5), 9), (PromptBuilder(rng).text(70), 5),
              (PromptBuilder(rng).text(4).image(4, 4).text(3), 7), (PromptBuilder(rng).image(8, 4).text(40), 11),
-             (PromptBuilder(rng).text(17), 3)]
+             (PromptBuilder(rng).text(17), 3)] + [(PromptBuilder(rng).text(6 + 9 * i), 12) for i in range(6)]
     inputs = [(_one(b, hf, rng), n) for b, n in cases]
     handles = [eng.submit(inp, max_new_tokens=n, stop_token_ids=[], temperature=0) for inp, n in inputs]
     outs = [h.result(timeout=300) for h in handles]
     # One at a time too (a decode loop of one row), and a long prompt over several chunks and windows.
     outs.append(eng.submit(inputs[1][0], max_new_tokens=40, stop_token_ids=[], temperature=0).result(timeout=300))
-    assert (steps.prefill._cache_size(), steps.decode._cache_size()) == compiled
+    assert (steps.mixed._cache_size(), steps.decode._cache_size(), steps.prefill._cache_size()) == compiled
     eng.close()
     for (inp, n), out in zip(inputs + [(inputs[1][0], 40)], outs):
         _check(m, inp, out, n)

@@ -568,7 +568,7 @@ def test_health_says_warming_up_until_every_program_is_compiled(srv, monkeypatch
 
     def warm_up(sampling, vision_patches, progress):
         calls.append((sampling, vision_patches))
-        progress(2, 7, ("prefill", None, 16))
+        progress(2, 7, ("mixed", None, (16, 8)))
         release.wait(30)
         return 0.0
 

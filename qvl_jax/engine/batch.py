@@ -18,6 +18,16 @@ def padded_rows(n: int, max_rows: int) -> int:
     return min(max_rows, 1 << (n - 1).bit_length())
 
 
+# The decode rows of a mixed step (`steps.mixed`): this many, or max_num_seqs beyond (two programs per
+# chunk length at most; idle rows read the smallest window, so padding costs little).
+MIXED_ROWS = 8
+
+
+def mixed_rows(n: int, max_rows: int) -> int:
+    """Decode rows of a mixed step carrying n decoding requests."""
+    return min(MIXED_ROWS, max_rows) if n <= MIXED_ROWS else max_rows
+
+
 def stop_width(n: int) -> int:
     """Columns of the stop-id array for n ids: at least 8, a power of two (each width compiles)."""
     return max(8, 1 << max(0, n - 1).bit_length())

@@ -483,23 +483,24 @@ class Engine:
     def _mixed(self, chunk: PrefillChunk, dec) -> None:
         """A prefill chunk and one decode step of the decoding requests dec (a `DecodeBatch` of one
         token each, or None) in one jitted call (`steps.mixed`): the decode rows ride on the chunk's
-        weight reads. Rows: the chunk's, then the decode rows padded to max_num_seqs (one compiled
-        program per chunk length)."""
+        weight reads. Rows: the chunk's, then the decode rows (`batch.mixed_rows`: at most two
+        compiled programs per chunk length)."""
         req = chunk.request
         t, ids, positions, valid, vision = self._chunk_inputs(chunk)
         decs, limits = ([], []) if dec is None else (dec.requests, dec.limits)
-        s = self.max_num_seqs
+        s = batch.mixed_rows(len(decs), self.max_num_seqs)
         rows = batch.rows([req] + decs, 1 + s, [0] + limits)
         active = np.zeros(s, bool)
         active[:len(decs)] = rows.seq_len[1:1 + len(decs)] < rows.limit[1:1 + len(decs)]
         table = np.full((1 + s, self.max_blocks_per_seq), TRASH_BLOCK, np.int32)
         table[0] = self.scheduler.table[req.slot]
         table[1:1 + len(decs)] = self.scheduler.table[[r.slot for r in decs]]
-        cache = self._cache(table, max([chunk.end] + limits))
+        cache = self._cache(table, chunk.end)
         cache, self._seen, self._counts, out = steps.mixed(
             *self.model.split, batch.flags([req] + decs), self.max_blocks_per_seq * self.block_size, cache, self._seen,
             self._counts, ids, positions, valid, np.array([chunk.start], np.int32), np.array([chunk.n - 1], np.int32),
-            vision, np.array([chunk.final]), batch.last_tokens(decs, s), active, rows, mesh=self.mesh)
+            vision, np.array([chunk.final]), batch.last_tokens(decs, s), active, rows,
+            self._bucket(max(limits, default=1)), mesh=self.mesh)
         self._pages = cache.pages
         if not chunk.final and not active.any():
             return
@@ -548,8 +549,12 @@ class Engine:
         """The paged cache a step takes: the rows' whole block tables (host arrays: passed to the
         jitted step as they are), and the window bucket that n_tokens need as a traced index, so that
         one compiled step serves every window (`paged.PagedCache`)."""
-        return paged.PagedCache(self._pages, table, windows, np.int32(self._sizes.index(
-            self.scheduler.window_blocks(n_tokens) * self.block_size)), self.block_size, self._pallas, self._sizes)
+        return paged.PagedCache(self._pages, table, windows, self._bucket(n_tokens), self.block_size, self._pallas,
+                                self._sizes)
+
+    def _bucket(self, n_tokens: int) -> np.int32:
+        """The index of the window bucket n_tokens need, in `_sizes`."""
+        return np.int32(self._sizes.index(self.scheduler.window_blocks(n_tokens) * self.block_size))
 
     def _window_buffers(self, rows: int) -> tuple:
         """The decode loop's window buffers for rows x the longest window that fits window_copy_bytes

@@ -361,7 +361,7 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
                    donate_argnames=("cache", "seen", "counts"))
 def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int, cache, seen, counts, ids: jax.Array,
           positions: jax.Array, valid: jax.Array, offset: jax.Array, last_idx: jax.Array, vision, final: jax.Array,
-          last_tok: jax.Array, active: jax.Array, rows: Rows, mesh=None):
+          last_tok: jax.Array, active: jax.Array, rows: Rows, decode_bucket: jax.Array, mesh=None):
     """A prefill chunk of one row and a decode step of s rows in one forward (the engine's paged
     cache only): the chunk's t tokens and the s decode tokens run through the decoder as one
     sequence of t + s tokens, each attending over its own row's cache (`paged.MixedView`), so the
@@ -369,13 +369,14 @@ def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int,
 
     Row 0 of rows (and of cache.table) is the chunk's: ids, positions, valid [1, t], offset,
     last_idx, final [1] and vision as `prefill` takes them. Rows 1..s decode: row 1 + i feeds
-    last_tok[i] at rows.seq_len[1 + i] when active[i]. The window bucket (cache.bucket) covers both.
+    last_tok[i] at rows.seq_len[1 + i] when active[i]. The chunk reads the window bucket cache.bucket,
+    the decode rows decode_bucket (idle rows then cost little).
     Returns (cache, seen, counts, Tokens [1 + s, 1]): row 0 the chunk's next token (kept only when
     final), then the decode rows' (-1 where not active)."""
     m = structure.merge(leaves)
     t, s = ids.shape[1], last_tok.shape[0]
     first = dataclasses.replace(cache, table=cache.table[:1])
-    second = dataclasses.replace(cache, table=cache.table[1:])
+    second = dataclasses.replace(cache, table=cache.table[1:], bucket=decode_bucket)
     j = jnp.arange(window)
     index = offset[:, None] + jnp.arange(t)[None]  # [1, t]
     rel = jnp.clip(j[None] - offset[:, None], 0, t - 1)

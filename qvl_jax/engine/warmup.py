@@ -1,8 +1,8 @@
 """Compiling an engine's steps before its first request (`Engine.warm_up`).
 
 The engine's jitted programs have few shapes by design: a prefill step per chunk length bucket (with
-the decode rows that ride on it, `steps.mixed`, always max_num_seqs of them; the chunk's vision
-input is shaped by its length alone, and the attention window is a traced index into
+the decode rows that ride on it, `steps.mixed`: 8 of them, or max_num_seqs beyond; the chunk's
+vision input is shaped by its length alone, and the attention window is a traced index into
 the engine's window buckets, `paged.PagedCache`), a decode loop per power-of-two row count, and the
 vision tower per patch bucket. Each also compiles per sampler configuration (`SamplingFlags`). So
 a server can compile everything its common requests will meet before it reports ready, instead of
@@ -38,6 +38,11 @@ def row_buckets(max_rows: int) -> list[int]:
     return sorted({batch.padded_rows(n, max_rows) for n in range(1, max_rows + 1)})
 
 
+def mixed_row_buckets(max_rows: int) -> list[int]:
+    """Every decode row count of a mixed step (`batch.mixed_rows`)."""
+    return sorted({batch.mixed_rows(n, max_rows) for n in range(0, max_rows + 1)})
+
+
 def patch_buckets(max_patches: int) -> list[int]:
     """Every patch bucket of a vision call of up to max_patches patches."""
     top = vision_bucket(max_patches)
@@ -51,10 +56,15 @@ def patch_buckets(max_patches: int) -> list[int]:
 
 
 def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
-    """The programs `run` compiles: ("prefill", flags, t), ("decode", flags, rows), ("vision", patches)."""
+    """The programs `run` compiles: ("mixed", flags, (t, decode rows)) (or under the Pallas kernel
+    ("prefill", flags, t)), ("decode", flags, rows), ("vision", patches)."""
     out = []
     for flags in flag_sets:
-        out += [("prefill", flags, t) for t in chunk_buckets(engine.max_num_batched_tokens)]
+        if engine._pallas:
+            out += [("prefill", flags, t) for t in chunk_buckets(engine.max_num_batched_tokens)]
+        else:
+            out += [("mixed", flags, (t, s)) for t in chunk_buckets(engine.max_num_batched_tokens)
+                    for s in mixed_row_buckets(engine.max_num_seqs)]
         out += [("decode", flags, s) for s in row_buckets(engine.max_num_seqs)]
     if vision_patches:
         out += [("vision", p) for p in patch_buckets(vision_patches)]
@@ -82,21 +92,21 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             vision_tower(*engine.model.split, vis)
             continue
         kind, flags, n = prog
-        chunk = (np.zeros((1, n), np.int32), np.zeros((3, 1, n), np.int32), np.zeros((1, n), bool),
-                 np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(n))
-        if kind == "prefill" and engine._pallas:  # a chunk alone
+        t, s = n if kind == "mixed" else (n, 0)
+        chunk = (np.zeros((1, t), np.int32), np.zeros((3, 1, t), np.int32), np.zeros((1, t), bool),
+                 np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(t))
+        if kind == "prefill":  # a chunk alone (the Pallas kernel's path)
             table = np.full((1, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _, _ = steps.prefill(
                 *engine.model.split, flags, width, False, cache, engine._seen, engine._counts, *chunk,
                 batch.rows([], 1), np.zeros(1, bool), mesh=engine.mesh)
-        elif kind == "prefill":  # a chunk with max_num_seqs decode rows (`Engine._mixed`)
-            s = engine.max_num_seqs
+        elif kind == "mixed":  # a chunk with s decode rows (`Engine._mixed`)
             table = np.full((1 + s, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _ = steps.mixed(
                 *engine.model.split, flags, width, cache, engine._seen, engine._counts, *chunk, np.zeros(1, bool),
-                np.zeros(s, np.int32), np.zeros(s, bool), batch.rows([], 1 + s), mesh=engine.mesh)
+                np.zeros(s, np.int32), np.zeros(s, bool), batch.rows([], 1 + s), engine._bucket(1), mesh=engine.mesh)
         else:
             rows = batch.rows([], n)
             table = np.full((n, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
