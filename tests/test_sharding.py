@@ -451,3 +451,25 @@ def test_generation_paths_equal_one_device(hf_checkpoint, jax_model, mesh_model,
     finally:
         steps.decode.clear_cache()
     np.testing.assert_array_equal(out.tokens, first)
+
+
+@needs_8
+def test_engine_under_a_mesh_equals_one_device(hf_checkpoint, jax_model, mesh_model):
+    """The engine over a 2x4 mesh (pools split over kv heads, the window switch and mixed steps under
+    sharding) answers as the one-device engine does, text and image requests together."""
+    hf, _ = hf_checkpoint("untied")
+    rng = np.random.RandomState(4)
+    builders = [PromptBuilder(rng).text(3).image(4, 4).text(2), PromptBuilder(rng).text(30), PromptBuilder(rng).text(5)]
+    inputs = []
+    for b in builders:
+        inp = batch_inputs([b], patch_dim(hf.config), rng)
+        inp.pop("attention_mask")
+        inputs.append(inp)
+    outs = []
+    for m in (jax_model("untied"), mesh_model("untied", 2, 4)):
+        eng = m.engine(max_num_seqs=4, max_model_len=96, block_size=4, num_blocks=120, decode_steps=4,
+                       max_num_batched_tokens=16)
+        handles = [eng.submit(inp, max_new_tokens=10, stop_token_ids=[]) for inp in inputs]
+        outs.append([h.result(timeout=300).tokens.tolist() for h in handles])
+        eng.close()
+    assert outs[0] == outs[1]
