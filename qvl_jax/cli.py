@@ -321,14 +321,14 @@ def cmd_finetune(args) -> int:
                 "--seed": args.seed, "--compute-dtype": args.compute_dtype, "records in --data": len(records)}
     with TrainCheckpoints(ckpt_dir) as ckpt:
         if args.resume:
-            saved = ckpt.restore(trainer)
-            for line in ckpt.skipped:
-                print(f"warning: {line}; going back to an older step", file=sys.stderr)
+            saved = ckpt.read_meta().get("settings", {})  # the newest step whose metadata reads
             for key, value in settings.items():
-                if key in saved.get("settings", {}) and saved["settings"][key] != value:
-                    raise InputError(f"--resume: the run in {ckpt_dir} has {key} {saved['settings'][key]}, this one "
-                                     f"{value}; resume with the same settings")
-            batches.position = int(saved["data_position"])
+                if key in saved and saved[key] != value:
+                    raise InputError(f"--resume: the run in {ckpt_dir} has {key} {saved[key]}, this one {value}; "
+                                     "resume with the same settings")
+            batches.position = int(ckpt.restore(trainer)["data_position"])
+            for line in ckpt.skipped:
+                print(f"warning: {line}; went back to an older step", file=sys.stderr)
         meta = {"settings": settings, "model": str(model_dir)}
 
         def write_final():

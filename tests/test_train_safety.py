@@ -344,3 +344,48 @@ def test_epochs_are_whole_passes(cache, tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(stdout)
     assert summary["steps"] == 4 and summary["epochs"] == 2.0
+
+
+def test_a_checkpoint_of_another_shape_is_a_mismatch_not_damage(cache, tmp_path):
+    def trainer(r):
+        return Trainer(qvl_jax.load("tiny-random"), optax.adamw(1e-3), lora=LoraConfig(r=r, target_modules=["q_proj"]))
+
+    with TrainCheckpoints(tmp_path / "ckpt") as ckpt:
+        ckpt.save(trainer(4), 0)
+        with pytest.raises(CheckpointError, match=r"does not match this trainer: its '.*lora_A' is float32 \[4, ") as e:
+            ckpt.restore(trainer(8))
+    assert "\n" not in str(e.value)
+
+
+def test_the_rows_that_fill_an_epochs_last_batch_change_nothing(cache, tmp_path):
+    """The loss and every gradient of [a, b, filler] equal those of [a, b] alone: the filler adds
+    exact zeros, so what differs is only the order XLA sums a batch of 3 rows in, not 2 (float32
+    rounding, about 1e-6 of a gradient's scale; a filler row that counted one label moves them by
+    far more)."""
+    from qvl_jax.training.data import _filler, collate, encode_record, read_jsonl
+
+    proc = qvl_jax.Processor.from_pretrained("tiny-random")
+    records = read_jsonl(_records(tmp_path))[1:]  # the two text-only records
+    rows = [encode_record(r, proc) for r in records]
+    trainer = Trainer(qvl_jax.load("tiny-random"), optax.adamw(1e-3), lora=LoraConfig(r=4, alpha=8))
+    # the same padded length both ways: the filled batch pads to the longest real row too
+    filled = collate([*rows, _filler(proc.pad_token_id)], proc.pad_token_id)
+    alone = collate(rows, proc.pad_token_id)
+    assert filled["input_ids"].shape == (3, alone["input_ids"].shape[1])
+    loss_f, grads_f = trainer.loss_and_grads(filled)
+    loss_a, grads_a = trainer.loss_and_grads(alone)
+    np.testing.assert_allclose(loss_f, loss_a, rtol=1e-6)
+    import jax
+
+    for gf, ga in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_a)):
+        ga = np.asarray(ga)
+        np.testing.assert_allclose(np.asarray(gf), ga, rtol=0, atol=1e-5 * np.abs(ga).max())
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads_a))
+    # the check can fail: a third row that counts one label is a different step
+    counted = {k: v.copy() for k, v in filled.items()}
+    counted["input_ids"][2, :2] = counted["input_ids"][0, :2]
+    counted["attention_mask"][2, :2] = 1
+    counted["labels"][2, 1] = counted["input_ids"][2, 1]
+    _, grads_c = trainer.loss_and_grads(counted)
+    assert any(not np.allclose(np.asarray(gc), np.asarray(ga), rtol=0, atol=1e-5 * np.abs(np.asarray(ga)).max())
+               for gc, ga in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_a)))

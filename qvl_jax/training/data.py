@@ -268,8 +268,9 @@ def check_records(records: list[Record], processor, max_length: int | None = Non
 
 def _filler(pad_token_id: int) -> dict[str, np.ndarray]:
     """A row that holds one padding token and no label: it fills the last batch of an epoch to the
-    batch's size (one compiled shape) and adds exactly nothing to the loss sum, the token count or
-    any gradient, so that batch is a step on its real records alone."""
+    batch's size (one compiled shape) and adds exact zeros to the loss sum, the token count and
+    every gradient, so that batch is the step on its real records alone (up to the order in which
+    float32 sums run over a batch of another size)."""
     one = np.array([[pad_token_id]])
     return {"input_ids": one, "attention_mask": np.ones_like(one), "mm_token_type_ids": np.zeros_like(one),
             "labels": np.full_like(one, IGNORE, dtype=np.int64)}

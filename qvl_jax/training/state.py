@@ -196,16 +196,29 @@ class TrainCheckpoints:
         try:
             saved = self._checkpointer.metadata(where).item_metadata.tree
             saved_keys, n_opt = set(saved["trainable"]), len(saved["opt_state"])
+            shapes = {k: (tuple(m.shape), str(m.dtype)) for k, m in saved["trainable"].items()}
+            shapes.update({i: (tuple(m.shape), str(m.dtype)) for i, m in enumerate(saved["opt_state"])})
         except Exception as e:  # noqa: BLE001 - whatever Orbax raises on a damaged directory
             raise _Damaged(f"its array metadata does not read ({_one_line(e)})") from None
+        target = {"trainable": _abstract(ours), "opt_state": _abstract(opt_leaves)}
+        what = None
         if saved_keys != set(ours) or n_opt != len(opt_leaves):
             extra, missing = sorted(saved_keys - set(ours)), sorted(set(ours) - saved_keys)
             what = (f"it has {extra[0]!r}, which this trainer does not train" if extra else
                     f"it lacks {missing[0]!r}" if missing else
                     f"its optimizer state has {n_opt} arrays, this trainer's {len(opt_leaves)}")
+        else:
+            wanted = {k: (tuple(t.shape), str(t.dtype)) for k, t in target["trainable"].items()}
+            wanted.update({i: (tuple(t.shape), str(t.dtype)) for i, t in enumerate(target["opt_state"])})
+            for k in wanted:
+                if shapes[k] != wanted[k]:
+                    name = repr(k) if isinstance(k, str) else f"optimizer array {k}"
+                    what = f"its {name} is {shapes[k][1]} {list(shapes[k][0])}, this trainer's " \
+                           f"{wanted[k][1]} {list(wanted[k][0])}"
+                    break
+        if what is not None:
             raise CheckpointError(f"{self.directory / str(step)} does not match this trainer: {what} (another LoRA "
                                   "configuration, trainable set or optimizer?)")
-        target = {"trainable": _abstract(ours), "opt_state": _abstract(opt_leaves)}
         try:
             out = self._checkpointer.restore(where, args=ocp.args.StandardRestore(target))
             values = out["trainable"]
