@@ -16,6 +16,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -375,8 +376,6 @@ def test_the_rows_that_fill_an_epochs_last_batch_change_nothing(cache, tmp_path)
     loss_f, grads_f = trainer.loss_and_grads(filled)
     loss_a, grads_a = trainer.loss_and_grads(alone)
     np.testing.assert_allclose(loss_f, loss_a, rtol=1e-6)
-    import jax
-
     for gf, ga in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_a)):
         ga = np.asarray(ga)
         np.testing.assert_allclose(np.asarray(gf), ga, rtol=0, atol=1e-5 * np.abs(ga).max())
@@ -389,3 +388,20 @@ def test_the_rows_that_fill_an_epochs_last_batch_change_nothing(cache, tmp_path)
     _, grads_c = trainer.loss_and_grads(counted)
     assert any(not np.allclose(np.asarray(gc), np.asarray(ga), rtol=0, atol=1e-5 * np.abs(np.asarray(ga)).max())
                for gc, ga in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_a)))
+
+
+def test_a_checkpoint_from_orbax_checkpoint_manager_still_resumes(cache, tmp_path):
+    """Runs checkpointed before saves were atomic (through Orbax's CheckpointManager, with a JSON
+    "meta" item) restore as they were written."""
+    ocp = state_mod.ocp
+    trainer = Trainer(qvl_jax.load("tiny-random"), optax.adamw(1e-3), lora=LoraConfig(r=4, target_modules=["q_proj"]))
+    state = {"trainable": state_mod._trainable_dict(trainer.trainable),
+             "opt_state": jax.tree.leaves(trainer.opt_state)}
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager((tmp_path / "ckpt").absolute(), options=options, item_handlers=handlers) as m:
+        m.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave({"step": 3, "data_position": 9, "settings": {}})))
+    with TrainCheckpoints(tmp_path / "ckpt") as ckpt:
+        assert ckpt.read_meta()["data_position"] == 9
+        assert ckpt.restore(trainer)["step"] == 3 and trainer.steps == 3 and not ckpt.skipped

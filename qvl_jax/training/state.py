@@ -34,6 +34,7 @@ from qvl_jax.errors import CheckpointError
 from qvl_jax.files import temp_sibling
 
 _STATE, _META = "state", "meta.json"
+_OLD_META = "meta/metadata"  # where checkpoints written through Orbax's CheckpointManager kept it
 
 
 def _path_key(path) -> str:
@@ -127,6 +128,8 @@ class TrainCheckpoints:
 
     def _read_meta(self, step: int) -> dict:
         path = self.directory / str(step) / _META
+        if not path.exists() and (self.directory / str(step) / _OLD_META).is_file():
+            path = self.directory / str(step) / _OLD_META
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
