@@ -175,6 +175,12 @@ def test_a_crash_inside_a_save_leaves_the_previous_checkpoint_whole(cache, tmp_p
                 ckpt.save(trainer, 6)
         assert ckpt.all_steps() == [0] and [p.name for p in (tmp_path / "ckpt").iterdir()] == ["0"]
         assert ckpt.restore(trainer)["data_position"] == 3 and trainer.steps == 0
+        # what a kill -9 mid-save leaves (a hidden temporary directory) is never read, and the next save clears it
+        (tmp_path / "ckpt" / ".1.tmp-0123456789ab" / "state").mkdir(parents=True)
+        assert ckpt.all_steps() == [0]
+        trainer.steps = 1
+        ckpt.save(trainer, 6)
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["0", "1"]
 
 
 def _raise(exc):

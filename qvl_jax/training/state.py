@@ -121,6 +121,9 @@ class TrainCheckpoints:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        for stale in self.directory.glob(".*.tmp-*"):  # what a killed save left (never a whole step)
+            if stale.name.split(".")[1].isdigit():
+                shutil.rmtree(stale, ignore_errors=True)
         older = [s for s in self.all_steps() if s < step]
         for s in older[:max(0, len(older) - (self.keep - 1))]:  # the newest `keep` steps stay, this one among them
             shutil.rmtree(self.directory / str(s), ignore_errors=True)
