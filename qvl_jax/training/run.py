@@ -29,11 +29,6 @@ from qvl_jax.errors import NumericalError, QvlError, device_memory_errors
 from qvl_jax.training.data import eval_batches
 
 
-def _hook(point: str) -> None:
-    """Called at each named point of a step and of a save ("batch", "step", "checked", "committed",
-    "save", "saved", "final"); does nothing. Tests replace it to send SIGINT at that point."""
-
-
 @contextlib.contextmanager
 def sigint_held():
     """SIGINT held while the block runs (a checkpoint or the adapter being written) and raised as
@@ -47,8 +42,8 @@ def sigint_held():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if got:
-        raise KeyboardInterrupt
+    if got and callable(previous):  # what the signal would have done (SIG_IGN: nothing)
+        previous(signal.SIGINT, None)
 
 
 @jax.jit
@@ -79,32 +74,32 @@ def train(trainer, batches, total: int, ckpt, meta: dict, write_final, *, schedu
     saved_at = trainer.steps if resumed else None
     losses, speeds, last_eval = [], [], None
 
+    def run_eval() -> float:
+        value = evaluate()
+        if not math.isfinite(value):
+            raise NumericalError(f"step {trainer.steps}: the eval loss is {value}; training stopped")
+        return value
+
     def save():
         nonlocal saved_at
-        _hook("save")
         with sigint_held():
             ckpt.save(trainer, batches.position, meta)
         saved_at = trainer.steps
-        _hook("saved")
 
     # Redrawn at most once a second when the log is a file rather than a terminal.
     bar = tqdm(total=total, initial=trainer.steps, file=log, unit="step", dynamic_ncols=True,
                mininterval=0.1 if log.isatty() else 1.0)
     try:
         while trainer.steps < total:
-            _hook("batch")
             t0 = time.perf_counter()
             batch = batches.next()
             rate = float(schedule(trainer.steps))
-            _hook("step")
             with device_memory_errors(f"training step {trainer.steps + 1}"):
                 loss = trainer.step(batch)
-            _hook("checked")
             if not math.isfinite(loss) or not bool(_all_finite((trainer.trainable, trainer.opt_state))):
                 what = f"the loss is {loss}" if not math.isfinite(loss) else "the updated weights are not finite"
                 raise NumericalError(f"step {trainer.steps}: {what} (learning rate {rate:.3g}); training stopped")
             good = (trainer.trainable, trainer.opt_state, trainer.steps, batches.position)
-            _hook("committed")
             speeds.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speeds[-1]:.0f}", lr=f"{rate:.2e}", refresh=False)
@@ -112,24 +107,24 @@ def train(trainer, batches, total: int, ckpt, meta: dict, write_final, *, schedu
             if save_every and trainer.steps % save_every == 0:
                 save()
             if evaluate is not None and eval_every and trainer.steps % eval_every == 0 and trainer.steps < total:
-                last_eval = evaluate()
+                last_eval = run_eval()
                 bar.write(f"step {trainer.steps}: eval loss {last_eval:.4f}", file=log)
         bar.close()
         if trainer.steps != saved_at:
             save()
         if evaluate is not None:
-            last_eval = evaluate()
+            last_eval = run_eval()
             print(f"step {trainer.steps}: eval loss {last_eval:.4f}", file=log)
-        _hook("final")
         with sigint_held():
             write_final()
     except BaseException as e:
         bar.close()
-        # Back to the last committed state: a step cut short, or one that went non-finite, is undone.
-        trainer.trainable, trainer.opt_state, trainer.steps, batches.position = good
-        trainer.publish()
-        if trainer.steps != saved_at:
-            save()
+        with sigint_held():  # a second Ctrl-C waits until this is on disk
+            # Back to the last committed state: a step cut short, or one that went non-finite, is undone.
+            trainer.trainable, trainer.opt_state, trainer.steps, batches.position = good
+            trainer.publish()
+            if trainer.steps != saved_at:
+                save()
         where = f"step {trainer.steps} is saved in {ckpt.directory / str(trainer.steps)}: --resume goes on from there"
         if isinstance(e, KeyboardInterrupt):
             print(f"interrupted; {where}", file=log)
