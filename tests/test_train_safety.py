@@ -411,3 +411,37 @@ def test_a_checkpoint_from_orbax_checkpoint_manager_still_resumes(cache, tmp_pat
     with TrainCheckpoints(tmp_path / "ckpt") as ckpt:
         assert ckpt.read_meta()["data_position"] == 9
         assert ckpt.restore(trainer)["step"] == 3 and trainer.steps == 3 and not ckpt.skipped
+
+
+def test_ctrl_c_from_outside_a_real_run_saves_a_step_that_agrees_with_its_data_position(reference, cache, tmp_path):
+    """The one subprocess: SIGINT from another process at whatever point the run has reached (after
+    its second checkpoint). With 3 records at 3 rows a step, a consistent checkpoint has data
+    position = 3 x step; the bug this guards against saved the position one batch ahead."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    data, _ = reference
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QVL_JAX_CACHE=str(cache), QVL_JAX_COMPILATION_CACHE="0")
+    run = subprocess.Popen([sys.executable, "-m", "qvl_jax.cli", "finetune", "--data", str(data), "--out", str(out),
+                            *map(str, LORA), "--steps", "100000", "--save-every", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "4").is_dir():
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-2000:]
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130, stderr[-2000:]
+    assert "interrupted; step " in stderr and stdout == ""
+    _no_leftovers(out)
+    with TrainCheckpoints(out / "checkpoints") as ckpt:
+        trainer = Trainer(qvl_jax.load("tiny-random"), optax.adamw(optax.constant_schedule(1e-3)), max_grad_norm=1.0,
+                          lora=LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        meta = ckpt.restore(trainer)
+    assert meta["step"] >= 4 and meta["data_position"] == 3 * meta["step"] and not ckpt.skipped
