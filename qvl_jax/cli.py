@@ -286,8 +286,9 @@ def cmd_finetune(args) -> int:
         raise InputError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                          "or choose another --out")
     if not args.resume and not args.force and final.is_dir() and any(final.iterdir()):
-        raise InputError(f"{final} already holds {'an adapter' if args.lora_rank else 'a model'}: pass --force to replace it when this run ends, "
-                         "or choose another --out")
+        what = "an adapter" if args.lora_rank else "a model"
+        raise InputError(f"{final} already holds {what}: pass --force to replace it when this run ends, or choose "
+                         "another --out")
 
     enable_compilation_cache()
     model_dir = resolve_model(args.model)
