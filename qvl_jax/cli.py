@@ -24,12 +24,14 @@ import math
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from qvl_jax.config import ATTENTION_KERNELS, Qwen3VLConfig
 from qvl_jax.errors import InputError, QvlError
+from qvl_jax.files import temp_sibling
 from qvl_jax.hub import DEFAULT_MODEL, cache_dir, resolve_model
 
 ATTENTION_HELP = ("attention kernel: xla (ours, any backend), cudnn (cuDNN flash attention for vision and prefill "
@@ -250,20 +252,14 @@ def _positive(flag: str, value, allow_zero: bool = False) -> None:
         raise InputError(f"{flag} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
-def _eval_loss(trainer, batches) -> float:
-    """Mean token loss over every eval batch (the current weights, no gradients)."""
-    total = count = 0
-    for batch in batches:
-        t, c = trainer.loss_sum(batch)
-        total, count = total + t, count + c
-    return total / max(count, 1)
-
-
 def cmd_finetune(args) -> int:
-    for flag in ("steps", "epochs", "batch_size", "grad_accum", "lr"):
+    for flag in ("steps", "epochs", "batch_size", "grad_accum", "lr", "lora_alpha", "max_length"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     for flag in ("lora_rank", "save_every", "eval_every", "warmup_steps", "weight_decay", "max_grad_norm"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_zero=True)
+    for flag in ("lr", "lora_alpha", "epochs", "weight_decay", "max_grad_norm"):
+        if getattr(args, flag) is not None and not math.isfinite(getattr(args, flag)):
+            raise InputError(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
     if args.lora_rank == 0 and (args.lora_alpha is not None or args.lora_targets is not None):
         raise InputError("--lora-alpha and --lora-targets need LoRA (--lora-rank 0 is full fine-tuning)")
     out = Path(args.out)
@@ -274,7 +270,8 @@ def cmd_finetune(args) -> int:
     import qvl_jax
     from qvl_jax.processing.processor import Processor
     from qvl_jax.training import LoraConfig, Trainer
-    from qvl_jax.training.data import Batches, read_jsonl
+    from qvl_jax.training.data import Batches, check_records, read_jsonl
+    from qvl_jax.training.run import eval_loss, train
     from qvl_jax.training.state import TrainCheckpoints
 
     # The data is read and checked before the model is loaded: a bad record fails in a second.
@@ -288,15 +285,22 @@ def cmd_finetune(args) -> int:
     if not args.resume and have:
         raise InputError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                          "or choose another --out")
-    if not args.lora_rank and final.is_dir() and any(final.iterdir()):
-        raise InputError(f"{final} exists and is not empty: remove it or choose another --out")
+    if not args.resume and not args.force and final.is_dir() and any(final.iterdir()):
+        what = "an adapter" if args.lora_rank else "a model"
+        raise InputError(f"{final} already holds {what}: pass --force to replace it when this run ends, or choose "
+                         "another --out")
 
     enable_compilation_cache()
     model_dir = resolve_model(args.model)
     proc = Processor.from_pretrained(model_dir)
-    model = qvl_jax.load(model_dir)
+    # Every record's media decoded and length checked, as its batch will be, before the model loads.
+    check_records(records, proc, args.max_length)
+    if eval_records:
+        check_records(eval_records, proc, args.max_length)
     rows = args.batch_size * args.grad_accum  # HF's meaning: --batch-size rows per micro-batch
-    total = args.steps or max(1, math.ceil((args.epochs or 1.0) * len(records) / rows))
+    batches = Batches(records, proc, rows, seed=args.seed)
+    total = args.steps or max(1, math.ceil((args.epochs or 1.0) * batches.steps_per_epoch))
+    model = qvl_jax.load(model_dir)
     lr = args.lr if args.lr is not None else (1e-4 if args.lora_rank else 1e-5)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
@@ -316,73 +320,46 @@ def cmd_finetune(args) -> int:
                 "--weight-decay": args.weight_decay, "--max-grad-norm": args.max_grad_norm,
                 "--steps/--epochs": total, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
                 "--seed": args.seed, "--compute-dtype": args.compute_dtype, "records in --data": len(records)}
-    batches = Batches(records, proc, rows, seed=args.seed)
-    ckpt = TrainCheckpoints(ckpt_dir)
-    try:
+    with TrainCheckpoints(ckpt_dir) as ckpt:
         if args.resume:
-            saved = ckpt.read_meta().get("settings", {})
+            saved = ckpt.read_meta().get("settings", {})  # the newest step whose metadata reads
             for key, value in settings.items():
                 if key in saved and saved[key] != value:
                     raise InputError(f"--resume: the run in {ckpt_dir} has {key} {saved[key]}, this one {value}; "
                                      "resume with the same settings")
             batches.position = int(ckpt.restore(trainer)["data_position"])
+            for line in ckpt.skipped:
+                print(f"warning: {line}; went back to an older step", file=sys.stderr)
         meta = {"settings": settings, "model": str(model_dir)}
-        return _train_loop(args, trainer, batches, schedule, total, ckpt, meta, proc, eval_records, final)
-    finally:
-        ckpt.close()
 
+        def write_final():
+            if trainer.lora is not None:
+                trainer.save_adapter(final)  # written whole beside, then renamed over
+            else:
+                _replace_dir(final, trainer.model.save_pretrained)
 
-def _train_loop(args, trainer, batches, schedule, total, ckpt, meta, proc, eval_records, final) -> int:
-    """Steps until `total`, checkpoints, eval, then the adapter (or model) and a JSON summary line."""
-    from tqdm import tqdm  # lazy, as in cmd_finetune
-
-    from qvl_jax.training.data import eval_batches
-
-    def evaluate():
-        return _eval_loss(trainer, eval_batches(eval_records, proc, args.batch_size))
-
-    saved_at = trainer.steps if args.resume else None
-    losses, speeds, eval_loss = [], [], None
-    # Redrawn at most once a second when stderr is a log file rather than a terminal.
-    bar = tqdm(total=total, initial=trainer.steps, file=sys.stderr, unit="step", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 1.0)
-    try:
-        while trainer.steps < total:
-            t0 = time.perf_counter()
-            batch = batches.next()
-            rate = float(schedule(trainer.steps))
-            loss = trainer.step(batch)
-            speeds.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - t0))
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speeds[-1]:.0f}", lr=f"{rate:.2e}", refresh=False)
-            bar.update(1)
-            if args.save_every and trainer.steps % args.save_every == 0:
-                ckpt.save(trainer, batches.position, meta)
-                saved_at = trainer.steps
-            if eval_records and args.eval_every and trainer.steps % args.eval_every == 0 and trainer.steps < total:
-                eval_loss = evaluate()
-                bar.write(f"step {trainer.steps}: eval loss {eval_loss:.4f}", file=sys.stderr)
-    except KeyboardInterrupt:
-        if trainer.steps != saved_at:  # keep what was done: --resume goes on from here
-            ckpt.save(trainer, batches.position, meta)
-        raise
-    finally:
-        bar.close()
-    if trainer.steps != saved_at:
-        ckpt.save(trainer, batches.position, meta)
-    if eval_records:
-        eval_loss = evaluate()
-        print(f"step {trainer.steps}: eval loss {eval_loss:.4f}", file=sys.stderr)
-    if trainer.lora is not None:
-        trainer.save_adapter(final)
-    else:
-        trainer.model.save_pretrained(final)
-    speeds = sorted(speeds)
-    print(json.dumps({"steps": trainer.steps, "loss": losses[-1] if losses else None, "eval_loss": eval_loss,
-                      "tokens_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
-                      "epochs": round(batches.epoch, 3), "checkpoint": str(ckpt.directory / str(trainer.steps)),
-                      ("adapter" if trainer.lora is not None else "model"): str(final)}))
+        evaluate = (lambda: eval_loss(trainer, eval_records, proc, args.batch_size)) if eval_records else None
+        summary = train(trainer, batches, total, ckpt, meta, write_final, schedule=schedule,
+                        save_every=args.save_every, eval_every=args.eval_every, evaluate=evaluate,
+                        resumed=args.resume)
+    summary["adapter" if trainer.lora is not None else "model"] = str(final)
+    print(json.dumps(summary, allow_nan=False))
     return 0
+
+
+def _replace_dir(final: Path, write) -> None:
+    """`write(directory)` into a new directory, then put it in place of `final` (whose old contents
+    go only once the new ones are whole)."""
+    if not final.exists():
+        write(final)
+        return
+    tmp = temp_sibling(final)
+    try:
+        write(tmp / final.name)
+        os.rename(final, tmp / "old")
+        os.rename(tmp / final.name, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -486,6 +463,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--out", required=True,
                    help="output directory: OUT/adapter (or OUT/model when --lora-rank 0) and OUT/checkpoints")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    f.add_argument("--force", action="store_true", help="replace an adapter (or model) already in OUT")
     f.add_argument("--lora-rank", type=int, default=16, help="LoRA rank; 0 = full fine-tuning")
     f.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     f.add_argument("--lora-targets", default=None, help=f"comma-separated module names (default: {_LORA_TARGETS})")
@@ -498,8 +476,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm gradient clipping (0: off)")
     length = f.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over --data (default: 1)")
+    length.add_argument("--epochs", type=float, default=None,
+                        help="passes over --data, each ceil(records / rows per step) steps (default: 1)")
     f.add_argument("--batch-size", type=int, default=4, help="conversations per micro-batch")
+    f.add_argument("--max-length", type=int, default=4096,
+                   help="longest record in tokens (its images' included); a longer one is refused before training")
     f.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (a step sees batch-size x grad-accum conversations)")
     f.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (default: %(default)s)")

@@ -150,12 +150,23 @@ def test_unreadable_image_fails_at_batch_time_with_its_line(tmp_path, proc):
 def test_batches_are_seeded_cover_each_epoch_and_resume_from_a_position(tmp_path, proc):
     records = read_jsonl(_records(tmp_path, 5))
     a = Batches(records, proc, batch_size=2, seed=1)
-    order = [a.indices(p) for p in range(0, 20, 2)]
-    flat = sum(order, [])
-    for e in range(4):  # each epoch is a permutation of all records; batches run on across epochs
-        assert sorted(flat[5 * e: 5 * e + 5]) == list(range(5))
-    assert order == [Batches(records, proc, 2, seed=1).indices(p) for p in range(0, 20, 2)]
-    assert flat != sum([Batches(records, proc, 2, seed=2).indices(p) for p in range(0, 20, 2)], [])
+
+    def walk(b, n):  # the record indices of the next n batches from position 0
+        out, p = [], 0
+        for _ in range(n):
+            out.append(b.indices(p))
+            p += len(out[-1])
+        return out
+
+    order = walk(a, 9)
+    # an epoch is ceil(5 / 2) = 3 batches, its last holding the remainder: each epoch is a
+    # permutation of all records, and no batch runs on into the next epoch
+    assert a.steps_per_epoch == 3 and [len(x) for x in order] == [2, 2, 1] * 3
+    for e in range(3):
+        assert sorted(sum(order[3 * e: 3 * e + 3], [])) == list(range(5))
+    assert len({tuple(sum(order[3 * e: 3 * e + 3], [])) for e in range(3)}) > 1  # a fresh order each epoch
+    assert order == walk(Batches(records, proc, 2, seed=1), 9)
+    assert order != walk(Batches(records, proc, 2, seed=2), 9)
     a.next()
     a.next()
     b = Batches(records, proc, 2, seed=1, position=a.position)

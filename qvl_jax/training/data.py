@@ -7,8 +7,9 @@
 Labels follow TRL's assistant-only loss for the Qwen chat template: the tokens after each
 `<|im_start|>assistant\\n` up to and including its `<|im_end|>` are trained, everything else
 (system and user turns, the assistant header, padding) is -100. The order is a fresh permutation
-of the records per epoch (drawn from the seed and the epoch number) read as one endless stream, so
-every batch is full and the stream position alone (records consumed) says where training stands.
+of the records per epoch (drawn from the seed and the epoch number); an epoch's last batch holds
+its remainder (filled up with rows that carry no labels), and the stream position alone (records
+consumed) says where training stands.
 """
 
 from __future__ import annotations
@@ -249,11 +250,39 @@ def collate(rows: list[dict[str, np.ndarray]], pad_token_id: int) -> dict[str, n
     return out
 
 
+def check_records(records: list[Record], processor, max_length: int | None = None) -> list[int]:
+    """Encodes every record once, as its batch will encode it (each image and video decoded, the
+    chat template rendered, the assistant turns found) and returns their token lengths: a record
+    that cannot be read, or that is longer than `max_length` tokens, is an InputError naming its
+    file and line before anything is trained. Records over the limit are refused, not truncated: a
+    cut could split an image's tokens or drop every trained token of the record."""
+    lengths = []
+    for record in records:
+        n = int(encode_record(record, processor)["input_ids"].shape[1])
+        if max_length is not None and n > max_length:
+            raise InputError(f"{record.where}: {n} tokens, more than --max-length {max_length}; shorten the record "
+                             "(or its images) or raise --max-length")
+        lengths.append(n)
+    return lengths
+
+
+def _filler(pad_token_id: int) -> dict[str, np.ndarray]:
+    """A row that holds one padding token and no label: it fills the last batch of an epoch to the
+    batch's size (one compiled shape) and adds exact zeros to the loss sum, the token count and
+    every gradient, so that batch is the step on its real records alone (up to the order in which
+    float32 sums run over a batch of another size)."""
+    one = np.array([[pad_token_id]])
+    return {"input_ids": one, "attention_mask": np.ones_like(one), "mm_token_type_ids": np.zeros_like(one),
+            "labels": np.full_like(one, IGNORE, dtype=np.int64)}
+
+
 class Batches:
     """Batches of `batch_size` records in a seeded order, endlessly: epoch e reads the records in
-    the permutation drawn from (seed, e), and a batch may run on into the next epoch. `position`
-    (records consumed so far) is the whole of the iterator's state: save it, and a new `Batches`
-    given it continues exactly where this one stood."""
+    the permutation drawn from (seed, e). An epoch is one pass over the records: ceil(records /
+    batch_size) batches (`steps_per_epoch`), the last of which holds the remainder and is filled up
+    with rows that carry no labels, so no batch runs on into the next epoch. `position` (records
+    consumed so far) is the whole of the iterator's state: save it, and a new `Batches` given it
+    continues exactly where this one stood."""
 
     def __init__(self, records: list[Record], processor, batch_size: int, seed: int = 0, position: int = 0,
                  shuffle: bool = True):
@@ -269,8 +298,12 @@ class Batches:
         self._orders: dict[int, np.ndarray] = {}
 
     @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.records) // self.batch_size)
+
+    @property
     def epoch(self) -> float:
-        """Epochs completed so far (fractional)."""
+        """Epochs completed so far (fractional: records consumed over records)."""
         return self.position / len(self.records)
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -281,16 +314,21 @@ class Batches:
         return self._orders[epoch]
 
     def indices(self, position: int | None = None) -> list[int]:
-        """Record indices of the batch that starts at `position` (default: the next one)."""
+        """Record indices of the batch that starts at `position` (default: the next one): up to
+        `batch_size` of them, fewer at the end of an epoch."""
         start = self.position if position is None else position
         n = len(self.records)
-        return [int(self._order(j // n)[j % n]) for j in range(start, start + self.batch_size)]
+        stop = min(start + self.batch_size, (start // n + 1) * n)
+        return [int(self._order(j // n)[j % n]) for j in range(start, stop)]
 
     def next(self) -> dict[str, np.ndarray]:
-        """The next batch (processor arrays + labels); advances `position`."""
-        batch = collate([encode_record(self.records[i], self.processor) for i in self.indices()],
-                        self.processor.pad_token_id)
-        self.position += self.batch_size
+        """The next batch (processor arrays + labels, always `batch_size` rows); advances `position`
+        (only once the batch is built: a failure leaves it where it was)."""
+        take = self.indices()
+        rows = [encode_record(self.records[i], self.processor) for i in take]
+        rows += [_filler(self.processor.pad_token_id)] * (self.batch_size - len(take))
+        batch = collate(rows, self.processor.pad_token_id)
+        self.position += len(take)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
