@@ -22,7 +22,7 @@ from qvl_jax.errors import device_memory_errors
 from qvl_jax.hub import resolve_model
 from qvl_jax.modeling.inputs import PreparedInputs, bucket_length, prepare_inputs
 from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, vision_tower
-from qvl_jax.sharding import check_mesh
+from qvl_jax.sharding import check_mesh, to_host
 from qvl_jax.training.lora import lora_modules, merge_lora
 from qvl_jax.training.peft import load_adapter_into
 
@@ -154,7 +154,7 @@ class Model:
         out = forward_logits(*self.split, jnp.asarray(np.pad(inp.input_ids, pad)),
                              jnp.asarray(np.pad(inp.positions, ((0, 0), *pad))),
                              jnp.asarray(np.pad(inp.mask, pad) > 0), vision)
-        return np.asarray(out[:, :t])
+        return np.asarray(to_host(out[:, :t]))
 
 
 def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool = False, adapter=None,

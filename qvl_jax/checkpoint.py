@@ -29,7 +29,7 @@ from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFES
 from qvl_jax.errors import CheckpointError, ResourceError
 from qvl_jax.files import temp_sibling
 from qvl_jax.modeling.model import abstract_model, state_key
-from qvl_jax.sharding import key_shardings
+from qvl_jax.sharding import key_shardings, to_host
 
 
 def is_converted(path: Path) -> bool:
@@ -238,16 +238,21 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
     """Writes `state` as a Hugging Face checkpoint: model.safetensors under the state paths (which are
     HF's keys), and config.json plus the tokenizer and processor files copied from `source_dir`.
     Written whole into a temporary sibling and renamed into place; an existing `directory` is
-    refused unless it is empty."""
+    refused unless it is empty. Under a mesh over several hosts every process must call it; the
+    first process writes."""
     if source_dir is None or not (Path(source_dir) / "config.json").is_file():
         raise CheckpointError("save_pretrained needs the config.json of the checkpoint the model was loaded "
                               "from; this model was not loaded from a directory")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} already exists and is not empty; choose another directory")
+    # Gathered on every host of a mesh over several (a collective); the first process writes.
+    tensors = {k: np.asarray(v) for k, v in to_host({state_key(path): var[...]
+                                                     for path, var in nnx.to_flat_state(state)}).items()}
+    if jax.process_index() != 0:
+        return directory
     tmp = temp_sibling(directory)
     try:
-        tensors = {state_key(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
         save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
         for name in AUX_FILES:
             if (Path(source_dir) / name).is_file():
