@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from qvl_jax import errors
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.convert import core as convert_core
-from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, STAMP_FILE
 from qvl_jax.errors import CheckpointError, ResourceError
 from qvl_jax.files import temp_sibling, write_atomic
 from qvl_jax.modeling.model import abstract_model, state_key
@@ -85,13 +85,12 @@ def _verify_files(path: Path, manifest: dict, params_file: Path) -> None:
 
 
 # The verification stamp: what the files looked like (size, mtime, ctime, inode, device) when their
-# hashes were last found equal to the manifest's. A load whose files still look so skips the hashes;
+# hashes were last found equal to the manifest's (STAMP_FILE). A load whose files still look so skips the hashes;
 # a conversion, a copy (new inodes and ctimes, even with mtimes preserved) or any write makes it
 # stale, and the next load verifies again. The stamp only ever skips work for files that were
 # verified: it is written after a verify that passed, from the stat taken before hashing, only if
 # the files did not change while they were hashed, and not while a file's ctime is so recent that a
 # write in the same clock tick (file systems stamp times coarsely) could leave it unchanged.
-STAMP_FILE = "qvl_jax.verified.json"
 _STAMP_FORMAT = "qvl_jax-verified-1"
 _RACY_NS = 1_000_000_000
 

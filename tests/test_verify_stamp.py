@@ -133,3 +133,19 @@ def test_cli_verify(copy, capsys, hashes):
             [command, "--verify"] + {"generate": ["--prompt", "x"], "serve": [],
                                      "finetune": ["--data", "d", "--out", "o"]}[command])
         assert args.verify is True
+
+
+def test_convert_force_replaces_a_verified_conversion(hf_checkpoint, tmp_path):
+    """The stamp (and a killed writer's temporary) is part of a conversion for --force, which
+    refuses to replace directories holding files a conversion does not write."""
+    from qvl_jax.convert import convert_checkpoint
+
+    _, hf = hf_checkpoint("tied")
+    out = convert_checkpoint(hf, tmp_path / "out", dtype="float32")
+    _settle()
+    qvl_jax.load(out)
+    assert (out / STAMP_FILE).is_file()
+    (out / f".{STAMP_FILE}.tmp-0123456789ab").write_bytes(b"{")
+    convert_checkpoint(hf, out, dtype="float32", force=True)
+    assert not (out / STAMP_FILE).exists()
+    qvl_jax.load(out)
