@@ -45,13 +45,20 @@ def main(coordinator: str, n: str, pid: str, model_dir: str, out: str, dp: str, 
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(n), process_id=int(pid),
                                initialization_timeout=120)
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import qvl_jax
+    from qvl_jax.sharding import MeshError, make_mesh, to_host
 
     result = compute(model_dir, int(dp), int(tp))
-    import qvl_jax
-    from qvl_jax.sharding import MeshError, make_mesh
+    mesh = make_mesh(dp=int(dp), tp=int(tp))
+    split = jax.device_put(np.arange(16, dtype=np.int32).reshape(8, 2),
+                           NamedSharding(mesh, PartitionSpec(("data", "model"))))  # a block per device
+    assert not split.is_fully_addressable and not split.is_fully_replicated
+    result["gathered"] = to_host(split)
 
     try:  # the engine schedules per process: it refuses a mesh over several hosts, before any step
-        qvl_jax.load(model_dir, mesh=make_mesh(dp=int(dp), tp=int(tp))).engine()
+        qvl_jax.load(model_dir, mesh=mesh).engine()
         result["engine_error"] = np.str_("")
     except MeshError as e:
         result["engine_error"] = np.str_(str(e))

@@ -77,6 +77,7 @@ def test_two_processes_on_one_mesh_equal_one_process(tmp_path):
             assert got[key].shape == want[key].shape
             assert rel_err(got[key], want[key]) <= RTOL, (pid, key, rel_err(got[key], want[key]))
         assert "run one engine per host" in str(got["engine_error"])
+        np.testing.assert_array_equal(got["gathered"], np.arange(16).reshape(8, 2))  # split: gathered
         assert abs(float(got["loss"]) - float(want["loss"])) <= RTOL * abs(float(want["loss"]))
     # The step changed the weights: the comparison after it is not the one before it again.
     assert rel_err(want["logits_after_step"], want["logits"]) > 1e-3
