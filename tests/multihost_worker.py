@@ -47,10 +47,11 @@ def main(coordinator: str, n: str, pid: str, model_dir: str, out: str, dp: str, 
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
+    result = compute(model_dir, int(dp), int(tp))  # the user's path first
+
     import qvl_jax
     from qvl_jax.sharding import MeshError, make_mesh, to_host
 
-    result = compute(model_dir, int(dp), int(tp))
     mesh = make_mesh(dp=int(dp), tp=int(tp))
     split = jax.device_put(np.arange(16, dtype=np.int32).reshape(8, 2),
                            NamedSharding(mesh, PartitionSpec(("data", "model"))))  # a block per device

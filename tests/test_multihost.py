@@ -56,10 +56,10 @@ def _run_processes(model_dir: Path, out: Path, n: int = 2, local_devices: int = 
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for i, p in enumerate(procs):
-        if p.returncode != 0:
-            log = (out / f"{i}.log").read_text(errors="replace").strip().splitlines()
-            raise AssertionError(f"process {i} exited with {p.returncode}:\n" + "\n".join(log[-15:]))
+    failed = [f"process {i} exited with {p.returncode}:\n"
+              + "\n".join((out / f"{i}.log").read_text(errors="replace").strip().splitlines()[-8:])
+              for i, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, "\n".join(failed)
 
 
 def test_two_processes_on_one_mesh_equal_one_process(tmp_path):
