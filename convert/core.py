@@ -52,6 +52,9 @@ FORMAT_NAME = "qvl_jax.params"
 FORMAT_VERSION = 3
 MANIFEST_FILE = "qvl_jax.json"
 PARAMS_FILE = "params.safetensors"
+# Written by the loader beside a converted checkpoint once its files passed verification
+# (qvl_jax.checkpoint): part of a conversion as far as --force is concerned.
+STAMP_FILE = "qvl_jax.verified.json"
 # Files copied alongside the params so that a converted directory is self-contained.
 AUX_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -397,8 +400,9 @@ def _check_previous_conversion(d: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{refuse}: its {MANIFEST_FILE} is not a qvl_jax manifest")
     files = manifest.get("files")
-    known = {MANIFEST_FILE, PARAMS_FILE, *AUX_FILES, *(files if isinstance(files, dict) else ())}
-    foreign = sorted(n for n in names if n not in known or not stat.S_ISREG(os.lstat(d / n).st_mode))
+    known = {MANIFEST_FILE, PARAMS_FILE, STAMP_FILE, *AUX_FILES, *(files if isinstance(files, dict) else ())}
+    foreign = sorted(n for n in names if (n not in known and not n.startswith(f".{STAMP_FILE}.tmp-"))
+                     or not stat.S_ISREG(os.lstat(d / n).st_mode))
     if foreign:
         more = f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else ""
         raise CheckpointError(f"{refuse}: it holds {', '.join(foreign[:5])}{more}, which a conversion does not "

@@ -22,7 +22,7 @@ from qvl_jax.errors import device_memory_errors
 from qvl_jax.hub import resolve_model
 from qvl_jax.modeling.inputs import PreparedInputs, bucket_length, prepare_inputs
 from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, vision_tower
-from qvl_jax.sharding import check_mesh
+from qvl_jax.sharding import check_mesh, to_host
 from qvl_jax.training.lora import lora_modules, merge_lora
 from qvl_jax.training.peft import load_adapter_into
 
@@ -154,10 +154,10 @@ class Model:
         out = forward_logits(*self.split, jnp.asarray(np.pad(inp.input_ids, pad)),
                              jnp.asarray(np.pad(inp.positions, ((0, 0), *pad))),
                              jnp.asarray(np.pad(inp.mask, pad) > 0), vision)
-        return np.asarray(out[:, :t])
+        return np.asarray(to_host(out[:, :t]))
 
 
-def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool = False, adapter=None,
+def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool | None = None, adapter=None,
          merge_adapter: bool = False, attention: str = "xla") -> Model:
     """Loads a model as the CLI's --model names it: a converted qvl_jax directory, a Hugging Face
     checkpoint directory, "tiny-random" (the built-in random model) or a hub id such as
@@ -176,9 +176,12 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     as a separate branch.
     attention: the attention kernel, one of "xla" (default), "cudnn", "pallas" (the engine's paged
     decode), "dot_product" (qvl_jax.modeling.attention says what each runs).
-    verify: recompute the sha256 of the converted params file and of every file the manifest lists
-    and compare them with the ones recorded at conversion (CheckpointError if one differs); without
-    it only the params file's size is checked (and its header against the config, always).
+    verify: whether to recompute the sha256 of the converted params file and of every file the
+    manifest lists and compare them with the ones recorded at conversion (CheckpointError if one
+    differs). None (default): on the first load after a conversion, a copy or any change of the
+    files, then not again while they stay as they were (a stamp file in the directory records
+    their size, mtime, ctime and inode when they passed); True: on every load; False: never (only
+    the params file's size is checked). The header is checked against the config always.
     """
     if mesh is not None:
         mesh = check_mesh(mesh)

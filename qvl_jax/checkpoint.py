@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -25,11 +26,11 @@ from safetensors.numpy import save_file
 from qvl_jax import errors
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.convert import core as convert_core
-from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, STAMP_FILE
 from qvl_jax.errors import CheckpointError, ResourceError
-from qvl_jax.files import temp_sibling
+from qvl_jax.files import temp_sibling, write_atomic
 from qvl_jax.modeling.model import abstract_model, state_key
-from qvl_jax.sharding import key_shardings
+from qvl_jax.sharding import key_shardings, to_host
 
 
 def is_converted(path: Path) -> bool:
@@ -78,9 +79,79 @@ def _verify_files(path: Path, manifest: dict, params_file: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f} is missing (listed in {MANIFEST_FILE}); convert the checkpoint again")
-        if not isinstance(rec, dict) or _sha256(f) != rec.get("sha256"):
+        if not isinstance(rec, dict) or (expected if f == params_file else _sha256(f)) != rec.get("sha256"):
             raise CheckpointError(f"{f}: sha256 differs from the one recorded at conversion: the converted "
                                   "checkpoint was changed; convert it again")
+
+
+# The verification stamp: what the files looked like (size, mtime, ctime, inode, device) when their
+# hashes were last found equal to the manifest's (STAMP_FILE). A load whose files still look so skips the hashes;
+# a conversion, a copy (new inodes and ctimes, even with mtimes preserved) or any write makes it
+# stale, and the next load verifies again. The stamp only ever skips work for files that were
+# verified: it is written after a verify that passed, from the stat taken before hashing, only if
+# the files did not change while they were hashed, and not while a file's ctime is so recent that a
+# write in the same clock tick (file systems stamp times coarsely) could leave it unchanged.
+_STAMP_FORMAT = "qvl_jax-verified-1"
+_RACY_NS = 1_000_000_000
+
+
+def _file_states(path: Path, manifest: dict, params_file: Path) -> dict | None:
+    """name -> [size, mtime_ns, ctime_ns, inode, device] of the manifest, the params file and every
+    file the manifest lists (None if one cannot be stat'ed: verification will say what is wrong)."""
+    files = manifest.get("files", {})
+    names = [MANIFEST_FILE, params_file.name, *(sorted(files) if isinstance(files, dict) else [])]
+    out = {}
+    for name in names:
+        try:
+            st = os.stat(path / name)
+        except (OSError, ValueError):
+            return None
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    return out
+
+
+def _stamp_is_fresh(path: Path, states: dict | None) -> bool:
+    if states is None:
+        return False
+    try:
+        stamp = json.loads((path / STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(stamp, dict) and stamp.get("format") == _STAMP_FORMAT and stamp.get("files") == states
+
+
+def _write_stamp(path: Path, states: dict | None) -> None:
+    if states is None:
+        return
+    try:
+        write_atomic(path / STAMP_FILE, json.dumps({"format": _STAMP_FORMAT, "files": states}).encode())
+    except OSError:
+        pass  # a read-only directory: every load verifies, as it would have without the stamp
+
+
+def verify_checkpoint(path: Path, manifest: dict, params_file: Path, force: bool = False) -> bool:
+    """Recomputes every hash the manifest records (CheckpointError if one differs), unless the
+    stamp says these very files passed before and force is false. Returns whether it hashed."""
+    now = time.time_ns()
+    before = _file_states(path, manifest, params_file)
+    if not force and _stamp_is_fresh(path, before):
+        return False
+    _verify_files(path, manifest, params_file)
+    settled = before is not None and all(st[2] < now - _RACY_NS for st in before.values())
+    if settled and _file_states(path, manifest, params_file) == before:  # unchanged while being hashed
+        _write_stamp(path, before)
+    return True
+
+
+def verify_converted(path: str | os.PathLike) -> None:
+    """Checks every file of a converted directory against the sha256 its manifest records
+    (CheckpointError if one differs), whatever the stamp says, and refreshes the stamp."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    params_file = path / manifest.get("params_file", "params.safetensors")
+    if not params_file.is_file():
+        raise CheckpointError(f"{params_file} is missing")
+    verify_checkpoint(path, manifest, params_file, force=True)
 
 
 def _check_header(f, params_file: Path, expected: dict[str, tuple], manifest: dict) -> None:
@@ -120,7 +191,7 @@ def _abstract(config: Qwen3VLConfig):
     return graphdef, state, flat
 
 
-def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify: bool = False):
+def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify: bool | None = None):
     """(config, graphdef, state) of a converted directory."""
     manifest = read_manifest(path)
     config = Qwen3VLConfig.from_json_file(path / "config.json")
@@ -136,8 +207,8 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify
         raise CheckpointError(
             f"{params_file} is {size} bytes but was written as {manifest.get('params_bytes')}: "
             "the converted checkpoint was changed or truncated; convert it again")
-    if verify:
-        _verify_files(path, manifest, params_file)
+    if verify is not False:
+        verify_checkpoint(path, manifest, params_file, force=bool(verify))
     graphdef, state, flat = _abstract(config)
     shardings = None if mesh is None else _shardings(flat, mesh)
     try:
@@ -203,13 +274,16 @@ def _load_sharded(tensor, sharding, dtype) -> jax.Array:
 
 
 def load_state(path: str | os.PathLike, dtype: str | np.dtype | None = None,
-               mesh=None, verify: bool = False) -> tuple[Qwen3VLConfig, nnx.GraphDef, nnx.State]:
+               mesh=None, verify: bool | None = None) -> tuple[Qwen3VLConfig, nnx.GraphDef, nnx.State]:
     """(config, graphdef, Param state) from a converted directory or a Hugging Face checkpoint
     directory: `nnx.merge(graphdef, state)` is the model.
 
     mesh: place each param straight into its NamedSharding (qvl_jax.sharding) instead of one device.
-    verify: for a converted directory, also recompute the sha256 of the params file and of every
-    file the manifest lists (reads them once); by default only the params file's size is checked."""
+    verify: for a converted directory, recompute the sha256 of the params file and of every file
+    the manifest lists and compare them with the manifest's. None (default): once, on the first
+    load after the files were written, copied or changed (a stamp, STAMP_FILE, records what the
+    files looked like when they passed); True: on every load; False: never (the params file's
+    size and header are checked either way)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -238,16 +312,21 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
     """Writes `state` as a Hugging Face checkpoint: model.safetensors under the state paths (which are
     HF's keys), and config.json plus the tokenizer and processor files copied from `source_dir`.
     Written whole into a temporary sibling and renamed into place; an existing `directory` is
-    refused unless it is empty."""
+    refused unless it is empty. Under a mesh over several hosts every process must call it; the
+    first process writes."""
     if source_dir is None or not (Path(source_dir) / "config.json").is_file():
         raise CheckpointError("save_pretrained needs the config.json of the checkpoint the model was loaded "
                               "from; this model was not loaded from a directory")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} already exists and is not empty; choose another directory")
+    # Gathered on every host of a mesh over several (a collective); the first process writes.
+    tensors = {k: np.asarray(v) for k, v in to_host({state_key(path): var[...]
+                                                     for path, var in nnx.to_flat_state(state)}).items()}
+    if jax.process_index() != 0:
+        return directory
     tmp = temp_sibling(directory)
     try:
-        tensors = {state_key(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
         save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
         for name in AUX_FILES:
             if (Path(source_dir) / name).is_file():

@@ -133,7 +133,8 @@ def cmd_generate(args) -> int:
     inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
     # Inputs are checked (images opened, prompt built) before the weights are loaded: a bad file
     # fails in a second, not after loading a large model.
-    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh, adapter=args.adapter, attention=args.attention)
+    model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh, adapter=args.adapter, attention=args.attention,
+                         verify=args.verify or None)
     load_s = time.perf_counter() - t0
     sampling = _sampling_kwargs(args)
     kw = dict(sampling, stop_token_ids=proc.eos_token_ids)
@@ -188,16 +189,19 @@ def _count(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    from qvl_jax.checkpoint import read_manifest  # lazy: `qvl-jax --help` and the other commands must not pay for JAX
+    from qvl_jax.checkpoint import read_manifest, verify_converted  # lazy: `qvl-jax --help` and the other commands must not pay for JAX
 
     model_dir = resolve_model(args.model)
     cfg = Qwen3VLConfig.from_json_file(model_dir / "config.json")
     manifest = read_manifest(model_dir)
+    if args.verify:
+        verify_converted(model_dir)
     t, v = cfg.text, cfg.vision
     n = manifest["num_params"]
     kv_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim
     info = {
         "model": str(model_dir),
+        **({"verified": True} if args.verify else {}),
         "parameters": n,
         "stored_dtype": manifest["dtype"],
         "stored_bytes": manifest["params_bytes"],
@@ -217,6 +221,7 @@ def cmd_info(args) -> int:
     tx, vx = info["text"], info["vision"]
     rows = [
         ("model", info["model"]),
+        *([("verified", "every file's sha256 equals the one recorded at conversion")] if args.verify else []),
         ("parameters", (f"{_count(n)} ({n:,}), stored as {info['stored_dtype']} "
                         f"({info['stored_bytes'] / 2**20:,.1f} MiB)")),
         ("weights", f"{info['weights_bf16_gib']} GiB in bfloat16, {info['weights_f32_gib']} GiB in float32"),
@@ -300,7 +305,7 @@ def cmd_finetune(args) -> int:
     rows = args.batch_size * args.grad_accum  # HF's meaning: --batch-size rows per micro-batch
     batches = Batches(records, proc, rows, seed=args.seed)
     total = args.steps or max(1, math.ceil((args.epochs or 1.0) * batches.steps_per_epoch))
-    model = qvl_jax.load(model_dir)
+    model = qvl_jax.load(model_dir, verify=args.verify or None)
     lr = args.lr if args.lr is not None else (1e-4 if args.lora_rank else 1e-5)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
@@ -381,6 +386,12 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _verify_flag(p, text: str | None = None) -> None:
+    p.add_argument("--verify", action="store_true", help=text or (
+        "recompute the sha256 of every file of the converted checkpoint on this load (without it: only on the "
+        "first load after the files were converted, copied or changed)"))
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser. `argv` only decides whether the convert subcommand's own arguments are
     built: they live in qvl_jax.convert, whose import pulls in numpy, so other commands skip it."""
@@ -415,6 +426,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size: shard heads/MLP/vocab over N devices")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size: shard the batch over N devices")
+    _verify_flag(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     _debug_flag(g)
@@ -450,6 +462,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (absent: as stored)")
     s.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
+    _verify_flag(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _debug_flag(s)
     s.set_defaults(func=cmd_serve)
@@ -487,6 +500,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     f.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul dtype over float32 master weights")
+    _verify_flag(f)
     _debug_flag(f)
     f.set_defaults(func=cmd_finetune)
 
@@ -501,6 +515,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="config summary, parameter count, memory estimate", **fmt)
     i.add_argument("--model", default=DEFAULT_MODEL, help="converted dir, HF dir, hub id or tiny-random")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _verify_flag(i, "check every file of the converted checkpoint against the sha256 recorded at conversion")
     _debug_flag(i)
     i.set_defaults(func=cmd_info)
     return parser

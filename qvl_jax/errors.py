@@ -54,10 +54,12 @@ def device_memory_errors(what: str):
 
 
 def device_free_bytes() -> int | None:
-    """Free memory of the first device where the backend reports it (GPUs); host RAM on CPU."""
+    """Free memory of this process's first device where the backend reports it (GPUs); host RAM on
+    CPU. Only addressable devices report their memory: under a mesh spanning several hosts,
+    jax.devices()[0] may be another host's."""
     import jax  # lazy: `import qvl_jax` and the CLI import errors and must not pay for JAX
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:

@@ -19,3 +19,16 @@ def temp_sibling(directory: Path) -> Path:
             return tmp
         except FileExistsError:
             continue
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `path` whole or not at all: into a hidden sibling file, then renamed over it (a
+    reader sees the old file or the new one, never a part)."""
+    tmp = path.parent / f".{path.name[:200]}.tmp-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from qvl_jax.config import Qwen3VLConfig
@@ -194,3 +194,24 @@ def vocab_blocks(vocab: int, mesh: Mesh | None) -> int:
         return 1
     spec = logical_to_spec(("vocab",), (vocab,), mesh)
     return int(mesh.shape[spec[0]]) if len(spec) else 1
+
+
+def is_local(mesh: Mesh) -> bool:
+    """Whether every device of the mesh belongs to this process (false for a mesh over several hosts)."""
+    return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def to_host(tree):
+    """jax.device_get that also works where an array spans other processes' devices (a mesh over
+    several hosts): a replicated array is read from this process's own copy, a split one is
+    gathered from every process (a collective: every process must make the same call, as SPMD
+    programs do). Arrays on this process's devices alone are fetched as jax.device_get does."""
+
+    def local(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.device_get(jax.tree.map(local, tree))

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from qvl_jax import sharding
 from qvl_jax.config import check_attention
 from qvl_jax.engine import batch, paged, steps, warmup
 from qvl_jax.engine.generate import INPUT_NAMES, controls
@@ -115,6 +116,11 @@ class Engine:
         self.model = model
         self.cfg = model.config
         self.mesh = getattr(model, "mesh", None)  # the params' (and the pools') mesh; None: one device
+        if self.mesh is not None and not sharding.is_local(self.mesh):
+            # Each process's engine thread schedules on its own, so the processes would not run
+            # the same steps in the same order, as a mesh over several hosts requires.
+            raise sharding.MeshError("the engine (and the server) run on one host, but this model's mesh spans other "
+                                     "processes' devices: run one engine per host, each over its own devices")
         text = self.cfg.text
         self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         self.block_size = _positive_int("block_size", block_size)

@@ -30,6 +30,7 @@ from qvl_jax.errors import InputError, NumericalError, ResourceError, device_fre
 from qvl_jax.modeling.inputs import bucket_length, compact_left, prepare_inputs
 from qvl_jax.modeling.layout import prepare_prompt
 from qvl_jax.modeling.model import vision_tower
+from qvl_jax import sharding
 
 MIN_READ = 64  # smallest attention window bucket during decode
 
@@ -227,7 +228,7 @@ class _Run:
     def step(self, n_steps: int) -> steps.Tokens | None:
         """One decode loop of up to n_steps steps (None when every row is finished)."""
         last = self.last
-        seq_len, active, n_out = jax.device_get((last.seq_len, last.active, last.n_out))
+        seq_len, active, n_out = sharding.to_host((last.seq_len, last.active, last.n_out))
         if not active.any() or int(n_out.max()) >= self.ctl.max_new:
             return None
         window = min(self.cache.max_len, bucket_length(int(seq_len.max()) + 1, MIN_READ))
@@ -250,7 +251,7 @@ class _Run:
     def collect(self, return_logprobs: bool, return_logits: bool, **extra) -> GenerateOutput:
         """The tokens so far, as `model.generate` returns them (NumericalError for a bad row)."""
         fields = ("tokens", "bad") + (("logprobs",) if return_logprobs else ()) + (("logits",) if return_logits else ())
-        parts = [dict(zip(fields, p)) for p in jax.device_get([[getattr(p, f) for f in fields] for p in self.parts])]
+        parts = [dict(zip(fields, p)) for p in sharding.to_host([[getattr(p, f) for f in fields] for p in self.parts])]
         bad = np.max([p["bad"] for p in parts], axis=0)
         if (bad >= 0).any():
             row = int(np.flatnonzero(bad >= 0)[0])
@@ -306,9 +307,9 @@ def generate(model, max_new_tokens: int = 64, return_logprobs=False, return_logi
 def stream(model, max_new_tokens: int = 64, **kwargs) -> Iterator[np.ndarray]:
     """See `Model.stream`: yields np.int32 [b] (the next token of each row, pad once a row stopped)."""
     gen, _, run, _ = _begin(model, max_new_tokens, False, kwargs)
-    yield np.asarray(jax.device_get(run.last.tokens[:, 0]), np.int32)
+    yield np.asarray(sharding.to_host(run.last.tokens[:, 0]), np.int32)
     while (out := run.step(1)) is not None:
-        tok = np.asarray(jax.device_get(out.tokens[:, 0]), np.int32)
+        tok = np.asarray(sharding.to_host(out.tokens[:, 0]), np.int32)
         yield np.where(tok >= 0, tok, run.ctl.pad_id).astype(np.int32)  # -1: the row has stopped
 
 

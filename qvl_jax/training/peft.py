@@ -9,12 +9,14 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from qvl_jax.errors import CheckpointError, ConfigError
 from qvl_jax.files import temp_sibling
+from qvl_jax.sharding import to_host
 from qvl_jax.training.lora import LoraConfig, apply_lora, lora_modules, lora_paths
 
 CONFIG_FILE = "adapter_config.json"
@@ -23,12 +25,14 @@ PREFIX = "base_model.model."
 
 
 def save_adapter(module, cfg: LoraConfig, directory, base_model: str | None = None) -> Path:
-    """Writes the adapters of `module` (written whole into a temporary sibling, then renamed)."""
+    """Writes the adapters of `module` (written whole into a temporary sibling, then renamed). Under
+    a mesh over several hosts every process must call it; the first process writes."""
     directory = Path(directory)
     tensors = {}
     for path, mod in lora_modules(module).items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = np.asarray(mod.lora_A[...])
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = np.asarray(mod.lora_B[...])
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = mod.lora_A[...]
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = mod.lora_B[...]
+    tensors = {k: np.asarray(v) for k, v in to_host(tensors).items()}  # gathered on every host of a mesh
     if not tensors:
         raise ConfigError("the model has no LoRA adapters to save")
     config = {
@@ -39,6 +43,8 @@ def save_adapter(module, cfg: LoraConfig, directory, base_model: str | None = No
         "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None,
     }
+    if jax.process_index() != 0:  # under a mesh over several hosts, the first one writes
+        return directory
     tmp = temp_sibling(directory)
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
