@@ -221,3 +221,19 @@ def test_qlora_gradients_are_those_over_the_dequantized_weights(models, mode, tm
     np.testing.assert_allclose(back.logits(PROMPTS[:2]), q.logits(PROMPTS[:2]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="cannot fold"):
         qvl_jax.load("tiny-random", quantize=mode, adapter=tmp_path / "adapter", merge_adapter=True)
+
+
+def test_cli_quantize_flag(models, tmp_path, capsys):
+    """`--quantize int8` on generate answers as the saved int8 checkpoint does without the flag."""
+    from qvl_jax import cli
+
+    models["int8"].save_quantized(tmp_path / "q8")
+    answers = []
+    for argv in (["--model", "tiny-random", "--quantize", "int8"], ["--model", str(tmp_path / "q8")]):
+        rc = cli.main(["generate", *argv, "--prompt", "hello", "--max-new-tokens", "4", "--json"])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        answers.append(json.loads(out.out.strip().splitlines()[-1])["tokens"])
+    assert answers[0] == answers[1] and len(answers[0]) == 4
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--quantize", "int3", "--prompt", "x"])
