@@ -14,14 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qvl_jax.checkpoint import load_state, save_hf
+from qvl_jax.checkpoint import load_state, save_hf, save_quantized
 from qvl_jax.config import Qwen3VLConfig, generation_defaults
 from qvl_jax.engine import generate
 from qvl_jax.engine.engine import Engine
-from qvl_jax.errors import device_memory_errors
+from qvl_jax.errors import ConfigError, device_memory_errors
 from qvl_jax.hub import resolve_model
 from qvl_jax.modeling.inputs import PreparedInputs, bucket_length, prepare_inputs
-from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, vision_tower
+from qvl_jax.modeling import quant
+from qvl_jax.modeling.model import (Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, state_key,
+                                    vision_tower)
 from qvl_jax.sharding import check_mesh, to_host
 from qvl_jax.training.lora import lora_modules, merge_lora
 from qvl_jax.training.peft import load_adapter_into
@@ -86,11 +88,38 @@ class Model:
         """Writes a Hugging Face checkpoint (config, model.safetensors under HF keys, tokenizer and
         processor files) that transformers loads with no missing or unexpected keys. LoRA adapters
         are merged into the saved weights; the model itself keeps them."""
+        if self.quantization is not None:
+            raise ConfigError(f"this model's weights are quantized ({self.quantization}): a transformers checkpoint "
+                              "cannot hold them; save_quantized(directory) writes a qvl_jax one")
         module = self.module
         if lora_modules(module):
             module = nnx.clone(module)  # the model keeps its adapters
             merge_lora(module)
         save_hf(nnx.state(module, nnx.Param), self.path, directory)
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8" / "int4" where the decoder's weights are quantized (`qvl_jax.modeling.quant`), else None."""
+        return quant.state_mode(quant.flat_vars(self.params, state_key))
+
+    def quantize(self, mode: str) -> None:
+        """Quantizes the decoder's projection weights in place (`qvl_jax.modeling.quant`): "int8" (one
+        scale per output channel) or "int4" (one scale per group of 128 inputs). The vision tower, norms,
+        biases and the embedding / lm_head keep their dtype."""
+        quant.check_mode(mode)
+        if lora_modules(self.module):
+            raise ConfigError("quantize the model before adding LoRA adapters, not after")
+        quant.quantize_flat(quant.flat_vars(self.params, state_key), mode)
+        self.params = self.params  # the Variables changed in place: refresh the jitted functions' leaves
+
+    def save_quantized(self, directory) -> None:
+        """Writes this quantized model as a converted qvl_jax directory (int8 / int4 values and their
+        scales; config and tokenizer files copied), which `qvl_jax.load` reads without quantizing again."""
+        if self.quantization is None:
+            raise ConfigError("save_quantized needs a quantized model (qvl_jax.load(path, quantize=...))")
+        if lora_modules(self.module):
+            raise ConfigError("save_quantized saves base weights only; save LoRA adapters with the Trainer")
+        save_quantized(self.params, self.quantization, self.path, directory)
 
     @property
     def dtype(self):
@@ -158,7 +187,7 @@ class Model:
 
 
 def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool | None = None, adapter=None,
-         merge_adapter: bool = False, attention: str = "xla") -> Model:
+         merge_adapter: bool = False, attention: str = "xla", quantize: str | None = None) -> Model:
     """Loads a model as the CLI's --model names it: a converted qvl_jax directory, a Hugging Face
     checkpoint directory, "tiny-random" (the built-in random model) or a hub id such as
     Qwen/Qwen3-VL-2B-Instruct (downloaded first). A Hugging Face checkpoint is converted once into
@@ -176,6 +205,9 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     as a separate branch.
     attention: the attention kernel, one of "xla" (default), "cudnn", "pallas" (the engine's paged
     decode), "dot_product" (qvl_jax.modeling.attention says what each runs).
+    quantize: "int8" or "int4": weight-only quantization of the decoder's projections with qwix
+    (`qvl_jax.modeling.quant`; the vision tower, norms and embedding / lm_head keep `dtype`). A
+    checkpoint written by `save_quantized` loads quantized as it was saved, with or without it.
     verify: whether to recompute the sha256 of the converted params file and of every file the
     manifest lists and compare them with the ones recorded at conversion (CheckpointError if one
     differs). None (default): on the first load after a conversion, a copy or any change of the
@@ -183,7 +215,10 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     their size, mtime, ctime and inode when they passed); True: on every load; False: never (only
     the params file's size is checked). The header is checked against the config always.
     """
+    quant.check_mode(quantize)
     if mesh is not None:
+        if quantize is not None:
+            raise ConfigError("quantize= with a mesh is not supported yet: load quantized weights on one device")
         mesh = check_mesh(mesh)
     # A converted directory as is; anything else (an HF directory, tiny-random, a hub id) through
     # the convert-once cache, as the CLI's --model does, never converted whole into host memory.
@@ -193,6 +228,15 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     model.path = os.fspath(path)
     if attention != model.config.attention:
         model.set_attention(attention)
+    stored = model.quantization
+    if stored is not None and mesh is not None:
+        raise ConfigError(f"{path} holds {stored} weights: a mesh is not supported with them yet")
+    if quantize is not None and stored not in (None, quantize):
+        raise ConfigError(f"{path} holds {stored} weights; it cannot be loaded as {quantize}")
+    if quantize is not None and stored is None:
+        model.quantize(quantize)
+    if adapter is not None and merge_adapter and model.quantization is not None:
+        raise ConfigError("merge_adapter=True cannot fold an adapter into quantized weights; keep it separate")
     if adapter is not None:
         module = model.module
         load_adapter_into(module, adapter)

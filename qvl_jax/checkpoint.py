@@ -1,6 +1,10 @@
 """Reading params into the model's NNX state: a converted qvl_jax directory (memory-mapped
 safetensors) or, converted in memory, a Hugging Face checkpoint directory.
 
+A converted directory may hold quantized weights (`save_quantized`; its manifest's "quantization"
+names the mode): each quantized param KEY is stored as KEY.qvalue (int8; int4 values one per byte)
+and KEY.scale, and is read back into a `qwix.QArray` as `qvl_jax.modeling.quant` defines it.
+
 The abstract model (names, shapes; no memory) says what the state must hold; every tensor in the
 file is checked against it from the header before anything is read, then read straight into its
 Variable (into its NamedSharding under a mesh)."""
@@ -27,8 +31,9 @@ from qvl_jax import errors
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.convert import core as convert_core
 from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, STAMP_FILE
-from qvl_jax.errors import CheckpointError, ResourceError
+from qvl_jax.errors import CheckpointError, ConfigError, ResourceError
 from qvl_jax.files import temp_sibling, write_atomic
+from qvl_jax.modeling import quant
 from qvl_jax.modeling.model import abstract_model, state_key
 from qvl_jax.sharding import key_shardings, to_host
 
@@ -154,7 +159,8 @@ def verify_converted(path: str | os.PathLike) -> None:
     verify_checkpoint(path, manifest, params_file, force=True)
 
 
-def _check_header(f, params_file: Path, expected: dict[str, tuple], manifest: dict) -> None:
+def _check_header(f, params_file: Path, expected: dict[str, tuple], manifest: dict,
+                  int_keys: frozenset = frozenset()) -> None:
     """The file's tensors against the state the config implies (names, shapes) and the manifest
     (dtypes, tie flag), from the header alone: an edited config.json or header is an error, not
     a model that loads and answers wrongly."""
@@ -176,6 +182,11 @@ def _check_header(f, params_file: Path, expected: dict[str, tuple], manifest: di
         if shape != expected[key]:
             raise CheckpointError(f"{params_file}: param {key!r} has shape {list(shape)} but config.json implies "
                                   f"{list(expected[key])}; convert the checkpoint again")
+        if key in int_keys:
+            if t.get_dtype() != "I8":
+                raise CheckpointError(f"{params_file}: quantized values {key!r} have dtype {t.get_dtype()}, not "
+                                      "int8; save the quantized checkpoint again")
+            continue
         dt = _ST_NAMES.get(t.get_dtype())
         if dt is None or (names and dt not in names):
             raise CheckpointError(f"{params_file}: param {key!r} has dtype {t.get_dtype()} but the manifest says "
@@ -210,13 +221,22 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify
     if verify is not False:
         verify_checkpoint(path, manifest, params_file, force=bool(verify))
     graphdef, state, flat = _abstract(config)
+    mode, qkeys = _quantization(manifest, path, flat, mesh)
     shardings = None if mesh is None else _shardings(flat, mesh)
+    expected = {k: tuple(v.shape) for k, v in flat.items() if k not in qkeys}
+    for k in qkeys:
+        expected[k + ".qvalue"] = tuple(flat[k].shape)
+        expected[k + ".scale"] = quant.scale_shape(mode, tuple(flat[k].shape))
     try:
         with safetensors.safe_open(str(params_file), framework="numpy") as f:
-            _check_header(f, params_file, {k: tuple(v.shape) for k, v in flat.items()}, manifest)
+            _check_header(f, params_file, expected, manifest, frozenset(k + ".qvalue" for k in qkeys))
             _check_fits(f, params_file, dtype, shardings)
             for key, var in flat.items():
-                if shardings is None:
+                if key in qkeys:
+                    scale = f.get_tensor(key + ".scale")
+                    var.set_value(quant.from_stored(f.get_tensor(key + ".qvalue"),
+                                                    scale if dtype is None else scale.astype(dtype), mode))
+                elif shardings is None:
                     arr = f.get_tensor(key)  # read from the memory map, one tensor at a time
                     var.set_value(jax.device_put(arr if dtype is None else arr.astype(dtype)))
                 else:
@@ -228,7 +248,20 @@ def load_converted(path: Path, dtype: jnp.dtype | None = None, mesh=None, verify
     return config, graphdef, state
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+def _quantization(manifest: dict, path: Path, flat: dict, mesh) -> tuple[str | None, frozenset]:
+    """(mode, the keys stored quantized) from a manifest's "quantization" record; (None, {}) without one."""
+    rec = manifest.get("quantization")
+    if rec is None:
+        return None, frozenset()
+    mode = rec.get("mode") if isinstance(rec, dict) else None
+    if mode not in quant.QUANT_MODES:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: unknown quantization {rec!r}; save the checkpoint again")
+    if mesh is not None:
+        raise ConfigError(f"{path} holds {mode} weights: a mesh is not supported with them yet")
+    return mode, frozenset(quant.quantized_keys(flat))
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1}
 
 
 def _check_fits(f, params_file: Path, dtype, shardings) -> None:
@@ -243,7 +276,8 @@ def _check_fits(f, params_file: Path, dtype, shardings) -> None:
         shape = tuple(tensor.get_shape())
         if shardings is not None and key in shardings:
             shape = shardings[key].shard_shape(shape)
-        itemsize = jnp.dtype(dtype).itemsize if dtype is not None else _ITEMSIZE.get(tensor.get_dtype(), 4)
+        itemsize = (jnp.dtype(dtype).itemsize if dtype is not None and tensor.get_dtype() != "I8"
+                    else _ITEMSIZE.get(tensor.get_dtype(), 4))
         need += int(np.prod(shape)) * itemsize
     if need > free:
         per = "each device" if shardings is not None else "the device"
@@ -331,6 +365,60 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
         for name in AUX_FILES:
             if (Path(source_dir) / name).is_file():
                 shutil.copyfile(Path(source_dir) / name, tmp / name)
+        if directory.exists():
+            directory.rmdir()  # empty, checked above
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_quantized(state: nnx.State, mode: str, source_dir, directory) -> Path:
+    """Writes a quantized `state` as a converted qvl_jax directory: params.safetensors (each quantized
+    KEY as KEY.qvalue int8 and KEY.scale, every other param as it is), the manifest with its
+    "quantization" record, and config.json plus the tokenizer and processor files copied from
+    `source_dir`. Written whole into a temporary sibling and renamed into place; an existing
+    `directory` is refused unless it is empty."""
+    if source_dir is None or not (Path(source_dir) / "config.json").is_file():
+        raise CheckpointError("save_quantized needs the config.json of the checkpoint the model was loaded "
+                              "from; this model was not loaded from a directory")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise CheckpointError(f"{directory} already exists and is not empty; choose another directory")
+    tmp = temp_sibling(directory)
+    try:
+        tensors, dtypes, n = {}, set(), 0
+        for key, var in quant.flat_vars(state, state_key).items():
+            value = var.get_value()
+            if quant.mode_of(value) is not None:
+                tensors[key + ".qvalue"] = np.asarray(value.qvalue).astype(np.int8)
+                tensors[key + ".scale"] = np.asarray(value.scale)
+                dtypes.add(tensors[key + ".scale"].dtype.name)
+            else:
+                tensors[key] = np.asarray(value)
+                dtypes.add(tensors[key].dtype.name)
+            n += int(np.prod(value.shape))
+        params_file = tmp / convert_core.PARAMS_FILE
+        save_file(tensors, str(params_file), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        del tensors
+        files = {convert_core.PARAMS_FILE: {"bytes": params_file.stat().st_size, "sha256": _sha256(params_file)}}
+        for name in AUX_FILES:
+            if (Path(source_dir) / name).is_file():
+                shutil.copyfile(Path(source_dir) / name, tmp / name)
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        config = Qwen3VLConfig.from_json_file(tmp / "config.json")
+        dtypes = sorted(dtypes)
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "params_file": convert_core.PARAMS_FILE,
+            "params_bytes": files[convert_core.PARAMS_FILE]["bytes"],
+            "params_sha256": files[convert_core.PARAMS_FILE]["sha256"],
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "num_params": n,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "quantization": {"mode": mode, "int4_group": quant.INT4_GROUP, "rules": list(quant.QUANT_RULES)},
+            "source": str(Path(source_dir).resolve()), "files": files,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         if directory.exists():
             directory.rmdir()  # empty, checked above
         os.rename(tmp, directory)

@@ -134,7 +134,7 @@ def cmd_generate(args) -> int:
     # Inputs are checked (images opened, prompt built) before the weights are loaded: a bad file
     # fails in a second, not after loading a large model.
     model = qvl_jax.load(model_dir, dtype=args.dtype, mesh=mesh, adapter=args.adapter, attention=args.attention,
-                         verify=args.verify or None)
+                         verify=args.verify or None, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     sampling = _sampling_kwargs(args)
     kw = dict(sampling, stop_token_ids=proc.eos_token_ids)
@@ -305,7 +305,7 @@ def cmd_finetune(args) -> int:
     rows = args.batch_size * args.grad_accum  # HF's meaning: --batch-size rows per micro-batch
     batches = Batches(records, proc, rows, seed=args.seed)
     total = args.steps or max(1, math.ceil((args.epochs or 1.0) * batches.steps_per_epoch))
-    model = qvl_jax.load(model_dir, verify=args.verify or None)
+    model = qvl_jax.load(model_dir, verify=args.verify or None, quantize=args.quantize)
     lr = args.lr if args.lr is not None else (1e-4 if args.lora_rank else 1e-5)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
@@ -382,6 +382,12 @@ def _debug_flag(parser: argparse.ArgumentParser, top: bool = False) -> None:
                         help="show tracebacks instead of one-line errors")
 
 
+def _quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization of the decoder's projections with qwix (int8 per output "
+                             "channel, int4 in groups of 128); vision tower, norms and embedding keep --dtype")
+
+
 def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
@@ -424,6 +430,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (absent: as stored)")
     g.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
+    _quantize_flag(g)
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size: shard heads/MLP/vocab over N devices")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size: shard the batch over N devices")
     _verify_flag(g)
@@ -463,6 +470,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="cast params on load (absent: as stored)")
     s.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
     _verify_flag(s)
+    _quantize_flag(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _debug_flag(s)
     s.set_defaults(func=cmd_serve)
@@ -501,6 +509,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul dtype over float32 master weights")
     _verify_flag(f)
+    _quantize_flag(f)  # QLoRA: LoRA over quantized frozen weights (full fine-tuning refuses them)
     _debug_flag(f)
     f.set_defaults(func=cmd_finetune)
 

@@ -14,6 +14,9 @@ copy bandwidth). When torch and transformers import, the same case runs through 
 generate (static cache) on the same device, and the line carries their numbers and our/their ratios.
 
 --quick: a small config and few tokens, a smoke run for CPUs (well under 2 minutes on 2 cores).
+--quantize int8|int4: weight-only quantization of the decoder's projections (qvl_jax.modeling.quant)
+after the random (or loaded) float weights are made; each line's "rss_bytes" is the process's resident
+memory after the case (on CPU: the weights as held, plus caches and compiled programs).
 --attention einsum|xla|cudnn: the vision / prefill attention kernel (qvl_jax/attention.py); each line's
 "attention" field names the kernel that ran.
 """
@@ -99,6 +102,16 @@ def copy_bandwidth() -> float:
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * n / min(times)
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now (Linux), not its peak: a quantized run's peak is the float
+    weights it was made from."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def text_weight_bytes(params, cfg) -> int:
@@ -223,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compilation-cache", action="store_true")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (a data x model mesh)")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     ap.add_argument("--attention", default="xla", choices=["xla", "cudnn", "dot_product"],
                     help="attention kernel of vision and prefill (qvl_jax.load's attention=; see qvl_jax/modeling/attention.py)")
     args = ap.parse_args(argv)
@@ -256,7 +270,8 @@ def main(argv=None) -> int:
 
     mesh = parse_mesh(args.dp, args.tp)
     if args.model:
-        model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh, attention=args.attention)
+        model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh, attention=args.attention,
+                             quantize=args.quantize)
         cfg_dict = json.loads((Path(args.model) / "config.json").read_text())
     else:
         cfg_dict = hf_config_dict("quick" if args.quick else args.config, args.layers)
@@ -268,6 +283,8 @@ def main(argv=None) -> int:
 
             model.params = jax.device_put(model.params, state_shardings(model.params, mesh))
             model.mesh = mesh
+        if args.quantize:
+            model.quantize(args.quantize)
     cfg = model.config
     hf_model, hf_device = (None, None) if args.no_hf else load_hf(cfg_dict, dtype_name)
     bandwidth = copy_bandwidth()
@@ -292,6 +309,7 @@ def main(argv=None) -> int:
                 "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in ours.items() if k != "prompt_tokens"},
                 "bandwidth_floor_fraction": round(floor_s / (ours["step_ms"] / 1e3), 3),
                 "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes(),
+                "quantize": args.quantize, "rss_bytes": rss_bytes(),
                 "compilation_cache": cache_state, "attention": attention.implementation(args.attention, dtype)}
         if hf_model is not None:
             hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)

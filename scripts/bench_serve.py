@@ -211,12 +211,23 @@ def _wait_healthy(p: subprocess.Popen, port: int, name: str, timeout_s: float) -
     raise SystemExit(f"{name} did not become healthy within {timeout_s:.0f} s")
 
 
+def _rss(pid: int) -> int | None:
+    """A process's resident memory now (Linux /proc), in bytes."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _start_ours(args, model: str | None, procs: list) -> str:
     port = _free_port()
     cmd = [sys.executable, "-m", "qvl_jax", "serve", "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
            "--max-model-len", str(args.max_model_len), "--served-model-name", "bench", "--log-level", "warning"]
     if model:
         cmd += ["--model", model]
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     cmd += args.our_arg
@@ -409,6 +420,7 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize")
     args = ap.parse_args()
     if args.peer_url and args.peer_venv:
         ap.error("--peer-url and --peer-venv are alternatives")
@@ -440,6 +452,8 @@ def main() -> int:
                 line = {"server": name, **run_level(url, served, args.api_key, jobs, c)}
                 if before:
                     line.update(engine_split(before, engine_counters(url)))
+                if name == "qvl_jax" and procs:
+                    line["server_rss_bytes"] = _rss(procs[0].pid)
                 results.setdefault(name, {})[c] = line
                 print(json.dumps(line), flush=True)
         if args.peer_venv:

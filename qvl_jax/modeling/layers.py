@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 
@@ -48,12 +49,24 @@ def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
     batch-8 decode step at 2B widths costs about what a batch-1 step does, not twice that. The
     optimization barrier keeps XLA from folding the transpose back into the dot (which restores the
     slow form); the transpose itself is of the small [out, rows] result. Other backends, and other row counts,
-    take the plain dot."""
+    take the plain dot.
+
+    w may be a `qwix.QArray` (weight-only quantization, `qvl_jax.modeling.quant`): qwix's dot_general
+    then dequantizes it (int8/int4 values times their scales, in the scales' dtype) into the dot."""
     rows = int(np.prod(x.shape[:-1]))
     if 1 < rows <= WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu":
-        y = jax.lax.dot_general(w, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())))
+        y = _dot(w)(w, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())))
         return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+    return _dot(w)(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _dot(w):
+    return qwix.dot_general if isinstance(w, qwix.QArray) else jax.lax.dot_general
+
+
+def weight_value(var: nnx.Variable):
+    """A weight Variable's value: a jax.Array, or a `qwix.QArray` where the weight is quantized."""
+    return var.get_value()
 
 
 class Linear(nnx.Module):
@@ -71,8 +84,9 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, out_shape: tuple[int, ...] | None = None) -> jax.Array:
         """x [..., in] -> [..., out], or [..., *out_shape] (heads split out of the output)."""
-        w = self.weight[...]
-        w = w.reshape(w.shape[0], -1)
+        w = weight_value(self.weight)
+        if w.ndim > 2:
+            w = w.reshape(w.shape[0], -1)
         y = matmul_t(x, w)
         if self.bias is not None:
             y = y + self.bias[...]

@@ -25,7 +25,8 @@ def run(args) -> int:
                                timeout_s=args.media_timeout)
     model_dir = resolve_model(args.model)  # no --model: the built-in tiny model, with a notice
     processor = Processor.from_pretrained(model_dir)
-    model = qvl_jax.load(model_dir, dtype=args.dtype, attention=args.attention, verify=args.verify or None)
+    model = qvl_jax.load(model_dir, dtype=args.dtype, attention=args.attention, verify=args.verify or None,
+                         quantize=getattr(args, "quantize", None))
     engine = model.engine(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, processor=processor)
     name = args.served_model_name or (args.model if args.model else "tiny-random")
     config = ServerConfig(served_model_name=name, api_key=args.api_key, media=policy,

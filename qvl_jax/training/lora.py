@@ -88,7 +88,9 @@ class LoraLinear(nnx.Module):
 
     def merged(self) -> Linear:
         """The base Linear with W + scaling * B A folded in (a new weight; the adapter is gone)."""
-        w = self.base.weight[...]
+        w = self.base.weight.get_value()
+        if not isinstance(w, jax.Array):
+            raise ConfigError("a LoRA adapter cannot be folded into quantized weights; keep it separate")
         delta = (self.lora_B[...].astype(jnp.float32) @ self.lora_A[...].astype(jnp.float32)) * self.scaling
         self.base.weight.set_value((w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype))
         return self.base

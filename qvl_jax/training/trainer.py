@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import qwix
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from qvl_jax.errors import InputError
+from qvl_jax.errors import ConfigError, InputError
 from qvl_jax.modeling.inputs import bucket_length, prepare_inputs
 from qvl_jax.sharding import logical_to_spec
 from qvl_jax.training.lora import LoraConfig, LoraParam, apply_lora
@@ -28,7 +29,9 @@ from qvl_jax.training.peft import load_adapter_into, save_adapter
 
 def _loss_sum(graphdef, trainable, frozen, compute_dtype, remat, ids, positions, valid, labels, vis, feat_index):
     if compute_dtype is not None:  # bf16 compute over float32 master weights: the cast is differentiated
-        trainable, frozen = jax.tree.map(lambda a: a.astype(compute_dtype), (trainable, frozen))
+        # Floating leaves only: quantized weights keep their int8 / int4 values (their scales are cast).
+        trainable, frozen = jax.tree.map(
+            lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, (trainable, frozen))
     m = nnx.merge(graphdef, trainable, frozen)
     vision = None
     if vis is not None:
@@ -103,6 +106,10 @@ class Trainer:
         if freeze_vision:
             what = nnx.All(what, nnx.Not(nnx.PathContains("visual")))
         self.graphdef, self.trainable, self.frozen = nnx.split(module, what, ...)
+        if lora is None and any(isinstance(v, qwix.QArray) for v in jax.tree.leaves(
+                self.trainable, is_leaf=lambda v: isinstance(v, qwix.QArray))):
+            raise ConfigError("quantized weights cannot be trained directly: train LoRA adapters over them "
+                              "(QLoRA: lora=LoraConfig(...)), or load the model without quantize=")
         if not jax.tree.leaves(self.trainable):
             raise InputError("nothing to train: every parameter is frozen")
         if max_grad_norm is not None:
