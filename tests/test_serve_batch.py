@@ -347,3 +347,32 @@ def test_cli_batch_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: no such batch input file") and err.count("\n") == 1
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_generate_media_flags(tmp_path, capsys, monkeypatch):
+    """generate's --min-pixels / --max-pixels / --fps / --num-frames are the processor's keywords; a bad
+    one is a one-line error before the model is loaded."""
+    import qvl_jax
+    from qvl_jax import cli
+    from qvl_jax.processing.processor import Processor
+
+    monkeypatch.setenv("QVL_JAX_COMPILATION_CACHE", "0")
+    path = tmp_path / "pic.png"
+    _decoded(_png(4, 200, 300)).save(path)
+    proc = Processor.from_pretrained("tiny-random")
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Hi"}]}]
+    sizes = [proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kw).shape[1]
+             for kw in ({}, {"min_pixels": 1024, "max_pixels": 4096})]
+    assert sizes[0] > sizes[1]
+    rc = cli.main(["generate", "--model", "tiny-random", "--image", str(path), "--prompt", "Hi", "--max-new-tokens", "1", "--json",
+                   "--min-pixels", "1024", "--max-pixels", "4096"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["prompt_tokens"] == sizes[1]
+    monkeypatch.setattr(qvl_jax, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for flags, message in [(["--num-frames", "3"], "num_frames must be a multiple of 2"),
+                           (["--fps", "0"], "fps must be a finite number > 0"),
+                           (["--max-pixels", "10"], "max_pixels must be at least 1,024")]:
+        rc = cli.main(["generate", "--model", "tiny-random", "--image", str(path), "--prompt", "Hi", *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
