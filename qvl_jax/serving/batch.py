@@ -17,8 +17,9 @@ ASGI transport, no socket): the same validation, media policy, sampling and resp
 `concurrency` requests are in flight at once, keeping the engine's slots full.
 
 Resumable: each result is appended as one whole line, flushed and fsynced before the next is
-written. A rerun reads OUT first, cuts off a partial last line (a kill mid-write), and skips every
-request whose custom_id (or, for a bad line without one, whose line number) already has a result;
+written. A rerun reads OUT first, cuts off a partial last line (a kill mid-write: the start of a
+result line; an OUT holding anything else is refused and left as it is), and skips every
+request whose custom_id already has a result and every bad line whose line number has one;
 requests in flight at the kill have no result yet and run again. So OUT never holds an id twice
 and, after a rerun to the end, holds every line of IN once.
 """
@@ -39,6 +40,7 @@ from qvl_jax.errors import InputError
 
 URLS = ("/v1/chat/completions", "/v1/completions")
 _KEYS = ("custom_id", "method", "url", "body")
+_LINE_START = b'{"id":"batch_req_'
 
 
 class _BadLine(Exception):
@@ -90,12 +92,10 @@ class ResultFile:
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a line cut short by a kill: it was never a result
-            self.repaired = len(data) - end
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
+        tail = data[end:]
+        # What a kill mid-write leaves: the start of one of our lines (written compact, "id" first).
+        if tail and not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
+            raise self._not_results(data.count(b"\n") + 1)
         for n, raw in enumerate(data[:end].splitlines(), 1):
             if not raw.strip():
                 continue
@@ -104,15 +104,25 @@ class ResultFile:
             except ValueError:
                 res = None
             if not isinstance(res, dict) or "custom_id" not in res:
-                raise InputError(f"{self.path} line {n} is not a batch result; OUT must be a results file "
-                                 "of an earlier run of this batch (or absent)")
+                raise self._not_results(n)
             if res["custom_id"] is not None:
                 self.done_ids.add(str(res["custom_id"]))
             if isinstance(res.get("error"), dict) and isinstance(res["error"].get("line"), int):
                 self.done_lines.add(res["error"]["line"])
+        if tail:  # checked above: a partial result line, never anything of the user's
+            self.repaired = len(tail)
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _not_results(self, n: int) -> InputError:
+        return InputError(f"{self.path} line {n} is not a batch result; OUT must be a results file of an earlier "
+                          "run of this batch (or absent)")
 
     def write(self, result: dict) -> None:
-        self.f.write((json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+        # ASCII JSON: any str (a lone surrogate from a \ud800 escape in the input too) can be written
+        self.f.write((json.dumps(result, separators=(",", ":")) + "\n").encode("ascii"))
         self.f.flush()
         os.fsync(self.f.fileno())
 
