@@ -298,6 +298,14 @@ def test_batch_bad_lines_and_resume_repair(srv, tmp_path):
         assert other.read_text() == text
     with pytest.raises(InputError, match="is the input"):
         _run(srv.app, inp, inp)
+    # One run at a time on one OUT (another process holding its lock).
+    import fcntl
+
+    with open(out, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="being written by another"):
+            _run(srv.app, inp, out)
+    assert out.read_bytes() == before
     assert srv.wait_blocks() == srv.start_blocks
 
 

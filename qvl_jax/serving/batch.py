@@ -27,6 +27,7 @@ and, after a rerun to the end, holds every line of IN once.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import sys
@@ -84,13 +85,19 @@ class ResultFile:
         self.done_ids: set[str] = set()
         self.done_lines: set[int] = set()  # input lines that were not requests (keyed by line number)
         self.repaired = 0  # bytes of a partial last line cut off
-        if path.exists():
+        self.f = open(path, "a+b")
+        try:  # one run at a time: two appending to one OUT could each run an id
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._read()
-        self.f = open(path, "ab")
+        except BaseException as e:
+            self.f.close()
+            if isinstance(e, BlockingIOError):
+                raise InputError(f"{path} is being written by another qvl-jax batch run") from None
+            raise
 
     def _read(self) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
+        self.f.seek(0)
+        data = self.f.read()
         end = data.rfind(b"\n") + 1
         tail = data[end:]
         # What a kill mid-write leaves: the start of one of our lines (written compact, "id" first).
@@ -111,10 +118,8 @@ class ResultFile:
                 self.done_lines.add(res["error"]["line"])
         if tail:  # checked above: a partial result line, never anything of the user's
             self.repaired = len(tail)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
+            self.f.truncate(end)
+            os.fsync(self.f.fileno())
 
     def _not_results(self, n: int) -> InputError:
         return InputError(f"{self.path} line {n} is not a batch result; OUT must be a results file of an earlier "
