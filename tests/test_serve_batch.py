@@ -361,6 +361,10 @@ def test_cli_batch_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: no such batch input file") and err.count("\n") == 1
     assert not (tmp_path / "out.jsonl").exists()
+    (tmp_path / "in.jsonl").write_text("")
+    assert cli.main(["batch", str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--concurrency", "0"]) == 2
+    assert capsys.readouterr().err == "error: --concurrency must be at least 1, got 0\n"
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_cli_generate_media_flags(tmp_path, capsys, monkeypatch):

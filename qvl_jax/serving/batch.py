@@ -292,6 +292,8 @@ def run(args) -> int:
     in_path, out_path = Path(args.input), Path(args.output)
     if not in_path.is_file():
         raise InputError(f"no such batch input file: {in_path}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise InputError(f"--concurrency must be at least 1, got {args.concurrency}")
     policy = media.MediaPolicy(allowed_local_path=media.allowed_dir(args.allowed_local_media_path),
                                allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
                                timeout_s=args.media_timeout)
@@ -299,7 +301,7 @@ def run(args) -> int:
     processor = Processor.from_pretrained(model_dir)
     model = qvl_jax.load(model_dir, dtype=args.dtype, attention=args.attention)
     engine = model.engine(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, processor=processor)
-    concurrency = args.concurrency or 2 * engine.max_num_seqs
+    concurrency = args.concurrency if args.concurrency is not None else 2 * engine.max_num_seqs
     # n <= 16 choices a request: the app never answers "at capacity" to this many requests in flight.
     config = ServerConfig(served_model_name=args.served_model_name or (args.model or "tiny-random"), media=policy,
                           max_body_bytes=1 << 62, max_pending=16 * concurrency,
