@@ -1,7 +1,8 @@
-"""The `qvl-jax` command: generate, serve, finetune, convert, info.
+"""The `qvl-jax` command: generate, serve, batch, finetune, convert, info.
 
     qvl-jax generate [--model M] [--image FILE ...] [--video PATH ...] --prompt TEXT [sampling flags]
     qvl-jax serve [--model M] [--host H] [--port P] [--api-key KEY] [--max-num-seqs N] [...]
+    qvl-jax batch IN.jsonl OUT.jsonl [--model M] [--max-num-seqs N] [--concurrency N] [...]
     qvl-jax finetune [--model M] --data train.jsonl [--eval eval.jsonl] --out DIR [--resume] [flags]
     qvl-jax convert HF_DIR OUT_DIR [--dtype ...] [--force]
     qvl-jax info [--model M] [--json]
@@ -129,7 +130,8 @@ def cmd_generate(args) -> int:
     content.append({"type": "text", "text": args.prompt})
     messages = ([{"role": "system", "content": [{"type": "text", "text": args.system}]}] if args.system else [])
     messages.append({"role": "user", "content": content})
-    inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    media = {k: getattr(args, k) for k in ("min_pixels", "max_pixels", "fps", "num_frames")}
+    inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, **media)
     inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
     # Inputs are checked (images opened, prompt built) before the weights are loaded: a bad file
     # fails in a second, not after loading a large model.
@@ -175,6 +177,13 @@ def cmd_serve(args) -> int:
     from qvl_jax.serving.server import run  # lazy: the serve extra (fastapi, uvicorn) and JAX
 
     enable_compilation_cache()  # a restarted server loads its engine's programs instead of compiling them
+    return run(args)
+
+
+def cmd_batch(args) -> int:
+    from qvl_jax.serving.batch import run  # lazy: the serve extra (fastapi, httpx) and JAX
+
+    enable_compilation_cache()
     return run(args)
 
 
@@ -404,7 +413,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     fmt = {"formatter_class": _HelpFormatter}
     parser = argparse.ArgumentParser(prog="qvl-jax", description="Qwen3-VL inference in JAX", **fmt)
     _debug_flag(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,finetune,convert,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,batch,finetune,convert,info}")
 
     g = sub.add_parser("generate", help="answer a prompt about images / videos", **fmt)
     g.add_argument("--model", default=None, help=f"converted dir, HF dir, hub id or {DEFAULT_MODEL} "
@@ -415,6 +424,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="video file (needs PyAV) or directory of frame images (repeatable)")
     g.add_argument("--video-fps", type=float, default=None,
                    help="source frame rate of --video (default: the file's own; 24 for frame directories)")
+    g.add_argument("--min-pixels", type=int, default=None, help="resize images to at least this many pixels")
+    g.add_argument("--max-pixels", type=int, default=None, help="resize images to at most this many pixels")
+    g.add_argument("--fps", type=float, default=None, help="sample --video at this many frames per second")
+    g.add_argument("--num-frames", type=int, default=None,
+                   help="sample this many frames of --video (even; instead of --fps)")
     g.add_argument("--prompt", required=True, help="the user's question")
     g.add_argument("--system", default=None, help="system message")
     g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
@@ -474,6 +488,32 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _debug_flag(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("batch", help="run an OpenAI batch file (JSONL) through the engine; resumable", **fmt)
+    b.add_argument("input", help='requests, one a line: {"custom_id", "method": "POST", "url": '
+                                 '"/v1/chat/completions", "body": {...}}')
+    b.add_argument("output", help="results, one a line (OpenAI's batch output); a rerun skips ids already there")
+    b.add_argument("--model", default=None, help=f"converted dir, HF dir, hub id or {DEFAULT_MODEL} "
+                                                  f"(default: {DEFAULT_MODEL}, with a notice)")
+    b.add_argument("--served-model-name", default=None, help="the model name bodies may send (default: --model)")
+    b.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded at once")
+    b.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
+                                                                   "model's context, at most 8192)")
+    b.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight at once (default: 2 x --max-num-seqs)")
+    b.add_argument("--allowed-local-media-path", default=None,
+                   help="directory from which image/video paths and file:// URLs may be read (default: none)")
+    b.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
+    b.add_argument("--max-media-bytes", type=int, default=20 << 20, help="largest encoded image or video")
+    b.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one remote media fetch")
+    b.add_argument("--special-tokens-in-messages", action="store_true",
+                   help="let typed special tokens in messages become control tokens (as serve's flag)")
+    b.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                   help="cast params on load (absent: as stored)")
+    b.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _debug_flag(b)
+    b.set_defaults(func=cmd_batch)
 
     f = sub.add_parser("finetune", help="fine-tune on chat JSONL (LoRA or full)", **fmt)
     f.add_argument("--model", default=DEFAULT_MODEL, help="converted dir, HF dir, hub id or tiny-random")

@@ -42,6 +42,7 @@ from tokenizers import Tokenizer
 
 from qvl_jax.errors import CheckpointError, ConfigError, InputError
 from qvl_jax.processing.image_processing import ImageProcessor
+from qvl_jax.processing.media_settings import apply_media_settings, check_media_settings
 from qvl_jax.processing.video_processing import VideoProcessor, _split_videos
 from qvl_jax.processing.messages import (
     _REASONING_FIELDS,
@@ -305,20 +306,31 @@ class Processor:
         padding_side: str = "left",
         add_special_tokens: bool = True,
         return_tensors: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        fps: float | None = None,
+        num_frames: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Prompt text(s) with one `<|image_pad|>` / `<|video_pad|>` per image / video (as the chat
         template writes them) -> dict of numpy arrays under transformers' names.
 
         images: one image or a (nested) list, taken in order across the batch. videos: one video or a
         list ([T, H, W, C] uint8 arrays or lists of frames). video_fps: source frame rate (one, or one
-        per video); video_metadata: transformers' alternative, a list of dicts with "fps"."""
+        per video); video_metadata: transformers' alternative, a list of dicts with "fps".
+        min_pixels / max_pixels (images), fps / num_frames (video sampling): this call's media
+        settings in place of the configured ones (see media_settings.py)."""
         return self._call(text, images, videos, video_fps=video_fps, video_metadata=video_metadata, padding=padding,
                           padding_side=padding_side, add_special_tokens=add_special_tokens,
-                          return_tensors=return_tensors)
+                          return_tensors=return_tensors,
+                          media=dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, num_frames=num_frames))
 
     def _call(self, text=None, images=None, videos=None, *, video_fps=None, video_metadata=None, padding=True,
-              padding_side="left", add_special_tokens=True, return_tensors=None, literal=False) -> dict:
-        """`__call__`; literal: the text was marked by `_mark_message` (apply_chat_template's literal_content)."""
+              padding_side="left", add_special_tokens=True, return_tensors=None, literal=False,
+              media=None) -> dict:
+        """`__call__`; literal: the text was marked by `_mark_message` (apply_chat_template's literal_content);
+        media: the media settings (min_pixels, max_pixels, fps, num_frames; None values: the configured ones)."""
+        settings = check_media_settings(media, self.image_processor, self.video_processor)
+        image_processor, video_processor = apply_media_settings(settings, self.image_processor, self.video_processor)
         if return_tensors not in (None, "np"):
             raise InputError(f"return_tensors={return_tensors!r}: qvl_jax returns numpy arrays only (use 'np')")
         if padding_side not in ("left", "right"):
@@ -339,11 +351,11 @@ class Processor:
         out: dict[str, np.ndarray] = {}
         replacements: dict[str, list[str]] = {}
         if image_list:
-            pixels = self.image_processor(image_list)
+            pixels = image_processor(image_list)
             out["pixel_values"], out["image_grid_thw"] = pixels["pixel_values"], pixels["image_grid_thw"]
             replacements[IMAGE_TOKEN] = self._image_replacements(pixels["image_grid_thw"])
         if video_list:
-            frames = self.video_processor(video_list, video_fps=video_fps)
+            frames = video_processor(video_list, video_fps=video_fps)
             out["pixel_values_videos"], out["video_grid_thw"] = frames["pixel_values_videos"], frames["video_grid_thw"]
             replacements[VIDEO_TOKEN] = self._video_replacements(frames["video_grid_thw"], frames["video_metadata"])
         if texts is None:
@@ -488,6 +500,10 @@ class Processor:
         padding: bool | str = True,
         padding_side: str = "left",
         literal_content: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        fps: float | None = None,
+        num_frames: int | None = None,
         **template_kwargs,
     ):
         """HF chat messages (one conversation, or a list of conversations) -> prompt.
@@ -499,7 +515,11 @@ class Processor:
         frame rate; 24 when absent, as in transformers). continue_final_message=True leaves the last
         message open (no end-of-turn after its text) so that generation continues it.
         literal_content=True: special-token strings typed in message text stay plain text (a user
-        cannot forge a turn); the default turns them into special tokens, as transformers does."""
+        cannot forge a turn); the default turns them into special tokens, as transformers does.
+        min_pixels / max_pixels (images), fps / num_frames (video sampling): this call's media settings
+        (vLLM's mm_processor_kwargs), checked before any template is rendered or image decoded."""
+        media = check_media_settings(dict(min_pixels=min_pixels, max_pixels=max_pixels, fps=fps, num_frames=num_frames),
+                                     self.image_processor, self.video_processor)
         if continue_final_message and add_generation_prompt:
             raise InputError("continue_final_message and add_generation_prompt cannot both be set: the first "
                              "continues the last message, the second starts a new assistant message")
@@ -552,6 +572,7 @@ class Processor:
             padding_side=padding_side,
             add_special_tokens=add_special_tokens,
             literal=literal_content,
+            media=media,
         )
         return out if return_dict else out["input_ids"]
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
 from qvl_jax.engine.sampling import SamplingParams
 from qvl_jax.errors import InputError, QvlError
-from qvl_jax.serving import media
+from qvl_jax.serving import media, media_budget
 from qvl_jax.serving.metrics import Metrics
 from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, chat_logprobs,
                                       completion_logprobs, error_body, sse, unsupported)
@@ -258,11 +258,17 @@ def _too_long(st: _State, chars: int, param: str) -> None:
 
 
 def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
-    """Messages -> one processor output (worker thread: media loading and preprocessing)."""
+    """Messages -> one processor output (worker thread: media loading and preprocessing). The
+    request's mm_processor_kwargs are checked, and every image's tokens counted from its header
+    against the context, before any image is decoded (media_budget.py)."""
     policy = st.cfg.media
     _too_long(st, sum(len(m.content) if isinstance(m.content, str) else
                       sum(len(p.text) for p in m.content if p.type == "text") if m.content else 0
                       for m in req.messages), "messages")
+    settings = media_budget.request_settings(req.mm_processor_kwargs, st.processor)
+    budget = media_budget.VisionBudget(st.processor, settings, st.engine.max_model_len)
+    images = iter([budget.image(media.fetch_bytes(_media_url(p.image_url), policy, "image"))
+                   for m in req.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url"])
     msgs = []
     for m in req.messages:
         if m.content is None or isinstance(m.content, str):
@@ -273,16 +279,17 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                 if p.type == "text":
                     content.append({"type": "text", "text": p.text})
                 elif p.type == "image_url":
-                    content.append({"type": "image", "image": media.load_image(_media_url(p.image_url), policy)})
+                    content.append({"type": "image", "image": media.decode_image(next(images), policy)})
                 else:
                     frames, fps = media.load_video(_media_url(p.video_url), policy)
+                    budget.video(frames, fps)
                     content.append({"type": "video", "video": frames, **({"video_fps": fps} if fps else {})})
         msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     try:
         inp = st.processor.apply_chat_template(
             msgs, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message, tokenize=True, return_dict=True,
-            literal_content=not st.cfg.special_tokens_in_messages)
+            literal_content=not st.cfg.special_tokens_in_messages, **settings)
     except InputError as e:
         raise ApiError(400, str(e)) from None
     return [{k: inp[k] for k in _MODEL_INPUTS if k in inp}]

@@ -128,7 +128,11 @@ def _fetch_remote(url: str, policy: MediaPolicy, kind: str) -> bytes:
 
 def load_image(url: str, policy: MediaPolicy):
     """An image_url's image as RGB uint8 [H, W, 3], decoded by media_io as a file is."""
-    data = fetch_bytes(url, policy, "image")
+    return decode_image(fetch_bytes(url, policy, "image"), policy)
+
+
+def decode_image(data: bytes, policy: MediaPolicy):
+    """Fetched image bytes as RGB uint8 [H, W, 3] (media_io's decoding, the policy's pixel limit)."""
     try:
         return media_io.load_image(data, max_pixels=policy.max_image_pixels)
     except media_io.MediaTooLarge as e:

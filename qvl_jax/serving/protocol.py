@@ -114,6 +114,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     add_generation_prompt: bool = True  # vLLM extra
     continue_final_message: bool = False  # vLLM extra
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM extra: min_pixels, max_pixels, fps, num_frames
 
 
 class CompletionRequest(_Sampling):
