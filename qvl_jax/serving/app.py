@@ -31,7 +31,7 @@ from qvl_jax.errors import InputError, QvlError
 from qvl_jax.serving import media
 from qvl_jax.serving.metrics import Metrics
 from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, chat_logprobs,
-                                      completion_logprobs, error_body, sse, unsupported)
+                                      completion_logprobs, error_body, sse, structure, unsupported)
 from qvl_jax.serving.runs import Run
 
 log = logging.getLogger("qvl_jax.serve")
@@ -324,10 +324,13 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tupl
             kw["logprobs"] = req.top_logprobs or 0
     elif req.logprobs is not None:
         kw["logprobs"] = req.logprobs
+    so = structure(req)
+    if so is not None:
+        kw["structured"] = so
     try:
         sp = SamplingParams(**kw)
     except InputError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, str(e), param="structured_outputs" if "structured" in str(e) else None) from None
     return sp, max_tokens, stop_strings, stop_ids
 
 
