@@ -127,15 +127,25 @@ def mask_words(vocab: int) -> int:
 class Matcher:
     """One row's grammar state (host): `fill` the mask of the next token, `consume` the chosen one."""
 
-    def __init__(self, tokenizer, grammar: str, vocab: int):
+    def __init__(self, tokenizer, grammar: str, vocab: int, added: tuple[int, ...] = ()):
         import llguidance
 
         self.vocab = vocab  # the model's vocabulary (the mask's width)
+        self.added = added
         self._m = llguidance.LLMatcher(tokenizer, grammar)
 
     def fill(self, row: np.ndarray) -> None:
-        """Writes the allowed-next mask into row (int32 [words], C-contiguous)."""
+        """Writes the allowed-next mask into row (int32 [words], C-contiguous).
+
+        llguidance consumes an added token (<think>, <tool_call>, ...) as a special token, matched
+        only by a grammar's <[id]>, but its mask may allow one whose text the grammar expects next
+        (e.g. a regex spelling "</think>"): such bits are cleared here, so that the mask never allows
+        a token the matcher then refuses."""
         self._m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        bits = row.view(np.uint32)
+        for t in self.added:
+            if (bits[t >> 5] >> np.uint32(t & 31)) & 1 and not self._m.validate_tokens([t]):
+                bits[t >> 5] &= ~np.uint32(1 << (t & 31))
 
     def consume(self, tokens) -> None:
         """Advances over tokens; a token the grammar refuses is an InputError (a mask was not obeyed)."""
@@ -166,6 +176,9 @@ class Compiler:
 
         self.vocab = vocab
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab, eos_token=list(eos))
+        # Added tokens (not the end ids, which llguidance allows where the grammar may end).
+        self.added = tuple(t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])
+                           if t["id"] < vocab and t["id"] not in eos)
 
     def compile(self, so: StructuredOutputs) -> str:
         """The checked grammar text (InputError naming the problem when llguidance refuses it)."""
@@ -178,7 +191,7 @@ class Compiler:
         return grammar
 
     def matcher(self, grammar: str) -> Matcher:
-        return Matcher(self.tokenizer, grammar, self.vocab)
+        return Matcher(self.tokenizer, grammar, self.vocab, self.added)
 
 
 @functools.lru_cache(maxsize=8)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
 from qvl_jax.engine.sampling import SamplingParams
 from qvl_jax.errors import InputError, QvlError
-from qvl_jax.serving import media
+from qvl_jax.serving import media, tools
 from qvl_jax.serving.metrics import Metrics
 from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, chat_logprobs,
                                       completion_logprobs, error_body, sse, structure, unsupported)
@@ -65,6 +65,9 @@ class _State:
         self.vocab = engine.cfg.text.vocab_size
         self.created = int(time.time())
         self.table = TokenTable.of(processor)
+        # Thinking checkpoints: their template handles <think>; answers are split into reasoning and content.
+        self.reasoning = "</think>" in processor.chat_template
+        self.tool_ids = tuple(processor.tokenizer.token_to_id(t) for t in (tools.OPEN, tools.CLOSE))
         # The most characters one token stands for (byte-level entries: at least one byte a character).
         self.token_chars = max(1, max(map(len, processor.tokenizer.get_vocab(with_added_tokens=True))))
 
@@ -247,12 +250,27 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                 else:
                     frames, fps = media.load_video(_media_url(p.video_url), policy)
                     content.append({"type": "video", "video": frames, **({"video_fps": fps} if fps else {})})
-        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                  "arguments": c.function.arguments}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            msg["reasoning_content"] = m.reasoning_content
+        msgs.append(msg)
+    kw = dict(req.chat_template_kwargs or {})
+    taken = sorted(set(kw) & {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                              "tokenize", "return_dict", "chat_template", "literal_content"})
+    if taken:
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
+    if req.tools and req.tool_choice != "none":  # "none": the model is not told of the tools
+        kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
         inp = st.processor.apply_chat_template(
             msgs, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message, tokenize=True, return_dict=True,
-            literal_content=not st.cfg.special_tokens_in_messages)
+            literal_content=not st.cfg.special_tokens_in_messages, **kw)
     except InputError as e:
         raise ApiError(400, str(e)) from None
     return [{k: inp[k] for k in _MODEL_INPUTS if k in inp}]
@@ -325,6 +343,13 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tupl
     elif req.logprobs is not None:
         kw["logprobs"] = req.logprobs
     so = structure(req)
+    if isinstance(req, ChatCompletionRequest):
+        forced = tools.forced(req.tool_choice, [t.model_dump(exclude_none=True) for t in req.tools or []])
+        if forced:
+            if so is not None:
+                raise ApiError(400, "tool_choice required or a named function cannot go with response_format or "
+                                    "structured_outputs", param="tool_choice")
+            so = {"grammar": tools.call_grammar(forced, *st.tool_ids, parallel=req.parallel_tool_calls)}
     if so is not None:
         kw["structured"] = so
     try:
@@ -332,6 +357,15 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tupl
     except InputError as e:
         raise ApiError(400, str(e), param="structured_outputs" if "structured" in str(e) else None) from None
     return sp, max_tokens, stop_strings, stop_ids
+
+
+def _chat_output(st: _State, req, inputs: list[dict]) -> tools.ChatOutput | None:
+    """A choice's ChatOutput: reasoning split for Thinking templates (started: the prompt ends in
+    an open <think>), tool calls parsed when tools were given."""
+    ids = inputs[0]["input_ids"][0, -4:].tolist()
+    started = st.reasoning and st.processor.decode(ids, skip_special_tokens=False).rstrip().endswith("<think>")
+    return tools.ChatOutput(reasoning=st.reasoning, started=started,
+                            tools=bool(req.tools) and req.tool_choice != "none")
 
 
 async def _serve(st: _State, request: Request, req, chat: bool):
@@ -388,14 +422,15 @@ async def _serve(st: _State, request: Request, req, chat: bool):
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
         run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, want_logprobs=sp.logprobs is not None)
+        outs = [_chat_output(st, req, inputs) for _ in run.choices] if chat else None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            gen = _stream(st, run, meta, chat, n_prompt, req.n, include_usage, release)
+            gen = _stream(st, run, meta, chat, n_prompt, req.n, include_usage, release, outs)
             handed_off = True  # the stream releases its admission when it ends
             return _SSEResponse(gen, run)
-        return await _complete(st, request, run, meta, chat, n_prompt, req.n)
+        return await _complete(st, request, run, meta, chat, n_prompt, req.n, outs)
     finally:
         if not handed_off:
             release()
@@ -440,7 +475,12 @@ async def _watch(request: Request, run: Run) -> None:
             return
 
 
-async def _complete(st, request, run: Run, meta, chat, n_prompt, per):
+def _finish_reason(c, out) -> str | None:
+    """A chat choice's finish reason: tool_calls when it ended (not cut) after calls."""
+    return "tool_calls" if out is not None and out.calls and c.finish == "stop" else c.finish
+
+
+async def _complete(st, request, run: Run, meta, chat, n_prompt, per, outs=None):
     watcher = asyncio.create_task(_watch(request, run))
     try:
         async for _ in run.events():
@@ -454,9 +494,12 @@ async def _complete(st, request, run: Run, meta, chat, n_prompt, per):
         raise err
     want_lp, token_bytes = run.want_logprobs, st.processor.token_bytes
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.out.text}, "finish_reason": c.finish,
+        for c, o in zip(run.choices, outs):
+            o.feed(c.out.text)
+            o.finish()
+        choices = [{"index": i, "message": o.message(), "finish_reason": _finish_reason(c, o),
                     "logprobs": chat_logprobs(token_bytes, c.logprobs) if want_lp else None}
-                   for i, c in enumerate(run.choices)]
+                   for i, (c, o) in enumerate(zip(run.choices, outs))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
     choices = [{"index": i, "text": c.out.text, "finish_reason": c.finish,
                 "logprobs": completion_logprobs(token_bytes, c.logprobs, 0) if want_lp else None}
@@ -488,13 +531,13 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, release):
+async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, release, outs=None):
     obj = "chat.completion.chunk" if chat else "text_completion"
     extra = {"usage": None} if include_usage else {}
 
     offsets = [0] * len(run.choices)  # text offset of each choice's next token (completions logprobs)
 
-    def chunk(i, delta, finish, first=False, lps=()):
+    def chunk(i, delta, finish, first=False, lps=(), d=None):
         lp = None
         if run.want_logprobs and not first:
             if chat:
@@ -503,7 +546,8 @@ async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, releas
                 lp = completion_logprobs(st.processor.token_bytes, lps, offsets[i])
                 offsets[i] += sum(map(len, lp["tokens"]))
         if chat:
-            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+            if d is None:
+                d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
             choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lp}
         else:
             choice = {"index": i, "text": delta, "finish_reason": finish, "logprobs": lp}
@@ -517,7 +561,14 @@ async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, releas
         async for i, delta, finish, lps in run.events():
             if finish in ("error", "cancelled"):
                 continue
-            if delta or finish or lps:
+            if chat:  # reasoning, content and tool-call deltas, then the finish on its own
+                ds = outs[i].feed(delta) + (outs[i].finish() if finish else [])
+                for k, d in enumerate(ds):
+                    yield chunk(i, "", None, lps=lps if k == 0 else (), d=d)
+                if finish or (lps and not ds):
+                    yield chunk(i, "", _finish_reason(run.choices[i], outs[i]) if finish else None,
+                                lps=lps if not ds else (), d={})
+            elif delta or finish or lps:
                 yield chunk(i, delta, finish, lps=lps)
         usage = _finished(st, run, n_prompt, per)
         done = True

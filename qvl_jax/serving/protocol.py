@@ -60,10 +60,36 @@ class VideoPart(_Model):
 Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends a JSON string
+
+
+class ToolCallIn(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls, in the history
+    tool_call_id: str | None = None  # a tool message's answer to a call
+    reasoning_content: str | None = None  # an assistant's reasoning, in the history (Thinking templates)
+
+
+class FunctionDef(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class StreamOptions(_Model):
@@ -114,6 +140,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extra: template variables (enable_thinking, ...)
     continue_final_message: bool = False  # vLLM extra
 
 
@@ -128,7 +158,10 @@ def unsupported(req: _Sampling) -> str | None:
             "suffix": (None, ""), "echo": (None, False), "tools": (None, []), "tool_choice": (None, "none"),
             "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]),
             "prediction": (None,)}
+    chat = isinstance(req, ChatCompletionRequest)
     for name, ok in noop.items():
+        if chat and name in ("tools", "tool_choice"):
+            continue
         if getattr(req, name) not in ok:
             return name
     return None

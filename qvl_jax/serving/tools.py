@@ -21,6 +21,7 @@ import json
 import uuid
 
 from qvl_jax.engine.structured import JSON_OPTIONS
+from qvl_jax.serving.protocol import ApiError
 from qvl_jax.serving.reasoning import ReasoningSplitter, _partial_suffix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -196,3 +197,25 @@ def call_grammar(tools: list[dict], open_id: int, close_id: int, parallel: bool 
     rep = ' ("\\n" call)*' if parallel else ""
     return (f"start: call{rep}\ncall: <[{open_id}]> \"\\n\" body \"\\n\" <[{close_id}]>\n"
             f"body: %json {json.dumps(schema)}\n")
+
+
+def forced(choice, defined: list[dict]) -> list[dict]:
+    """The tools (OpenAI tool dicts) of which the answer must call one or more: all of them for
+    tool_choice "required", the named one for {"type": "function", "function": {"name": ...}}, none
+    for None / "none" / "auto"; a bad tool_choice is an ApiError 400."""
+    if choice in (None, "none", "auto"):
+        return []
+    if choice == "required":
+        if not defined:
+            raise ApiError(400, "tool_choice required needs tools", param="tool_choice")
+        return defined
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if name is None:
+        raise ApiError(400, "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                            "{\"name\": ...}}", param="tool_choice")
+    named = [t for t in defined if t["function"]["name"] == name]
+    if not named:
+        raise ApiError(400, f"tool_choice names the function {name!r}, which is not among the tools",
+                       param="tool_choice")
+    return named
