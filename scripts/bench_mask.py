@@ -66,6 +66,25 @@ def bench_llguidance(tok_json: str, vocab: int, eos: list[int], ids: list[int], 
     return t_tok, statistics.median(compiles), fills
 
 
+def bench_ours(tok_json: str, vocab: int, eos: list[int], ids: list[int], repeat: int):
+    """What a constrained row costs the engine per token: structured.masks (allocation, llguidance's
+    fill, the added-token check) and Matcher.consume."""
+    from qvl_jax.engine import structured
+
+    c = structured.Compiler(tok_json, vocab, tuple(eos))
+    grammar = c.compile(structured.StructuredOutputs(json=SCHEMA))
+    fills = []
+    for _ in range(repeat):
+        m = c.matcher(grammar)
+        for t in ids:
+            t0 = time.perf_counter()
+            mask = structured.masks([m], 1, vocab)
+            m.consume([t])
+            fills.append(time.perf_counter() - t0)
+            assert (int(mask[0, t // 32]) >> (t % 32)) & 1, f"token {t} refused"
+    return fills
+
+
 def bench_xgrammar(hf_tok, vocab: int, eos: list[int], ids: list[int], repeat: int):
     import xgrammar as xgr
 
@@ -103,10 +122,12 @@ def main(argv=None) -> None:
     eos = [added["<|im_end|>"], added["<|endoftext|>"]]
     text = json.dumps(ANSWER, separators=(",", ":"))
     ids = tok.encode(text).ids
+    spaced = tok.encode(json.dumps(ANSWER)).ids  # as our compiler's JSON options write it: ", " and ": "
     print(f"vocab {args.vocab} ({tok.get_vocab_size()} tokenizer entries); answer of {len(ids)} tokens")
     if args.only != "xgrammar":
         t_tok, t_comp, fills = bench_llguidance(tok.to_str(), args.vocab, eos, ids, args.repeat)
         print(f"llguidance: tokenizer {t_tok:.2f} s, schema compile {t_comp * 1e3:.1f} ms, mask {_stats(fills)}")
+        print(f"qvl_jax structured.masks + consume per token: {_stats(bench_ours(tok.to_str(), args.vocab, eos, spaced, args.repeat))}")
     if args.only != "llguidance":
         from transformers import PreTrainedTokenizerFast
 

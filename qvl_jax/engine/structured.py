@@ -60,7 +60,7 @@ class StructuredOutputs:
                     raise InputError(f"structured json: the schema is not valid JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise InputError(f"structured json must be a JSON schema (an object), got {type(schema).__name__}")
-            put("json", json.dumps(schema, sort_keys=True))
+            put("json", json.dumps(schema))  # key order kept: properties come out in the schema's order
         if not isinstance(self.json_object, (bool, np.bool_)):
             raise InputError(f"structured json_object must be true or false, got {self.json_object!r}")
         for name in ("regex", "grammar"):
