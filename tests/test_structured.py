@@ -162,3 +162,37 @@ def test_masks_of_the_checkpoint_tokens(setup):
 
     assert ok(tok.token_to_id("n")) and not ok(tok.token_to_id("x"))
     assert not ok(tok.token_to_id("<|im_end|>"))
+
+
+def test_a_constraint_after_reasoning_leaves_the_reasoning_free(setup):
+    """For Thinking models the server wraps the constraint: any text, </think>, newlines, then the
+    constrained answer (serving: response_format / forced tool calls with a template that opened
+    <think>)."""
+    from qvl_jax.serving import tools
+
+    m, _, _ = setup
+    tok = qvl_jax.Processor.from_pretrained(m.path).tokenizer
+    close, vocab = tok.token_to_id("</think>"), m.config.text.vocab_size
+    end = [tok.token_to_id("<|im_end|>")]
+    ids = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    fn = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer", "maximum": 9}}, "required": ["x"]}}}
+    cases = [(structured.StructuredOutputs(json=SCHEMA).after_reasoning(close),
+              json.dumps({"n": 3, "kind": "dog", "tags": [], "inner": {"ok": True}}), '{"n": "3"'),
+             (structured.StructuredOutputs(regex="a/[0-9]+").after_reasoning(close), "a/42", "b"),
+             (structured.StructuredOutputs(choice=["yes", "no"]).after_reasoning(close), "no", "nah"),
+             (structured.StructuredOutputs(grammar=tools.call_grammar([fn], tok.token_to_id("<tool_call>"),
+                                                                      tok.token_to_id("</tool_call>"), think_close=close)),
+              '<tool_call>\n{"name": "f", "arguments": {"x": 4}}\n</tool_call>', '<tool_call>\n{"name": "g"')]
+    for so, good, bad in cases:
+        g = structured.for_request(structured.tokenizer_json(m.path), vocab, so, end)
+        mt = g.matcher()
+        mt.consume(ids("Hmm, {not json} <b> 12 /x/ "))  # the reasoning: anything
+        mask = structured.masks([mt], 1, vocab)[0]
+        assert all((int(mask[t // 32]) >> (t % 32)) & 1 for t in ids("x{<") + [close])
+        mt.consume([close] + ids("\n\n") + ids(good))
+        assert mt.accepting
+        mt = g.matcher()
+        mt.consume(ids("why") + [close] + ids("\n\n"))
+        with pytest.raises(InputError, match="breaks the grammar"):
+            mt.consume(ids(bad))

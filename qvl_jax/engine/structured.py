@@ -114,6 +114,25 @@ class StructuredOutputs:
             raise InputError(f"structured {kind}: {_one_line(str(e))}") from None
 
 
+    def after_reasoning(self, close_id: int) -> "StructuredOutputs":
+        """The same constraint on the part of the answer after a Thinking model's reasoning: any
+        text, the `</think>` token (close_id), newlines, then this answer. A `grammar` stays on the
+        whole answer (its own start rule cannot be wrapped safely)."""
+        kind = self.kind
+        if kind == "grammar":
+            return self
+        if kind in ("json", "json_object"):
+            schema = json.loads(self.json) if kind == "json" else {"type": "object"}
+            if isinstance(schema, dict):
+                schema = {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+            body = "%json " + json.dumps(schema)
+        elif kind == "regex":
+            body = "/" + self.regex.replace("/", "\\/") + "/"
+        else:
+            body = " | ".join(json.dumps(c) for c in self.choice)
+        return StructuredOutputs(grammar=f'start: /(?s:.*)/ <[{int(close_id)}]> "\\n"* answer\nanswer: {body}\n')
+
+
 def _one_line(msg: str) -> str:
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     return " ".join(lines)[:500] if lines else "invalid"

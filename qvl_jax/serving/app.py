@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
 from qvl_jax.engine.sampling import SamplingParams
+from qvl_jax.engine.structured import StructuredOutputs
 from qvl_jax.errors import InputError, QvlError
 from qvl_jax.serving import media, tools
 from qvl_jax.serving.metrics import Metrics
@@ -68,6 +69,7 @@ class _State:
         # Thinking checkpoints: their template handles <think>; answers are split into reasoning and content.
         self.reasoning = "</think>" in processor.chat_template
         self.tool_ids = tuple(processor.tokenizer.token_to_id(t) for t in (tools.OPEN, tools.CLOSE))
+        self.think_close = processor.tokenizer.token_to_id("</think>")
         # The most characters one token stands for (byte-level entries: at least one byte a character).
         self.token_chars = max(1, max(map(len, processor.tokenizer.get_vocab(with_added_tokens=True))))
 
@@ -300,9 +302,11 @@ def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
     return out
 
 
-def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tuple[str, ...], set[int]]:
+def _sampling(st: _State, req, n_prompt: int, thinking: bool = False) -> tuple[SamplingParams, int, tuple[str, ...],
+                                                                             set[int]]:
     """The request's SamplingParams (checked once, here: a bad value is a 400 naming it), its token
-    budget, stop strings and stop ids."""
+    budget, stop strings and stop ids. thinking: the answer starts inside a reasoning part, which a
+    constraint leaves free (it applies after `</think>`)."""
     name = unsupported(req)
     if name is not None:
         raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -353,7 +357,13 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tupl
             if so is not None:
                 raise ApiError(400, "tool_choice required or a named function cannot go with response_format or "
                                     "structured_outputs", param="tool_choice")
-            so = {"grammar": tools.call_grammar(forced, *st.tool_ids, parallel=req.parallel_tool_calls)}
+            so = {"grammar": tools.call_grammar(forced, *st.tool_ids, parallel=req.parallel_tool_calls,
+                                                think_close=st.think_close if thinking else None)}
+        elif so is not None and thinking:
+            try:
+                so = StructuredOutputs.of(so).after_reasoning(st.think_close)
+            except InputError as e:
+                raise ApiError(400, str(e), param="structured_outputs") from None
     if so is not None:
         kw["structured"] = so
     try:
@@ -363,12 +373,17 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tupl
     return sp, max_tokens, stop_strings, stop_ids
 
 
-def _chat_output(st: _State, req, inputs: list[dict]) -> tools.ChatOutput | None:
-    """A choice's ChatOutput: reasoning split for Thinking templates (started: the prompt ends in
-    an open <think>), tool calls parsed when tools were given."""
+def _thinking(st: _State, inputs: list[dict]) -> bool:
+    """Whether a chat prompt ends in an open <think> (a Thinking template's generation prompt)."""
     ids = inputs[0]["input_ids"][0, -4:].tolist()
-    started = st.reasoning and st.processor.decode(ids, skip_special_tokens=False).rstrip().endswith("<think>")
-    return tools.ChatOutput(reasoning=st.reasoning, started=started,
+    return st.reasoning and st.think_close is not None and \
+        st.processor.decode(ids, skip_special_tokens=False).rstrip().endswith("<think>")
+
+
+def _chat_output(st: _State, req, thinking: bool) -> tools.ChatOutput:
+    """A choice's ChatOutput: reasoning split for Thinking templates (started: the prompt opened
+    <think>), tool calls parsed when tools were given."""
+    return tools.ChatOutput(reasoning=st.reasoning, started=thinking,
                             tools=bool(req.tools) and req.tool_choice != "none")
 
 
@@ -407,9 +422,10 @@ async def _serve(st: _State, request: Request, req, chat: bool):
         inputs = await asyncio.to_thread(_chat_inputs if chat else _completion_inputs, st, req)
         n_prompt = [int(x["input_ids"].shape[1]) for x in inputs]
         handles, stop_strings, stop_ids = [], (), set()
+        thinking = chat and _thinking(st, inputs)
         try:
             for inp, n in zip(inputs, n_prompt):
-                sp, max_tokens, stop_strings, stop_ids = _sampling(st, req, n)
+                sp, max_tokens, stop_strings, stop_ids = _sampling(st, req, n, thinking)
                 for j in range(req.n):
                     sp_j = sp if sp.seed is None or j == 0 else dataclasses.replace(sp, seed=(sp.seed + j) % 2**64)
                     h = st.engine.submit(inp, max_new_tokens=max_tokens, sampling_params=sp_j)
@@ -426,7 +442,7 @@ async def _serve(st: _State, request: Request, req, chat: bool):
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
         run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, want_logprobs=sp.logprobs is not None)
-        outs = [_chat_output(st, req, inputs) for _ in run.choices] if chat else None
+        outs = [_chat_output(st, req, thinking) for _ in run.choices] if chat else None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:

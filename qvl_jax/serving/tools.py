@@ -187,15 +187,18 @@ def function_schema(tool: dict) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def call_grammar(tools: list[dict], open_id: int, close_id: int, parallel: bool = True) -> str:
+def call_grammar(tools: list[dict], open_id: int, close_id: int, parallel: bool = True,
+                 think_close: int | None = None) -> str:
     """A Lark grammar (llguidance's dialect) for one or more (parallel) call blocks of these tools,
     each `<tool_call>\\n{json}\\n</tool_call>` with the arguments valid against the function's
     parameters. open_id / close_id: the token ids of <tool_call> / </tool_call> (added tokens, which
-    llguidance matches by id)."""
+    llguidance matches by id). think_close: the calls follow a Thinking model's reasoning, closed by
+    this token (`</think>`) and newlines."""
     schema = function_schema(tools[0]) if len(tools) == 1 else {"anyOf": [function_schema(t) for t in tools]}
     schema["x-guidance"] = JSON_OPTIONS
     rep = ' ("\\n" call)*' if parallel else ""
-    return (f"start: call{rep}\ncall: <[{open_id}]> \"\\n\" body \"\\n\" <[{close_id}]>\n"
+    head = "start: calls\n" if think_close is None else f'start: /(?s:.*)/ <[{think_close}]> "\\n"* calls\n'
+    return (f"{head}calls: call{rep}\ncall: <[{open_id}]> \"\\n\" body \"\\n\" <[{close_id}]>\n"
             f"body: %json {json.dumps(schema)}\n")
 
 
