@@ -198,8 +198,7 @@ def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI
 
 
 def _warm_up(st: _State) -> None:
-    """Compiles the common paths (a text prompt, an image prompt, a constrained one) before /health
-    says ready."""
+    """Compiles the common paths (a text prompt, an image prompt) before /health says ready."""
     try:
         img = np.full((64, 64, 3), 128, np.uint8)
         for content in ("warm up", [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]):
@@ -207,9 +206,6 @@ def _warm_up(st: _State) -> None:
                                                    tokenize=True, return_dict=True)
             st.engine.submit({k: inp[k] for k in _MODEL_INPUTS if k in inp}, max_new_tokens=2,
                              stop_token_ids=[]).result()
-        # A constrained request: the one-step decode with the mask, and llguidance's tokenizer.
-        st.engine.submit({k: inp[k] for k in _MODEL_INPUTS if k in inp}, max_new_tokens=2,
-                         structured={"regex": "[a-z]+"}).result()
     except QvlError as e:
         log.warning("warm-up failed: %s", e)
     st.ready = True
