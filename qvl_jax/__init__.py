@@ -15,6 +15,7 @@ _LAZY = {
     "Trainer": "qvl_jax.training.trainer",
     "LoraConfig": "qvl_jax.training.lora",
     "SamplingParams": "qvl_jax.engine.sampling",
+    "StructuredOutputs": "qvl_jax.engine.structured",
 }
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "Qwen3VLConfig",
     "ResourceError",
     "SamplingParams",
+    "StructuredOutputs",
     "TextConfig",
     "Trainer",
     "VisionConfig",

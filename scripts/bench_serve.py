@@ -95,9 +95,17 @@ def _pct(xs, q):
     return round(float(np.percentile(xs, q)) * 1000, 2) if xs else None
 
 
+# --json-schema: every request's answer constrained to this schema (long answers: a random model
+# rarely closes the array, so most run to max_tokens; each line reports short_requests).
+BENCH_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+                "required": ["notes"]}
+
+
 def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurrency: int,
-              exact_tokens: bool = False) -> dict:
-    """exact_tokens: send transformers serve's generation_config field asking for max_tokens exactly."""
+              exact_tokens: bool = False, json_schema: bool = False) -> dict:
+    """exact_tokens: send transformers serve's generation_config field asking for max_tokens exactly.
+    json_schema: constrain every answer by BENCH_SCHEMA (response_format; no ignore_eos: the grammar
+    ends the answer with an end token)."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
@@ -117,6 +125,9 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
             extra = {"generation_config": json.dumps({"max_new_tokens": job["max_tokens"], "do_sample": False,
                                                       "min_new_tokens": job["max_tokens"]})} if exact_tokens \
                 else {"ignore_eos": True}
+            if json_schema:
+                extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "notes",
+                                                                                     "schema": BENCH_SCHEMA}}}
             try:
                 stream = client.chat.completions.create(model=model, messages=job["messages"], temperature=0,
                                                         max_tokens=job["max_tokens"], stream=True,
@@ -416,6 +427,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json-schema", action="store_true",
+                    help="ours: constrain every request by a JSON schema (response_format), to measure the mask's cost")
     ap.add_argument("--image-every", type=int, default=3, help="an image in every k-th request (0: none)")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -445,11 +458,12 @@ def main() -> int:
             # level then gets its own prompts, so only the shared system prompt is in the prefix cache.
             for c in levels if args.warmup else ():
                 run_level(url, served, args.api_key, workload(args.warmup, args.seed + 1000 + c, args.image_every,
-                                                              args.max_tokens), c)
+                                                              args.max_tokens), c, json_schema=args.json_schema)
             for c in levels:
                 jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
                 before = engine_counters(url) if name == "qvl_jax" else None
-                line = {"server": name, **run_level(url, served, args.api_key, jobs, c)}
+                line = {"server": name, **run_level(url, served, args.api_key, jobs, c, json_schema=args.json_schema),
+                        **({"json_schema": True} if args.json_schema else {})}
                 if before:
                     line.update(engine_split(before, engine_counters(url)))
                 if name == "qvl_jax" and procs:

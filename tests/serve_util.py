@@ -18,7 +18,7 @@ def free_port() -> int:
 class Running:
     """`app` served by uvicorn in a daemon thread; `base` is its URL once /health answers 200."""
 
-    def __init__(self, app, timeout_s: float = 60.0):
+    def __init__(self, app, timeout_s: float = 180.0):
         import uvicorn
 
         port = free_port()

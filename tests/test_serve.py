@@ -39,12 +39,13 @@ def _rss() -> int:
 
 
 class Server:
-    def __init__(self, model, proc, tmp_path, **cfg):
+    def __init__(self, model, proc, tmp_path, max_model_len=256, **cfg):
         from qvl_jax.serving.app import ServerConfig, create_app
         from qvl_jax.serving.media import MediaPolicy
 
         self.model, self.proc = model, proc
-        self.engine = model.engine(max_num_seqs=8, max_model_len=256, decode_steps=4, max_num_batched_tokens=256)
+        self.engine = model.engine(max_num_seqs=8, max_model_len=max_model_len, decode_steps=4,
+                                   max_num_batched_tokens=256)
         cfg.setdefault("warm_up", "requests")  # the full warm-up: tests/test_engine_warmup.py
         self.config = ServerConfig(served_model_name=NAME, api_key=KEY, max_body_bytes=4 << 20, max_pending=24,
                                    media=MediaPolicy(allowed_local_path=os.path.realpath(tmp_path),
@@ -364,7 +365,10 @@ def test_refusals(srv, tmp_path):
     _error(_post(srv, "/v1/chat/completions", {**ok, "messages": []}), 400)
     _error(_post(srv, "/v1/chat/completions", {**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     _error(_post(srv, "/v1/chat/completions", {**ok, "top_p": 0}), 400)
-    assert _error(_post(srv, "/v1/chat/completions", {**ok, "tools": [{"type": "function"}]}), 400)["param"] == "tools"
+    assert _error(_post(srv, "/v1/chat/completions", {**ok, "tools": [{"type": "function"}]}), 400)["param"] == \
+        "tools.0.function"
+    assert _error(_post(srv, "/v1/completions", {"model": NAME, "prompt": "hi", "tools": [{"type": "function"}]}),
+                  400)["param"] == "tools"
     assert _error(_post(srv, "/v1/chat/completions", {**ok, "max_tokens": 10_000}), 400)["code"] == "context_length_exceeded"
     long = {**ok, "messages": [{"role": "user", "content": "word " * 400}]}
     assert _error(_post(srv, "/v1/chat/completions", long), 400)["code"] == "context_length_exceeded"

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from qvl_jax.engine import sampling, steps
+from qvl_jax.engine import sampling, steps, structured
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 
 
@@ -35,7 +35,8 @@ def stop_width(n: int) -> int:
 
 def rows(reqs: list, s: int, limits=None) -> steps.Rows:
     """The steps' per-row arrays of requests (`EngineRequest`s) in s rows; limits: how far each
-    may grow in a decode loop (padding rows: 0)."""
+    may grow in a decode loop (padding rows: 0). With a constrained request (structured outputs)
+    among them, `allow` holds each one's mask of the allowed next tokens (all ones elsewhere)."""
     n = len(reqs)
 
     def col(values, dtype, fill=0):
@@ -48,6 +49,9 @@ def rows(reqs: list, s: int, limits=None) -> steps.Rows:
     for i, r in enumerate(reqs):
         stop[i, :len(r.stop)] = r.stop
         keys[i] = r.key
+    allow = None
+    if any(r.matcher is not None for r in reqs):
+        allow = structured.masks([r.matcher for r in reqs], s, next(r.matcher for r in reqs if r.matcher is not None).vocab)
     neutral = sampling.SamplingParams().rows(1)
     sp = sampling.SamplingArrays(*(col([r.sp[f] for r in reqs], a.dtype, a[0]) for f, a in enumerate(neutral)))
     return steps.Rows(slot=col([r.slot for r in reqs], np.int32), seq_len=col([r.num_computed for r in reqs], np.int32),
@@ -55,7 +59,7 @@ def rows(reqs: list, s: int, limits=None) -> steps.Rows:
                       n_out=col([len(r.outputs) for r in reqs], np.int32),
                       max_new=col([r.max_new for r in reqs], np.int32),
                       limit=np.zeros(s, np.int32) if limits is None else col(limits, np.int32), keys=keys,
-                      stop_ids=stop, sampling=sp)
+                      stop_ids=stop, sampling=sp, allow=allow)
 
 
 def tables(reqs: list, s: int, slot_tables: np.ndarray) -> np.ndarray:

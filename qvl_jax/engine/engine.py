@@ -297,7 +297,8 @@ class Engine:
         return EngineRequest(handle=handle, layout=layout, max_new=max_new, flags=ctl.flags,
                              sp=tuple(a[0] for a in ctl.sampling.rows(1)),
                              key=steps.row_keys(ctl.sampling.seed, 1)[0], stop=ctl.stop_ids,
-                             submitted=time.perf_counter(), n_top=ctl.sampling.logprobs, output=output)
+                             submitted=time.perf_counter(), n_top=ctl.sampling.logprobs, output=output,
+                             matcher=None if ctl.grammar is None else ctl.grammar.matcher())
 
     def _tokens(self) -> TokenTable:
         """The token bytes stop strings are matched on (the processor read once, on first need)."""
@@ -538,6 +539,12 @@ class Engine:
             req.output.add(toks)
             toks = toks[:req.output.n_tokens - before]
             lps = None if lps is None else lps[:len(toks)]
+        if req.matcher is not None:  # structured outputs: the grammar state follows the answer
+            try:
+                req.matcher.consume(toks)
+            except QvlError as e:
+                self._retire(req, error=e)
+                return
         req.outputs += toks
         new = []
         if req.n_top is not None:
@@ -580,7 +587,9 @@ class Engine:
 
     def _decode(self, dec: list[EngineRequest], limits: list[int]) -> None:
         """One decode loop over the requests dec, request i growing to at most limits[i] tokens."""
-        k = self.decode_steps
+        flags = batch.flags(dec)
+        # A constrained request's next mask needs the token just chosen: such a batch runs one step.
+        k = 1 if flags.constrained else self.decode_steps
         # Only the decoding requests run, padded to a power of two rows (each size compiles once):
         # one request alone costs one row, not max_num_seqs.
         s, bs = batch.padded_rows(len(dec), self.max_num_seqs), self.block_size
@@ -591,7 +600,6 @@ class Engine:
             return
         table = batch.tables(dec, s, self.scheduler.table)
         last_tok = batch.last_tokens(dec, s)
-        flags = batch.flags(dec)
         cache = self._cache(table, int(limit.max()), self._window_buffers(s))
         cache, self._seen, self._counts, out = steps.decode(
             *self.model.split, flags, self.max_blocks_per_seq * bs, k, False, cache, self._seen, self._counts, last_tok,

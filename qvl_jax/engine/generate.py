@@ -24,7 +24,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.engine import cache as kv_cache, sampling, steps
+from qvl_jax.engine import cache as kv_cache
+from qvl_jax.engine import sampling, steps, structured
 from qvl_jax.engine.sampling import SamplingParams
 from qvl_jax.errors import InputError, NumericalError, ResourceError, device_free_bytes, device_memory_errors
 from qvl_jax.modeling.inputs import bucket_length, compact_left, prepare_inputs
@@ -71,6 +72,7 @@ class Controls:
     stop_ids: np.ndarray  # [n] int32, -1 = unused slot (at least 8: the compiled loop does not depend on how many)
     pad_id: int
     max_new: int
+    grammar: structured.Grammar | None = None  # sampling.structured, compiled for the model's tokenizer
 
 
 def check_max_new(max_new_tokens) -> int:
@@ -111,11 +113,18 @@ def controls(model, batch: int, max_new_tokens, kw: dict, return_logprobs: bool 
             pad = int(stop[0]) if stop[0] >= 0 else 0
     if not 0 <= sampling.token_id("pad_token_id", pad) < vocab:
         raise InputError(f"pad_token_id must lie in [0, {vocab}), got {pad}")
-    return Controls(sp, sp.flags, stop, int(pad), max_new)
+    grammar = None
+    if sp.structured is not None:
+        if model.path is None:
+            raise InputError("structured outputs need the model's tokenizer: load the model from a directory")
+        grammar = structured.for_request(structured.tokenizer_json(model.path), vocab, sp.structured, stop)
+    return Controls(sp, sp.flags, stop, int(pad), max_new, grammar)
 
 
-def rows_for(ctl: Controls, batch: int, *, seq_len, lo, delta, limit, slot=None, n_out=None) -> steps.Rows:
-    """The steps' per-row arrays for `batch` rows of one call's settings."""
+def rows_for(ctl: Controls, batch: int, *, seq_len, lo, delta, limit, slot=None, n_out=None,
+             allow=None) -> steps.Rows:
+    """The steps' per-row arrays for `batch` rows of one call's settings (allow: the packed masks of
+    constrained rows)."""
     zeros = np.zeros(batch, np.int32)
     keys = steps.row_keys(ctl.sampling.seed, batch)
     return steps.Rows(
@@ -125,7 +134,7 @@ def rows_for(ctl: Controls, batch: int, *, seq_len, lo, delta, limit, slot=None,
         n_out=zeros if n_out is None else n_out, max_new=np.full(batch, ctl.max_new, np.int32),
         limit=np.broadcast_to(np.asarray(limit, np.int32), (batch,)), keys=keys,
         stop_ids=np.broadcast_to(ctl.stop_ids, (batch, len(ctl.stop_ids))),
-        sampling=sampling.SamplingArrays(*ctl.sampling.rows(batch)))
+        sampling=sampling.SamplingArrays(*ctl.sampling.rows(batch)), allow=allow)
 
 
 class Generator:
@@ -199,7 +208,10 @@ class Generator:
         window = min(cache.max_len, bucket_length(offset + t, MIN_READ))
         # A fresh cache starts each row at its first real token (left padding); a continued one at 0.
         lo = np.argmax(req.valid, axis=1).astype(np.int32) if offset == 0 else np.zeros(b, np.int32)
-        rows = rows_for(ctl, b, seq_len=offset, lo=lo, delta=req.delta, limit=window)
+        # Structured outputs: each row's grammar state on the host, its first mask into the prefill.
+        matchers = None if ctl.grammar is None else [ctl.grammar.matcher() for _ in range(b)]
+        allow = None if matchers is None else structured.masks(matchers, b, self.model.config.text.vocab_size)
+        rows = rows_for(ctl, b, seq_len=offset, lo=lo, delta=req.delta, limit=window, allow=allow)
         vision = None
         if req.vision is not None:
             feats, deepstack = vision_tower(*self.model.split, req.vision)
@@ -210,15 +222,16 @@ class Generator:
         cache, seen, counts, out, rows = steps.prefill(
             *self.model.split, ctl.flags, window, want_logits, cache, seen, counts, req.ids, req.positions, req.valid,
             np.full(b, offset, np.int32), req.last_idx, vision, rows, np.ones(b, bool), mesh=self.mesh)
-        return _Run(self, ctl, want_logits, cache, seen, counts, rows, out)
+        return _Run(self, ctl, want_logits, cache, seen, counts, rows, out, matchers)
 
 
 class _Run:
     """A static batch being decoded: the device state between loop calls and the tokens so far."""
 
     def __init__(self, gen: Generator, ctl: Controls, want_logits: bool, cache, seen, counts, rows: steps.Rows,
-                 first: steps.Tokens):
+                 first: steps.Tokens, matchers: list | None = None):
         self.gen, self.ctl, self.want_logits = gen, ctl, want_logits
+        self.matchers = matchers  # structured outputs: one grammar state per row (host)
         self.cache, self.seen, self.counts = cache, seen, counts
         self.rows = rows
         self.last = first
@@ -226,16 +239,26 @@ class _Run:
         self._limits: dict[int, jax.Array] = {}  # window -> [b] limit on the device
 
     def step(self, n_steps: int) -> steps.Tokens | None:
-        """One decode loop of up to n_steps steps (None when every row is finished)."""
+        """One decode loop of up to n_steps steps (None when every row is finished). Constrained
+        rows run one step a call: the next mask needs the token just chosen."""
         last = self.last
-        seq_len, active, n_out = sharding.to_host((last.seq_len, last.active, last.n_out))
+        seq_len, active, n_out, toks = sharding.to_host((last.seq_len, last.active, last.n_out, last.tokens))
+        rows = self.rows
+        if self.matchers is not None:
+            for i, m in enumerate(self.matchers):
+                m.consume(toks[i][toks[i] >= 0])
+            if not active.any() or int(n_out.max()) >= self.ctl.max_new:
+                return None
+            allow = structured.masks([m if a else None for m, a in zip(self.matchers, active)], len(active),
+                                     self.gen.model.config.text.vocab_size)
+            rows, n_steps = rows._replace(allow=allow), 1
         if not active.any() or int(n_out.max()) >= self.ctl.max_new:
             return None
         window = min(self.cache.max_len, bucket_length(int(seq_len.max()) + 1, MIN_READ))
         if window not in self._limits:
             self._limits[window] = jax.device_put(np.full(len(seq_len), window, np.int32), self.gen._where)
         # The loop's own outputs go back in as they are (no copy through the host).
-        rows = self.rows._replace(seq_len=last.seq_len, n_out=last.n_out, limit=self._limits[window])
+        rows = rows._replace(seq_len=last.seq_len, n_out=last.n_out, limit=self._limits[window])
         self.cache, self.seen, self.counts, out = steps.decode(
             *self.gen.model.split, self.ctl.flags, window, n_steps, self.want_logits, self.cache, self.seen,
             self.counts, last.last_tok, last.active, rows, mesh=self.gen.mesh)

@@ -160,6 +160,7 @@ class EngineRequest:
     first_token: float | None = None
     features: tuple | None = None  # (feats, deepstack, items) for the prefill's uncached media
     output: OutputStream | None = None  # its text, when it has stop strings to match
+    matcher: object = None  # structured outputs: the grammar state (`structured.Matcher`), advanced per token
 
     @property
     def prompt(self) -> np.ndarray:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qvl_jax.engine.output import check_stop
+from qvl_jax.engine.structured import StructuredOutputs
 from qvl_jax.errors import InputError
 
 NEG_INF = -jnp.inf
@@ -47,6 +48,7 @@ class SamplingFlags:
     frequency_presence: bool = False
     logprobs: bool = False  # the chosen token's log-probability (a log-softmax over the vocabulary each step)
     top_logprobs: bool = False  # and the MAX_TOP_LOGPROBS most likely tokens with theirs
+    constrained: bool = False  # some row's tokens are masked (`Rows.allow`, `allowed`): structured outputs
 
     @property
     def penalties(self) -> bool:
@@ -131,7 +133,9 @@ class SamplingParams:
     stop_token_ids: None for the model's EOS ids; ignore_eos: stop only at stop_token_ids / stop
     (vLLM's). stop: strings that end the answer (matched on the text; the engine's output
     processor). logprobs: None, or k in [0, 20]: report each new token's log-probability and the k
-    most likely tokens with theirs."""
+    most likely tokens with theirs. structured: None, or a `StructuredOutputs` (or a dict of its
+    fields: json, json_object, regex, choice, grammar) that the answer must follow (the same for
+    every row of a batch)."""
 
     temperature: float | tuple = 0.0
     top_k: int | tuple = 0
@@ -145,6 +149,7 @@ class SamplingParams:
     stop: tuple = ()
     logprobs: int | None = None
     ignore_eos: bool = False
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self):
         put = functools.partial(object.__setattr__, self)
@@ -175,6 +180,8 @@ class SamplingParams:
                              f"token), got {n!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.structured is not None:
+            put("structured", StructuredOutputs.of(self.structured))
 
     @classmethod
     def from_kwargs(cls, kw: dict) -> "SamplingParams":
@@ -198,7 +205,8 @@ class SamplingParams:
             repetition=bool((np.asarray(self.repetition_penalty) != 1).any()),
             frequency_presence=bool((np.asarray(self.frequency_penalty) != 0).any()
                                     or (np.asarray(self.presence_penalty) != 0).any()),
-            logprobs=self.logprobs is not None, top_logprobs=bool(self.logprobs))
+            logprobs=self.logprobs is not None, top_logprobs=bool(self.logprobs),
+            constrained=self.structured is not None)
 
     def rows(self, batch: int) -> tuple[np.ndarray, ...]:
         """The numeric fields as [batch] numpy arrays, in SamplingArrays order (InputError when a
@@ -233,6 +241,16 @@ def apply_penalties(logits: jax.Array, sp: SamplingArrays, flags: SamplingFlags,
         c = counts.astype(jnp.float32)
         logits = logits - sp.frequency_penalty[:, None] * c - sp.presence_penalty[:, None] * (c > 0)
     return logits
+
+
+def allowed(logits: jax.Array, allow: jax.Array) -> jax.Array:
+    """logits [b, vocab] with the tokens a packed mask allow [b, ceil(vocab / 32)] (int32, bit i % 32
+    of word i // 32 for token i) refuses set to float32's lowest value: finite, so the non-finite
+    check keeps its meaning, and never chosen while any token is allowed (its exp is 0)."""
+    b, vocab = logits.shape
+    bits = (allow[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    ok = bits.reshape(b, -1)[:, :vocab] != 0
+    return jnp.where(ok, logits, jnp.finfo(jnp.float32).min)
 
 
 def warp(logits: jax.Array, sp: SamplingArrays, flags: SamplingFlags) -> jax.Array:

@@ -48,6 +48,8 @@ class Rows(NamedTuple):
     keys: jax.Array  # [r, 2] uint32: PRNG key data
     stop_ids: jax.Array  # [r, n] int32, -1 = unused
     sampling: SamplingArrays
+    allow: jax.Array | None = None  # [r, ceil(vocab / 32)] int32 packed mask of the allowed next tokens
+    # (structured outputs, `flags.constrained`; all ones for an unconstrained row), else None
 
 
 class Tokens(NamedTuple):
@@ -174,17 +176,21 @@ def choose(m, flags: SamplingFlags, logits: jax.Array, rows: Rows, n_out: jax.Ar
 
     Greedy rows take the first maximum after the penalties; sampling rows draw each as a batch of
     one with fold_in(its key, n_out), the draw `model.generate` makes for that row alone. A row whose
-    logits are not finite is reported (finite False), never sampled from. Log-probabilities are the
-    model's log-softmax before penalties, temperature and truncation."""
+    logits are not finite is reported (finite False), never sampled from. Under flags.constrained a
+    row chooses among the tokens its rows.allow mask allows. Log-probabilities are the model's
+    log-softmax before the mask, penalties, temperature and truncation."""
     sp = rows.sampling
+    raw = logits
+    if flags.constrained:  # refused tokens get float32's lowest value (finite): see `sampling.allowed`
+        logits = sampling.allowed(logits, rows.allow)
     seen_rows = seen[rows.slot] if flags.repetition else None
     count_rows = counts[rows.slot] if flags.frequency_presence else None
     x_next = lp = top = None
-    if mesh is not None and not flags.sample:
+    if mesh is not None and not flags.sample and not flags.constrained:
         table = m.model.language_model.embed_tokens.weight[...] if carry_embed else None
         tok, lp, finite, x_next = _greedy_by_blocks(logits, table, sp, flags, seen_rows, count_rows, mesh)
     else:
-        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        finite = jnp.all(jnp.isfinite(raw), axis=-1)
         clean = jnp.where(finite[:, None], logits, 0.0)
         if flags.sample:
             plain = dataclasses.replace(flags, logprobs=False, top_logprobs=False)
@@ -200,7 +206,7 @@ def choose(m, flags: SamplingFlags, logits: jax.Array, rows: Rows, n_out: jax.Ar
         else:
             tok = sampling.first_argmax(sampling.apply_penalties(clean, sp, flags, seen_rows, count_rows))
     if flags.logprobs and (lp is None or flags.top_logprobs):
-        lsm = jax.nn.log_softmax(logits, axis=-1)
+        lsm = jax.nn.log_softmax(raw, axis=-1)
         lp = jnp.take_along_axis(lsm, tok[:, None], axis=-1)[:, 0]
         if flags.top_logprobs:
             top_lp, top_ids = jax.lax.top_k(lsm, min(MAX_TOP_LOGPROBS, lsm.shape[-1]))
@@ -336,7 +342,9 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
     last_tok[i] at rows.seq_len[i] first. active [r]: the rows that may go on (the others are idle).
     A row runs while it is not done and below rows.limit; one that reached its limit comes back
     active (the caller continues it with more room). window: the cache indices attention reads
-    (static). Returns (cache, seen, counts, Tokens [r, n_steps])."""
+    (static). rows.allow (flags.constrained) holds for the first step only: the host computes the
+    next mask from the token chosen, so a batch with constrained rows runs n_steps=1. Returns
+    (cache, seen, counts, Tokens [r, n_steps])."""
     m = structure.merge(leaves)
     r = last_tok.shape[0]
     carry = _carry_embed(m, flags, mesh, r)

@@ -28,11 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
 from qvl_jax.engine.sampling import SamplingParams
+from qvl_jax.engine.structured import StructuredOutputs
 from qvl_jax.errors import InputError, QvlError
-from qvl_jax.serving import media, media_budget
+from qvl_jax.serving import media, media_budget, tools
 from qvl_jax.serving.metrics import Metrics
 from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, chat_logprobs,
-                                      completion_logprobs, error_body, sse, unsupported)
+                                      completion_logprobs, error_body, sse, structure, unsupported)
 from qvl_jax.serving.runs import Run
 
 log = logging.getLogger("qvl_jax.serve")
@@ -71,6 +72,10 @@ class _State:
         self.vocab = engine.cfg.text.vocab_size
         self.created = int(time.time())
         self.table = TokenTable.of(processor)
+        # Thinking checkpoints: their template handles <think>; answers are split into reasoning and content.
+        self.reasoning = "</think>" in processor.chat_template
+        self.tool_ids = tuple(processor.tokenizer.token_to_id(t) for t in (tools.OPEN, tools.CLOSE))
+        self.think_close = processor.tokenizer.token_to_id("</think>")
         # The most characters one token stands for (byte-level entries: at least one byte a character).
         self.token_chars = max(1, max(map(len, processor.tokenizer.get_vocab(with_added_tokens=True))))
 
@@ -284,12 +289,27 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                     frames, fps = media.load_video(_media_url(p.video_url), policy)
                     budget.video(frames, fps)
                     content.append({"type": "video", "video": frames, **({"video_fps": fps} if fps else {})})
-        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                  "arguments": c.function.arguments}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            msg["reasoning_content"] = m.reasoning_content
+        msgs.append(msg)
+    kw = dict(req.chat_template_kwargs or {})
+    taken = sorted(set(kw) & {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                              "tokenize", "return_dict", "chat_template", "literal_content"})
+    if taken:
+        raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
+    if req.tools and req.tool_choice != "none":  # "none": the model is not told of the tools
+        kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
         inp = st.processor.apply_chat_template(
             msgs, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message, tokenize=True, return_dict=True,
-            literal_content=not st.cfg.special_tokens_in_messages, **settings)
+            literal_content=not st.cfg.special_tokens_in_messages, **kw, **settings)
     except InputError as e:
         raise ApiError(400, str(e)) from None
     return [{k: inp[k] for k in _MODEL_INPUTS if k in inp}]
@@ -315,9 +335,11 @@ def _completion_inputs(st: _State, req: CompletionRequest) -> list[dict]:
     return out
 
 
-def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tuple[str, ...], set[int]]:
+def _sampling(st: _State, req, n_prompt: int, thinking: bool = False) -> tuple[SamplingParams, int, tuple[str, ...],
+                                                                             set[int]]:
     """The request's SamplingParams (checked once, here: a bad value is a 400 naming it), its token
-    budget, stop strings and stop ids."""
+    budget, stop strings and stop ids. thinking: the answer starts inside a reasoning part, which a
+    constraint leaves free (it applies after `</think>`)."""
     name = unsupported(req)
     if name is not None:
         raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -361,11 +383,41 @@ def _sampling(st: _State, req, n_prompt: int) -> tuple[SamplingParams, int, tupl
             kw["logprobs"] = req.top_logprobs or 0
     elif req.logprobs is not None:
         kw["logprobs"] = req.logprobs
+    so = structure(req)
+    if isinstance(req, ChatCompletionRequest):
+        forced = tools.forced(req.tool_choice, [t.model_dump(exclude_none=True) for t in req.tools or []])
+        if forced:
+            if so is not None:
+                raise ApiError(400, "tool_choice required or a named function cannot go with response_format or "
+                                    "structured_outputs", param="tool_choice")
+            so = {"grammar": tools.call_grammar(forced, *st.tool_ids, parallel=req.parallel_tool_calls,
+                                                think_close=st.think_close if thinking else None)}
+        elif so is not None and thinking:
+            try:
+                so = StructuredOutputs.of(so).after_reasoning(st.think_close)
+            except InputError as e:
+                raise ApiError(400, str(e), param="structured_outputs") from None
+    if so is not None:
+        kw["structured"] = so
     try:
         sp = SamplingParams(**kw)
     except InputError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, str(e), param="structured_outputs" if "structured" in str(e) else None) from None
     return sp, max_tokens, stop_strings, stop_ids
+
+
+def _thinking(st: _State, inputs: list[dict]) -> bool:
+    """Whether a chat prompt ends in an open <think> (a Thinking template's generation prompt)."""
+    ids = inputs[0]["input_ids"][0, -4:].tolist()
+    return st.reasoning and st.think_close is not None and \
+        st.processor.decode(ids, skip_special_tokens=False).rstrip().endswith("<think>")
+
+
+def _chat_output(st: _State, req, thinking: bool) -> tools.ChatOutput:
+    """A choice's ChatOutput: reasoning split for Thinking templates (started: the prompt opened
+    <think>), tool calls parsed when tools were given."""
+    return tools.ChatOutput(reasoning=st.reasoning, started=thinking,
+                            tools=bool(req.tools) and req.tool_choice != "none")
 
 
 async def _serve(st: _State, request: Request, req, chat: bool):
@@ -403,9 +455,10 @@ async def _serve(st: _State, request: Request, req, chat: bool):
         inputs = await asyncio.to_thread(_chat_inputs if chat else _completion_inputs, st, req)
         n_prompt = [int(x["input_ids"].shape[1]) for x in inputs]
         handles, stop_strings, stop_ids = [], (), set()
+        thinking = chat and _thinking(st, inputs)
         try:
             for inp, n in zip(inputs, n_prompt):
-                sp, max_tokens, stop_strings, stop_ids = _sampling(st, req, n)
+                sp, max_tokens, stop_strings, stop_ids = _sampling(st, req, n, thinking)
                 for j in range(req.n):
                     sp_j = sp if sp.seed is None or j == 0 else dataclasses.replace(sp, seed=(sp.seed + j) % 2**64)
                     h = st.engine.submit(inp, max_new_tokens=max_tokens, sampling_params=sp_j)
@@ -422,14 +475,15 @@ async def _serve(st: _State, request: Request, req, chat: bool):
             raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
         run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, want_logprobs=sp.logprobs is not None)
+        outs = [_chat_output(st, req, thinking) for _ in run.choices] if chat else None
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": cfg.served_model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            gen = _stream(st, run, meta, chat, n_prompt, req.n, include_usage, release)
+            gen = _stream(st, run, meta, chat, n_prompt, req.n, include_usage, release, outs)
             handed_off = True  # the stream releases its admission when it ends
             return _SSEResponse(gen, run)
-        return await _complete(st, request, run, meta, chat, n_prompt, req.n)
+        return await _complete(st, request, run, meta, chat, n_prompt, req.n, outs)
     finally:
         if not handed_off:
             release()
@@ -474,7 +528,12 @@ async def _watch(request: Request, run: Run) -> None:
             return
 
 
-async def _complete(st, request, run: Run, meta, chat, n_prompt, per):
+def _finish_reason(c, out) -> str | None:
+    """A chat choice's finish reason: tool_calls when it ended (not cut) after calls."""
+    return "tool_calls" if out is not None and out.calls and c.finish == "stop" else c.finish
+
+
+async def _complete(st, request, run: Run, meta, chat, n_prompt, per, outs=None):
     watcher = asyncio.create_task(_watch(request, run))
     try:
         async for _ in run.events():
@@ -488,9 +547,12 @@ async def _complete(st, request, run: Run, meta, chat, n_prompt, per):
         raise err
     want_lp, token_bytes = run.want_logprobs, st.processor.token_bytes
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.out.text}, "finish_reason": c.finish,
+        for c, o in zip(run.choices, outs):
+            o.feed(c.out.text)
+            o.finish()
+        choices = [{"index": i, "message": o.message(), "finish_reason": _finish_reason(c, o),
                     "logprobs": chat_logprobs(token_bytes, c.logprobs) if want_lp else None}
-                   for i, c in enumerate(run.choices)]
+                   for i, (c, o) in enumerate(zip(run.choices, outs))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
     choices = [{"index": i, "text": c.out.text, "finish_reason": c.finish,
                 "logprobs": completion_logprobs(token_bytes, c.logprobs, 0) if want_lp else None}
@@ -522,13 +584,13 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, release):
+async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, release, outs=None):
     obj = "chat.completion.chunk" if chat else "text_completion"
     extra = {"usage": None} if include_usage else {}
 
     offsets = [0] * len(run.choices)  # text offset of each choice's next token (completions logprobs)
 
-    def chunk(i, delta, finish, first=False, lps=()):
+    def chunk(i, delta, finish, first=False, lps=(), d=None):
         lp = None
         if run.want_logprobs and not first:
             if chat:
@@ -537,7 +599,8 @@ async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, releas
                 lp = completion_logprobs(st.processor.token_bytes, lps, offsets[i])
                 offsets[i] += sum(map(len, lp["tokens"]))
         if chat:
-            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+            if d is None:
+                d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
             choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": lp}
         else:
             choice = {"index": i, "text": delta, "finish_reason": finish, "logprobs": lp}
@@ -551,7 +614,14 @@ async def _stream(st, run: Run, meta, chat, n_prompt, per, include_usage, releas
         async for i, delta, finish, lps in run.events():
             if finish in ("error", "cancelled"):
                 continue
-            if delta or finish or lps:
+            if chat:  # reasoning, content and tool-call deltas, then the finish on its own
+                ds = outs[i].feed(delta) + (outs[i].finish() if finish else [])
+                for k, d in enumerate(ds):
+                    yield chunk(i, "", None, lps=lps if k == 0 else (), d=d)
+                if finish or (lps and not ds):
+                    yield chunk(i, "", _finish_reason(run.choices[i], outs[i]) if finish else None,
+                                lps=lps if not ds else (), d={})
+            elif delta or finish or lps:
                 yield chunk(i, delta, finish, lps=lps)
         usage = _finished(st, run, n_prompt, per)
         done = True

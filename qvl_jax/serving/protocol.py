@@ -3,7 +3,7 @@ tokens (logprobs objects, server-sent events).
 
 One rule for fields: a field this server does not know is ignored (as vLLM does, and so clients that
 send newer or vendor fields keep working); a field it knows but does not implement (tools,
-response_format other than text, logit_bias, ...) is refused with a 400 naming it, because
+logit_bias, ...) is refused with a 400 naming it, because
 ignoring it would silently change the answer.
 """
 
@@ -60,10 +60,36 @@ class VideoPart(_Model):
 Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends a JSON string
+
+
+class ToolCallIn(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls, in the history
+    tool_call_id: str | None = None  # a tool message's answer to a call
+    reasoning_content: str | None = None  # an assistant's reasoning, in the history (Thinking templates)
+
+
+class FunctionDef(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class StreamOptions(_Model):
@@ -92,6 +118,8 @@ class _Sampling(_Model):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     ignore_eos: bool = False  # vLLM extra: only stop / stop_token_ids end the answer (benchmarks)
+    response_format: Any = None  # OpenAI's: text, json_object, json_schema (`structure`)
+    structured_outputs: Any = None  # vLLM's: one of json, regex, choice, grammar, json_object (`structure`)
     # Known but not implemented: refused (see the module docstring).
     logit_bias: Any = None
     best_of: Any = None
@@ -101,7 +129,6 @@ class _Sampling(_Model):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -113,6 +140,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extra: template variables (enable_thinking, ...)
     continue_final_message: bool = False  # vLLM extra
     mm_processor_kwargs: dict[str, Any] | None = None  # vLLM extra: min_pixels, max_pixels, fps, num_frames
 
@@ -128,13 +159,43 @@ def unsupported(req: _Sampling) -> str | None:
             "suffix": (None, ""), "echo": (None, False), "tools": (None, []), "tool_choice": (None, "none"),
             "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]),
             "prediction": (None,)}
+    chat = isinstance(req, ChatCompletionRequest)
     for name, ok in noop.items():
+        if chat and name in ("tools", "tool_choice"):
+            continue
         if getattr(req, name) not in ok:
             return name
-    fmt = req.response_format
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        return "response_format"
     return None
+
+
+def structure(req: _Sampling) -> dict | None:
+    """The constraint a request asks for, as `qvl_jax.StructuredOutputs` fields (None: none), from
+    OpenAI's response_format or vLLM's structured_outputs (not both). An unknown type or kind is an
+    ApiError 400 naming it."""
+    fmt, so = req.response_format, req.structured_outputs
+    if fmt is not None and so is not None:
+        raise ApiError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise ApiError(400, "structured_outputs must be an object with one of json, regex, choice, grammar, "
+                                "json_object", param="structured_outputs")
+        return {k: v for k, v in so.items() if v is not None}
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        js = fmt.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a schema object",
+                           param="response_format")
+        # The schema is always enforced (strict or not): OpenAI's strict, for every request.
+        return {"json": js.get("schema", {})}
+    raise ApiError(400, f"response_format.type must be one of text, json_object, json_schema; got {kind!r}",
+                   param="response_format")
 
 
 # ---------------------------------------------------------------------------------------------------
