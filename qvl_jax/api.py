@@ -21,7 +21,8 @@ from qvl_jax.engine.engine import Engine
 from qvl_jax.errors import device_memory_errors
 from qvl_jax.hub import resolve_model
 from qvl_jax.modeling.inputs import PreparedInputs, bucket_length, prepare_inputs
-from qvl_jax.modeling.model import Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, vision_tower
+from qvl_jax.modeling.model import (Qwen3VLForConditionalGeneration, forward_logits, set_attention, set_moe_impl,
+                                   split, vision_tower)
 from qvl_jax.sharding import check_mesh
 from qvl_jax.training.lora import lora_modules, merge_lora
 from qvl_jax.training.peft import load_adapter_into
@@ -74,6 +75,14 @@ class Model:
         `qvl_jax.modeling.attention`) for every later call: generate, logits, engines made after."""
         module = self.module
         set_attention(module, kernel)
+        self.config = module.config
+        self.set_module_state(*nnx.split(module))
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Switches how a Mixture-of-Experts model computes its experts (one of
+        `qvl_jax.config.MOE_IMPLS`; see `qvl_jax.modeling.moe`) for every later call."""
+        module = self.module
+        set_moe_impl(module, impl)
         self.config = module.config
         self.set_module_state(*nnx.split(module))
 
@@ -158,7 +167,7 @@ class Model:
 
 
 def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool = False, adapter=None,
-         merge_adapter: bool = False, attention: str = "xla") -> Model:
+         merge_adapter: bool = False, attention: str = "xla", moe_impl: str = "auto") -> Model:
     """Loads a model as the CLI's --model names it: a converted qvl_jax directory, a Hugging Face
     checkpoint directory, "tiny-random" (the built-in random model) or a hub id such as
     Qwen/Qwen3-VL-2B-Instruct (downloaded first). A Hugging Face checkpoint is converted once into
@@ -176,6 +185,9 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     as a separate branch.
     attention: the attention kernel, one of "xla" (default), "cudnn", "pallas" (the engine's paged
     decode), "dot_product" (qvl_jax.modeling.attention says what each runs).
+    moe_impl: how a Mixture-of-Experts model computes its experts: "auto" (default: gathered
+    weights for a few tokens, grouped matmuls over tokens sorted by expert otherwise), "ragged",
+    "gather" or "dense" (qvl_jax.modeling.moe).
     verify: recompute the sha256 of the converted params file and of every file the manifest lists
     and compare them with the ones recorded at conversion (CheckpointError if one differs); without
     it only the params file's size is checked (and its header against the config, always).
@@ -190,6 +202,8 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     model.path = os.fspath(path)
     if attention != model.config.attention:
         model.set_attention(attention)
+    if moe_impl != model.config.text.moe_impl:
+        model.set_moe_impl(moe_impl)
     if adapter is not None:
         module = model.module
         load_adapter_into(module, adapter)
