@@ -119,6 +119,14 @@ class TextConfig:
         return (self.num_experts > 0 and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
+    @property
+    def idle_expert_params(self) -> int:
+        """Parameters a token does not use: the experts its router does not choose, in every sparse
+        layer (total minus this is the active parameter count)."""
+        sparse = sum(self.is_sparse(i) for i in range(self.num_hidden_layers))
+        per_expert = 3 * self.moe_intermediate_size * self.hidden_size
+        return sparse * (self.num_experts - self.num_experts_per_tok) * per_expert
+
     @classmethod
     def from_hf_dict(cls, d: dict, moe: bool = False) -> "TextConfig":
         where = "text_config"
