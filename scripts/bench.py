@@ -69,6 +69,8 @@ def hf_config_dict(size: str, layers: int | None) -> dict:
     text, vision, tied = copy.deepcopy(SIZES[size])
     if layers:
         text["num_hidden_layers"] = layers
+        # at most one DeepStack merger per decoder layer
+        vision["deepstack_visual_indexes"] = vision["deepstack_visual_indexes"][:layers]
         vision["depth"] = max(layers, max(vision["deepstack_visual_indexes"]) + 1)
     vocab = text["vocab_size"]
     ids = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN, "vision_start_token_id": VISION_START,

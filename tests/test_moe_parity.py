@@ -89,7 +89,7 @@ def test_right_padded_text_batch(hf_checkpoint, jax_model):
 
 @pytest.mark.parametrize("kind", ["text", "padded_batch"])
 def test_moe_greedy_matches_transformers(kind, hf_checkpoint, jax_model):
-    """Greedy tokens; decode steps of 1 and 3 rows take the gather path, prefill the ragged one."""
+    """Greedy tokens; decode steps of 1 and 3 rows take the gather path, prefill another one."""
     hf, _ = hf_checkpoint("moe")
     inp = _prompt(hf, kind, seed=3)
     ref, ref_logits = _hf_generate(hf, inp, n=N_NEW // 2)
@@ -110,7 +110,7 @@ def test_expert_impls_match_transformers(impl, hf_checkpoint, converted):
 
 
 def test_expert_block_matches_transformers_block(hf_checkpoint, jax_model):
-    """One sparse block on its own, many tokens (the ragged path) and one token (the gather path)."""
+    """One sparse block on its own, each computation, for many tokens and for one."""
     hf, _ = hf_checkpoint("moe")
     ours = jax_model("moe").module.model.language_model.layers[0].mlp
     theirs = hf.model.language_model.layers[0].mlp
@@ -118,7 +118,9 @@ def test_expert_block_matches_transformers_block(hf_checkpoint, jax_model):
         x = np.random.RandomState(n).randn(1, n, 64).astype(np.float32)
         with torch.no_grad():
             ref = theirs(torch.from_numpy(x)).numpy()
-        assert rel_err(ours(jnp.asarray(x)), ref) <= 1e-5
+        for impl in ("ragged", "gather", "dense"):
+            ours.impl = impl
+            assert rel_err(ours(jnp.asarray(x)), ref) <= 1e-5, impl
 
 
 def _no_renormalisation(self, x):

@@ -16,8 +16,10 @@ Three ways to compute the experts, none with a Python loop over experts (`MOE_IM
   chosen experts' weights: the decode path, for a handful of tokens.
 - "dense": every expert on every token, weighted by a [tokens, experts] matrix that is zero off
   the chosen ones. The naive reference (scripts/bench.py measures it against the others).
-"auto" takes "gather" when tokens * k <= experts (it then reads at most every expert once), else
-"ragged".
+"auto" takes "gather" when tokens * k <= experts (it then reads at most every expert once); above
+that, "dense" on the CPU, where XLA runs a ragged dot as slowly as a dense dot per group (measured:
+ragged 5-13x slower than dense at every token count, docs/performance.md), and "ragged" on other
+backends, which have grouped-matmul kernels for it.
 
 Einsum letters: n tokens, d model width, e experts, k experts per token, f expert MLP width,
 m (token, expert) pairs sorted by expert.
@@ -81,7 +83,9 @@ class SparseMoeBlock(nnx.Module):
 def choose_impl(impl: str, tokens: int, k: int, experts: int) -> str:
     if impl != "auto":
         return impl
-    return "gather" if tokens * k <= experts else "ragged"
+    if tokens * k <= experts:
+        return "gather"
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
 
 
 def expert_mlp(x: jax.Array, weights: jax.Array, idx: jax.Array, gate_up: jax.Array, down: jax.Array,
