@@ -41,9 +41,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from qvl_jax.convert.table import TIED_LM_HEAD, TIED_SOURCE, Rule, rules_for
+from qvl_jax.convert.table import OUT_IN, TIED_LM_HEAD, TIED_SOURCE, Rule, expert_layout, rules_for
 
-from qvl_jax.config import Qwen3VLConfig
+from qvl_jax.config import Qwen3VLConfig, read_json
 from qvl_jax.errors import CheckpointError, QvlError, ResourceError
 
 FORMAT_NAME = "qvl_jax.params"
@@ -170,6 +170,15 @@ def read_sources(hf_dir: Path) -> dict[str, SourceTensor]:
     return sources
 
 
+def _file_metadata(hf_dir: Path) -> list[dict]:
+    """The `__metadata__` of every checkpoint file (what it declares about itself)."""
+    out = []
+    for path in _checkpoint_files(hf_dir):
+        with _safe_open(path) as f:
+            out.append(f.metadata() or {})
+    return out
+
+
 def _source_dir(hf_dir: Path) -> Path:
     """The checkpoint directory's real path, or a one-line error naming why it cannot be read."""
     try:
@@ -196,7 +205,11 @@ def _make_plan(hf_dir: Path, dtype: str) -> Plan:
     config = Qwen3VLConfig.from_json_file(hf_dir / "config.json")
     sources = read_sources(hf_dir)
 
-    rules = rules_for(config)
+    layout = OUT_IN
+    if config.is_moe:
+        layout = expert_layout(config, {k: s.shape for k, s in sources.items()}, _file_metadata(hf_dir),
+                               read_json(hf_dir / "config.json"))
+    rules = rules_for(config, layout)
     claimed: set[str] = set()
     missing: list[str] = []
     targets: list[Target] = []
@@ -273,6 +286,8 @@ def iter_target_chunks(plan: Plan, reader: _Reader) -> Iterator[tuple[Target, np
     for target in plan.targets:
         (src,) = target.sources
         arr = reader.get(src)
+        if target.rule.swap is not None:  # the older fused-expert layout: [e, in, out] -> [e, out, in]
+            arr = np.swapaxes(arr, *target.rule.swap)
         assert arr.shape == target.shape, (target.key, arr.shape, target.shape)
         yield target, _cast(arr, target.dtype, src.key)
 

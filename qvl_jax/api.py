@@ -22,8 +22,8 @@ from qvl_jax.errors import ConfigError, device_memory_errors
 from qvl_jax.hub import resolve_model
 from qvl_jax.modeling.inputs import PreparedInputs, bucket_length, prepare_inputs
 from qvl_jax.modeling import quant
-from qvl_jax.modeling.model import (Qwen3VLForConditionalGeneration, forward_logits, set_attention, split, state_key,
-                                    vision_tower)
+from qvl_jax.modeling.model import (Qwen3VLForConditionalGeneration, forward_logits, set_attention, set_moe_impl,
+                                    split, state_key, vision_tower)
 from qvl_jax.sharding import check_mesh, to_host
 from qvl_jax.training.lora import lora_modules, merge_lora
 from qvl_jax.training.peft import load_adapter_into
@@ -76,6 +76,14 @@ class Model:
         `qvl_jax.modeling.attention`) for every later call: generate, logits, engines made after."""
         module = self.module
         set_attention(module, kernel)
+        self.config = module.config
+        self.set_module_state(*nnx.split(module))
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Switches how a Mixture-of-Experts model computes its experts (one of
+        `qvl_jax.config.MOE_IMPLS`; see `qvl_jax.modeling.moe`) for every later call."""
+        module = self.module
+        set_moe_impl(module, impl)
         self.config = module.config
         self.set_module_state(*nnx.split(module))
 
@@ -187,7 +195,8 @@ class Model:
 
 
 def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify: bool | None = None, adapter=None,
-         merge_adapter: bool = False, attention: str = "xla", quantize: str | None = None) -> Model:
+         merge_adapter: bool = False, attention: str = "xla", quantize: str | None = None,
+         moe_impl: str = "auto") -> Model:
     """Loads a model as the CLI's --model names it: a converted qvl_jax directory, a Hugging Face
     checkpoint directory, "tiny-random" (the built-in random model) or a hub id such as
     Qwen/Qwen3-VL-2B-Instruct (downloaded first). A Hugging Face checkpoint is converted once into
@@ -205,6 +214,9 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     as a separate branch.
     attention: the attention kernel, one of "xla" (default), "cudnn", "pallas" (the engine's paged
     decode), "dot_product" (qvl_jax.modeling.attention says what each runs).
+    moe_impl: how a Mixture-of-Experts model computes its experts: "auto" (default: gathered
+    weights for a few tokens, grouped matmuls over tokens sorted by expert otherwise), "ragged",
+    "gather" or "dense" (qvl_jax.modeling.moe).
     quantize: "int8" or "int4": weight-only quantization of the decoder's projections with qwix
     (`qvl_jax.modeling.quant`; the vision tower, norms and embedding / lm_head keep `dtype`). A
     checkpoint written by `save_quantized` loads quantized as it was saved, with or without it.
@@ -228,6 +240,8 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     model.path = os.fspath(path)
     if attention != model.config.attention:
         model.set_attention(attention)
+    if moe_impl != model.config.text.moe_impl:
+        model.set_moe_impl(moe_impl)
     stored = model.quantization
     if stored is not None and mesh is not None:
         raise ConfigError(f"{path} holds {stored} weights: a mesh is not supported with them yet")

@@ -31,6 +31,7 @@ from qvl_jax import errors
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.convert import core as convert_core
 from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, STAMP_FILE
+from qvl_jax.convert.table import LAYOUT_METADATA, OUT_IN
 from qvl_jax.errors import CheckpointError, ConfigError, ResourceError
 from qvl_jax.files import temp_sibling, write_atomic
 from qvl_jax.modeling import quant
@@ -361,7 +362,12 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
         return directory
     tmp = temp_sibling(directory)
     try:
-        save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if any(".mlp.experts." in key for key in tensors):
+            # The experts are written in transformers 5's layout, whatever config.json's
+            # transformers_version says: declared, so that reading them back never guesses.
+            metadata[LAYOUT_METADATA] = OUT_IN
+        save_file(tensors, str(tmp / HF_WEIGHTS_FILE), metadata=metadata)
         for name in AUX_FILES:
             if (Path(source_dir) / name).is_file():
                 shutil.copyfile(Path(source_dir) / name, tmp / name)

@@ -224,6 +224,11 @@ def cmd_info(args) -> int:
         "vision": {"blocks": v.depth, "hidden": v.hidden_size, "heads": v.num_heads, "patch": v.patch_size,
                    "merge": v.spatial_merge_size, "deepstack_layers": list(v.deepstack_visual_indexes)},
     }
+    if t.is_moe:
+        info["active_parameters"] = n - t.idle_expert_params
+        info["text"].update(experts=t.num_experts, experts_per_token=t.num_experts_per_tok,
+                            expert_mlp=t.moe_intermediate_size,
+                            sparse_layers=[i for i in range(t.num_hidden_layers) if t.is_sparse(i)])
     if args.json:
         print(json.dumps(info))
         return 0
@@ -242,6 +247,10 @@ def cmd_info(args) -> int:
         ("vision", (f"{vx['blocks']} blocks, hidden {vx['hidden']}, {vx['heads']} heads, patch {vx['patch']}, "
                     f"merge {vx['merge']}x{vx['merge']}, DeepStack after blocks {vx['deepstack_layers']}")),
     ]
+    if t.is_moe:
+        a = info["active_parameters"]
+        rows[2:2] = [("active", f"{_count(a)} ({a:,}) per token: {tx['experts_per_token']} of {tx['experts']} "
+                                f"experts (MLP {tx['expert_mlp']}) in {len(tx['sparse_layers'])} sparse layers")]
     for key, value in rows:
         print(f"{key:<11} {value}")
     return 0

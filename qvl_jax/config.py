@@ -3,8 +3,9 @@
 `Qwen3VLConfig.from_hf_dict` reads both dialects of the Qwen3-VL config: the released checkpoints'
 (`text_config.rope_scaling` + `text_config.rope_theta`) and the one transformers 5 writes
 (`text_config.rope_parameters`). Every dense Qwen3-VL size (2B, 4B, 8B, 32B) is described by these
-fields alone; architectures qvl_jax does not implement (the MoE variants, other model types) are
-rejected with a `ConfigError` rather than loaded half-right.
+fields alone; the Mixture-of-Experts variants (`qwen3_vl_moe`: 30B-A3B, 235B-A22B) add the expert
+fields of `TextConfig` (num_experts, num_experts_per_tok, moe_intermediate_size, decoder_sparse_step,
+mlp_only_layers). Other architectures are rejected with a `ConfigError` rather than loaded half-right.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 from qvl_jax.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+# How the expert MLPs compute (qvl_jax.modeling.moe): a load setting, not from config.json.
+MOE_IMPLS = ("auto", "ragged", "gather", "dense")
 
 
 def _get(d: dict, key: str, where: str, default: Any = dataclasses.MISSING) -> Any:
@@ -94,13 +97,38 @@ class TextConfig:
     attention_bias: bool = False
     max_position_embeddings: int = 262144
     attention: str = "xla"  # the attention kernel (a load setting, not from config.json): ATTENTION_KERNELS
+    # Mixture of experts (qwen3_vl_moe); num_experts == 0 is the dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0
+    moe_impl: str = "auto"  # a load setting: MOE_IMPLS
 
     @property
     def num_kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has the expert MLP (transformers' rule), else the dense one."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def idle_expert_params(self) -> int:
+        """Parameters a token does not use: the experts its router does not choose, in every sparse
+        layer (total minus this is the active parameter count)."""
+        sparse = sum(self.is_sparse(i) for i in range(self.num_hidden_layers))
+        per_expert = 3 * self.moe_intermediate_size * self.hidden_size
+        return sparse * (self.num_experts - self.num_experts_per_tok) * per_expert
+
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "TextConfig":
+    def from_hf_dict(cls, d: dict, moe: bool = False) -> "TextConfig":
         where = "text_config"
         act = _get(d, "hidden_act", where, "silu")
         if act != "silu":
@@ -117,10 +145,16 @@ class TextConfig:
         theta = rope.get("rope_theta", d.get("rope_theta", 5_000_000.0))
         hidden = _int(d, "hidden_size", where)
         heads = _int(d, "num_attention_heads", where)
+        layers = _int(d, "num_hidden_layers", where)
+        experts = _moe_fields(d, layers) if moe else {}
+        # An all-sparse MoE model never uses intermediate_size (transformers defaults it).
+        all_sparse = experts and all((i + 1) % experts["decoder_sparse_step"] == 0
+                                     and i not in experts["mlp_only_layers"] for i in range(layers))
+        dense_width = 5632 if all_sparse else dataclasses.MISSING
         cfg = cls(
             vocab_size=_int(d, "vocab_size", where),
             hidden_size=hidden,
-            intermediate_size=_int(d, "intermediate_size", where),
+            intermediate_size=_int(d, "intermediate_size", where, dense_width),
             num_hidden_layers=_int(d, "num_hidden_layers", where),
             num_attention_heads=heads,
             num_key_value_heads=_int(d, "num_key_value_heads", where, heads),
@@ -131,11 +165,14 @@ class TextConfig:
                                     f"{where}.{rope_key}"),  # type: ignore[arg-type]
             attention_bias=_bool(d, "attention_bias", where, False),
             max_position_embeddings=_int(d, "max_position_embeddings", where, 262144),
+            **experts,
         )
         cfg._validate()
         return cfg
 
     def _validate(self) -> None:
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected one of {', '.join(MOE_IMPLS)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -150,6 +187,33 @@ class TextConfig:
             raise ConfigError(
                 f"config.json: mrope_section={list(self.mrope_section)} must have 3 entries summing to "
                 f"head_dim/2={self.head_dim // 2}")
+
+
+def _moe_fields(d: dict, layers: int) -> dict:
+    """The expert fields of a qwen3_vl_moe text_config. transformers writes the expert count as
+    num_local_experts (its attribute map), released checkpoints as num_experts; its router always
+    renormalises the top-k weights, so a config asking otherwise is refused, not run differently."""
+    where = "text_config"
+    key = "num_local_experts" if d.get("num_experts") is None and d.get("num_local_experts") is not None \
+        else "num_experts"
+    experts = _int(d, key, where)
+    k = _int(d, "num_experts_per_tok", where)
+    if k > experts:
+        raise ConfigError(f"config.json: text_config.num_experts_per_tok={k} exceeds {key}={experts}")
+    if _get(d, "norm_topk_prob", where, True) is not True:
+        raise ConfigError("config.json: text_config.norm_topk_prob must be true for qwen3_vl_moe (its router "
+                          "always renormalises the top-k weights)")
+    only = _int_list(_get(d, "mlp_only_layers", where, []), "mlp_only_layers", where)
+    bad = [i for i in only if i >= layers]
+    if bad:
+        raise ConfigError(f"config.json: text_config.mlp_only_layers {bad} outside the {layers} decoder layers")
+    coef = _get(d, "router_aux_loss_coef", where, 0.001)
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+        raise ConfigError(f"config.json: text_config.router_aux_loss_coef must be a number >= 0, got {coef!r}")
+    return dict(num_experts=experts, num_experts_per_tok=k,
+                moe_intermediate_size=_int(d, "moe_intermediate_size", where),
+                decoder_sparse_step=_int(d, "decoder_sparse_step", where, 1),
+                mlp_only_layers=tuple(sorted(set(only))), router_aux_loss_coef=float(coef))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,16 +298,20 @@ class Qwen3VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    model_type: str = "qwen3_vl"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.text.is_moe
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Qwen3VLConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
-        if model_type != "qwen3_vl":
-            hint = " (the Mixture-of-Experts variants are not supported)" if "moe" in str(model_type) else ""
+        if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"config.json: model_type={model_type!r} is not supported{hint}; qvl_jax runs "
+                f"config.json: model_type={model_type!r} is not supported; qvl_jax runs "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
         text_d = d.get("text_config")
         vision_d = d.get("vision_config")
@@ -254,7 +322,7 @@ class Qwen3VLConfig:
                 raise ConfigError(f"config.json: {key!r} must be an object, got {type(value).__name__}")
         # The tie flag lives at the top level in both dialects; some exports only have it in text_config.
         tie = _bool(d, "tie_word_embeddings", "", _bool(text_d, "tie_word_embeddings", "text_config", False))
-        text = TextConfig.from_hf_dict(text_d)
+        text = TextConfig.from_hf_dict(text_d, moe=model_type == "qwen3_vl_moe")
         vision = VisionConfig.from_hf_dict(vision_d)
         if vision.out_hidden_size != text.hidden_size:
             raise ConfigError(
@@ -270,6 +338,7 @@ class Qwen3VLConfig:
             video_token_id=_int(d, "video_token_id", "", 151656, minimum=0),
             vision_start_token_id=_int(d, "vision_start_token_id", "", 151652, minimum=0),
             vision_end_token_id=_int(d, "vision_end_token_id", "", 151653, minimum=0),
+            model_type=model_type,
         )
 
     @property
@@ -282,6 +351,12 @@ class Qwen3VLConfig:
         kernel = check_attention(kernel)
         return dataclasses.replace(self, text=dataclasses.replace(self.text, attention=kernel),
                                    vision=dataclasses.replace(self.vision, attention=kernel))
+
+    def with_moe_impl(self, impl: str) -> "Qwen3VLConfig":
+        """The same config with another expert computation (one of MOE_IMPLS)."""
+        if impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl={impl!r}: expected one of {', '.join(MOE_IMPLS)}")
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, moe_impl=impl))
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Qwen3VLConfig":

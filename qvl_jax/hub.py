@@ -22,6 +22,7 @@ from pathlib import Path
 from qvl_jax.errors import CheckpointError, InputError
 
 DEFAULT_MODEL = "tiny-random"
+TINY_MOE_MODEL = "tiny-random-moe"  # its Mixture-of-Experts sibling (qvl_jax.tiny)
 
 
 def cache_dir() -> Path:
@@ -44,16 +45,17 @@ def _is_hub_id(spec: str) -> bool:
 def model_files(spec: str | os.PathLike | None = DEFAULT_MODEL, log: bool = True) -> Path:
     """The directory holding a model's files as published (HF layout) or as converted: the built-in
     tiny checkpoint (built on first use), a local directory, or a hub snapshot (downloaded)."""
-    if spec is None or (isinstance(spec, str) and spec == DEFAULT_MODEL):
+    if spec is None or (isinstance(spec, str) and spec in (DEFAULT_MODEL, TINY_MOE_MODEL)):
         from qvl_jax.tiny import TINY_NAME, write_tiny_checkpoint  # lazy: CLI start-up (tiny imports numpy)
 
-        hf = cache_dir() / TINY_NAME
+        name = TINY_MOE_MODEL if spec == TINY_MOE_MODEL else TINY_NAME
+        hf = cache_dir() / name
         if spec is None:
             _log(f"*** no --model given: using the built-in {TINY_NAME} model (random weights, random text) ***", log)
         try:
             if not (hf / "config.json").is_file():
-                _log(f"building the {TINY_NAME} checkpoint in {hf}...", log)
-                write_tiny_checkpoint(hf)
+                _log(f"building the {name} checkpoint in {hf}...", log)
+                write_tiny_checkpoint(hf, moe=name == TINY_MOE_MODEL)
         except PermissionError as e:
             raise _permission_denied(e) from None
         return hf
@@ -163,4 +165,4 @@ def _download(repo_id: str, log: bool = True) -> Path:
                               ) from None
 
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "conversion_key", "converted_from_hf", "model_files", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "TINY_MOE_MODEL", "cache_dir", "conversion_key", "converted_from_hf", "model_files", "resolve_model"]

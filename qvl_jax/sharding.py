@@ -4,7 +4,10 @@ out the partitioned program and its collectives. The model code knows nothing of
 
 The mesh has two axes: "data" (batch: data parallelism) and "model" (tensor parallelism over
 attention heads, MLP width and vocabulary, Megatron-style: column-split in, row-split out, one
-all-reduce after attention and one after the MLP). Every placement comes from one table,
+all-reduce after attention and one after the MLP). A Mixture-of-Experts model may add a third,
+"expert" (expert parallelism: each device holds its share of every sparse layer's experts, and reads
+only those from the checkpoint), and still splits each expert's MLP width over "model" (tensor
+parallelism inside the experts). Every placement comes from one table,
 `RULES` (logical axis -> mesh axis), applied to each array's logical axes: a Param's `axes`
 metadata (Flax NNX), the KV cache's `CACHE_AXES` (qvl_jax.engine.cache). A dimension that the mesh
 axis does not divide (e.g. 6 heads on 4 devices, 1 kv head) is replicated instead: uneven shards
@@ -25,8 +28,8 @@ from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.errors import QvlError
 from qvl_jax.modeling.model import abstract_model, state_key
 
-DATA, MODEL = "data", "model"
-AXES = (DATA, MODEL)
+DATA, MODEL, EXPERT = "data", "model", "expert"
+AXES = (DATA, MODEL, EXPERT)
 
 
 class MeshError(QvlError, ValueError):
@@ -53,6 +56,9 @@ RULES: dict[str, str | None] = {
     "patch": None,  # flattened C*T*P*P pixels of a patch
     "pos_table": None,  # rows of the learned vision position table
     "merger_in": None,  # 4 merged patches' width, input of the mergers
+    "experts": EXPERT,  # the expert axis of the fused expert tensors (expert parallelism)
+    "expert_mlp": MODEL,  # each expert's MLP width (gate_up_proj rows, down_proj columns)
+    "router": None,  # the router's expert rows: small, every device routes every token
 }
 
 # Params carry their logical axes as metadata (`axes`, and `units`: how many consecutive entries of
@@ -60,12 +66,24 @@ RULES: dict[str, str | None] = {
 # qvl_jax.modeling.layers. The KV cache's axes are in qvl_jax.engine.cache.
 
 
-def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | None = None) -> Mesh:
+def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | None = None,
+              ep: int | None = None) -> Mesh:
     """A ("data", "model") mesh of dp x tp devices (default: all of jax.devices(), all on "model").
 
     Give one size and the other is the device count divided by it. The axes are of the Auto type:
-    XLA's partitioner propagates the shardings of the arguments through the jitted functions."""
+    XLA's partitioner propagates the shardings of the arguments through the jitted functions.
+    ep (Mixture-of-Experts models): a ("data", "expert", "model") mesh of dp x ep x tp devices, the
+    experts split over "expert"; dp and tp then share the devices left over."""
     devices = list(jax.devices() if devices is None else devices)
+    if ep is not None:
+        if isinstance(ep, bool) or not isinstance(ep, (int, np.integer)) or ep < 1:
+            raise MeshError(f"ep must be a positive integer, got {ep!r}")
+        if len(devices) % ep:
+            raise MeshError(f"ep={ep} does not divide the {len(devices)} devices")
+        flat = make_mesh(dp, tp, devices[:len(devices) // ep])  # checks dp and tp against the rest
+        dp, tp = int(flat.shape[DATA]), int(flat.shape[MODEL])
+        grid = np.asarray(devices, dtype=object).reshape(dp, ep, tp)
+        return Mesh(grid, (DATA, EXPERT, MODEL), axis_types=(AxisType.Auto,) * 3)
     n = len(devices)
     for name, size in (("dp", dp), ("tp", tp)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
@@ -84,7 +102,7 @@ def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | 
         grid = mesh_utils.create_device_mesh((dp, tp), devices)
     except Exception:
         grid = np.asarray(devices, dtype=object).reshape(dp, tp)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 2)
+    return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto,) * 2)
 
 
 def check_mesh(mesh: Mesh) -> Mesh:

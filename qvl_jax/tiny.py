@@ -3,7 +3,9 @@
 It lets the whole user path (convert -> load -> process -> generate) run on a fresh machine with no
 download and no PyTorch: config.json, model.safetensors with the real tensor names, a small byte-level
 tokenizer carrying the Qwen special tokens, the chat template, and the processor configs. Its answers
-are random text: it exists to exercise the machinery, not to answer questions.
+are random text: it exists to exercise the machinery, not to answer questions. `tiny-random-moe` is
+its Mixture-of-Experts sibling (qwen3_vl_moe: 8 experts, top-2, one dense layer), stored in the
+expert layout transformers 5 writes.
 """
 
 from __future__ import annotations
@@ -17,17 +19,29 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from qvl_jax.config import Qwen3VLConfig
-from qvl_jax.convert.table import rules_for
+from qvl_jax.convert.table import LAYOUT_METADATA, OUT_IN, rules_for
 from qvl_jax.files import temp_sibling
 from qvl_jax.processing.image_processing import QWEN3_VL_VIDEO_MAX_PIXELS
 from qvl_jax.processing.tokenizer_files import write_tiny_tokenizer
 
 TINY_NAME = "tiny-random"
+TINY_MOE_NAME = "tiny-random-moe"
 VOCAB_SIZE = 512
 
 
-def tiny_config(special: dict) -> dict:
+def tiny_config(special: dict, moe: bool = False) -> dict:
     """config.json in the dialect transformers 5 writes; real patch geometry, tiny widths."""
+    config = _dense_config(special)
+    if moe:
+        config.update(architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe")
+        config["text_config"].update(model_type="qwen3_vl_moe_text", num_experts=8, num_experts_per_tok=2,
+                                     moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[3],
+                                     router_aux_loss_coef=0.001)
+        config["vision_config"]["model_type"] = "qwen3_vl_moe_vision"
+    return config
+
+
+def _dense_config(special: dict) -> dict:
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "model_type": "qwen3_vl",
@@ -71,20 +85,23 @@ def _random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
                 w = 0.05 * rng.standard_normal(shape)
             elif "pos_embed" in key:
                 w = rng.standard_normal(shape)
+            elif ".experts." in key:  # [experts, out, in]: an expert's fan-in is the last dim
+                w = rng.standard_normal(shape) / np.sqrt(shape[-1])
             else:
                 w = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
             out[key] = w.astype(np.float32)
     return out
 
 
-def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Writes the tiny-random HF checkpoint to out_dir (atomically: a temp dir renamed into place)."""
+def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, moe: bool = False) -> Path:
+    """Writes the tiny-random (moe: tiny-random-moe) HF checkpoint to out_dir (atomically: a temp dir
+    renamed into place)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out_dir)
     try:
         special = write_tiny_tokenizer(tmp, vocab_size=VOCAB_SIZE)
-        config = tiny_config(special)
+        config = tiny_config(special, moe)
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         eos = special["eos_token_id"]
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -100,7 +117,10 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
             "min_frames": 2, "max_frames": 8,
             "size": {"shortest_edge": 32 * 32, "longest_edge": min(QWEN3_VL_VIDEO_MAX_PIXELS, 8 * 256 * 16 * 16)}},
             indent=1) + "\n")
-        save_file(_random_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if moe:
+            metadata[LAYOUT_METADATA] = OUT_IN
+        save_file(_random_weights(config, seed), str(tmp / "model.safetensors"), metadata=metadata)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

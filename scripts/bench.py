@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark qvl_jax against transformers on the same device, in the same process.
 
-    python scripts/bench.py [--config 2b|4b|8b] [--layers N] [--model PATH] [--quick] [--no-hf]
+    python scripts/bench.py [--config 2b|4b|8b|30b-a3b] [--layers N] [--model PATH] [--quick] [--no-hf]
+                            [--moe-impl auto|ragged|gather|dense] [--hf-only]
 
 Random weights in the real shapes of the chosen config (or real weights with --model). Cases:
 text-only decode at batch 1 / 8 / 64, one 1024x1024 image + short prompt (time to first token), and a
@@ -52,6 +53,13 @@ SIZES = {  # text_config / vision_config of the released checkpoints (transforme
             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
            {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
             "deepstack_visual_indexes": [8, 16, 24]}, False),
+    # Mixture of experts (qwen3_vl_moe): 128 experts, 8 per token, every layer sparse.
+    "30b-a3b": ({"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "num_experts": 128,
+                 "num_experts_per_tok": 8, "moe_intermediate_size": 768, "decoder_sparse_step": 1,
+                 "mlp_only_layers": []},
+                {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 2048,
+                 "deepstack_visual_indexes": [8, 16, 24]}, False),
     "quick": ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 8192},
               {"depth": 2, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2, "out_hidden_size": 256,
@@ -64,6 +72,8 @@ def hf_config_dict(size: str, layers: int | None) -> dict:
     text, vision, tied = copy.deepcopy(SIZES[size])
     if layers:
         text["num_hidden_layers"] = layers
+        # at most one DeepStack merger per decoder layer
+        vision["deepstack_visual_indexes"] = vision["deepstack_visual_indexes"][:layers]
         vision["depth"] = max(layers, max(vision["deepstack_visual_indexes"]) + 1)
     vocab = text["vocab_size"]
     ids = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN, "vision_start_token_id": VISION_START,
@@ -75,7 +85,9 @@ def hf_config_dict(size: str, layers: int | None) -> dict:
                                  if text["head_dim"] == 128 else [12, 10, 10], "mrope_interleaved": True})
     vision.update(model_type="qwen3_vl_vision", patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
                   in_channels=3, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")
-    return {"model_type": "qwen3_vl", "tie_word_embeddings": tied, "text_config": text, "vision_config": vision, **ids}
+    model_type = "qwen3_vl_moe" if "num_experts" in text else "qwen3_vl"
+    text["model_type"], vision["model_type"] = f"{model_type}_text", f"{model_type}_vision"
+    return {"model_type": model_type, "tie_word_embeddings": tied, "text_config": text, "vision_config": vision, **ids}
 
 
 def device_name() -> str:
@@ -119,7 +131,9 @@ def text_weight_bytes(params, cfg) -> int:
     lm = params["model"]["language_model"]
     n = sum(x.nbytes for x in jax.tree.leaves(lm["layers"])) + lm["norm"]["weight"][...].nbytes
     head = lm["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return n + head[...].nbytes
+    # A MoE token reads only its chosen experts (a batch-1 floor; wider batches read more of them).
+    idle = cfg.text.idle_expert_params * head[...].dtype.itemsize if cfg.is_moe else 0
+    return n + head[...].nbytes - idle
 
 
 def make_image_inputs(cfg, prompt_len: int, image_size: int | None, batch: int, rng):
@@ -208,13 +222,17 @@ def bench_hf(hf_model, inputs, new_tokens, repeats, device):
 def load_hf(cfg_dict, dtype_name):
     try:
         import torch
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                                  Qwen3VLMoeForConditionalGeneration)
     except Exception:
         return None, None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(cfg_dict))).to(device, tdtype).eval()
+    moe = cfg_dict["model_type"] == "qwen3_vl_moe"
+    config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
+                             else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    model = model_cls(config_cls(**copy.deepcopy(cfg_dict))).to(device, tdtype).eval()
     return model, device
 
 
@@ -233,6 +251,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small config and sizes: a smoke run on CPU")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--hf-only", action="store_true",
+                    help="transformers alone (a separate process from --no-hf when both do not fit in memory)")
+    ap.add_argument("--moe-impl", default="auto", choices=["auto", "ragged", "gather", "dense"],
+                    help="how a MoE model computes its experts (qvl_jax.load's moe_impl=)")
     ap.add_argument("--no-compilation-cache", action="store_true")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (a data x model mesh)")
     ap.add_argument("--dp", type=int, default=None, help="data-parallel size")
@@ -271,13 +293,17 @@ def main(argv=None) -> int:
     mesh = parse_mesh(args.dp, args.tp)
     if args.model:
         model = qvl_jax.load(args.model, dtype=dtype_name, mesh=mesh, attention=args.attention,
-                             quantize=args.quantize)
+                             quantize=args.quantize, moe_impl=args.moe_impl)
         cfg_dict = json.loads((Path(args.model) / "config.json").read_text())
     else:
         cfg_dict = hf_config_dict("quick" if args.quick else args.config, args.layers)
         cfg = Qwen3VLConfig.from_hf_dict(cfg_dict)
-        model = qvl_jax.Model.random(cfg, dtype=dtype)  # nnx.Rngs(0): random weights on the device
+        # --hf-only: only the config is needed, no weights of ours in memory.
+        model = None if args.hf_only else qvl_jax.Model.random(cfg, dtype=dtype)  # random weights, nnx.Rngs(0)
+    if model is not None and not args.model:
         model.set_attention(args.attention)
+        if cfg.is_moe:
+            model.set_moe_impl(args.moe_impl)
         if mesh is not None:
             from qvl_jax.sharding import state_shardings
 
@@ -285,10 +311,10 @@ def main(argv=None) -> int:
             model.mesh = mesh
         if args.quantize:
             model.quantize(args.quantize)
-    cfg = model.config
+    cfg = cfg if model is None else model.config
     hf_model, hf_device = (None, None) if args.no_hf else load_hf(cfg_dict, dtype_name)
     bandwidth = copy_bandwidth()
-    weights = text_weight_bytes(model.params, cfg)
+    weights = 0 if args.hf_only else text_weight_bytes(model.params, cfg)
     kv_per_token = 2 * cfg.text.num_hidden_layers * cfg.text.num_key_value_heads * cfg.text.head_dim * dtype.itemsize
 
     rng = np.random.RandomState(0)
@@ -297,6 +323,12 @@ def main(argv=None) -> int:
         prompt = long_len if case == "long" else args.prompt_len
         img = image_size if case == "image" else None
         inputs = make_image_inputs(cfg, prompt, img, batch, rng)
+        if args.hf_only:
+            hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)
+            print(json.dumps({"case": case, "device": "torch:" + hf_device, "dtype": dtype_name, "batch": batch,
+                              "layers": cfg.text.num_hidden_layers, **{k: round(v, 3) for k, v in hf.items()}}),
+                  flush=True)
+            continue
         before = cache_entries()
         ours = bench_ours(model, inputs, args.new_tokens, args.repeats)
         # "cold": the first call compiled and wrote new cache entries; "warm": it wrote none, so every
@@ -311,6 +343,8 @@ def main(argv=None) -> int:
                 "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_memory_bytes": peak_memory_bytes(),
                 "quantize": args.quantize, "rss_bytes": rss_bytes(),
                 "compilation_cache": cache_state, "attention": attention.implementation(args.attention, dtype)}
+        if cfg.is_moe:
+            line["moe_impl"] = args.moe_impl
         if hf_model is not None:
             hf = bench_hf(hf_model, inputs, args.new_tokens, args.repeats, hf_device)
             line.update({k: round(v, 3) for k, v in hf.items()})

@@ -36,13 +36,49 @@ TINY_CONFIGS = {
     ),
 }
 
+_MOE_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                   temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
+                   deepstack_visual_indexes=[0, 1])
+_MOE_ROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], mrope_interleaved=True)
+
+# Mixture-of-Experts (qwen3_vl_moe) configs; built by the same save_tiny.
+MOE_CONFIGS = {
+    # untied; every layer sparse but layer 1 (mlp_only_layers); 8 experts, top-2; d != f, 2f
+    "moe": dict(
+        text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                         max_position_embeddings=4096, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[1],
+                         rope_parameters=_MOE_ROPE),
+        vision_config=_MOE_VISION, tie_word_embeddings=False,
+    ),
+    # tied; decoder_sparse_step 2 (layers 1 and 3 sparse); 6 experts, top-3
+    "moe_step": dict(
+        text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=16, rms_norm_eps=1e-6,
+                         max_position_embeddings=4096, num_experts=6, num_experts_per_tok=3,
+                         moe_intermediate_size=40, decoder_sparse_step=2, rope_parameters=_MOE_ROPE),
+        vision_config=_MOE_VISION, tie_word_embeddings=True,
+    ),
+    # d == 2f: gate_up_proj's shape is the same in both expert layouts (the layout tests)
+    "moe_square": dict(
+        text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                         max_position_embeddings=4096, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, rope_parameters=_MOE_ROPE),
+        vision_config=_MOE_VISION, tie_word_embeddings=False,
+    ),
+}
+
 # Special token ids inside the tiny vocabularies (the real ones are ~151k).
 SPECIAL = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
 
 
 def hf_config(name: str):
-    from transformers import Qwen3VLConfig
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
+    if name in MOE_CONFIGS:
+        return Qwen3VLMoeConfig(**copy.deepcopy(MOE_CONFIGS[name]), **SPECIAL)
     d = copy.deepcopy(TINY_CONFIGS[name])
     return Qwen3VLConfig(**d, **SPECIAL)
 
@@ -55,10 +91,11 @@ def build_tiny(name: str, seed: int = 0):
     std 1/sqrt(fan_in), embeddings std 1, norm weights 1 +- 0.2 and biases +-0.1, so that every
     component leaves a visible mark on the logits."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(hf_config(name)).eval().to(torch.float32)
+    cls = Qwen3VLMoeForConditionalGeneration if name in MOE_CONFIGS else Qwen3VLForConditionalGeneration
+    model = cls(hf_config(name)).eval().to(torch.float32)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname and pname.endswith("weight"):
@@ -67,6 +104,8 @@ def build_tiny(name: str, seed: int = 0):
                 p.copy_(0.1 * torch.randn_like(p))
             elif "embed_tokens" in pname or "pos_embed" in pname:
                 p.copy_(torch.randn_like(p))
+            elif ".experts." in pname:  # [experts, out, in]: each expert's fan-in is the last dim
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn_like(p) / fan_in ** 0.5)

@@ -83,6 +83,18 @@ def set_attention(module: Qwen3VLForConditionalGeneration, kernel: str) -> None:
     module.model.visual.config = cfg.vision
 
 
+def set_moe_impl(module: Qwen3VLForConditionalGeneration, impl: str) -> None:
+    """Switches how a Mixture-of-Experts model computes its experts (`qvl_jax.modeling.moe`): the
+    config and each sparse block's setting, static parts of the graphdef, so jitted functions
+    compile for it."""
+    cfg = module.config.with_moe_impl(impl)
+    module.config = cfg
+    module.model.language_model.config = cfg.text
+    for layer in module.model.language_model.layers:
+        if hasattr(layer.mlp, "impl"):
+            layer.mlp.impl = impl
+
+
 def splice_vision(x: jax.Array, feat_index: jax.Array, feats: jax.Array) -> jax.Array:
     """Replaces the embedding of each vision placeholder token by its feature row."""
     rows = jnp.take(feats, jnp.maximum(feat_index, 0), axis=0).astype(x.dtype)

@@ -2,7 +2,9 @@
 `language_model.layers[i].self_attn.q_proj`, `.q_norm`, `.mlp.gate_proj`, `language_model.norm`.
 
 Grouped-query attention with per-head QK-norm, interleaved multimodal RoPE (3-D positions), SwiGLU
-MLP, DeepStack injection after the first layers. The layers run as an unrolled loop.
+MLP (or, in the sparse layers of a Mixture-of-Experts config, `qvl_jax.modeling.moe`'s expert MLP
+at the same path `.mlp`), DeepStack injection after the first layers. The layers run as an
+unrolled loop.
 
 Einsum letters: b batch, t query time, s key time, d model width, n query heads, k kv heads,
 g query heads per kv head, h head_dim, f MLP width.
@@ -19,6 +21,7 @@ from qvl_jax.config import TextConfig
 from qvl_jax.modeling import attention
 from qvl_jax.modeling.kv_cache import KVCache
 from qvl_jax.modeling.layers import Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq
+from qvl_jax.modeling.moe import SparseMoeBlock
 
 
 def mrope_axis(head_dim: int, section: tuple[int, int, int]) -> np.ndarray:
@@ -77,9 +80,10 @@ class TextMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, dtype=jnp.float32):
+    def __init__(self, cfg: TextConfig, *, rngs, dtype=jnp.float32, index: int = 0):
         self.self_attn = TextAttention(cfg, rngs=rngs, dtype=dtype)
-        self.mlp = TextMLP(cfg, rngs=rngs, dtype=dtype)
+        mlp = SparseMoeBlock if cfg.is_sparse(index) else TextMLP
+        self.mlp = mlp(cfg, rngs=rngs, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axes=("embed",), dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axes=("embed",), dtype=dtype)
 
@@ -103,7 +107,8 @@ class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs, dtype=jnp.float32):
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, index=i)
+                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axes=("embed",), dtype=dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, deepstack: jax.Array | None = None,

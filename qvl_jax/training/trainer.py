@@ -77,8 +77,11 @@ class Trainer:
     micro-batches along its rows, gradients summed and divided by the batch's total token count:
     the same step as the whole batch at once, in less memory), `max_grad_norm` (global-norm
     clipping before the optimizer), `remat` (each decoder layer recomputed in the backward pass:
-    activation memory of one layer instead of all, for long multimodal sequences). Learning-rate
-    schedules go in the optax transformation.
+    activation memory of one layer instead of all, for long multimodal sequences), `train_router`
+    (a Mixture-of-Experts model's routers `mlp.gate` train too in full fine-tuning; frozen by
+    default). Learning-rate schedules go in the optax transformation. The loss is transformers'
+    default one: its router load-balancing loss is added only when output_router_logits is set,
+    which its configs leave off, so none is added here.
 
     Under a mesh (`qvl_jax.load(..., mesh=...)`) the params, gradients and optimizer state keep the
     rules' layout (tensor parallel on "model") and each batch is split over "data" along its rows.
@@ -90,7 +93,8 @@ class Trainer:
 
     def __init__(self, model, optimizer: optax.GradientTransformation, lora: LoraConfig | None = None,
                  adapter=None, *, freeze_vision: bool = False, compute_dtype=None, grad_accum: int = 1,
-                 max_grad_norm: float | None = None, remat: bool = False, seed: int = 0):
+                 max_grad_norm: float | None = None, remat: bool = False, seed: int = 0,
+                 train_router: bool = False):
         if lora is not None and adapter is not None:
             raise InputError("give lora= (a new adapter) or adapter= (an existing PEFT adapter), not both")
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
@@ -105,6 +109,8 @@ class Trainer:
         what = LoraParam if lora is not None else nnx.Param
         if freeze_vision:
             what = nnx.All(what, nnx.Not(nnx.PathContains("visual")))
+        if model.config.is_moe and not train_router:
+            what = nnx.All(what, nnx.Not(nnx.PathContains("gate")))  # the routers (not "gate_proj")
         self.graphdef, self.trainable, self.frozen = nnx.split(module, what, ...)
         if lora is None and any(isinstance(v, qwix.QArray) for v in jax.tree.leaves(
                 self.trainable, is_leaf=lambda v: isinstance(v, qwix.QArray))):

@@ -1,0 +1,141 @@
+"""The Mixture-of-Experts MLP of Qwen3-VL-MoE (transformers' qwen3_vl_moe) as Flax NNX modules, with
+transformers' paths: `layers[i].mlp.gate.weight` (the router, [experts, d]) and the fused expert
+tensors `layers[i].mlp.experts.gate_up_proj` [experts, 2 * f, d] (gate rows first, then up) and
+`.down_proj` [experts, d, f], in the [out, in] layout transformers 5 holds them in (the converter
+turns the older [in, out] layout into this one).
+
+The router: logits in the input dtype, softmax over the experts in float32, the top-k
+probabilities renormalised to sum to one, cast back to the input dtype. Each chosen expert is a
+SwiGLU MLP; a token's output is the weighted sum of its experts' outputs.
+
+Three ways to compute the experts, none with a Python loop over experts (`MOE_IMPLS`):
+- "ragged": the (token, expert) pairs sorted by expert, two grouped matmuls
+  (`jax.lax.ragged_dot_general`, the weights in their stored layout), the results added back per
+  token. Work proportional to tokens * k; the prefill and training path.
+- "gather": each token's k experts' weights gathered and applied with einsums. Reads only the
+  chosen experts' weights: the decode path, for a handful of tokens.
+- "dense": every expert on every token, weighted by a [tokens, experts] matrix that is zero off
+  the chosen ones. The naive reference (scripts/bench.py measures it against the others).
+"auto" takes "gather" when tokens * k <= experts (it then reads at most every expert once); above
+that, "dense" on the CPU, where XLA runs a ragged dot as slowly as a dense dot per group (measured:
+ragged 5-13x slower than dense at every token count, docs/performance.md), and "ragged" on other
+backends, which have grouped-matmul kernels for it.
+
+Einsum letters: n tokens, d model width, e experts, k experts per token, f expert MLP width,
+m (token, expert) pairs sorted by expert.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qvl_jax.config import TextConfig
+from qvl_jax.modeling.layers import matmul_t, param
+
+
+class TopKRouter(nnx.Module):
+    """`mlp.gate`: weight [experts, d]."""
+
+    def __init__(self, cfg: TextConfig, *, rngs, dtype=jnp.float32):
+        self.weight = param(rngs, (cfg.num_experts, cfg.hidden_size), ("router", "embed"), dtype)
+        self.top_k = cfg.num_experts_per_tok
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [n, d] -> (logits [n, e] in x's dtype, weights [n, k] in x's dtype, experts [n, k] int32)."""
+        logits = matmul_t(x, self.weight[...])
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, idx = jax.lax.top_k(probs, self.top_k)
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+        return logits, top.astype(logits.dtype), idx.astype(jnp.int32)
+
+
+class Experts(nnx.Module):
+    """`mlp.experts`: gate_up_proj [e, 2f, d] and down_proj [e, d, f]."""
+
+    def __init__(self, cfg: TextConfig, *, rngs, dtype=jnp.float32):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = param(rngs, (E, 2 * F, D), ("experts", "expert_mlp", "embed"), dtype)
+        self.down_proj = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), dtype)
+
+
+class SparseMoeBlock(nnx.Module):
+    """`layers[i].mlp` of a sparse layer: the router `gate` and the `experts`."""
+
+    def __init__(self, cfg: TextConfig, *, rngs, dtype=jnp.float32):
+        self.gate = TopKRouter(cfg, rngs=rngs, dtype=dtype)
+        self.experts = Experts(cfg, rngs=rngs, dtype=dtype)
+        self.impl = cfg.moe_impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [..., d] -> (y [..., d], router logits [n, e])."""
+        flat = x.reshape(-1, x.shape[-1])
+        logits, weights, idx = self.gate(flat)
+        y = expert_mlp(flat, weights, idx, self.experts.gate_up_proj[...], self.experts.down_proj[...],
+                       self.impl)
+        return y.reshape(x.shape), logits
+
+
+def choose_impl(impl: str, tokens: int, k: int, experts: int) -> str:
+    if impl != "auto":
+        return impl
+    if tokens * k <= experts:
+        return "gather"
+    return "dense" if jax.default_backend() == "cpu" else "ragged"
+
+
+def expert_mlp(x: jax.Array, weights: jax.Array, idx: jax.Array, gate_up: jax.Array, down: jax.Array,
+               impl: str = "auto") -> jax.Array:
+    """sum_j weights[n, j] * SwiGLU_{idx[n, j]}(x[n]): x [n, d], weights/idx [n, k] -> [n, d]."""
+    n, k = idx.shape
+    impl = choose_impl(impl, n, k, gate_up.shape[0])
+    if impl == "gather":
+        return _gather(x, weights, idx, gate_up, down)
+    if impl == "dense":
+        return _dense(x, weights, idx, gate_up, down)
+    if impl == "ragged":
+        return _ragged(x, weights, idx, gate_up, down)
+    raise ValueError(f"unknown MoE implementation {impl!r}")
+
+
+def _swiglu(h: jax.Array) -> jax.Array:
+    f = h.shape[-1] // 2
+    return jax.nn.silu(h[..., :f]) * h[..., f:]
+
+
+def _gather(x, weights, idx, gate_up, down):
+    h = jnp.einsum("nd,nkfd->nkf", x, jnp.take(gate_up, idx, axis=0))
+    y = jnp.einsum("nkf,nkdf->nkd", _swiglu(h), jnp.take(down, idx, axis=0))
+    return jnp.einsum("nkd,nk->nd", y, weights)
+
+
+def _dense(x, weights, idx, gate_up, down):
+    n, e = x.shape[0], gate_up.shape[0]
+    combine = jnp.zeros((n, e), weights.dtype).at[jnp.arange(n)[:, None], idx].add(weights)
+    h = jnp.einsum("nd,efd->nef", x, gate_up)
+    y = jnp.einsum("nef,edf->ned", _swiglu(h), down)
+    return jnp.einsum("ned,ne->nd", y, combine)
+
+
+def _grouped(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
+    """lhs [m, c] rows grouped by expert (sizes [e]) times each group's rhs[g] [out, c] transposed."""
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    return jax.lax.ragged_dot_general(lhs, rhs, sizes, dims)
+
+
+def _ragged(x, weights, idx, gate_up, down):
+    n, k = idx.shape
+    e = gate_up.shape[0]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # (token, slot) pairs sorted by expert
+    token = order // k
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    h = _grouped(jnp.take(x, token, axis=0), gate_up, sizes)  # [m, 2f]
+    y = _grouped(_swiglu(h), down, sizes)  # [m, d]
+    y = y * jnp.take(weights.reshape(-1), order)[:, None]
+    return jnp.zeros_like(x).at[token].add(y)
