@@ -472,6 +472,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded at once")
     s.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
                                                                    "model's context, at most 8192)")
+    s.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="memory for the KV cache pool, e.g. 4GiB, 512MiB or bytes (default: half the free "
+                        "device memory at start, at most 4GiB on the CPU)")
+    s.add_argument("--kv-cache-memory-fraction", type=float, default=0.5, metavar="F",
+                   help="without --kv-cache-memory: the fraction of free device memory at start the pool takes")
     s.add_argument("--max-pending", type=int, default=None,
                    help="requests admitted at once, queued ones included; more get 503 (default: 8 x --max-num-seqs)")
     s.add_argument("--allowed-local-media-path", default=None,

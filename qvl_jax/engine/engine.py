@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from qvl_jax import sharding
 from qvl_jax.config import check_attention
-from qvl_jax.engine import batch, paged, steps, warmup
+from qvl_jax.engine import batch, memory, paged, steps, warmup
 from qvl_jax.engine.generate import INPUT_NAMES, controls
 from qvl_jax.engine.output import OutputStream, TokenTable
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
@@ -94,10 +94,12 @@ class Engine:
     """Continuous batching over a paged KV cache. Build with `model.engine(...)`.
 
     max_num_seqs: decode slots (requests running at once). max_model_len: longest prompt + output
-    (default: the model's context, at most 8192). block_size: tokens per KV block. num_blocks: the
-    pool (default: what `memory_fraction` of free device memory holds, rounded down to two
-    significant bits so that it, and with it every compiled shape, is the same from one start to the
-    next; at most enough for every slot at max_model_len). max_num_batched_tokens: prompt tokens
+    (default: the model's context, at most 8192). block_size: tokens per KV block. kv_cache_memory:
+    bytes the KV pool may take (an int, or a size such as "4GiB" or "512MiB"; `engine.kv_cache_bytes`
+    is what it took). num_blocks: the pool in blocks instead. Neither given: what `memory_fraction`
+    of free device memory holds, at most `memory.CPU_DEFAULT_BYTES` (4 GiB) on the CPU, rounded down
+    to two significant bits so that it, and with it every compiled shape, is the same from one start
+    to the next. Either way at most enough for every slot at max_model_len. max_num_batched_tokens: prompt tokens
     prefilled per scheduler visit (chunked prefill: a long prompt does not stall the running
     decodes). decode_steps: decode steps per jitted loop between scheduler visits. prefix_caching:
     reuse full blocks of identical prefixes. vision_cache_bytes: memory for cached image / video
@@ -112,7 +114,8 @@ class Engine:
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int = 8,
                  memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20,
-                 window_copy_bytes: int = 1 << 30, attention: str | None = None, processor=None):
+                 window_copy_bytes: int = 1 << 30, attention: str | None = None, processor=None,
+                 kv_cache_memory: int | str | None = None):
         self.model = model
         self.cfg = model.config
         self.mesh = getattr(model, "mesh", None)  # the params' (and the pools') mesh; None: one device
@@ -133,14 +136,19 @@ class Engine:
         self.window_copy_bytes = _positive_int("window_copy_bytes", window_copy_bytes, 0)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         need_one = self.max_blocks_per_seq + 1  # one full-length sequence and the trash block
+        per_block = paged.block_bytes(text, self.block_size, model.dtype)
         if num_blocks is None:
-            if not 0 < memory_fraction <= 1:
-                raise InputError(f"memory_fraction must lie in (0, 1], got {memory_fraction!r}")
-            per_block = paged.block_bytes(text, self.block_size, model.dtype)
-            free = device_free_bytes()
-            fit = need_one if free is None else _round_down(int(free * memory_fraction) // per_block)
-            num_blocks = max(need_one, min(fit, self.max_num_seqs * self.max_blocks_per_seq + 1))
+            budget, given = memory.pool_budget(kv_cache_memory, memory_fraction, device_free_bytes(),
+                                               jax.devices()[0].platform == "cpu")
+            fit = need_one if budget is None else budget // per_block
+            if given and fit < need_one:
+                raise InputError(f"kv_cache_memory={memory.format_size(budget)} holds {fit} KV blocks; one sequence "
+                                 f"of max_model_len={self.max_model_len} needs {need_one} "
+                                 f"({memory.format_size(need_one * per_block)}): give more, or a shorter max_model_len")
+            num_blocks = max(need_one, min(fit if given else _round_down(fit),
+                                           self.max_num_seqs * self.max_blocks_per_seq + 1))
         self.num_blocks = _positive_int("num_blocks", num_blocks, 2)
+        self.kv_cache_bytes = self.num_blocks * per_block  # the pool: every layer's keys and values
         if self.num_blocks < need_one:
             raise InputError(f"num_blocks={self.num_blocks} cannot hold one sequence of max_model_len="
                              f"{self.max_model_len} ({need_one} blocks of {self.block_size} tokens with the "

@@ -60,6 +60,7 @@ class RequestHandle:
     def __init__(self, engine, request_id: int):
         self._engine, self.request_id = engine, request_id
         self._cond = threading.Condition()
+        self._deliver = threading.RLock()  # callbacks get chunks one at a time, in order (replay included)
         self._chunks: list[TokenChunk] = []
         self._listeners: list = []
         self._output: RequestOutput | None = None
@@ -98,16 +99,18 @@ class RequestHandle:
 
     def subscribe(self, callback) -> None:
         """Calls callback(chunk) for each TokenChunk (those already out first) and callback(None) once
-        the request is finished (then `result()` returns at once). Called from the engine's thread:
-        keep it short (e.g. hand over to an event loop with call_soon_threadsafe)."""
-        with self._cond:
-            past, done = list(self._chunks), self._done
-            if not done:
-                self._listeners.append(callback)
-        for chunk in past:
-            callback(chunk)
-        if done:
-            callback(None)
+        the request is finished (then `result()` returns at once). Called from the engine's thread
+        (chunks already out: from this one), one call at a time and in order: keep it short (e.g. hand
+        over to an event loop with call_soon_threadsafe)."""
+        with self._deliver:
+            with self._cond:
+                past, done = list(self._chunks), self._done
+                if not done:
+                    self._listeners.append(callback)
+            for chunk in past:
+                callback(chunk)
+            if done:
+                callback(None)
 
     def cancel(self) -> None:
         if not self._done:
@@ -115,22 +118,24 @@ class RequestHandle:
 
     # engine side
     def _emit(self, chunk: TokenChunk) -> None:
-        with self._cond:
-            self._chunks.append(chunk)
-            listeners = list(self._listeners)
-            self._cond.notify_all()
-        for f in listeners:
-            f(chunk)
+        with self._deliver:
+            with self._cond:
+                self._chunks.append(chunk)
+                listeners = list(self._listeners)
+                self._cond.notify_all()
+            for f in listeners:
+                f(chunk)
 
     def _finish(self, output: RequestOutput | None, error: BaseException | None = None) -> None:
-        with self._cond:
-            if self._done:
-                return
-            self._output, self._error, self._done = output, error, True
-            listeners, self._listeners = self._listeners, []
-            self._cond.notify_all()
-        for f in listeners:
-            f(None)
+        with self._deliver:
+            with self._cond:
+                if self._done:
+                    return
+                self._output, self._error, self._done = output, error, True
+                listeners, self._listeners = self._listeners, []
+                self._cond.notify_all()
+            for f in listeners:
+                f(None)
 
 
 @dataclasses.dataclass(eq=False)

@@ -30,7 +30,7 @@ from qvl_jax.engine.output import MAX_STOP_STRINGS, TokenTable, check_stop
 from qvl_jax.engine.sampling import SamplingParams
 from qvl_jax.engine.structured import StructuredOutputs
 from qvl_jax.errors import InputError, QvlError
-from qvl_jax.serving import media, media_budget, tools
+from qvl_jax.serving import heap, media, media_budget, tools
 from qvl_jax.serving.metrics import Metrics
 from qvl_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, MediaURL, chat_logprobs,
                                       completion_logprobs, error_body, sse, structure, unsupported)
@@ -121,18 +121,27 @@ class _Gate:
             if not msg.get("more_body"):
                 break
         if too_big:
+            if size >= heap.LARGE_BODY_BYTES:
+                chunks = None
+                heap.give_back()
             return await self._refuse(scope, receive, send, 413, error_body(
                 f"request body is larger than this server's limit of {self.limit:,} bytes", code="request_too_large"))
         body, done = b"".join(chunks), False
+        chunks = None
 
         async def replay():
-            nonlocal done
+            nonlocal done, body
             if not done:
-                done = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                done, msg, body = True, {"type": "http.request", "body": body, "more_body": False}, None
+                return msg
             return await receive()  # then the client's disconnect, when it comes
 
-        return await self.app(scope, replay, send)
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            if size >= heap.LARGE_BODY_BYTES:  # its pieces, copies and parse are free now: give them back
+                body = None
+                heap.give_back()
 
 
 def create_app(engine, processor, config: ServerConfig | None = None) -> FastAPI:
@@ -423,7 +432,8 @@ def _chat_output(st: _State, req, thinking: bool) -> tools.ChatOutput:
 async def _serve(st: _State, request: Request, req, chat: bool):
     cfg = st.cfg
     if st.closing:
-        raise ApiError(503, "the server is shutting down", type="server_error", headers={"Retry-After": "5"})
+        raise ApiError(503, "the server is shutting down", type="server_error", code="server_shutting_down",
+                       headers={"Retry-After": "5"})
     if req.model is not None and req.model != cfg.served_model_name:
         raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {cfg.served_model_name!r}",
                        param="model", code="model_not_found")
@@ -472,7 +482,8 @@ async def _serve(st: _State, request: Request, req, chat: bool):
         except QvlError as e:  # the engine is closed
             for h in handles:
                 h.cancel()
-            raise ApiError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from None
+            raise ApiError(503, str(e), type="server_error", code="server_shutting_down",
+                           headers={"Retry-After": "5"}) from None
         st.metrics.waiting.inc()
         run = Run(handles, st.table, stop_strings, stop_ids, t0, st.metrics, want_logprobs=sp.logprobs is not None)
         outs = [_chat_output(st, req, thinking) for _ in run.choices] if chat else None
@@ -516,7 +527,7 @@ def _error_of(run: Run) -> ApiError | None:
                             type(e).__name__, type="invalid_request_error" if isinstance(e, InputError) else "server_error")
         if c.finish == "cancelled":
             return ApiError(503, "the request was cancelled: the server is shutting down", type="server_error",
-                            headers={"Retry-After": "5"})
+                            code="server_shutting_down", headers={"Retry-After": "5"})
     return None
 
 

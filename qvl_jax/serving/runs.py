@@ -1,11 +1,13 @@
 """One HTTP request's n engine requests (its choices) as one stream of text events.
 
-The request's own task (the handler, or the SSE response's body iterator) is the only consumer: each
-choice's engine handle tells it of new chunks through `RequestHandle.subscribe`, whose callback (on
-the engine's thread) only hands the chunk to the event loop's queue of this request, so no thread
-waits per choice or per request. Text is made on the event loop by each choice's
-`OutputStream` (qvl_jax.engine.output), whose work per token is bounded by the token's bytes and the
-stop strings' lengths; at a stop string the engine request is cancelled.
+The request's own task (the handler, or the SSE response's body iterator) is the only consumer. Each
+choice's engine handle tells of new chunks through `RequestHandle.subscribe` (on the engine's
+thread, in order); the callback only hands the chunk to the output processor, one worker thread
+shared by all requests, which turns tokens into text with each choice's `OutputStream`
+(qvl_jax.engine.output: work per token bounded by the token's bytes and the stop strings' lengths,
+never by the answer's), cancels the engine request at a stop string, and hands the text to the
+event loop's queue of this request. Text is never made on the event loop (a slow match there once
+held up every request, /health included), and no thread waits per choice or per request.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
+
 from qvl_jax.engine.output import OutputStream, TokenTable
+
+# The output processor: one worker, so that each choice's chunks are processed in the order given.
+_OUTPUT = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvl-output")
 
 
 @dataclasses.dataclass
@@ -31,10 +38,10 @@ class Choice:
 
 
 class _End:
-    """A choice's end: its RequestOutput, or the error it failed with."""
+    """A choice's end: its RequestOutput, or the error it failed with; and its last text."""
 
-    def __init__(self, item):
-        self.item = item
+    def __init__(self, item, tail: str = ""):
+        self.item, self.tail = item, tail
 
 
 def _ended(handle) -> _End:
@@ -42,6 +49,15 @@ def _ended(handle) -> _End:
         return _End(handle.result(timeout=0))
     except BaseException as e:  # the handle's error is the request's, reported to its client
         return _End(e)
+
+
+@dataclasses.dataclass
+class _Piece:
+    """A chunk as text: its token count, the text delta, its logprob entries (without a stop id)."""
+
+    n: int
+    delta: str
+    lps: list
 
 
 class Run:
@@ -59,14 +75,46 @@ class Run:
         for c in self.choices:
             c.handle.cancel()
 
+    def _process(self, i: int, handle, chunk):
+        """The output processor's work on one chunk of choice i (None: its end)."""
+        c = self.choices[i]
+        if chunk is None:
+            end = _ended(handle)
+            if isinstance(end.item, BaseException):
+                c.error = end.item
+                c.out.finish("error")
+            else:
+                c.result = end.item
+                end.tail = c.out.finish(end.item.finish_reason)
+            return end
+        toks = chunk.tokens.tolist()
+        if c.finish is not None:  # stopped by a stop string: the rest is discarded
+            return _Piece(len(toks), "", [])
+        before = c.out.n_tokens
+        delta = c.out.add(toks)
+        kept = toks[:c.out.n_tokens - before]
+        if isinstance(c.out.stop_reason, str):
+            c.handle.cancel()
+        lps = []
+        if chunk.logprobs is not None:
+            lps = [(t, float(chunk.logprobs[j]), chunk.top_token_ids[j].tolist(), chunk.top_logprobs[j].tolist())
+                   for j, t in enumerate(kept) if t not in self.stop_ids]
+            c.logprobs += lps
+        return _Piece(len(toks), delta, lps)
+
     async def events(self):
         loop, m = asyncio.get_running_loop(), self.metrics
         q: asyncio.Queue = asyncio.Queue()
-        def tell(i, handle, chunk):  # on the engine's thread: hand over and return
+
+        def work(i, handle, chunk):  # on the output processor's thread
+            item = self._process(i, handle, chunk)
             try:
-                loop.call_soon_threadsafe(q.put_nowait, (i, chunk if chunk is not None else _ended(handle)))
+                loop.call_soon_threadsafe(q.put_nowait, (i, item))
             except RuntimeError:  # the event loop is closed (the server stopped): nobody is listening
                 pass
+
+        def tell(i, handle, chunk):  # on the engine's thread: hand over and return
+            _OUTPUT.submit(work, i, handle, chunk)
 
         for i, c in enumerate(self.choices):
             c.handle.subscribe(lambda chunk, i=i, h=c.handle: tell(i, h, chunk))
@@ -79,13 +127,7 @@ class Run:
                 c = self.choices[i]
                 if isinstance(item, _End):
                     left -= 1
-                    if isinstance(item.item, BaseException):
-                        c.error = item.item
-                        c.out.finish("error")
-                        yield i, "", c.finish, []
-                    else:
-                        c.result = item.item
-                        yield i, c.out.finish(item.item.finish_reason), c.finish, []
+                    yield i, item.tail, c.finish, []
                     continue
                 now = time.perf_counter()
                 if not self.first_token:
@@ -93,23 +135,10 @@ class Run:
                     m.ttft.observe(now - self.t0)
                     m.waiting.dec()
                     m.running.inc()
-                toks = item.tokens.tolist()
                 if c.last_t is not None:
-                    for _ in range(len(toks)):
-                        m.itl.observe((now - c.last_t) / len(toks))
+                    for _ in range(item.n):
+                        m.itl.observe((now - c.last_t) / item.n)
                 c.last_t = now
-                m.generation_tokens.inc(len(toks))
-                if c.finish is not None:  # stopped by a stop string: the rest is discarded
-                    continue
-                before = c.out.n_tokens
-                delta = c.out.add(toks)
-                kept = toks[:c.out.n_tokens - before]
-                if isinstance(c.out.stop_reason, str):
-                    c.handle.cancel()
-                lps = []
-                if item.logprobs is not None:
-                    lps = [(t, float(item.logprobs[j]), item.top_token_ids[j].tolist(), item.top_logprobs[j].tolist())
-                           for j, t in enumerate(kept) if t not in self.stop_ids]
-                    c.logprobs += lps
-                if delta or lps:
-                    yield i, delta, None, lps
+                m.generation_tokens.inc(item.n)
+                if item.delta or item.lps:
+                    yield i, item.delta, None, item.lps
