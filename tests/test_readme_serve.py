@@ -32,6 +32,10 @@ def test_readme_client_runs_against_readme_server(tmp_path):
     assert args[args.index("--port") + 1] == "8000"
     port = free_port()
     args[args.index("--port") + 1] = str(port)
+    # The README's command compiles every engine program before /health (minutes of a CI run at the
+    # default settings); this test is about the client, so the server warms up with two requests only
+    # (the full warm-up: tests/test_engine_warmup.py and test_serve.py's health test).
+    args += ["--warm-up", "requests"]
     client = re.findall(r"^```py\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
     assert len(client) == 1 and "http://127.0.0.1:8000/v1" in client[0]
     env = dict(os.environ, QVL_JAX_CACHE=str(tmp_path / "cache"), QVL_JAX_COMPILATION_CACHE="0")

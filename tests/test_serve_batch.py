@@ -200,6 +200,24 @@ def _comparable(body: dict) -> dict:
     return body
 
 
+def _same(a, b, path="body") -> None:
+    """a == b, floats (log-probabilities) within 1e-5: the engine batches the two runs' requests
+    differently (a decode row may ride on another request's prefill chunk, `steps.mixed`), which
+    moves float32 logits by rounding; every token, text and field must still be equal."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5), path
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
 def _run(app, inp, out, **kw):
     from qvl_jax.serving.batch import run_batch
 
@@ -225,7 +243,7 @@ def test_batch_equals_server(srv, tmp_path):
         res = results[cid]
         assert set(res) == {"id", "custom_id", "response", "error"} and res["id"].startswith("batch_req_")
         assert res["response"]["status_code"] == r.status_code
-        assert _comparable(res["response"]["body"]) == _comparable(r.json()), cid
+        _same(_comparable(res["response"]["body"]), _comparable(r.json()), cid)
         if r.status_code == 200:
             assert res["error"] is None and res["response"]["request_id"] == res["response"]["body"]["id"]
         else:

@@ -110,7 +110,8 @@ def test_sigterm_past_timeout_cuts_requests_with_error_objects(proc):
     # Both running, one queued, and the stream has handed out text.
     while not (s.metric("qvl_requests_running") == 2 and s.metric("qvl_requests_waiting") == 1
                and any('"content":"' in ln and '"content":""' not in ln for ln in stream_lines)):
-        assert time.monotonic() < end, "the requests did not start"
+        assert time.monotonic() < end, ("the requests did not start", s.metric("qvl_requests_running"),
+                                        s.metric("qvl_requests_waiting"), stream_lines[-3:], answers)
         time.sleep(0.05)
     s.p.send_signal(signal.SIGTERM)
     for t in threads:
