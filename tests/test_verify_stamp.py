@@ -108,6 +108,8 @@ def test_no_stamp_while_the_files_are_too_new(copy, hashes, monkeypatch):
     # "Too new": changed within the last _RACY_NS; widened so that a slow load (a busy machine took
     # over the second between the copy and the check) still counts as one right after the copy.
     monkeypatch.setattr(checkpoint, "_RACY_NS", 3600 * 10**9)
+    # The source's stamp (an earlier test loaded it) came along with the copy: no stamp before the load.
+    (copy / STAMP_FILE).unlink(missing_ok=True)
     qvl_jax.load(copy)  # just copied: a write in the same clock tick could go unseen
     assert hashes and not (copy / STAMP_FILE).exists()
 
