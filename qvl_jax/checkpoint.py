@@ -33,7 +33,7 @@ from qvl_jax.convert import core as convert_core
 from qvl_jax.convert.core import AUX_FILES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, STAMP_FILE
 from qvl_jax.convert.table import LAYOUT_METADATA, OUT_IN
 from qvl_jax.errors import CheckpointError, ConfigError, ResourceError
-from qvl_jax.files import temp_sibling, write_atomic
+from qvl_jax.files import new_directory, write_atomic
 from qvl_jax.modeling import quant
 from qvl_jax.modeling.model import abstract_model, state_key
 from qvl_jax.sharding import key_shardings, to_host
@@ -360,8 +360,7 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
                                                      for path, var in nnx.to_flat_state(state)}).items()}
     if jax.process_index() != 0:
         return directory
-    tmp = temp_sibling(directory)
-    try:
+    with new_directory(directory) as tmp:
         metadata = {"format": "pt"}
         if any(".mlp.experts." in key for key in tensors):
             # The experts are written in transformers 5's layout, whatever config.json's
@@ -371,12 +370,6 @@ def save_hf(state: nnx.State, source_dir, directory) -> Path:
         for name in AUX_FILES:
             if (Path(source_dir) / name).is_file():
                 shutil.copyfile(Path(source_dir) / name, tmp / name)
-        if directory.exists():
-            directory.rmdir()  # empty, checked above
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -392,8 +385,7 @@ def save_quantized(state: nnx.State, mode: str, source_dir, directory) -> Path:
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise CheckpointError(f"{directory} already exists and is not empty; choose another directory")
-    tmp = temp_sibling(directory)
-    try:
+    with new_directory(directory) as tmp:
         tensors, dtypes, n = {}, set(), 0
         for key, var in quant.flat_vars(state, state_key).items():
             value = var.get_value()
@@ -425,10 +417,4 @@ def save_quantized(state: nnx.State, mode: str, source_dir, directory) -> Path:
             "source": str(Path(source_dir).resolve()), "files": files,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if directory.exists():
-            directory.rmdir()  # empty, checked above
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

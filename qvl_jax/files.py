@@ -3,8 +3,10 @@ adapters, Hugging Face checkpoints)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -31,4 +33,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def new_directory(directory: Path):
+    """Writes a new directory whole or not at all: yields a `temp_sibling` to fill, then renames it
+    to `directory` (which may exist only empty: checked by the caller); on an error the temporary
+    one goes and `directory` is left as it was."""
+    tmp = temp_sibling(directory)
+    try:
+        yield tmp
+        if directory.exists():
+            directory.rmdir()  # empty, checked by the caller
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
