@@ -259,6 +259,19 @@ def _put(buf, col, value):
 # The steps
 
 
+def _chunk_mask(valid: jax.Array, offset: jax.Array, lo: jax.Array, window: int):
+    """(cache index [r, t] of each query of a chunk at offset [r], attention mask [r, t, window]): a
+    query sees keys from lo [r] up to itself, earlier cache entries and the chunk's real tokens."""
+    t = valid.shape[1]
+    index = offset[:, None] + jnp.arange(t)[None]
+    j = jnp.arange(window)
+    rel = jnp.clip(j[None] - offset[:, None], 0, t - 1)
+    chunk_valid = jnp.take_along_axis(valid, rel, axis=1)  # [r, window]: key j is a real token of the chunk
+    key_ok = (j[None] >= lo[:, None]) & ((j[None] < offset[:, None])
+                                         | ((j[None] < offset[:, None] + t) & chunk_valid))
+    return index, key_ok[:, None, :] & (j[None, None, :] <= index[:, :, None])
+
+
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "window", "want_logits", "mesh"),
                    donate_argnames=("cache", "seen", "counts"))
 def prefill(structure: Structure, leaves: list, flags: SamplingFlags, window: int, want_logits: bool, cache,
@@ -276,13 +289,7 @@ def prefill(structure: Structure, leaves: list, flags: SamplingFlags, window: in
     the device, for the decode calls that follow (putting host arrays there one by one costs more)."""
     m = structure.merge(leaves)
     r, t = ids.shape
-    index = offset[:, None] + jnp.arange(t)[None]  # [r, t] cache index of each query
-    j = jnp.arange(window)
-    rel = jnp.clip(j[None] - offset[:, None], 0, t - 1)
-    chunk_valid = jnp.take_along_axis(valid, rel, axis=1)  # [r, window]: key j is a real token of the chunk
-    key_ok = (j[None] >= rows.lo[:, None]) & ((j[None] < offset[:, None])
-                                              | ((j[None] < offset[:, None] + t) & chunk_valid))
-    mask = key_ok[:, None, :] & (j[None, None, :] <= index[:, :, None])
+    index, mask = _chunk_mask(valid, offset, rows.lo, window)
     x, deepstack = m.embed_inputs(ids, vision)
     h, view = m.model.language_model(x, positions, mask, deepstack, cache.view(index, valid, window))
     last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
@@ -385,13 +392,8 @@ def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int,
     t, s = ids.shape[1], last_tok.shape[0]
     first = dataclasses.replace(cache, table=cache.table[:1])
     second = dataclasses.replace(cache, table=cache.table[1:], bucket=decode_bucket)
+    index, mask_first = _chunk_mask(valid, offset, rows.lo[:1], window)
     j = jnp.arange(window)
-    index = offset[:, None] + jnp.arange(t)[None]  # [1, t]
-    rel = jnp.clip(j[None] - offset[:, None], 0, t - 1)
-    chunk_valid = jnp.take_along_axis(valid, rel, axis=1)
-    key_ok = (j[None] >= rows.lo[:1, None]) & ((j[None] < offset[:, None])
-                                               | ((j[None] < offset[:, None] + t) & chunk_valid))
-    mask_first = key_ok[:, None, :] & (j[None, None, :] <= index[:, :, None])
     seq = rows.seq_len[1:]
     mask_second = ((j[None] >= rows.lo[1:, None]) & (j[None] <= seq[:, None]))[:, None, :]
     x, deepstack = m.embed_inputs(ids, vision)
