@@ -103,13 +103,19 @@ def test_sigterm_past_timeout_cuts_requests_with_error_objects(proc):
                 if ln:
                     stream_lines.append(ln)
 
-    threads = [threading.Thread(target=stream)] + [threading.Thread(target=post, args=(k,)) for k in ("a", "b")]
-    for t in threads:
-        t.start()
+    # The stream first, until it hands out text: three requests sent at once are admitted in the order
+    # they reach the engine, and a queued stream has no text to show.
+    threads = [threading.Thread(target=stream)]
+    threads[0].start()
     end = time.monotonic() + 240  # first tokens compile the decode shapes: slow on a loaded machine
-    # Both running, one queued, and the stream has handed out text.
-    while not (s.metric("qvl_requests_running") == 2 and s.metric("qvl_requests_waiting") == 1
-               and any('"content":"' in ln and '"content":""' not in ln for ln in stream_lines)):
+    while not any('"content":"' in ln and '"content":""' not in ln for ln in stream_lines):
+        assert time.monotonic() < end, ("the stream did not start", stream_lines[-3:])
+        time.sleep(0.05)
+    threads += [threading.Thread(target=post, args=(k,)) for k in ("a", "b")]
+    for t in threads[1:]:
+        t.start()
+    # Both running, one queued.
+    while not (s.metric("qvl_requests_running") == 2 and s.metric("qvl_requests_waiting") == 1):
         assert time.monotonic() < end, ("the requests did not start", s.metric("qvl_requests_running"),
                                         s.metric("qvl_requests_waiting"), stream_lines[-3:], answers)
         time.sleep(0.05)
