@@ -225,9 +225,18 @@ class PagedView(KVCache):
         of that many indices from the pages)."""
         if self.buckets is None:
             return super().attend(layer, q, k, v, mask, impl)
-        bucket, sizes = self.buckets
         kp, vp, view = self._store(layer, k, v)
         wk, wv = self._store_windows(layer, k, v, view) if self.windows else (None, None)
+        return self._attend_stored(q, mask, impl, kp, vp, wk, wv), view
+
+    def _attend_stored(self, q: jax.Array, mask: jax.Array, impl: str, kp: jax.Array, vp: jax.Array,
+                       wk: jax.Array | None = None, wv: jax.Array | None = None) -> jax.Array:
+        """Attention of q over the pools kp, vp of one layer that already hold this call's keys and
+        values (and over the window buffers wk, wv where the bucket fits them)."""
+        if self.buckets is None:
+            keys, values = self._gather(kp, vp)
+            return attention.attend(q, keys, values, mask, impl)
+        bucket, sizes = self.buckets
         held = 0 if wk is None else wk.shape[1]
 
         def branch(w: int):
@@ -239,8 +248,7 @@ class PagedView(KVCache):
                 return attention.attend(q, keys, values, mask[:, :, :w], impl)
             return run
 
-        out = jax.lax.switch(bucket, [branch(w) for w in sizes], q, mask, kp, vp, wk, wv)
-        return out, view
+        return jax.lax.switch(bucket, [branch(w) for w in sizes], q, mask, kp, vp, wk, wv)
 
 
 class PallasPagedView(PagedView):
@@ -279,8 +287,13 @@ class PallasPagedView(PagedView):
 class MixedView(KVCache):
     """The view of a mixed step (`steps.mixed`): one sequence of t + s tokens whose first t are a
     prefill chunk of one row (`first`, a `PagedView` of that row) and whose last s are one decode
-    token of each of s rows (`second`, a `PagedView` of those rows). Each part stores its keys and
-    values and attends over its own rows' windows; both write the same pages, one after the other."""
+    token of each of s rows (`second`, a `PagedView` of those rows). Per layer, one scatter stores
+    both parts' keys and values, then each part attends over its own rows' windows of the updated
+    pools (a row's window holds only its own blocks, so each reads what it would have read alone).
+
+    One scatter, not one per part: with the first part's attention reading the pools between two
+    scatters into them, XLA could not update them in place and copied every layer's pools twice a
+    step (at 2B widths, 8 slots, the default pool: ~4 GB of copies, most of a mixed step's time)."""
 
     def __init__(self, first: PagedView, second: PagedView, t: int):
         self.first, self.second, self.t = first, second, t
@@ -296,13 +309,10 @@ class MixedView(KVCache):
     def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, mask: tuple, impl: str):
         t, s = self.t, q.shape[1] - self.t
         mask_first, mask_second = mask
-        out_first, first = self.first.attend(layer, q[:, :t], k[:, :t], v[:, :t], mask_first, impl)
-
-        def rows(a):  # [1, s, ...] -> [s, 1, ...]: one decode token per row
-            return jnp.swapaxes(a[:, t:], 0, 1)
-
-        second = self.second._replace(pages=first.pages)
-        # One query per row: the decode step's attention, as `steps.decode` runs it.
-        out_second, second = second.attend(layer, rows(q), rows(k), rows(v), mask_second, "einsum")
+        both = self.first._replace(write=jnp.concatenate([self.first.write.reshape(-1), self.second.write.reshape(-1)]))
+        kp, vp, stored = both._store(layer, k, v)  # k, v [1, t + s, ...]: the chunk's, then the rows'
+        out_first = self.first._attend_stored(q[:, :t], mask_first, impl, kp, vp)
+        # One query per row ([1, s, ...] -> [s, 1, ...]): the decode step's attention, as `steps.decode` runs it.
+        out_second = self.second._attend_stored(jnp.swapaxes(q[:, t:], 0, 1), mask_second, "einsum", kp, vp)
         out = jnp.concatenate([out_first, out_second.reshape(1, s, -1)], axis=1)
-        return out, MixedView(first._replace(pages=second.pages), second, t)
+        return out, MixedView(self.first._replace(pages=stored.pages), self.second._replace(pages=stored.pages), t)
