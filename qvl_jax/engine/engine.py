@@ -63,14 +63,16 @@ def _dummy_vision(vc):
     return VisionInputs.build(np.zeros((64, vc.patch_dim), np.float32), np.array([[1, m, 64 // m]]), vc, 64)
 
 
-@jax.jit
-def _chunk_features(feats: jax.Array, deepstack: jax.Array, index: np.ndarray) -> tuple:
+def _chunk_features(feats: np.ndarray, deepstack: np.ndarray, index: np.ndarray) -> tuple:
     """One prefill chunk's vision input in chunk order: (features [t, d], DeepStack features [K, t,
-    d], feature index [1, t]) from the request's features [n, d] / [K, n, d] and the chunk's
-    feature index [t] (-1 at text). Their shapes depend on the chunk's length alone, so the prefill
-    step compiles once per chunk length whatever the media (`Engine.warm_up` compiles them all)."""
-    at = jnp.maximum(index, 0)
-    return feats[at], deepstack[:, at], jnp.where(index >= 0, jnp.arange(index.shape[0]), -1)[None]
+    d], feature index [1, t]) from the request's features [n, d] / [K, n, d] (host arrays) and the
+    chunk's feature index [t] (-1 at text). Their shapes depend on the chunk's length alone, so the
+    prefill step compiles once per chunk length whatever the media (`Engine.warm_up` compiles them
+    all). Gathered on the host: a jitted gather compiled once per (features, chunk) size pair, new
+    image sizes compiled inside requests (~0.1 s each on the CPU)."""
+    at = np.maximum(index, 0)
+    return (jnp.asarray(feats[at]), jnp.asarray(deepstack[:, at]),
+            jnp.asarray(np.where(index >= 0, np.arange(index.shape[0]), -1)[None].astype(np.int32)))
 
 
 def _round_down(n: int) -> int:
@@ -423,19 +425,21 @@ class Engine:
         got = {m.digest: self.vision_cache.get(m.digest) for m in need}
         miss = [m for m in need if got[m.digest] is None]
         if miss:
-            feats, deepstack = vision_tower(*self.model.split, req.layout.vision_inputs(miss))
+            # On the host from here: slicing and gathering device arrays compiles per image size.
+            feats, deepstack = map(np.asarray, vision_tower(*self.model.split, req.layout.vision_inputs(miss)))
             self.stats["vision_encoded"] += len(miss)
             at = 0
             for m in miss:
-                got[m.digest] = (feats[at:at + m.n_feats], deepstack[:, at:at + m.n_feats])
+                # Copies: a view would keep the whole call's features alive past the cache's bound.
+                got[m.digest] = (feats[at:at + m.n_feats].copy(), deepstack[:, at:at + m.n_feats].copy())
                 at += m.n_feats
                 self.vision_cache.put(m.digest, *got[m.digest])
         parts = [got[m.digest] for m in need]
         row = sum(m.n_feats for m in need)
         pad = bucket_length(row, 16) - row
-        feats = jnp.concatenate([f for f, _ in parts]) if len(parts) > 1 else parts[0][0]
-        deepstack = jnp.concatenate([d for _, d in parts], axis=1) if len(parts) > 1 else parts[0][1]
-        return jnp.pad(feats, ((0, pad), (0, 0))), jnp.pad(deepstack, ((0, 0), (0, pad), (0, 0))), need
+        feats = np.concatenate([f for f, _ in parts])
+        deepstack = np.concatenate([d for _, d in parts], axis=1)
+        return np.pad(feats, ((0, pad), (0, 0))), np.pad(deepstack, ((0, 0), (0, pad), (0, 0))), need
 
     def _text_vision(self, t: int) -> tuple:
         """The vision input of a chunk of t padded tokens without media: zero features, no feature
