@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -70,7 +71,7 @@ def block_bytes(cfg: TextConfig, block_size: int, dtype) -> int:
 
 
 def window_buffers(cfg: TextConfig, rows: int, window: int, dtype, mesh=None) -> tuple:
-    """Zeroed buffers for `gather_windows`: (keys, values), each a tuple of [rows, window, kv_heads,
+    """Zeroed buffers for `PagedCache.start_decode` to gather decode windows into: (keys, values), each a tuple of [rows, window, kv_heads,
     head_dim] per layer; under a mesh split over kv heads as the pools are."""
     shape = (rows, window, cfg.num_key_value_heads, cfg.head_dim)
     where = None
@@ -79,13 +80,6 @@ def window_buffers(cfg: TextConfig, rows: int, window: int, dtype, mesh=None) ->
     n = cfg.num_hidden_layers
     return (tuple(jnp.zeros(shape, dtype, device=where) for _ in range(n)),
             tuple(jnp.zeros(shape, dtype, device=where) for _ in range(n)))
-
-
-def gather_windows(pages: Pages, read: jax.Array, into: tuple) -> tuple:
-    """Every layer's keys and values at slots read [b, s] ("xla" layout), written into the buffers
-    `into` (of `window_buffers`): (keys, values), each a tuple of [b, s, kv_heads, head_dim] per layer."""
-    return tuple(tuple(jax.lax.dynamic_update_slice(buf, p[read], (0, 0, 0, 0)) for buf, p in zip(bufs, pool))
-                 for bufs, pool in zip(into, (pages.k, pages.v)))
 
 
 def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
@@ -137,22 +131,31 @@ class PagedCache:
 
     def start_decode(self, rows: int, window: int) -> "PagedCache":
         """Gathers each row's window into the buffers once, before a decode loop (with window
-        buckets: the first sizes[bucket] indices, where they fit the buffers)."""
+        buckets: the first sizes[bucket] indices, where they fit the buffers).
+
+        A loop of in-place block copies, as many as the window needs: a `lax.switch` over one
+        gather per window size made XLA copy every buffer whole first (a conditional's branches
+        do not update their operands in place), about 1 GB a loop for 8 rows at 2B widths."""
         if not self.windows:
             return self
         bs = self.block_size
-
-        def gather(w: int):
-            def run(windows):
-                read = slots(self.table, jnp.broadcast_to(jnp.arange(w), (rows, w)), bs)
-                return gather_windows(self.pages, read, windows)
-            return run
-
-        if not self.sizes:
-            return dataclasses.replace(self, windows=gather(window)(self.windows))
         held = self.windows[0][0].shape[1]
-        branches = [gather(w) if w <= held else (lambda windows: windows) for w in self.sizes]
-        return dataclasses.replace(self, windows=jax.lax.switch(self.bucket, branches, self.windows))
+        fits = [w for w in (self.sizes or (window,)) if w <= held]
+        if not fits:
+            return self
+        c = functools.reduce(math.gcd, fits + [256])  # tokens a step: divides every window that fits
+        if self.sizes:
+            n = jnp.asarray(self.sizes, jnp.int32)[self.bucket]
+            n = jnp.where(n <= held, n, 0)  # longer windows are read from the pages every step
+        else:
+            n = window
+
+        def copy(i, windows):
+            read = slots(self.table, jnp.broadcast_to(i * c + jnp.arange(c), (rows, c)), bs)
+            return tuple(tuple(jax.lax.dynamic_update_slice(buf, p[read], (0, i * c, 0, 0)) for buf, p in zip(bufs, pool))
+                         for bufs, pool in zip(windows, (self.pages.k, self.pages.v)))
+
+        return dataclasses.replace(self, windows=jax.lax.fori_loop(0, n // c, copy, self.windows))
 
     def end_decode(self) -> "PagedCache":
         return self
@@ -167,7 +170,7 @@ class PagedView(KVCache):
     `PallasPagedView` reads instead of `read`; a decode step passes them.
 
     windows (one query per row; () where none): each layer's windows (keys, values: per layer
-    [b, s, kv_heads, head_dim]) gathered once before a loop of decode steps (`gather_windows`), and
+    [b, s, kv_heads, head_dim]) gathered once before a loop of decode steps (`PagedCache.start_decode`), and
     at [b] the window index this step's token goes to (s: nowhere, an inactive row). The step then
     writes its token into the pages and into the windows, and attention reads the windows: the
     same keys and values as gathering them every step, without the gather (on the CPU, 8 rows over
