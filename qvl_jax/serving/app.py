@@ -222,8 +222,9 @@ WARM_UP_MODES = ("full", "requests", "none", True, False)
 
 def _warm_up(st: _State) -> None:
     """Before /health says ready: compiles every engine program the common requests meet
-    (`Engine.warm_up`: each prefill chunk bucket and decode row count, for greedy requests and for
-    requests that give no sampling fields (temperature 1), and the vision tower's patch buckets up to one image of the
+    (`Engine.warm_up`: each prefill chunk bucket and decode row count, for greedy requests, for
+    requests that give no sampling fields (temperature 1) and for constrained ones (structured
+    outputs, forced tool calls), and the vision tower's patch buckets up to one image of the
     processor's largest size), then runs a text and an image prompt through the whole path."""
     try:
         if st.cfg.warm_up in (True, "full"):
@@ -236,8 +237,14 @@ def _warm_up(st: _State) -> None:
                     print(f"warm-up: compiling program {i + 1} of {n} ({prog[0]})", file=sys.stderr, flush=True)
 
             # Greedy, and a request without sampling fields (temperature 1, as _sampling reads it).
-            secs = st.engine.warm_up(sampling=({"temperature": 0.0}, {"temperature": 1.0}), vision_patches=patches,
-                                     progress=progress)
+            sampling = [{"temperature": 0.0}, {"temperature": 1.0}]
+            if st.engine.model.path is not None:
+                # A constrained request (response_format, structured_outputs, forced tool calls), greedy
+                # or sampled, alone or batched with others: one more sampler (`SamplingParams.flags`).
+                # The server's stop ids also build llguidance's tokenizer for them here.
+                sampling.append({"temperature": 1.0, "structured": {"json_object": True},
+                                 "stop_token_ids": sorted(st.processor.eos_token_ids)})
+            secs = st.engine.warm_up(sampling=tuple(sampling), vision_patches=patches, progress=progress)
             print(f"warm-up: the engine's programs are ready ({secs:.1f} s)", file=sys.stderr, flush=True)
         img = np.full((64, 64, 3), 128, np.uint8)
         for content in ("warm up", [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]):
