@@ -50,6 +50,10 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     max_pending: int = 256  # engine requests (choices) admitted and not finished; more get 503
     special_tokens_in_messages: bool = False  # True: typed <|im_start|> becomes a control token (transformers)
+    # tool_choice "none" renders the request's tools into the prompt all the same (vLLM's default: the
+    # prompt, and so the prefix cache, does not change with tool_choice); True leaves them out (vLLM's
+    # --exclude-tools-when-tool-choice-none). Either way no tool call is parsed from the answer.
+    exclude_tools_when_tool_choice_none: bool = False
     # Before /health says ready: "full" compiles every engine program the common requests meet
     # (`_warm_up`), "requests" only runs a text and an image prompt, "none" (or False) nothing.
     warm_up: str | bool = "full"
@@ -319,7 +323,7 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                               "tokenize", "return_dict", "chat_template", "literal_content"})
     if taken:
         raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
-    if req.tools and req.tool_choice != "none":  # "none": the model is not told of the tools
+    if req.tools and not (req.tool_choice == "none" and st.cfg.exclude_tools_when_tool_choice_none):
         kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
         inp = st.processor.apply_chat_template(
