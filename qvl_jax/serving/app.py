@@ -284,16 +284,24 @@ def _too_long(st: _State, chars: int, param: str) -> None:
 
 def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
     """Messages -> one processor output (worker thread: media loading and preprocessing). The
-    request's mm_processor_kwargs are checked, and every image's tokens counted from its header
-    against the context, before any image is decoded (media_budget.py)."""
+    request's mm_processor_kwargs are checked, and every image's and video's tokens counted from its
+    header against the context (a video's pixels against the server's limit too), before any image
+    or video is decoded (media_budget.py)."""
     policy = st.cfg.media
     _too_long(st, sum(len(m.content) if isinstance(m.content, str) else
                       sum(len(p.text) for p in m.content if p.type == "text") if m.content else 0
                       for m in req.messages), "messages")
     settings = media_budget.request_settings(req.mm_processor_kwargs, st.processor)
     budget = media_budget.VisionBudget(st.processor, settings, st.engine.max_model_len)
-    images = iter([budget.image(media.fetch_bytes(_media_url(p.image_url), policy, "image"))
-                   for m in req.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url"])
+
+    def fetched(p):  # an image's bytes, or a video's bytes and number, counted from their headers
+        if p.type == "image_url":
+            return budget.image(media.fetch_bytes(_media_url(p.image_url), policy, "image"))
+        data = media.fetch_bytes(_media_url(p.video_url), policy, "video")
+        return data, budget.video_header(media.video_header(data, policy))
+
+    items = iter([fetched(p) for m in req.messages if isinstance(m.content, list) for p in m.content
+                  if p.type != "text"])
     msgs = []
     for m in req.messages:
         if m.content is None or isinstance(m.content, str):
@@ -304,10 +312,11 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                 if p.type == "text":
                     content.append({"type": "text", "text": p.text})
                 elif p.type == "image_url":
-                    content.append({"type": "image", "image": media.decode_image(next(images), policy)})
+                    content.append({"type": "image", "image": media.decode_image(next(items), policy)})
                 else:
-                    frames, fps = media.load_video(_media_url(p.video_url), policy)
-                    budget.video(frames, fps)
+                    data, number = next(items)
+                    frames, fps = media.decode_video(data, policy)
+                    budget.video(number, frames, fps)
                     content.append({"type": "video", "video": frames, **({"video_fps": fps} if fps else {})})
         msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
