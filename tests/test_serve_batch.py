@@ -3,7 +3,7 @@
 Server: a request's min_pixels / max_pixels / fps / num_frames give the answer the engine gives for
 the processor called with the same keywords; a bad setting is a 400 naming
 `mm_processor_kwargs.<key>`, and media that cannot fit the context are refused, all before any image
-is decoded and with no blocks left behind.
+is decoded (a video too, where its container states its frame count) and with no blocks left behind.
 
 Batch: results equal what the server answers over HTTP for the same bodies (greedy and seeded); every
 bad line gets its own result line; a partial last line is cut off on resume; and a 200-request file
