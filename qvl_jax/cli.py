@@ -494,8 +494,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
     s.add_argument("--warm-up", default="full", choices=["full", "requests", "none"],
-                   help="before /health says ready: full compiles every engine program greedy and default-sampled "
-                        "requests meet (chunk lengths, row counts, image sizes); requests runs one text and one "
+                   help="before /health says ready: full compiles every engine program greedy, default-sampled and "
+                        "constrained (structured outputs, forced tool calls) requests meet (chunk lengths, row "
+                        "counts, image sizes); requests runs one text and one "
                         "image prompt; none starts at once and compiles on first use")
     s.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (absent: as stored)")

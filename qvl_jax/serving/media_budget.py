@@ -81,6 +81,7 @@ class VisionBudget:
         return data
 
     def _video(self, number: int, frames: int, height: int, width: int, fps: float | None) -> None:
+        """Video `number`'s tokens for this frame count, size and source rate, in place of its last count."""
         vp = self.video_processor
         try:
             n = len(vp.sample_frame_indices(frames, fps))
