@@ -488,11 +488,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--special-tokens-in-messages", action="store_true",
                    help="let typed special tokens (<|im_start|>) in messages become control tokens, as "
                         "transformers does (default: plain text)")
+    s.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="leave a request's tools out of the prompt when its tool_choice is none (default: "
+                        "rendered, as vLLM does; no tool call is parsed either way)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
     s.add_argument("--warm-up", default="full", choices=["full", "requests", "none"],
-                   help="before /health says ready: full compiles every engine program greedy and default-sampled "
-                        "requests meet (chunk lengths, row counts, image sizes); requests runs one text and one "
+                   help="before /health says ready: full compiles every engine program greedy, default-sampled and "
+                        "constrained (structured outputs, forced tool calls) requests meet (chunk lengths, row "
+                        "counts, image sizes); requests runs one text and one "
                         "image prompt; none starts at once and compiles on first use")
     s.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="cast params on load (absent: as stored)")

@@ -16,6 +16,12 @@ TTFT p50 at each level).
     python scripts/bench_serve.py --peer-url http://127.0.0.1:8001/v1 --peer-model Qwen/Qwen3-VL-2B-Instruct
     python scripts/bench_serve.py --config 2b --layers 4 --peer-venv VENV   # random 2B widths
 
+--json-schema: every request of ours constrained by a JSON schema (response_format), to measure the
+cost of structured outputs against the same command without it. Our server's full warm-up compiles
+the constrained programs too, so neither run compiles inside its timed window (compile_s says).
+Without --json-schema requests send ignore_eos; with it the grammar decides where an answer may end,
+so compare output_tok_s, and see short_requests.
+
 --config quick|2b|4b|8b [--layers N]: serve a random checkpoint of those widths instead of --model: a
 `qvl_jax.Model.random` (seed --seed-weights) written with save_pretrained in the Hugging Face layout,
 with the built-in tiny model's chat template and processor configs (small pixel budgets: at most 256

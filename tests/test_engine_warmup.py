@@ -83,3 +83,50 @@ def test_close_stops_a_warm_up_between_programs(setup):
 
     eng.warm_up(progress=progress)
     assert started.is_set() and seen == [0]
+
+
+def test_constrained_requests_compile_nothing_after_warm_up():
+    """The server's warm-up of a constrained sampler (`serving.app._warm_up`: a structured entry in
+    `sampling`) compiles what structured outputs run: the mixed steps with the allowed-token mask,
+    and the decode loop of one step. After it, constrained requests (greedy and sampled, a prompt of
+    one chunk and one of three, alone and batched with an unconstrained one) compile no new step,
+    and their answers follow their grammars."""
+    import re
+
+    import qvl_jax
+    from qvl_jax.processing.processor import Processor
+
+    m = qvl_jax.load("tiny-random")
+    proc = Processor.from_pretrained(m.path)
+    eng = m.engine(max_num_seqs=2, max_model_len=160, block_size=4, num_blocks=120, decode_steps=4,
+                   max_num_batched_tokens=32)
+    eos = sorted(proc.eos_token_ids)
+    constrained = {"temperature": 1.0, "structured": {"json_object": True}, "stop_token_ids": eos}
+    seen = []
+    eng.warm_up(sampling=({"temperature": 0}, constrained), progress=lambda i, n, prog: seen.append(prog))
+    # 5 chunk buckets x 1 mixed row count + 2 decode row counts, for each of the two samplers.
+    assert len(seen) == 14 and sum(p[1].constrained for p in seen) == 7
+    compiled = (steps.mixed._cache_size(), steps.decode._cache_size(), steps.prefill._cache_size())
+
+    def prompt(text):
+        inp = proc.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True, return_tensors="np")
+        return {"input_ids": inp["input_ids"]}
+
+    short, long = prompt("Name a colour."), prompt("Describe the sea in detail, " * 7)
+    assert short["input_ids"].shape[1] <= 32 < 64 < long["input_ids"].shape[1] <= 96
+    regex = {"regex": "[a-z]{3,6}"}
+    jobs = [(short, {"temperature": 0, "structured": regex}),
+            (long, {"temperature": 1.0, "seed": 5, "structured": {"choice": ["red", "green", "blue"]}}),
+            (short, {"temperature": 0})]
+    for batched in (False, True):
+        handles = []
+        for inp, kw in jobs:
+            handles.append(eng.submit(inp, max_new_tokens=8, stop_token_ids=eos, **kw))
+            if not batched:
+                handles[-1].result(timeout=300)
+        outs = [h.result(timeout=300) for h in handles]
+        texts = [proc.decode([t for t in o.tokens.tolist() if t not in eos]) for o in outs]
+        assert re.fullmatch("[a-z]{3,6}", texts[0]) and texts[1] in ("red", "green", "blue"), texts
+    assert (steps.mixed._cache_size(), steps.decode._cache_size(), steps.prefill._cache_size()) == compiled
+    eng.close()

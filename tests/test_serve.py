@@ -566,7 +566,9 @@ def test_health_says_warming_up_until_every_program_is_compiled(srv, monkeypatch
 
     from starlette.testclient import TestClient
 
-    from qvl_jax.serving.app import ServerConfig, create_app
+    from qvl_jax.engine.sampling import SamplingParams
+    from qvl_jax.serving.app import ServerConfig, _sampling, create_app
+    from qvl_jax.serving.protocol import ChatCompletionRequest
 
     release, calls = threading.Event(), []
 
@@ -587,7 +589,18 @@ def test_health_says_warming_up_until_every_program_is_compiled(srv, monkeypatch
                 break
             time.sleep(0.1)
         assert client.get("/health").status_code == 200
-    # Greedy requests and requests without sampling fields (temperature 1); images up to the processor's.
-    assert calls[0][0] == ({"temperature": 0.0}, {"temperature": 1.0}) and calls[0][1] > 0
+    # Greedy requests, requests without sampling fields (temperature 1) and constrained ones (greedy or
+    # not: one sampler); images up to the processor's.
+    assert calls[0][0][:2] == ({"temperature": 0.0}, {"temperature": 1.0}) and calls[0][1] > 0
+    assert calls[0][0][2]["structured"] and calls[0][0][2]["stop_token_ids"] == sorted(srv.proc.eos_token_ids)
+    warmed = {SamplingParams(**kw).flags for kw in calls[0][0]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for body in ({}, {"temperature": 0}, {"temperature": 0.7, "top_p": 1.0},
+                 {"response_format": {"type": "json_object"}},
+                 {"response_format": {"type": "json_object"}, "temperature": 0},
+                 {"structured_outputs": {"regex": "[a-z]+"}, "temperature": 0.5},
+                 {"tools": tools, "tool_choice": "required"}, {"tools": tools, "tool_choice": "auto"}):
+        req = ChatCompletionRequest(model=NAME, messages=[{"role": "user", "content": "hi"}], **body)
+        assert _sampling(app.state.qvl, req, 5)[0].flags in warmed, body
     with pytest.raises(ValueError, match="warm_up must be one of"):
         create_app(srv.engine, srv.proc, ServerConfig(warm_up="some"))

@@ -3,7 +3,7 @@
 Server: a request's min_pixels / max_pixels / fps / num_frames give the answer the engine gives for
 the processor called with the same keywords; a bad setting is a 400 naming
 `mm_processor_kwargs.<key>`, and media that cannot fit the context are refused, all before any image
-is decoded and with no blocks left behind.
+is decoded (a video too, where its container states its frame count) and with no blocks left behind.
 
 Batch: results equal what the server answers over HTTP for the same bodies (greedy and seeded); every
 bad line gets its own result line; a partial last line is cut off on resume; and a 200-request file
@@ -168,6 +168,65 @@ def test_mm_processor_kwargs_refused_before_decoding(srv, decodes):
     ok = srv.post({**many, "mm_processor_kwargs": {"max_pixels": 4096}})
     assert ok.status_code == 200 and len(decodes) == 5
     assert srv.wait_blocks() == srv.start_blocks
+
+
+def _video(container: str, n: int = 16, h: int = 256, w: int = 320) -> str:
+    """A data: URL of n smooth frames (small when encoded) at FPS; mp4 states its frame count in the
+    header, matroska does not."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as c:
+        s = c.add_stream("libx264", rate=FPS)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            frame = np.broadcast_to(np.array([16 * i, 100, 255 - 16 * i], np.uint8), (h, w, 3))
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        c.mux(s.encode())
+    return f"data:video/{'mp4' if container == 'mp4' else 'x-matroska'};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture
+def video_decodes(monkeypatch):
+    """Counts video decodes (the server's, through media_io)."""
+    from qvl_jax.processing import media_io
+
+    calls = []
+    real = media_io._decode_video
+    monkeypatch.setattr(media_io, "_decode_video", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_videos_are_counted_from_their_header_before_decoding(srv, decodes, video_decodes):
+    """An image (64 tokens) and a video whose MP4 header states 16 frames of 256 x 320 (8 frames
+    sampled at the configured 2 fps: 224 tokens) fill the 256-token context: refused, naming the
+    video and the setting to lower, with neither decoded. Sampled at fps 0.5 (80 tokens) the same
+    request is answered. A Matroska file states no frame count: the same video is counted, and
+    refused, once decoded. A header that states more pixels than the server's limit is a 413."""
+    from qvl_jax.serving import media
+    from qvl_jax.serving.protocol import ApiError
+
+    def body(video, **kw):
+        return {"max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png(3, 256, 256)}},
+            {"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": "?"}]}], **kw}
+
+    mp4, mkv = _video("mp4"), _video("matroska")
+    err = _error(srv.post(body(mp4)), 400)
+    assert err["code"] == "context_length_exceeded" and "at least 288 tokens (video 1, 8 of 16 frames: 224)" in \
+        err["message"] and "mm_processor_kwargs.fps" in err["message"], err
+    assert not decodes and not video_decodes
+    assert srv.post(body(mp4, mm_processor_kwargs={"fps": 0.5})).status_code == 200
+    assert len(decodes) == len(video_decodes) == 1
+    err = _error(srv.post(body(mkv)), 400)
+    assert err["code"] == "context_length_exceeded" and "(video 1, 8 of 16 frames: 224)" in err["message"], err
+    assert len(video_decodes) == 2
+    assert srv.wait_blocks() == srv.start_blocks
+    data = base64.b64decode(mp4.split(",")[1])
+    assert media.video_header(data, media.MediaPolicy(max_video_pixels=16 * 256 * 320)).frames == 16
+    with pytest.raises(ApiError) as e:
+        media.video_header(data, media.MediaPolicy(max_video_pixels=16 * 256 * 320 - 1))
+    assert e.value.status == 413 and len(video_decodes) == 2
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -186,6 +186,42 @@ def test_tool_history_round_trips_through_the_template(srv):
     assert (r.choices[0].message.content or "") == text.strip() or r.choices[0].message.tool_calls
 
 
+def test_tool_choice_none_renders_the_tools_unless_excluded(srv):
+    """tool_choice "none", as vLLM by default: the tools are in the prompt (the template's <tools>
+    block, the same tokens as tool_choice "auto"), and no tool call is parsed from the answer; with
+    exclude_tools_when_tool_choice_none (vLLM's flag) the prompt is the one without tools."""
+    import copy
+    import dataclasses
+
+    from qvl_jax.serving.app import _chat_inputs
+    from qvl_jax.serving.protocol import ChatCompletionRequest
+
+    def rendered(**kw):
+        return srv.proc.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            literal_content=True, **kw)["input_ids"][0].tolist()
+
+    with_tools, without = rendered(tools=TOOLS), rendered()
+    text = srv.proc.decode(with_tools, skip_special_tokens=False)
+    assert "<tools>" in text and '"name": "get_weather"' in text and "<tools>" not in srv.proc.decode(without, False)
+    st = srv.app.state.qvl
+
+    def prompt(state, choice):
+        req = ChatCompletionRequest(model=NAME, messages=MSGS, tools=TOOLS, tool_choice=choice)
+        return _chat_inputs(state, req)[0]["input_ids"][0].tolist()
+
+    assert prompt(st, "none") == prompt(st, "auto") == with_tools
+    excluding = copy.copy(st)
+    excluding.cfg = dataclasses.replace(st.cfg, exclude_tools_when_tool_choice_none=True)
+    assert prompt(excluding, "none") == without and prompt(excluding, "auto") == with_tools
+    # Over HTTP: the prompt counted is the one with the tools, and the answer is text only (the
+    # model's own <tool_call> text, if any, stays in content).
+    for seed in range(3):
+        r = srv.client.chat.completions.create(model=NAME, messages=MSGS, temperature=1.0, seed=seed, max_tokens=30,
+                                               tools=TOOLS, tool_choice="none")
+        assert r.usage.prompt_tokens == len(with_tools)
+        assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("body, msg", [
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
     ({"tool_choice": "required"}, "needs tools"),

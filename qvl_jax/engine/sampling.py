@@ -194,9 +194,12 @@ class SamplingParams:
 
     @property
     def flags(self) -> "SamplingFlags":
-        """The stages the compiled sampler needs for these values."""
+        """The stages the compiled sampler needs for these values. A constrained sampler always holds
+        the draw (greedy rows still take the argmax: `choose`), so that greedy and sampled constrained
+        requests, alone or batched with others, share one set of compiled programs, which a server's
+        warm-up compiles once (`Engine.warm_up`) instead of twice."""
         t = np.asarray(self.temperature)
-        sample = bool((t > 0).any())
+        sample = bool((t > 0).any()) or self.structured is not None
         return SamplingFlags(
             sample=sample,
             top_k=sample and bool((np.asarray(self.top_k) > 0).any()),

@@ -8,6 +8,11 @@ vision tower per patch bucket. Each also compiles per sampler configuration (`Sa
 a server can compile everything its common requests will meet before it reports ready, instead of
 inside its users' first requests; with the persistent compilation cache a restart loads them.
 
+A constrained sampler (`flags.constrained`: structured outputs, forced tool calls) is its own set of
+programs: its rows carry the packed mask of allowed tokens (`Rows.allow`, an input the others do not
+have), and its decode loop runs one step (the host computes the next mask from the token chosen),
+so the warm-up feeds an all-ones mask and compiles that loop with n_steps=1, as the engine runs it.
+
 The warm-up runs the programs themselves on idle inputs (every token invalid, written to the trash
 block; no row active, so a decode loop ends at once), so nothing of the engine's state changes.
 """
@@ -18,7 +23,7 @@ import time
 
 import numpy as np
 
-from qvl_jax.engine import batch, steps
+from qvl_jax.engine import batch, steps, structured
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.modeling import vision as vision_mod
 from qvl_jax.modeling.inputs import bucket_length, vision_bucket
@@ -53,6 +58,21 @@ def patch_buckets(max_patches: int) -> list[int]:
             return out
         out.append(b)
         n = b + 1
+
+
+def decode_steps(engine, flags) -> int:
+    """The steps of one decode loop under these flags: one with a constrained row, whose next mask
+    the host computes from the token just chosen (`Engine._decode`), else the engine's decode_steps."""
+    return 1 if flags.constrained else engine.decode_steps
+
+
+def _rows(n: int, flags, words: int):
+    """n idle rows; under flags.constrained with an all-ones mask (`Rows.allow` is then an input of
+    the program, so it must be there for the warm-up to compile the program a request runs)."""
+    rows = batch.rows([], n)
+    if flags.constrained:
+        rows = rows._replace(allow=np.full((n, words), -1, np.int32))
+    return rows
 
 
 def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
@@ -93,6 +113,7 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             continue
         kind, flags, n = prog
         t, s = n if kind == "mixed" else (n, 0)
+        words = structured.mask_words(cfg.text.vocab_size)
         chunk = (np.zeros((1, t), np.int32), np.zeros((3, 1, t), np.int32), np.zeros((1, t), bool),
                  np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(t))
         if kind == "prefill":  # a chunk alone (the Pallas kernel's path)
@@ -100,19 +121,19 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _, _ = steps.prefill(
                 *engine.model.split, flags, width, False, cache, engine._seen, engine._counts, *chunk,
-                batch.rows([], 1), np.zeros(1, bool), mesh=engine.mesh)
+                _rows(1, flags, words), np.zeros(1, bool), mesh=engine.mesh)
         elif kind == "mixed":  # a chunk with s decode rows (`Engine._mixed`)
             table = np.full((1 + s, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _ = steps.mixed(
                 *engine.model.split, flags, width, cache, engine._seen, engine._counts, *chunk, np.zeros(1, bool),
-                np.zeros(s, np.int32), np.zeros(s, bool), batch.rows([], 1 + s), engine._bucket(1), mesh=engine.mesh)
+                np.zeros(s, np.int32), np.zeros(s, bool), _rows(1 + s, flags, words), engine._bucket(1), mesh=engine.mesh)
         else:
-            rows = batch.rows([], n)
+            rows = _rows(n, flags, words)
             table = np.full((n, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1, engine._window_buffers(n))
             cache, engine._seen, engine._counts, _ = steps.decode(
-                *engine.model.split, flags, width, engine.decode_steps, False, cache, engine._seen, engine._counts,
+                *engine.model.split, flags, width, decode_steps(engine, flags), False, cache, engine._seen, engine._counts,
                 np.zeros(n, np.int32), np.zeros(n, bool), rows, mesh=engine.mesh)
             if cache.windows:
                 engine._windows = (n, cache.windows)

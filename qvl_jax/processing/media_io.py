@@ -6,6 +6,7 @@ What it holds:
     converted the way transformers does (the rules below).
   - `load_video`: a video file (path or bytes, decoded with PyAV) -> frames and the stream's frame
     rate; a directory of frame images -> its frames sorted by name, at the caller's rate.
+    `probe_video`: what a video file's header states (frame count, size, rate), no frame decoded.
   - `MediaTooLarge`: decoded media over a caller's pixel limit (the server answers it with a 413).
 
 Reference behaviours reproduced on purpose (some are surprising):
@@ -207,6 +208,51 @@ def _frame_dir(p: Path) -> list[np.ndarray]:
     return frames
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoHeader:
+    """What a video file's container states before any frame is decoded: its frame count (0 where
+    the container does not state one, as Matroska / WebM and MPEG-TS do not; MP4, MOV, AVI and GIF
+    do), the frame size, and the stream's average rate (None if unknown)."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float | None
+
+
+def _header(container, name: str, max_pixels: int | None):
+    """(the first video stream, its `VideoHeader`); MediaTooLarge when the header alone shows more
+    than max_pixels (one frame, or the stated frames together), before any frame is decoded."""
+    if not container.streams.video:
+        raise InputError(f"{name} has no video stream")
+    stream = container.streams.video[0]
+    head = VideoHeader(max(0, stream.frames or 0), stream.height or 0, stream.width or 0,
+                       float(stream.average_rate) if stream.average_rate else None)
+    if max_pixels is not None and head.width * head.height * max(1, head.frames) > max_pixels:
+        raise MediaTooLarge("the decoded video", max_pixels)
+    return stream, head
+
+
+def _video_source(source: Any):
+    """What av.open takes for a path or a video file's bytes."""
+    return io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+def probe_video(source: Any, *, max_pixels: int | None = None, name: str = "the video") -> VideoHeader:
+    """A video file's header (a path or its encoded bytes; needs PyAV), read without decoding a frame:
+    so that limits on frames, size and tokens can refuse it before the work. MediaTooLarge as
+    `load_video`'s max_pixels, from the header; InputError when the file cannot be read."""
+    import av
+
+    try:
+        with av.open(_video_source(source)) as container:
+            return _header(container, name, max_pixels)[1]
+    except InputError:
+        raise
+    except Exception as e:  # as in _decode_video: any failure here is the input's
+        raise InputError(f"cannot decode {name}: {_reason(e)}") from None
+
+
 def _decode_video(src, name: str, max_pixels: int | None) -> tuple[list[np.ndarray], float | None]:
     """A video file (a path or a file object) -> (RGB frames, the stream's average rate)."""
     import av  # optional (the `video` extra): images and frame directories do not need it
@@ -214,12 +260,8 @@ def _decode_video(src, name: str, max_pixels: int | None) -> tuple[list[np.ndarr
     frames, pixels = [], 0
     try:
         with av.open(src) as container:
-            if not container.streams.video:
-                raise InputError(f"{name} has no video stream")
-            stream = container.streams.video[0]
-            if max_pixels is not None and (stream.width or 0) * (stream.height or 0) > max_pixels:
-                raise MediaTooLarge("the decoded video", max_pixels)  # from the header, before decoding
-            rate = float(stream.average_rate) if stream.average_rate else None
+            stream, head = _header(container, name, max_pixels)
+            rate = head.fps
             for frame in container.decode(stream):
                 pixels += frame.width * frame.height
                 if max_pixels is not None and pixels > max_pixels:
@@ -240,7 +282,8 @@ def load_video(source: Any, fps: float | None = None, *, max_pixels: int | None 
     `source`: a video file's path or encoded bytes (needs PyAV; the rate is the stream's), or a
     directory of frame images (sorted by name; it has no rate of its own). `fps`, when given, is the
     source rate and overrides the file's. `max_pixels`: refuse a video whose frames hold more pixels
-    in all (MediaTooLarge), a single frame over it from the header before decoding anything."""
+    in all (MediaTooLarge); one frame over it, or the frames the container states, from the header
+    before decoding anything."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         path, name = None, "the video"
     elif isinstance(source, (str, os.PathLike)):
@@ -257,8 +300,8 @@ def load_video(source: Any, fps: float | None = None, *, max_pixels: int | None 
         what = path.name if path is not None else "a video file"
         hint = " (or pass a directory of frames)" if path is not None else ""
         raise InputError(f"reading {what} needs PyAV: pip install 'qvl_jax[video]'{hint}")
-    frames, rate = _decode_video(str(path) if path is not None else io.BytesIO(bytes(source)), name, max_pixels)
+    frames, rate = _decode_video(_video_source(path if path is not None else source), name, max_pixels)
     return Video(frames, fps if fps is not None else rate)
 
 
-__all__ = ["MediaTooLarge", "Video", "has_pyav", "load_image", "load_video"]
+__all__ = ["MediaTooLarge", "Video", "VideoHeader", "has_pyav", "load_image", "load_video", "probe_video"]

@@ -50,6 +50,10 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     max_pending: int = 256  # engine requests (choices) admitted and not finished; more get 503
     special_tokens_in_messages: bool = False  # True: typed <|im_start|> becomes a control token (transformers)
+    # tool_choice "none" renders the request's tools into the prompt all the same (vLLM's default: the
+    # prompt, and so the prefix cache, does not change with tool_choice); True leaves them out (vLLM's
+    # --exclude-tools-when-tool-choice-none). Either way no tool call is parsed from the answer.
+    exclude_tools_when_tool_choice_none: bool = False
     # Before /health says ready: "full" compiles every engine program the common requests meet
     # (`_warm_up`), "requests" only runs a text and an image prompt, "none" (or False) nothing.
     warm_up: str | bool = "full"
@@ -222,8 +226,9 @@ WARM_UP_MODES = ("full", "requests", "none", True, False)
 
 def _warm_up(st: _State) -> None:
     """Before /health says ready: compiles every engine program the common requests meet
-    (`Engine.warm_up`: each prefill chunk bucket and decode row count, for greedy requests and for
-    requests that give no sampling fields (temperature 1), and the vision tower's patch buckets up to one image of the
+    (`Engine.warm_up`: each prefill chunk bucket and decode row count, for greedy requests, for
+    requests that give no sampling fields (temperature 1) and for constrained ones (structured
+    outputs, forced tool calls), and the vision tower's patch buckets up to one image of the
     processor's largest size), then runs a text and an image prompt through the whole path."""
     try:
         if st.cfg.warm_up in (True, "full"):
@@ -236,8 +241,14 @@ def _warm_up(st: _State) -> None:
                     print(f"warm-up: compiling program {i + 1} of {n} ({prog[0]})", file=sys.stderr, flush=True)
 
             # Greedy, and a request without sampling fields (temperature 1, as _sampling reads it).
-            secs = st.engine.warm_up(sampling=({"temperature": 0.0}, {"temperature": 1.0}), vision_patches=patches,
-                                     progress=progress)
+            sampling = [{"temperature": 0.0}, {"temperature": 1.0}]
+            if st.engine.model.path is not None:
+                # A constrained request (response_format, structured_outputs, forced tool calls), greedy
+                # or sampled, alone or batched with others: one more sampler (`SamplingParams.flags`).
+                # The server's stop ids also build llguidance's tokenizer for them here.
+                sampling.append({"temperature": 1.0, "structured": {"json_object": True},
+                                 "stop_token_ids": sorted(st.processor.eos_token_ids)})
+            secs = st.engine.warm_up(sampling=tuple(sampling), vision_patches=patches, progress=progress)
             print(f"warm-up: the engine's programs are ready ({secs:.1f} s)", file=sys.stderr, flush=True)
         img = np.full((64, 64, 3), 128, np.uint8)
         for content in ("warm up", [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]):
@@ -273,16 +284,24 @@ def _too_long(st: _State, chars: int, param: str) -> None:
 
 def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
     """Messages -> one processor output (worker thread: media loading and preprocessing). The
-    request's mm_processor_kwargs are checked, and every image's tokens counted from its header
-    against the context, before any image is decoded (media_budget.py)."""
+    request's mm_processor_kwargs are checked, and every image's and video's tokens counted from its
+    header against the context (a video's pixels against the server's limit too), before any image
+    or video is decoded (media_budget.py)."""
     policy = st.cfg.media
     _too_long(st, sum(len(m.content) if isinstance(m.content, str) else
                       sum(len(p.text) for p in m.content if p.type == "text") if m.content else 0
                       for m in req.messages), "messages")
     settings = media_budget.request_settings(req.mm_processor_kwargs, st.processor)
     budget = media_budget.VisionBudget(st.processor, settings, st.engine.max_model_len)
-    images = iter([budget.image(media.fetch_bytes(_media_url(p.image_url), policy, "image"))
-                   for m in req.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url"])
+
+    def fetched(p):  # an image's bytes, or a video's bytes and number, counted from their headers
+        if p.type == "image_url":
+            return budget.image(media.fetch_bytes(_media_url(p.image_url), policy, "image"))
+        data = media.fetch_bytes(_media_url(p.video_url), policy, "video")
+        return data, budget.video_header(media.video_header(data, policy))
+
+    items = iter([fetched(p) for m in req.messages if isinstance(m.content, list) for p in m.content
+                  if p.type != "text"])
     msgs = []
     for m in req.messages:
         if m.content is None or isinstance(m.content, str):
@@ -293,10 +312,11 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                 if p.type == "text":
                     content.append({"type": "text", "text": p.text})
                 elif p.type == "image_url":
-                    content.append({"type": "image", "image": media.decode_image(next(images), policy)})
+                    content.append({"type": "image", "image": media.decode_image(next(items), policy)})
                 else:
-                    frames, fps = media.load_video(_media_url(p.video_url), policy)
-                    budget.video(frames, fps)
+                    data, number = next(items)
+                    frames, fps = media.decode_video(data, policy)
+                    budget.video(number, frames, fps)
                     content.append({"type": "video", "video": frames, **({"video_fps": fps} if fps else {})})
         msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
@@ -312,7 +332,7 @@ def _chat_inputs(st: _State, req: ChatCompletionRequest) -> list[dict]:
                               "tokenize", "return_dict", "chat_template", "literal_content"})
     if taken:
         raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}", param="chat_template_kwargs")
-    if req.tools and req.tool_choice != "none":  # "none": the model is not told of the tools
+    if req.tools and not (req.tool_choice == "none" and st.cfg.exclude_tools_when_tool_choice_none):
         kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
     try:
         inp = st.processor.apply_chat_template(

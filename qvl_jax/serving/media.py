@@ -141,18 +141,33 @@ def decode_image(data: bytes, policy: MediaPolicy):
         raise _bad(str(e)) from None
 
 
-def load_video(url: str, policy: MediaPolicy) -> tuple[list, float | None]:
-    """(frames as RGB uint8 arrays, the stream's frame rate) from a video_url (needs PyAV)."""
-    data = fetch_bytes(url, policy, "video")
+def _video_io(call, policy: MediaPolicy):
+    """call() under the server's refusals: no PyAV is a 400, too many pixels a 413, bad data a 400."""
     if not media_io.has_pyav():
         raise _bad("this server cannot decode videos (PyAV is not installed)")
     try:
-        video = media_io.load_video(data, max_pixels=policy.max_video_pixels)
+        return call()
     except media_io.MediaTooLarge as e:
         raise _too_large(e.what, policy.max_video_pixels, "pixels") from None
     except InputError as e:
         raise _bad(str(e)) from None
+
+
+def video_header(data: bytes, policy: MediaPolicy) -> media_io.VideoHeader:
+    """A fetched video's header (frame count, size, rate; no frame decoded), refused with a 413 when
+    it states more pixels than the policy's max_video_pixels."""
+    return _video_io(lambda: media_io.probe_video(data, max_pixels=policy.max_video_pixels), policy)
+
+
+def decode_video(data: bytes, policy: MediaPolicy) -> tuple[list, float | None]:
+    """(frames as RGB uint8 arrays, the stream's frame rate) of a fetched video (needs PyAV)."""
+    video = _video_io(lambda: media_io.load_video(data, max_pixels=policy.max_video_pixels), policy)
     return video.frames, video.fps
+
+
+def load_video(url: str, policy: MediaPolicy) -> tuple[list, float | None]:
+    """(frames as RGB uint8 arrays, the stream's frame rate) from a video_url (needs PyAV)."""
+    return decode_video(fetch_bytes(url, policy, "video"), policy)
 
 
 def allowed_dir(path: str | None) -> str | None:

@@ -4,9 +4,12 @@ checked before any image is decoded.
 `request_settings` holds the request's min_pixels / max_pixels / fps / num_frames to the server's
 processor limits (processing/media_settings.py with strict=True): a bad one is a 400 naming
 `mm_processor_kwargs.<key>`. `VisionBudget` then counts the tokens of each image from its header's
-size (no pixels decoded) and of each video from its decoded frame count and size (before any frame is
-resized), with the request's settings, and refuses the request with a 400 as soon as they alone fill
-the context: a 4000 x 4000 picture under a small context is refused before it is decoded.
+size (no pixels decoded) and of each video from its container's header (frame count, frame size and
+rate: MP4, MOV, AVI and GIF state them; no frame decoded), with the request's settings, and refuses
+the request with a 400 as soon as they alone fill the context: a 4000 x 4000 picture or a long video
+under a small context is refused before it is decoded. A container that states no frame count
+(Matroska / WebM, MPEG-TS) is counted once its frames are decoded, before any is resized; a decoded
+video is counted again from its frames, in place of its header's count.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ class VisionBudget:
         self.image_processor, self.video_processor = apply_media_settings(
             settings, processor.image_processor, processor.video_processor)
         self.settings, self.context = settings, context
-        self.tokens = self.images = self.videos = 0
+        self.tokens = self.images = 0
+        self._videos = []  # tokens counted for each video so far
 
     def _add(self, tokens: int, what: str, hint: str) -> None:
         self.tokens += tokens
@@ -76,14 +80,30 @@ class VisionBudget:
                       " (lower mm_processor_kwargs.max_pixels, or send smaller images)")
         return data
 
-    def video(self, frames: list, fps: float | None) -> None:
-        """Counts one decoded video (RGB frames, source rate) before its frames are resized."""
-        self.videos += 1
+    def _video(self, number: int, frames: int, height: int, width: int, fps: float | None) -> None:
+        """Video `number`'s tokens for this frame count, size and source rate, in place of its last count."""
         vp = self.video_processor
         try:
-            n = len(vp.sample_frame_indices(len(frames), fps))
-            t, h, w = vp.grid_thw(n, *frames[0].shape[:2]) if frames else (0, 0, 0)
+            n = len(vp.sample_frame_indices(frames, fps))
+            t, h, w = vp.grid_thw(n, height, width)
         except InputError as e:
             raise ApiError(400, str(e), code="invalid_media") from None
-        self._add(t * h * w // vp.merge_size ** 2, f"video {self.videos}, {n} frames",
+        self.tokens -= self._videos[number]
+        self._videos[number] = t * h * w // vp.merge_size ** 2
+        self._add(self._videos[number], f"video {number + 1}, {n} of {frames} frames",
                   " (lower mm_processor_kwargs.fps or num_frames)")
+
+    def video_header(self, head) -> int:
+        """Counts one video from its container's header (a `media_io.VideoHeader`), before any frame
+        is decoded, where it states a frame count. Returns the video's number, for `video`."""
+        self._videos.append(0)
+        number = len(self._videos) - 1
+        if head.frames and head.height and head.width:
+            self._video(number, head.frames, head.height, head.width, head.fps)
+        return number
+
+    def video(self, number: int, frames: list, fps: float | None) -> None:
+        """Counts video `number` from its decoded frames (RGB, at source rate fps) before they are
+        resized, in place of what its header said."""
+        if frames:
+            self._video(number, len(frames), *frames[0].shape[:2], fps)

@@ -66,7 +66,8 @@ def run(args) -> int:
     config = ServerConfig(served_model_name=name, api_key=args.api_key, media=policy,
                           max_body_bytes=args.max_body_bytes,
                           max_pending=args.max_pending or 8 * engine.max_num_seqs,
-                          special_tokens_in_messages=args.special_tokens_in_messages, warm_up=args.warm_up)
+                          special_tokens_in_messages=args.special_tokens_in_messages, warm_up=args.warm_up,
+                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
     app = create_app(engine, processor, config)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=args.shutdown_timeout + _CUT_GRACE_S, access_log=False),
