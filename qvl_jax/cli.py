@@ -472,6 +472,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded at once")
     s.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
                                                                    "model's context, at most 8192)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per scheduler step, across requests (chunked prefill)")
+    s.add_argument("--decode-steps", type=int, default=None,
+                   help="decode steps per jitted loop between scheduler visits: more saves host round trips, "
+                        "fewer lets new requests in sooner (default: 4 on the CPU, 8 elsewhere)")
     s.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="memory for the KV cache pool, e.g. 4GiB, 512MiB or bytes (default: half the free "
                         "device memory at start, at most 4GiB on the CPU)")

@@ -75,6 +75,13 @@ def _chunk_features(feats: np.ndarray, deepstack: np.ndarray, index: np.ndarray)
             jnp.asarray(np.where(index >= 0, np.arange(index.shape[0]), -1)[None].astype(np.int32)))
 
 
+# Decode steps per jitted loop (`Engine(decode_steps=None)`). A request that arrives during a loop
+# waits for its end; a loop's host round trip costs ~1% of a step on the CPU (2B widths) and more of
+# one on an accelerator, where steps are short.
+DECODE_STEPS = 8
+CPU_DECODE_STEPS = 4
+
+
 def _round_down(n: int) -> int:
     """n rounded down to two significant bits (2^k or 3 * 2^(k-1)). The pool's size is part of every
     compiled step's shapes, and free memory (host RAM on the CPU) moves by a few percent between
@@ -103,7 +110,7 @@ class Engine:
     to two significant bits so that it, and with it every compiled shape, is the same from one start
     to the next. Either way at most enough for every slot at max_model_len. max_num_batched_tokens: prompt tokens
     prefilled per scheduler visit (chunked prefill: a long prompt does not stall the running
-    decodes). decode_steps: decode steps per jitted loop between scheduler visits. prefix_caching:
+    decodes). decode_steps: decode steps per jitted loop between scheduler visits (default: `CPU_DECODE_STEPS` on the CPU, `DECODE_STEPS` elsewhere). prefix_caching:
     reuse full blocks of identical prefixes. vision_cache_bytes: memory for cached image / video
     features. window_copy_bytes: a decode loop whose rows' attention windows (every layer's keys and
     values) fit in this many bytes gathers them once per loop, into buffers kept beside the pool,
@@ -114,7 +121,7 @@ class Engine:
     its directory when a request first has stop strings)."""
 
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
-                 num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int = 8,
+                 num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int | None = None,
                  memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20,
                  window_copy_bytes: int = 1 << 30, attention: str | None = None, processor=None,
                  kv_cache_memory: int | str | None = None):
@@ -134,6 +141,8 @@ class Engine:
         if self.max_model_len > limit:
             raise InputError(f"max_model_len={self.max_model_len} exceeds the model's context of {limit} tokens")
         self.max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        if decode_steps is None:
+            decode_steps = CPU_DECODE_STEPS if jax.devices()[0].platform == "cpu" else DECODE_STEPS
         self.decode_steps = _positive_int("decode_steps", decode_steps)
         self.window_copy_bytes = _positive_int("window_copy_bytes", window_copy_bytes, 0)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
