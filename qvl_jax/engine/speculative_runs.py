@@ -25,6 +25,7 @@ import numpy as np
 
 from qvl_jax import sharding
 from qvl_jax.engine import batch, speculative
+from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.engine.speculative import SpeculativeConfig
 from qvl_jax.errors import NumericalError
 from qvl_jax.modeling.inputs import bucket_length
@@ -141,6 +142,17 @@ class EngineSpeculation:
         reqs = [r for r in dec if r.speculate and r in eng.scheduler.running]
         if reqs:
             self._verify(reqs)
+
+    def warm_up(self, flags, s: int) -> None:
+        """Compiles the verify loop for s rows and these flags on idle inputs (no row active)."""
+        eng = self.engine
+        window = eng.max_blocks_per_seq * eng.block_size
+        table = np.full((s, eng.max_blocks_per_seq), TRASH_BLOCK, np.int32)
+        cache, _ = speculative.verify(
+            *eng.model.split, flags, window, eng.decode_steps, self.spec, eng._cache(table, 1),
+            np.full((s, window + 1), -1, np.int32), np.zeros(s, np.int32), np.zeros(s, bool), batch.rows([], s),
+            mesh=eng.mesh)
+        eng._pages = cache.pages
 
     def _verify(self, reqs: list) -> None:
         eng, k = self.engine, self.spec.num_speculative_tokens
