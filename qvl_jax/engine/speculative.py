@@ -54,9 +54,6 @@ from qvl_jax.modeling.model import Structure
 MAX_SPECULATIVE_TOKENS = 16  # proposals per step (each is a query position of every verify forward)
 MAX_LOOKUP = 16  # longest n-gram matched (each length is a comparison over the row's tokens)
 
-# Test hook: "always" accepts every proposal whatever the model chooses (a wrong rule, which the
-# distribution test must catch). Never set outside tests.
-_ACCEPT_RULE = "match"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +64,9 @@ class SpeculativeConfig:
     prompt_lookup_max: int
     prompt_lookup_min: int
     method: str = "ngram"
+    # Test hook: "always" accepts every proposal whatever the model chooses, a wrong rule that the
+    # distribution test must catch. Part of the config, so that it is part of the compiled loop's key.
+    _rule: str = "match"
 
     @classmethod
     def of(cls, value) -> "SpeculativeConfig | None":
@@ -92,8 +92,9 @@ class SpeculativeConfig:
         n, m = value.get("prompt_lookup_max"), value.get("prompt_lookup_min")
         if n is None and m is None:
             n = m = 5
-        n = _count("prompt_lookup_max", m if n is None else n, MAX_LOOKUP)
-        m = _count("prompt_lookup_min", n if m is None else m, MAX_LOOKUP)
+        m = None if m is None else _count("prompt_lookup_min", m, MAX_LOOKUP)
+        n = m if n is None else _count("prompt_lookup_max", n, MAX_LOOKUP)
+        m = n if m is None else m
         if m > n:
             raise InputError(f"speculative_config prompt_lookup_min ({m}) must be <= prompt_lookup_max ({n})")
         return cls(num_speculative_tokens=k, prompt_lookup_max=n, prompt_lookup_min=m)
@@ -235,8 +236,8 @@ def _flat_rows(rows: steps.Rows, q: int) -> steps.Rows:
     return jax.tree.map(rep, rows._replace(allow=None))
 
 
-def _verify_step(m, flags: SamplingFlags, window: int, rows: steps.Rows, mesh, q: int, draft: jax.Array,
-                 n_draft: jax.Array, s: SpecState) -> SpecState:
+def _verify_step(m, flags: SamplingFlags, window: int, rows: steps.Rows, mesh, rule: str, q: int,
+                 draft: jax.Array, n_draft: jax.Array, s: SpecState) -> SpecState:
     """One forward of q positions per active row: its last token, then its first q - 1 proposals
     (n_draft [r] of them real; q = 1: a plain decode step); keeps the agreed prefix and the bonus."""
     r = s.seq_len.shape[0]
@@ -254,10 +255,10 @@ def _verify_step(m, flags: SamplingFlags, window: int, rows: steps.Rows, mesh, q
     tok, finite, _, _, _ = steps.choose(m, flags, logits, _flat_rows(rows, q), n_at, None, None, mesh)
     tok, finite = tok.reshape(r, q), finite.reshape(r, q)
     # a: leading proposals equal to the choice at their position; then the bonus token.
-    agree = (draft[:, :q - 1] == tok[:, :q - 1]) if _ACCEPT_RULE == "match" else jnp.ones((r, q - 1), bool)
+    agree = (draft[:, :q - 1] == tok[:, :q - 1]) if rule == "match" else jnp.ones((r, q - 1), bool)
     agree = agree & (j[None, :q - 1] < n_draft[:, None])
     a = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)
-    if _ACCEPT_RULE != "match":  # the wrong rule emits the proposals themselves
+    if rule != "match":  # the wrong rule emits the proposals themselves
         tok = jnp.where(j[None] < a[:, None], jnp.pad(draft[:, :q - 1], ((0, 0), (0, 1))), tok)
     # Cut after the first non-finite position or stop id among the a + 1 kept tokens.
     kept = j[None] <= a[:, None]
@@ -290,8 +291,8 @@ def _step(m, flags, window, rows, mesh, spec: SpeculativeConfig, s: SpecState) -
     n_draft = jnp.where(s.active, jnp.clip(jnp.minimum(n_draft, room), 0, None), 0)
     k = spec.num_speculative_tokens
     return jax.lax.cond(jnp.any(n_draft > 0),
-                        functools.partial(_verify_step, m, flags, window, rows, mesh, k + 1),
-                        functools.partial(_verify_step, m, flags, window, rows, mesh, 1),
+                        functools.partial(_verify_step, m, flags, window, rows, mesh, spec._rule, k + 1),
+                        functools.partial(_verify_step, m, flags, window, rows, mesh, spec._rule, 1),
                         draft, n_draft, s)
 
 
