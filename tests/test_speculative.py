@@ -283,65 +283,61 @@ def _alone(m, inp, n, **kw):
     return out.tokens[0, :out.lengths[0]]
 
 
-def test_engine_mixed_batch_equals_alone(m):
-    """Speculative requests (greedy text, image, video, a copy prompt, sampled) batched with requests
-    whose settings speculation does not serve (logprobs, a penalty: decoded plainly), each equal to
-    model.generate alone; a follow-up prompt holding the copy answer hits the prefix cache over
-    blocks of accepted tokens and still answers as alone; every block comes back."""
-    eng = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=120, decode_steps=4,
-                   max_num_batched_tokens=64, speculative_config=SPEC)
-    try:
-        start = eng.num_free_blocks
-        copy = _inputs(m, "copy")
-        cases = [(copy, {}), (_inputs(m, "text"), {}), (_inputs(m, "image"), {}), (_inputs(m, "video"), {}),
-                 (copy, dict(temperature=0.8, top_k=5, seed=3)), (copy, dict(logprobs=2)),
-                 (copy, dict(repetition_penalty=1.3)), (copy, dict(stop_token_ids=[])), (copy, {"n": 2})]
-        handles = []
-        for inp, kw in cases:
-            kw = dict(kw)
-            n = kw.pop("n", N)
-            handles.append((eng.submit(inp, max_new_tokens=n, stop_token_ids=kw.pop("stop_token_ids", []), **kw),
-                            inp, n, kw))
-        outs = [h.result(timeout=600) for h, _, _, _ in handles]
-        for out, (_, inp, n, kw) in zip(outs, handles):
-            kw.pop("logprobs", None)
-            np.testing.assert_array_equal(out.tokens, _alone(m, inp, n, **kw))
-        assert outs[0].accepted_tokens > 0 and outs[0].proposed_tokens > outs[0].accepted_tokens
-        assert outs[5].proposed_tokens == outs[6].proposed_tokens == 0  # decoded plainly
-        assert len(outs[5].logprobs) == N
-        assert eng.stats["spec_decode_num_draft_tokens"] == sum(o.proposed_tokens for o in outs)
-        assert eng.stats["spec_decode_num_accepted_tokens"] == sum(o.accepted_tokens for o in outs)
-        # The conversation goes on: its prompt holds the copy answer (blocks filled by verify steps).
-        ids = np.concatenate([copy["input_ids"][0], outs[0].tokens[:-1], [5, 6, 7]])[None]
-        follow = eng.submit({"input_ids": ids}, max_new_tokens=8, stop_token_ids=[]).result(timeout=600)
-        assert follow.cached_tokens > copy["input_ids"].shape[1]
-        np.testing.assert_array_equal(follow.tokens, _alone(m, {"input_ids": ids}, 8))
-        for _ in range(100):
-            if eng.num_free_blocks == start:
-                break
-            time.sleep(0.05)
-        assert eng.num_free_blocks == start
-    finally:
-        eng.close()
+@pytest.fixture(scope="module")
+def eng(m):
+    e = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=120, decode_steps=4,
+                 max_num_batched_tokens=64, speculative_config=SPEC)
+    yield e
+    e.close()
 
 
-def test_engine_stop_id_and_budget(m):
+def _settle(eng, start: int) -> int:
+    for _ in range(100):
+        if eng.num_free_blocks == start:
+            break
+        time.sleep(0.05)
+    return eng.num_free_blocks
+
+
+def test_engine_mixed_batch_equals_alone(m, eng):
+    """Speculative requests (greedy copy prompt, image, video, sampled) batched with one whose
+    settings speculation does not serve (logprobs: decoded plainly), each equal to model.generate
+    alone; a follow-up prompt holding the copy answer hits the prefix cache over blocks of accepted
+    tokens and still answers as alone; every block comes back."""
+    start = eng.num_free_blocks
+    stats = dict(eng.stats)
+    copy = _inputs(m, "copy")
+    cases = [(copy, {}), (_inputs(m, "image"), {}), (_inputs(m, "video"), {}),
+             (copy, dict(temperature=0.8, top_k=5, seed=3)), (copy, dict(logprobs=2))]
+    handles = [eng.submit(inp, max_new_tokens=N, stop_token_ids=[], **kw) for inp, kw in cases]
+    outs = [h.result(timeout=900) for h in handles]
+    for out, (inp, kw) in zip(outs, cases):
+        kw = {k: v for k, v in kw.items() if k != "logprobs"}
+        np.testing.assert_array_equal(out.tokens, _alone(m, inp, N, **kw))
+    assert outs[0].accepted_tokens > 0 and outs[0].proposed_tokens > outs[0].accepted_tokens
+    assert outs[4].proposed_tokens == 0 and len(outs[4].logprobs) == N  # decoded plainly
+    for key, field in (("spec_decode_num_draft_tokens", "proposed_tokens"),
+                       ("spec_decode_num_accepted_tokens", "accepted_tokens")):
+        assert eng.stats[key] - stats.get(key, 0) == sum(getattr(o, field) for o in outs)
+    # The conversation goes on: its prompt holds the copy answer (blocks filled by verify steps).
+    ids = np.concatenate([copy["input_ids"][0], outs[0].tokens[:-1], [5, 6, 7]])[None]
+    follow = eng.submit({"input_ids": ids}, max_new_tokens=8, stop_token_ids=[]).result(timeout=900)
+    assert follow.cached_tokens > copy["input_ids"].shape[1]
+    np.testing.assert_array_equal(follow.tokens, _alone(m, {"input_ids": ids}, 8))
+    assert _settle(eng, start) == start
+
+
+def test_engine_stop_id_and_budget(m, eng):
     copy = _inputs(m, "copy")
     ref = _alone(m, copy, N)
     stop = [int(ref[7])]
-    eng = m.engine(max_num_seqs=2, max_model_len=128, block_size=4, num_blocks=80, decode_steps=4,
-                   speculative_config=SPEC)
-    try:
-        got = eng.submit(copy, max_new_tokens=N, stop_token_ids=stop).result(timeout=600)
-        want = _alone(m, copy, N, stop_token_ids=stop)
-        assert got.finish_reason == "stop"
-        np.testing.assert_array_equal(got.tokens, want)
-        for n in (1, 3):
-            got = eng.submit(copy, max_new_tokens=n, stop_token_ids=[]).result(timeout=600)
-            assert got.finish_reason == "length"
-            np.testing.assert_array_equal(got.tokens, ref[:n])
-    finally:
-        eng.close()
+    got = eng.submit(copy, max_new_tokens=N, stop_token_ids=stop).result(timeout=900)
+    assert got.finish_reason == "stop"
+    np.testing.assert_array_equal(got.tokens, _alone(m, copy, N, stop_token_ids=stop))
+    for n in (1, 3):
+        got = eng.submit(copy, max_new_tokens=n, stop_token_ids=[]).result(timeout=900)
+        assert got.finish_reason == "length"
+        np.testing.assert_array_equal(got.tokens, ref[:n])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ prefilled, runs up to `decode_steps` decode steps for every decoding request ins
 `lax.while_loop` over those requests (rows padded to a power of two, each size compiled once), so
 the host round trip is paid once per loop, and (3) hands new tokens to their handles
 (`qvl_jax.engine.request`) and retires finished requests. Requests join and leave at those
-boundaries; memory and preemption are the scheduler's. Every program has few shapes (a chunk
-length bucket, a row count; the attention window is a traced bucket index), and `warm_up`
-compiles them all before the first request.
+boundaries; memory and preemption are the scheduler's. With speculative_config, step (2) runs the
+speculative verify loop for the requests it serves (`qvl_jax.engine.speculative_runs`). Every
+program has few shapes (a chunk length bucket, a row count; the attention window is a traced bucket
+index), and `warm_up` compiles them all before the first request.
 
 Exactness: every request keeps its own 3-D prompt positions and rope_delta (decode position = cache
 index + rope_delta), DeepStack features at its visual tokens, its own sampling parameters, stop ids
