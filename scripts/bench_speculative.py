@@ -14,8 +14,8 @@ cannot be made to copy their prompt, so the two workloads are chosen by what suc
   token is close to uniform over 151k ids, so there is next to nothing to copy and speculation
   pays its proposer and its branch for nothing (the case its cost must stay small in).
 
-Each line: workload, tokens/s of decode (prefill excluded; median of repeats after a warm-up call),
-with and without speculation, their ratio, the proposals verified and accepted per call, and
+Each line: workload, tokens/s of decode (prefill excluded; median of repeats after a warm-up call,
+plain and speculative calls alternated), with and without speculation, their ratio, the proposals verified and accepted per call, and
 whether the two answers were equal (they must be: greedy is exact, and sampling draws the same
 tokens for the same seed).
 """
@@ -37,13 +37,20 @@ import numpy as np  # noqa: E402
 from bench import hf_config_dict  # noqa: E402
 
 
-def decode_rate(model, inputs: dict, n: int, repeats: int, **kw) -> tuple[float, object]:
-    model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], **kw)  # compile
-    times, out = [], None
+def decode_rates(model, inputs: dict, n: int, repeats: int, spec: dict, **kw):
+    """(plain tok/s, speculative tok/s, plain output, speculative output): decode time only (prefill
+    excluded), the median of `repeats` calls after a compiling one; plain and speculative calls
+    alternate, so that a machine whose load drifts slows both alike."""
+    runs = {"plain": {}, "spec": {"speculative_config": spec}}
+    for extra in runs.values():
+        model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], **kw, **extra)  # compile
+    times, outs = {k: [] for k in runs}, {}
     for _ in range(repeats):
-        out = model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], **kw)
-        times.append(out.decode_s)
-    return (n - 1) / statistics.median(times), out
+        for name, extra in runs.items():
+            outs[name] = model.generate(**inputs, max_new_tokens=n, stop_token_ids=[], **kw, **extra)
+            times[name].append(outs[name].decode_s)
+    rate = {k: (n - 1) / statistics.median(v) for k, v in times.items()}
+    return rate["plain"], rate["spec"], outs["plain"], outs["spec"]
 
 
 def main(argv=None) -> int:
@@ -78,8 +85,7 @@ def main(argv=None) -> int:
     }
     for name, (inputs, kw) in workloads.items():
         t0 = time.perf_counter()
-        plain, ref = decode_rate(model, inputs, args.new_tokens, args.repeats, **kw)
-        fast, out = decode_rate(model, inputs, args.new_tokens, args.repeats, speculative_config=spec, **kw)
+        plain, fast, ref, out = decode_rates(model, inputs, args.new_tokens, args.repeats, spec, **kw)
         print(json.dumps({
             "workload": name, "device": jax.devices()[0].device_kind, "dtype": dtype, "config": args.config,
             "layers": cfg.text.num_hidden_layers, "prompt_tokens": int(inputs["input_ids"].shape[1]),
