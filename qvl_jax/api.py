@@ -142,7 +142,11 @@ class Model:
         frequency_penalty, presence_penalty (each a number or one per row), seed, stop_token_ids
         (default: the checkpoint's eos ids), ignore_eos); with none, decoding is greedy. Also
         pad_token_id, return_logprobs, return_logits. Row r draws as it would alone (see
-        `SamplingParams`). Returns a `GenerateOutput`: tokens np.int32 [b, n] (stop token included,
+        `SamplingParams`). speculative_config: prompt-lookup speculative decoding, vLLM's dict form
+        ({"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n}; the same tokens,
+        fewer forwards where the answer copies its context; `qvl_jax.engine.speculative`), which adds
+        proposed_tokens / accepted_tokens [b] to the output; not with penalties, logprobs, logits or
+        structured outputs. Returns a `GenerateOutput`: tokens np.int32 [b, n] (stop token included,
         pad after it), lengths [b], and optionally logprobs [b, n] and raw logits [b, n, vocab]."""
         with device_memory_errors("generate"):
             return generate.generate(self, max_new_tokens, **kwargs)

@@ -118,8 +118,10 @@ def cmd_generate(args) -> int:
     # lazy, here and in the other commands: `qvl-jax --help` and a bad flag must not pay for JAX
     import qvl_jax
     from qvl_jax.engine.output import OutputStream, TokenTable
+    from qvl_jax.engine.speculative import SpeculativeConfig
     from qvl_jax.processing.processor import Processor
 
+    spec = SpeculativeConfig.of(args.speculative_config)  # checked before anything is loaded
     enable_compilation_cache()
     t0 = time.perf_counter()
     model_dir = resolve_model(args.model)
@@ -140,6 +142,8 @@ def cmd_generate(args) -> int:
     load_s = time.perf_counter() - t0
     sampling = _sampling_kwargs(args)
     kw = dict(sampling, stop_token_ids=proc.eos_token_ids)
+    if spec is not None:
+        kw["speculative_config"] = spec
     if args.json or args.no_stream:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **kw)
         tokens = out.tokens[0, : out.lengths[0]].tolist()
@@ -148,7 +152,9 @@ def cmd_generate(args) -> int:
             print(json.dumps({"model": str(model_dir), "text": text, "tokens": tokens,
                               "prompt_tokens": int(out.prompt_tokens), "new_tokens": len(tokens),
                               "seed": sampling.get("seed"), "load_s": round(load_s, 3),
-                              "prefill_s": round(out.prefill_s, 3), "decode_s": round(out.decode_s, 3)},
+                              "prefill_s": round(out.prefill_s, 3), "decode_s": round(out.decode_s, 3),
+                              **({} if spec is None else {"proposed_tokens": int(out.proposed_tokens[0]),
+                                                          "accepted_tokens": int(out.accepted_tokens[0])})},
                              ensure_ascii=not _utf8_stdout()))
         else:
             _text_stdout()
@@ -416,6 +422,24 @@ def _verify_flag(p, text: str | None = None) -> None:
         "first load after the files were converted, copied or changed)"))
 
 
+def _json_object(text: str) -> dict:
+    """--speculative-config: a JSON object; argparse reports anything else in one line."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
+def _speculative_flag(p) -> None:
+    p.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='prompt-lookup speculative decoding, as vLLM takes it: \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 3}\' (greedy output unchanged; '
+                        'not with penalties or logprobs)')
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser. `argv` only decides whether the convert subcommand's own arguments are
     built: they live in qvl_jax.convert, whose import pulls in numpy, so other commands skip it."""
@@ -457,6 +481,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size: shard heads/MLP/vocab over N devices")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size: shard the batch over N devices")
     _verify_flag(g)
+    _speculative_flag(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--no-stream", action="store_true", help="print the answer once complete")
     _debug_flag(g)
@@ -508,6 +533,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--attention", default="xla", choices=list(ATTENTION_KERNELS), help=ATTENTION_HELP)
     _verify_flag(s)
     _quantize_flag(s)
+    _speculative_flag(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _debug_flag(s)
     s.set_defaults(func=cmd_serve)

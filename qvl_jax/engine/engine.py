@@ -9,9 +9,10 @@ prefilled, runs up to `decode_steps` decode steps for every decoding request ins
 `lax.while_loop` over those requests (rows padded to a power of two, each size compiled once), so
 the host round trip is paid once per loop, and (3) hands new tokens to their handles
 (`qvl_jax.engine.request`) and retires finished requests. Requests join and leave at those
-boundaries; memory and preemption are the scheduler's. Every program has few shapes (a chunk
-length bucket, a row count; the attention window is a traced bucket index), and `warm_up`
-compiles them all before the first request.
+boundaries; memory and preemption are the scheduler's. With speculative_config, step (2) runs the
+speculative verify loop for the requests it serves (`qvl_jax.engine.speculative_runs`). Every
+program has few shapes (a chunk length bucket, a row count; the attention window is a traced bucket
+index), and `warm_up` compiles them all before the first request.
 
 Exactness: every request keeps its own 3-D prompt positions and rope_delta (decode position = cache
 index + rope_delta), DeepStack features at its visual tokens, its own sampling parameters, stop ids
@@ -35,13 +36,14 @@ from tqdm import tqdm
 
 from qvl_jax import sharding
 from qvl_jax.config import check_attention
-from qvl_jax.engine import batch, memory, paged, steps, warmup
+from qvl_jax.engine import batch, memory, paged, speculative, steps, warmup
 from qvl_jax.engine.generate import INPUT_NAMES, controls
 from qvl_jax.engine.output import OutputStream, TokenTable
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.engine.request import (EngineRequest, RequestHandle, RequestOutput, TokenChunk, logprob_fields,
                                     step_logprobs)
 from qvl_jax.engine.scheduler import PrefillChunk, Scheduler
+from qvl_jax.engine.speculative_runs import EngineSpeculation
 from qvl_jax.engine.vision_cache import VisionCache
 from qvl_jax.errors import InputError, NumericalError, QvlError, device_free_bytes, device_memory_errors
 from qvl_jax.modeling.inputs import bucket_length
@@ -118,13 +120,15 @@ class Engine:
     one of `qvl_jax.config.ATTENTION_KERNELS` (default: the model's; "pallas" runs decode steps
     through JAX's Pallas paged attention kernel, `paged.PallasPagedView`). processor: the
     `Processor` whose tokens' bytes stop strings are matched on (default: the model's own, read from
-    its directory when a request first has stop strings)."""
+    its directory when a request first has stop strings). speculative_config: prompt-lookup
+    speculative decoding, vLLM's dict form (`qvl_jax.engine.speculative`), for the requests whose
+    settings it serves; the others decode plainly (`qvl_jax.engine.speculative_runs`)."""
 
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int | None = None,
                  memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20,
                  window_copy_bytes: int = 1 << 30, attention: str | None = None, processor=None,
-                 kv_cache_memory: int | str | None = None):
+                 kv_cache_memory: int | str | None = None, speculative_config=None):
         self.model = model
         self.cfg = model.config
         self.mesh = getattr(model, "mesh", None)  # the params' (and the pools') mesh; None: one device
@@ -167,6 +171,12 @@ class Engine:
         # The paged kernel: the model's attention setting unless given here ("pallas": Pallas decode).
         self.attention = model.config.attention if attention is None else check_attention(attention)
         self._pallas = self.attention == "pallas"
+        self.speculative_config = speculative.SpeculativeConfig.of(speculative_config)
+        self._spec = None
+        if self.speculative_config is not None:
+            if self._pallas:
+                raise InputError("speculative_config does not combine with attention='pallas' yet: use 'xla'")
+            self._spec = EngineSpeculation(self, self.speculative_config)
         self._prefix_caching, self._vision_cache_bytes = prefix_caching, vision_cache_bytes
         self._processor, self._token_table = processor, None
         self._features_dtype = None
@@ -317,7 +327,8 @@ class Engine:
                              sp=tuple(a[0] for a in ctl.sampling.rows(1)),
                              key=steps.row_keys(ctl.sampling.seed, 1)[0], stop=ctl.stop_ids,
                              submitted=time.perf_counter(), n_top=ctl.sampling.logprobs, output=output,
-                             matcher=None if ctl.grammar is None else ctl.grammar.matcher())
+                             matcher=None if ctl.grammar is None else ctl.grammar.matcher(),
+                             speculate=self._spec is not None and speculative.unsupported(ctl.flags) is None)
 
     def _tokens(self) -> TokenTable:
         """The token bytes stop strings are matched on (the processor read once, on first need)."""
@@ -404,7 +415,7 @@ class Engine:
         batch = None if chunks and not self._pallas and self.scheduler.prefill_pending() \
             else self.scheduler.schedule_decode()
         if batch is not None:
-            self._decode(batch.requests, batch.limits)
+            (self._decode if self._spec is None else self._spec.decode)(batch.requests, batch.limits)
         self.stats["steps"] += 1
         self.stats["prefill_s"] += t1 - t0
         self.stats["decode_s"] += time.perf_counter() - t1
@@ -419,7 +430,7 @@ class Engine:
             latency_s=now - req.submitted, **logprob_fields(req.n_top, req.lp),
             text=None if req.output is None else req.output.text + req.output.finish(reason),
             stop_reason=None if req.output is None or not isinstance(req.output.stop_reason, str)
-            else req.output.stop_reason)
+            else req.output.stop_reason, proposed_tokens=req.proposed, accepted_tokens=req.accepted)
 
     def _retire(self, req: EngineRequest, reason: str = "", error: BaseException | None = None) -> None:
         self.scheduler.remove(req)

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qvl_jax.config import Qwen3VLConfig
 from qvl_jax.engine import cache as kv_cache
-from qvl_jax.engine import sampling, steps, structured
+from qvl_jax.engine import sampling, speculative, speculative_runs, steps, structured
 from qvl_jax.engine.sampling import SamplingParams
 from qvl_jax.errors import InputError, NumericalError, ResourceError, device_free_bytes, device_memory_errors
 from qvl_jax.modeling.inputs import bucket_length, compact_left, prepare_inputs
@@ -46,6 +46,9 @@ class GenerateOutput:
     reused_tokens: int = 0  # tokens taken from a chat session's cache instead of prefilled
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # With speculative_config: per row, the proposals verified and those accepted; else None.
+    proposed_tokens: np.ndarray | None = None
+    accepted_tokens: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,17 +302,25 @@ class _Run:
 
 
 def _begin(model, max_new_tokens, return_logits, kwargs, return_logprobs=False):
-    """Checks a request, allocates its cache and runs the prefill: (generator, request, run, prefill seconds)."""
+    """Checks a request, allocates its cache and runs the prefill: (generator, request, run, prefill
+    seconds); the run is a `speculative_runs.SpecRun` when kwargs hold a speculative_config."""
     inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in INPUT_NAMES}
+    spec = speculative.SpeculativeConfig.of(kwargs.pop("speculative_config", None))
     gen = Generator(model)
     req = gen.request(inputs)
     b, t = req.ids.shape
     ctl = controls(model, b, max_new_tokens, kwargs, return_logprobs)
+    if spec is not None:
+        refused = speculative.unsupported(ctl.flags) or ("return_logits" if return_logits else None)
+        if refused:
+            raise InputError(f"speculative decoding does not combine with {refused} yet")
     cache_len = bucket_length(t + ctl.max_new, MIN_READ)
     gen._check_capacity(req.prompt_len, ctl.max_new, b, cache_len)
     t0 = time.perf_counter()
     run = gen.start(req, gen.new_cache(b, cache_len), 0, ctl, gen.history(ctl, req.seen_ids), return_logits)
     jax.block_until_ready(run.last.tokens)
+    if spec is not None:
+        run = speculative_runs.SpecRun(run, spec, req)
     return gen, req, run, time.perf_counter() - t0
 
 
@@ -321,6 +332,9 @@ def generate(model, max_new_tokens: int = 64, return_logprobs=False, return_logi
     """See `Model.generate`."""
     gen, req, run, prefill_s = _begin(model, max_new_tokens, return_logits, kwargs, return_logprobs)
     t1 = time.perf_counter()
+    if not isinstance(run, _Run):  # speculative
+        run.run_all()
+        return run.collect(prompt_tokens=req.prompt_len, prefill_s=prefill_s, decode_s=time.perf_counter() - t1)
     run.run()
     jax.block_until_ready(run.last.tokens)
     return run.collect(return_logprobs, return_logits, prompt_tokens=req.prompt_len, prefill_s=prefill_s,
@@ -330,6 +344,9 @@ def generate(model, max_new_tokens: int = 64, return_logprobs=False, return_logi
 def stream(model, max_new_tokens: int = 64, **kwargs) -> Iterator[np.ndarray]:
     """See `Model.stream`: yields np.int32 [b] (the next token of each row, pad once a row stopped)."""
     gen, _, run, _ = _begin(model, max_new_tokens, False, kwargs)
+    if not isinstance(run, _Run):  # speculative
+        yield from run.stream()
+        return
     yield np.asarray(sharding.to_host(run.last.tokens[:, 0]), np.int32)
     while (out := run.step(1)) is not None:
         tok = np.asarray(sharding.to_host(out.tokens[:, 0]), np.int32)

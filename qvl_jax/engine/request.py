@@ -37,6 +37,9 @@ class RequestOutput:
     # ended it (stop_reason; tokens end with the token that completed it). None otherwise.
     text: str | None = None
     stop_reason: str | None = None
+    # Speculative decoding (an engine with speculative_config): proposals verified, and accepted.
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -166,6 +169,9 @@ class EngineRequest:
     features: tuple | None = None  # (feats, deepstack, items) for the prefill's uncached media
     output: OutputStream | None = None  # its text, when it has stop strings to match
     matcher: object = None  # structured outputs: the grammar state (`structured.Matcher`), advanced per token
+    speculate: bool = False  # decoded speculatively (the engine's speculative_config, settings it serves)
+    proposed: int = 0  # speculative proposals verified
+    accepted: int = 0  # and accepted
 
     @property
     def prompt(self) -> np.ndarray:

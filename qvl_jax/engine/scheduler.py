@@ -141,6 +141,13 @@ class Scheduler:
             return None
         return DecodeBatch(dec, [min(len(r.blocks) * self.block_size, r.num_computed + 1) for r in dec])
 
+    def grant(self, req, want: int) -> int:
+        """Blocks for up to `want` more tokens of a decoding request, from blocks free now (never
+        preempting): how far it may grow (a speculative decode phase's limit, which may take more
+        tokens per visit than decode_steps)."""
+        self._grant(req, want, may_preempt=False)
+        return min(len(req.blocks) * self.block_size, req.num_computed + want)
+
     def prefill_pending(self) -> bool:
         """Whether a running request still has prompt to prefill, or a waiting one a free slot."""
         return any(not r.decoding for r in self.running) or bool(self.waiting and self.free_slots)

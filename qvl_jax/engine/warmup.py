@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from qvl_jax.engine import batch, steps, structured
+from qvl_jax.engine import batch, speculative, steps, structured
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.modeling import vision as vision_mod
 from qvl_jax.modeling.inputs import bucket_length, vision_bucket
@@ -77,7 +77,7 @@ def _rows(n: int, flags, words: int):
 
 def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
     """The programs `run` compiles: ("mixed", flags, (t, decode rows)) (or under the Pallas kernel
-    ("prefill", flags, t)), ("decode", flags, rows), ("vision", patches)."""
+    ("prefill", flags, t)), ("decode", flags, rows), with speculation ("verify", flags, rows), ("vision", patches)."""
     out = []
     for flags in flag_sets:
         if engine._pallas:
@@ -86,6 +86,8 @@ def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
             out += [("mixed", flags, (t, s)) for t in chunk_buckets(engine.max_num_batched_tokens)
                     for s in mixed_row_buckets(engine.max_num_seqs)]
         out += [("decode", flags, s) for s in row_buckets(engine.max_num_seqs)]
+        if engine._spec is not None and speculative.unsupported(flags) is None:
+            out += [("verify", flags, s) for s in row_buckets(engine.max_num_seqs)]
     if vision_patches:
         out += [("vision", p) for p in patch_buckets(vision_patches)]
     return out
@@ -112,6 +114,9 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             vision_tower(*engine.model.split, vis)
             continue
         kind, flags, n = prog
+        if kind == "verify":  # the speculative decode loop (`speculative_runs.EngineSpeculation`)
+            engine._spec.warm_up(flags, n)
+            continue
         t, s = n if kind == "mixed" else (n, 0)
         words = structured.mask_words(cfg.text.vocab_size)
         chunk = (np.zeros((1, t), np.int32), np.zeros((3, 1, t), np.int32), np.zeros((1, t), bool),

@@ -73,6 +73,10 @@ _ENGINE_STATS = {
     "decode_chunks": "jitted decode calls (up to decode_steps tokens each)",
     "preemptions": "requests preempted for KV blocks (recomputed later)",
     "vision_encoded": "images and videos run through the vision tower (vision-cache misses)",
+    # Speculative decoding (--speculative-config), as vLLM's spec_decode_num_draft_tokens /
+    # spec_decode_num_accepted_tokens.
+    "spec_decode_num_draft_tokens": "speculative proposals verified",
+    "spec_decode_num_accepted_tokens": "speculative proposals accepted",
 }
 
 

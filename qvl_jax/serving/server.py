@@ -16,6 +16,7 @@ import uvicorn
 
 import qvl_jax
 from qvl_jax.engine.memory import format_size
+from qvl_jax.engine.speculative import SpeculativeConfig
 from qvl_jax.hub import resolve_model
 from qvl_jax.processing.processor import Processor
 from qvl_jax.serving import media
@@ -56,13 +57,15 @@ def run(args) -> int:
     policy = media.MediaPolicy(allowed_local_path=media.allowed_dir(args.allowed_local_media_path),
                                allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
                                timeout_s=args.media_timeout)
+    spec = SpeculativeConfig.of(getattr(args, "speculative_config", None))  # a bad one fails before the load
     model_dir = resolve_model(args.model)  # no --model: the built-in tiny model, with a notice
     processor = Processor.from_pretrained(model_dir)
     model = qvl_jax.load(model_dir, dtype=args.dtype, attention=args.attention, verify=args.verify or None,
                          quantize=getattr(args, "quantize", None))
     engine = model.engine(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, processor=processor,
                           kv_cache_memory=args.kv_cache_memory, memory_fraction=args.kv_cache_memory_fraction,
-                          max_num_batched_tokens=args.max_num_batched_tokens, decode_steps=args.decode_steps)
+                          max_num_batched_tokens=args.max_num_batched_tokens, decode_steps=args.decode_steps,
+                          speculative_config=spec)
     name = args.served_model_name or (args.model if args.model else "tiny-random")
     config = ServerConfig(served_model_name=name, api_key=args.api_key, media=policy,
                           max_body_bytes=args.max_body_bytes,
