@@ -130,6 +130,23 @@ def test_prefix_cache_and_different_image(setup, engine):
     _check(m, moved, out, 6)
 
 
+def test_follow_up_reuses_the_answers_blocks(setup, engine):
+    """A chat follow-up (the prompt, the answer, a new turn) takes the answer's full blocks from the
+    prefix cache too, and answers as alone. (Before: decode steps hashed a block before its last
+    tokens were appended, so no prompt ever matched a generated block: cached 20 of 60 here.)"""
+    hf, m = setup
+    rng = np.random.RandomState(7)
+    first = _one(PromptBuilder(rng).text(21), hf, rng)
+    ans = engine.submit(first, max_new_tokens=40, stop_token_ids=[]).result()
+    turn = _one(PromptBuilder(rng).text(6), hf, rng)
+    ids = np.concatenate([first["input_ids"], ans.tokens[None], turn["input_ids"]], 1)
+    follow = dict(input_ids=ids, mm_token_type_ids=np.zeros_like(ids))
+    out = engine.submit(follow, max_new_tokens=6, stop_token_ids=[]).result()
+    # Every full block of the prompt and the answer but the last answer token's (fed, never computed).
+    assert out.cached_tokens == (21 + 40 - 1) // 4 * 4, out.cached_tokens
+    _check(m, follow, out, 6)
+
+
 def test_prefill_chunks_pad_under_an_eighth(setup):
     """A chunk runs padded to one of four lengths an octave, not to the next power of two (a 100-token
     prompt under a 64-token budget: chunks of 64 and 36, run as 64 and 40, not 64 and 64), and the

@@ -647,11 +647,17 @@ class Engine:
         for i, r in enumerate(dec, first):
             ran = out.tokens[i] >= 0
             toks = out.tokens[i][ran].tolist()
-            self.scheduler.advance(r, len(toks))
             self.stats["decode_tokens"] += len(toks)
             if out.bad[i] >= 0:
+                self.scheduler.advance(r, len(toks))
                 self._retire(r, error=NumericalError(
                     f"the model produced NaN/inf logits (new token {int(out.bad[i])}); check the "
                     "weights, or use float32 if a low-precision dtype overflowed"))
                 continue
+            # Appended before the advance, which hashes the blocks these tokens fill for the prefix
+            # cache (hashed before, a block missing its last tokens got a hash no prompt matches, and
+            # one that another answer sharing all but those tokens could take). A request that
+            # stopped here is retired already; its full blocks were registered then.
             self._accept(r, toks, step_logprobs(out, i, ran))
+            if r.slot >= 0:
+                self.scheduler.advance(r, len(toks))
