@@ -84,15 +84,18 @@ def choose_impl(impl: str, tokens: int, k: int, experts: int) -> str:
     if impl != "auto":
         return impl
     if tokens * k <= experts:
-        return "gather"
+        return "scan"
     return "dense" if jax.default_backend() == "cpu" else "ragged"
 
 
 def expert_mlp(x: jax.Array, weights: jax.Array, idx: jax.Array, gate_up: jax.Array, down: jax.Array,
-               impl: str = "auto") -> jax.Array:
-    """sum_j weights[n, j] * SwiGLU_{idx[n, j]}(x[n]): x [n, d], weights/idx [n, k] -> [n, d]."""
+               impl: str = "auto", rows: int | None = None) -> jax.Array:
+    """sum_j weights[n, j] * SwiGLU_{idx[n, j]}(x[n]): x [n, d], weights/idx [n, k] -> [n, d].
+    `rows`: "scan"'s tokens per step (default `scan_rows`)."""
     n, k = idx.shape
     impl = choose_impl(impl, n, k, gate_up.shape[0])
+    if impl == "scan":
+        return _scan(x, weights, idx, gate_up, down, rows or scan_rows(n, k, gate_up.shape[0]))
     if impl == "gather":
         return _gather(x, weights, idx, gate_up, down)
     if impl == "dense":
@@ -139,3 +142,57 @@ def _ragged(x, weights, idx, gate_up, down):
     y = _grouped(_swiglu(h), down, sizes)  # [m, d]
     y = y * jnp.take(weights.reshape(-1), order)[:, None]
     return jnp.zeros_like(x).at[token].add(y)
+
+
+def scan_rows(tokens: int, k: int, experts: int) -> int:
+    """"scan"'s tokens per step: one (a matrix-vector product, which XLA CPU fuses with the slice of
+    the expert's weights, reading them in place) while tokens * k <= experts; else 8, a small
+    matmul per step (XLA copies the slice first; measured in docs/performance.md)."""
+    return 1 if tokens * k <= experts else 8
+
+
+def _scan(x, weights, idx, gate_up, down, rows):
+    n, k = idx.shape
+    e = gate_up.shape[0]
+    m = n * k
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # (token, slot) pairs sorted by expert
+    token = order // k
+    pair_w = jnp.take(weights.reshape(-1), order)
+    if rows == 1:  # one step per pair: its expert, its token
+        expert = jnp.take(flat, order)
+        steps, start, valid, total = m, jnp.arange(m), jnp.ones((m,), jnp.int32), None
+    else:  # one step per `rows` pairs of one expert: expert u takes ceil(sizes[u] / rows) steps
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        chunks = (sizes + rows - 1) // rows
+        ends = jnp.cumsum(chunks)
+        total = ends[-1]
+        # sum_u ceil(sizes[u] / rows) <= (m + min(e, m) * (rows - 1)) / rows: a static bound
+        steps = (m + min(e, m) * (rows - 1)) // rows
+        t = jnp.arange(steps, dtype=jnp.int32)
+        expert = jnp.minimum(jnp.searchsorted(ends, t, side="right"), e - 1).astype(jnp.int32)
+        within = (t - (ends[expert] - chunks[expert])) * rows
+        start = jnp.cumsum(sizes)[expert] - sizes[expert] + within
+        valid = sizes[expert] - within
+        token = jnp.concatenate([token, jnp.zeros((rows,), token.dtype)])
+        pair_w = jnp.concatenate([pair_w, jnp.zeros((rows,), pair_w.dtype)])
+
+    def one(i, y):  # a matrix-vector product: XLA CPU fuses it with the slice of the weights
+        gu = jax.lax.dynamic_index_in_dim(gate_up, expert[i], keepdims=False)
+        dn = jax.lax.dynamic_index_in_dim(down, expert[i], keepdims=False)
+        h = x[token[i]] @ gu.T
+        return y.at[token[i]].add((_swiglu(h) @ dn.T) * pair_w[i])
+
+    def step(i, y):
+        toks = jax.lax.dynamic_slice_in_dim(token, start[i], rows)
+        w = jax.lax.dynamic_slice_in_dim(pair_w, start[i], rows)
+        w = jnp.where(jnp.arange(rows) < valid[i], w, jnp.zeros_like(w))
+        gu = jax.lax.dynamic_index_in_dim(gate_up, expert[i], keepdims=False)  # [2f, d], read in place
+        dn = jax.lax.dynamic_index_in_dim(down, expert[i], keepdims=False)  # [d, f]
+        h = matmul_t(jnp.take(x, toks, axis=0), gu)
+        return y.at[toks].add(matmul_t(_swiglu(h), dn) * w[:, None])
+
+    if total is None:
+        return jax.lax.fori_loop(0, steps, one, jnp.zeros_like(x))
+    return jax.lax.fori_loop(0, steps, lambda i, y: jax.lax.cond(i < total, step, lambda i, y: y, i, y),
+                             jnp.zeros_like(x))
