@@ -83,9 +83,9 @@ class SparseMoeBlock(nnx.Module):
 def choose_impl(impl: str, tokens: int, k: int, experts: int) -> str:
     if impl != "auto":
         return impl
-    if tokens * k <= experts:
+    if jax.default_backend() == "cpu":
         return "scan"
-    return "dense" if jax.default_backend() == "cpu" else "ragged"
+    return "gather" if tokens * k <= experts else "ragged"
 
 
 def expert_mlp(x: jax.Array, weights: jax.Array, idx: jax.Array, gate_up: jax.Array, down: jax.Array,
@@ -145,10 +145,15 @@ def _ragged(x, weights, idx, gate_up, down):
 
 
 def scan_rows(tokens: int, k: int, experts: int) -> int:
-    """"scan"'s tokens per step: one (a matrix-vector product, which XLA CPU fuses with the slice of
-    the expert's weights, reading them in place) while tokens * k <= experts; else 8, a small
-    matmul per step (XLA copies the slice first; measured in docs/performance.md)."""
-    return 1 if tokens * k <= experts else 8
+    """"scan"'s tokens per step. One while tokens * k <= experts: a matrix-vector product, which XLA
+    CPU fuses with the slice of the expert's weights (read in place, no copy). Above that a small
+    matmul per step, for which XLA copies the slice first: about twice the mean tokens per expert
+    (a power of two, 8 to 128), so that the copies and the loop's steps stay few (measured best at
+    64 and 512 tokens, docs/performance.md)."""
+    pairs = tokens * k
+    if pairs <= experts:
+        return 1
+    return min(128, max(8, 1 << (2 * pairs // experts - 1).bit_length()))
 
 
 def _scan(x, weights, idx, gate_up, down, rows):
