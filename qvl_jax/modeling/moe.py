@@ -8,18 +8,22 @@ The router: logits in the input dtype, softmax over the experts in float32, the 
 probabilities renormalised to sum to one, cast back to the input dtype. Each chosen expert is a
 SwiGLU MLP; a token's output is the weighted sum of its experts' outputs.
 
-Three ways to compute the experts, none with a Python loop over experts (`MOE_IMPLS`):
+Four ways to compute the experts, none with a Python loop over experts (`MOE_IMPLS`):
+- "scan": the (token, expert) pairs sorted by expert, and a `lax.fori_loop` whose step slices one
+  expert's weights and applies them to its next `scan_rows` tokens, added back per token. Reads
+  each chosen expert about once and in place (with one token per step XLA CPU fuses the slice into
+  the matrix-vector product); does e / k times less work than "dense" for many tokens. The CPU path.
 - "ragged": the (token, expert) pairs sorted by expert, two grouped matmuls
   (`jax.lax.ragged_dot_general`, the weights in their stored layout), the results added back per
-  token. Work proportional to tokens * k; the prefill and training path.
-- "gather": each token's k experts' weights gathered and applied with einsums. Reads only the
-  chosen experts' weights: the decode path, for a handful of tokens.
+  token. Work proportional to tokens * k where a grouped-matmul kernel exists.
+- "gather": each token's k experts' weights gathered and applied with einsums. Materializes a copy
+  of every chosen expert's weights (written, then read again).
 - "dense": every expert on every token, weighted by a [tokens, experts] matrix that is zero off
-  the chosen ones. The naive reference (scripts/bench.py measures it against the others).
-"auto" takes "gather" when tokens * k <= experts (it then reads at most every expert once); above
-that, "dense" on the CPU, where XLA runs a ragged dot as slowly as a dense dot per group (measured:
-ragged 5-13x slower than dense at every token count, docs/performance.md), and "ragged" on other
-backends, which have grouped-matmul kernels for it.
+  the chosen ones. The naive reference.
+"auto" takes "scan" on the CPU at every token count (measured against the others by
+scripts/bench_moe.py, docs/performance.md: 40-70x "gather" at 1 and 8 tokens, ~9x "dense" at 64;
+XLA's CPU backend runs a ragged dot about as slowly as one dense dot per group). On other backends
+it keeps "gather" when tokens * k <= experts and "ragged" above, not yet measured there.
 
 Einsum letters: n tokens, d model width, e experts, k experts per token, f expert MLP width,
 m (token, expert) pairs sorted by expert.
