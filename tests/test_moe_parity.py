@@ -6,7 +6,9 @@ contradicts what the checkpoint declares, never loaded wrong)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 
 import jax
@@ -239,3 +241,20 @@ def test_metadata_declaration_wins_over_version(hf_checkpoint, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
     assert rel_err(qvl_jax.load(path).logits(ids), ref) <= LOGITS_RTOL
+
+
+def test_scan_reads_expert_weights_in_place():
+    """At decode sizes `auto` runs "scan" one pair per step, written so that XLA CPU fuses the slice
+    of the expert's weights into the matrix-vector product: no step copies an expert's weights out
+    first (the copy is what "gather" and the several-rows steps pay; the second case shows this
+    check sees it)."""
+    assert jax.default_backend() == "cpu"
+    s = jax.ShapeDtypeStruct
+    args = (s((2, 48), jnp.float32), s((2, 2), jnp.float32), s((2, 2), jnp.int32),
+            s((8, 80, 48), jnp.float32), s((8, 48, 40), jnp.float32))
+    assert moe_mod.choose_impl("auto", 2, 2, 8) == "scan" and moe_mod.scan_rows(2, 2, 8) == 1
+    copied = re.compile(r"= f32\[(1,)?(80,48|48,40)\]\{[^}]*\} (fusion|copy)\(")
+    for rows, copies in ((None, False), (2, True)):
+        f = functools.partial(moe_mod.expert_mlp, impl="auto" if rows is None else "scan", rows=rows)
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+        assert bool(copied.search(hlo)) == copies, rows
