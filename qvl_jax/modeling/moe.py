@@ -21,7 +21,7 @@ Four ways to compute the experts, none with a Python loop over experts (`MOE_IMP
 - "dense": every expert on every token, weighted by a [tokens, experts] matrix that is zero off
   the chosen ones. The naive reference.
 "auto" takes "scan" on the CPU at every token count (measured against the others by
-scripts/bench_moe.py, docs/performance.md: 40-70x "gather" at 1 and 8 tokens, ~9x "dense" at 64;
+scripts/bench_moe.py, docs/performance.md: 25-50x "gather" at 1 and 8 tokens, 5-13x "dense" at 64;
 XLA's CPU backend runs a ragged dot about as slowly as one dense dot per group). On other backends
 it keeps "gather" when tokens * k <= experts and "ragged" above, not yet measured there.
 
