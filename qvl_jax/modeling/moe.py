@@ -170,7 +170,7 @@ def _scan(x, weights, idx, gate_up, down, rows):
     pair_w = jnp.take(weights.reshape(-1), order)
     if rows == 1:  # one step per pair: its expert, its token
         expert = jnp.take(flat, order)
-        steps, start, valid, total = m, jnp.arange(m), jnp.ones((m,), jnp.int32), None
+        steps, total = m, None
     else:  # one step per `rows` pairs of one expert: expert u takes ceil(sizes[u] / rows) steps
         sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
         chunks = (sizes + rows - 1) // rows
@@ -186,7 +186,9 @@ def _scan(x, weights, idx, gate_up, down, rows):
         token = jnp.concatenate([token, jnp.zeros((rows,), token.dtype)])
         pair_w = jnp.concatenate([pair_w, jnp.zeros((rows,), pair_w.dtype)])
 
-    def one(i, y):  # a matrix-vector product: XLA CPU fuses it with the slice of the weights
+    def one(i, y):
+        # a vector times the transposed slice: XLA CPU fuses the slice into this product and reads the
+        # weights in place (in `matmul_t`'s form it copies the slice first; tests check the HLO)
         gu = jax.lax.dynamic_index_in_dim(gate_up, expert[i], keepdims=False)
         dn = jax.lax.dynamic_index_in_dim(down, expert[i], keepdims=False)
         h = x[token[i]] @ gu.T
@@ -196,7 +198,7 @@ def _scan(x, weights, idx, gate_up, down, rows):
         toks = jax.lax.dynamic_slice_in_dim(token, start[i], rows)
         w = jax.lax.dynamic_slice_in_dim(pair_w, start[i], rows)
         w = jnp.where(jnp.arange(rows) < valid[i], w, jnp.zeros_like(w))
-        gu = jax.lax.dynamic_index_in_dim(gate_up, expert[i], keepdims=False)  # [2f, d], read in place
+        gu = jax.lax.dynamic_index_in_dim(gate_up, expert[i], keepdims=False)  # [2f, d]
         dn = jax.lax.dynamic_index_in_dim(down, expert[i], keepdims=False)  # [d, f]
         h = matmul_t(jnp.take(x, toks, axis=0), gu)
         return y.at[toks].add(matmul_t(_swiglu(h), dn) * w[:, None])
