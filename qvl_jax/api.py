@@ -218,9 +218,10 @@ def load(path: str | os.PathLike = "tiny-random", dtype=None, mesh=None, verify:
     as a separate branch.
     attention: the attention kernel, one of "xla" (default), "cudnn", "pallas" (the engine's paged
     decode), "dot_product" (qvl_jax.modeling.attention says what each runs).
-    moe_impl: how a Mixture-of-Experts model computes its experts: "auto" (default: gathered
-    weights for a few tokens, grouped matmuls over tokens sorted by expert otherwise), "ragged",
-    "gather" or "dense" (qvl_jax.modeling.moe).
+    moe_impl: how a Mixture-of-Experts model computes its experts: "auto" (default: on the CPU
+    "scan", a loop over the tokens sorted by expert that reads each chosen expert's weights in
+    place; elsewhere gathered weights for a few tokens, grouped matmuls otherwise), "scan",
+    "ragged", "gather" or "dense" (qvl_jax.modeling.moe).
     quantize: "int8" or "int4": weight-only quantization of the decoder's projections with qwix
     (`qvl_jax.modeling.quant`; the vision tower, norms and embedding / lm_head keep `dtype`). A
     checkpoint written by `save_quantized` loads quantized as it was saved, with or without it.

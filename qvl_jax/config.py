@@ -20,7 +20,7 @@ from qvl_jax.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # How the expert MLPs compute (qvl_jax.modeling.moe): a load setting, not from config.json.
-MOE_IMPLS = ("auto", "ragged", "gather", "dense")
+MOE_IMPLS = ("auto", "scan", "ragged", "gather", "dense")
 
 
 def _get(d: dict, key: str, where: str, default: Any = dataclasses.MISSING) -> Any:

@@ -2,7 +2,7 @@
 """Benchmark qvl_jax against transformers on the same device, in the same process.
 
     python scripts/bench.py [--config 2b|4b|8b|30b-a3b] [--layers N] [--model PATH] [--quick] [--no-hf]
-                            [--moe-impl auto|ragged|gather|dense] [--hf-only]
+                            [--moe-impl auto|scan|ragged|gather|dense] [--hf-only]
 
 Random weights in the real shapes of the chosen config (or real weights with --model). Cases:
 text-only decode at batch 1 / 8 / 64, one 1024x1024 image + short prompt (time to first token), and a
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--hf-only", action="store_true",
                     help="transformers alone (a separate process from --no-hf when both do not fit in memory)")
-    ap.add_argument("--moe-impl", default="auto", choices=["auto", "ragged", "gather", "dense"],
+    ap.add_argument("--moe-impl", default="auto", choices=["auto", "scan", "ragged", "gather", "dense"],
                     help="how a MoE model computes its experts (qvl_jax.load's moe_impl=)")
     ap.add_argument("--no-compilation-cache", action="store_true")
     ap.add_argument("--tp", type=int, default=None, help="tensor-parallel size (a data x model mesh)")

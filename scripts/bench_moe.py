@@ -3,7 +3,8 @@ of qvl_jax.modeling.moe timed over a range of token counts:
 
     python scripts/bench_moe.py [--tokens 1,8,64,512] [--dtype float32] [--repeats 5]
 
-"ragged" (tokens sorted by expert, grouped matmuls), "gather" (each token's experts' weights gathered),
+"scan" (a loop over the tokens sorted by expert, each step one expert's weights read in place; "scan@R"
+forces R tokens per step), "ragged" (tokens sorted by expert, grouped matmuls), "gather" (each token's experts' weights gathered),
 "dense" (every expert on every token, the naive reference) and "auto" (what the model runs). Prints one
 JSON line per (tokens, impl): median milliseconds per call, and the largest difference from "dense".
 """
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-mlp", type=int, default=768)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--impls", default="dense,ragged,gather,auto")
+    ap.add_argument("--impls", default="dense,scan,ragged,gather,auto")
     args = ap.parse_args(argv)
 
     from qvl_jax.config import TextConfig
@@ -47,15 +48,23 @@ def main(argv=None) -> int:
     router, gate_up, down = (jnp.asarray(block.gate.weight[...]), jnp.asarray(block.experts.gate_up_proj[...]),
                              jnp.asarray(block.experts.down_proj[...]))
 
-    def run(impl):
+    def run(name):
+        impl, _, rows = name.partition("@")
+
         @jax.jit
         def f(x, router, gate_up, down):
             logits = moe.matmul_t(x, router)
             probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
             top, idx = jax.lax.top_k(probs, args.top_k)
             w = (top / top.sum(-1, keepdims=True)).astype(x.dtype)
-            return moe.expert_mlp(x, w, idx.astype(jnp.int32), gate_up, down, impl)
+            return moe.expert_mlp(x, w, idx.astype(jnp.int32), gate_up, down, impl, int(rows) if rows else None)
         return f
+
+    def resolved(name, n):
+        impl = moe.choose_impl(name.partition("@")[0], n, args.top_k, args.experts)
+        if impl == "scan":
+            impl += "@" + (name.partition("@")[2] or str(moe.scan_rows(n, args.top_k, args.experts)))
+        return impl
 
     rng = np.random.RandomState(0)
     for n in (int(t) for t in args.tokens.split(",")):
@@ -72,7 +81,7 @@ def main(argv=None) -> int:
             if impl == "dense":
                 ref = out
             diff = None if ref is None else float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
-            print(json.dumps({"tokens": n, "impl": impl, "resolved": moe.choose_impl(impl, n, args.top_k, args.experts),
+            print(json.dumps({"tokens": n, "impl": impl, "resolved": resolved(impl, n),
                               "ms": round(statistics.median(times) * 1e3, 3), "max_abs_diff_vs_dense": diff,
                               "dtype": args.dtype, "device": jax.devices()[0].platform}), flush=True)
     return 0

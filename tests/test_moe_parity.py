@@ -1,12 +1,14 @@
 """Mixture-of-Experts (qwen3_vl_moe) against transformers' Qwen3VLMoeForConditionalGeneration, through
 the real converter, in float32: logits for text, images, video and padded batches, greedy tokens,
-decoder_sparse_step and mlp_only_layers, the three expert computations, the config dialect, and
+decoder_sparse_step and mlp_only_layers, the expert computations, the config dialect, and
 the fused-expert layout of both transformers generations (converted, or refused when it
 contradicts what the checkpoint declares, never loaded wrong)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 
 import jax
@@ -98,7 +100,7 @@ def test_moe_greedy_matches_transformers(kind, hf_checkpoint, jax_model):
     _assert_same_greedy(out.tokens, ref, ref_logits)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "gather", "dense"])
+@pytest.mark.parametrize("impl", ["scan", "ragged", "gather", "dense"])
 def test_expert_impls_match_transformers(impl, hf_checkpoint, converted):
     """Each expert computation, forced, against transformers' (image, video, padding)."""
     hf, _ = hf_checkpoint("moe_step")
@@ -118,14 +120,21 @@ def test_expert_block_matches_transformers_block(hf_checkpoint, jax_model):
         x = np.random.RandomState(n).randn(1, n, 64).astype(np.float32)
         with torch.no_grad():
             ref = theirs(torch.from_numpy(x)).numpy()
-        for impl in ("ragged", "gather", "dense"):
+        for impl in ("scan", "ragged", "gather", "dense"):
             ours.impl = impl
             assert rel_err(ours(jnp.asarray(x)), ref) <= 1e-5, impl
+        # "scan" at every step size: one pair per step, and steps that end inside an expert's tokens
+        flat = jnp.asarray(x.reshape(n, 64))
+        _, w, idx = ours.gate(flat)
+        gu, dn = ours.experts.gate_up_proj[...], ours.experts.down_proj[...]
+        for rows in (1, 3, 8):
+            y = moe_mod.expert_mlp(flat, w, idx, gu, dn, "scan", rows)
+            assert rel_err(y.reshape(x.shape), ref) <= 1e-5, rows
 
 
 def test_expert_impls_have_equal_gradients(jax_model):
     """Training runs whichever computation `auto` picks: the gradients (weights, router, input)
-    of all three agree."""
+    of all of them agree ("scan" with one pair per step and with several)."""
     block = jax_model("moe").module.model.language_model.layers[0].mlp
     gate_up, down = block.experts.gate_up_proj[...], block.experts.down_proj[...]
     router = block.gate.weight[...]
@@ -134,12 +143,13 @@ def test_expert_impls_have_equal_gradients(jax_model):
     def loss(gu, dn, rw, x, impl):
         probs = jax.nn.softmax(moe_mod.matmul_t(x, rw), axis=-1)
         top, idx = jax.lax.top_k(probs, 2)
-        y = moe_mod.expert_mlp(x, top / top.sum(-1, keepdims=True), idx, gu, dn, impl)
+        impl, _, rows = impl.partition("@")
+        y = moe_mod.expert_mlp(x, top / top.sum(-1, keepdims=True), idx, gu, dn, impl, int(rows or 0) or None)
         return jnp.sum(jnp.sin(y))
 
     grads = {impl: jax.grad(loss, argnums=(0, 1, 2, 3))(gate_up, down, router, x, impl)
-             for impl in ("dense", "ragged", "gather")}
-    for impl in ("ragged", "gather"):
+             for impl in ("dense", "scan", "scan@1", "ragged", "gather")}
+    for impl in ("scan", "scan@1", "ragged", "gather"):
         for ours, ref in zip(grads[impl], grads["dense"]):
             assert rel_err(ours, ref) <= 1e-5, impl
 
@@ -231,3 +241,20 @@ def test_metadata_declaration_wins_over_version(hf_checkpoint, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
     assert rel_err(qvl_jax.load(path).logits(ids), ref) <= LOGITS_RTOL
+
+
+def test_scan_reads_expert_weights_in_place():
+    """At decode sizes `auto` runs "scan" one pair per step, written so that XLA CPU fuses the slice
+    of the expert's weights into the matrix-vector product: no step copies an expert's weights out
+    first (the copy is what "gather" and the several-rows steps pay; the second case shows this
+    check sees it)."""
+    assert jax.default_backend() == "cpu"
+    s = jax.ShapeDtypeStruct
+    args = (s((2, 48), jnp.float32), s((2, 2), jnp.float32), s((2, 2), jnp.int32),
+            s((8, 80, 48), jnp.float32), s((8, 48, 40), jnp.float32))
+    assert moe_mod.choose_impl("auto", 2, 2, 8) == "scan" and moe_mod.scan_rows(2, 2, 8) == 1
+    copied = re.compile(r"= f32\[(1,)?(80,48|48,40)\]\{[^}]*\} (fusion|copy)\(")
+    for rows, copies in ((None, False), (2, True)):
+        f = functools.partial(moe_mod.expert_mlp, impl="auto" if rows is None else "scan", rows=rows)
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+        assert bool(copied.search(hlo)) == copies, rows
