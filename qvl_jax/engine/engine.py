@@ -559,9 +559,12 @@ class Engine:
         req.decoding = True
         self._accept(req, [int(out.tokens[0, 0])], step_logprobs(out, 0, np.ones(1, bool)))
 
-    def _accept(self, req: EngineRequest, toks: list[int], lps: list | None = None) -> None:
+    def _accept(self, req: EngineRequest, toks: list[int], lps: list | None = None, advance: bool = False) -> None:
         """Appends new tokens (and their log-probabilities when req asked), streams them, and retires
-        req when it stopped."""
+        req when it stopped. advance: the tokens came from a decode step, which computed the keys and
+        values of as many positions: the scheduler advances req by the tokens kept, after they are
+        appended (it hashes the blocks they fill for the prefix cache, over the sequence as it then
+        is) and before a stop retires req (which registers its full blocks)."""
         if not toks:
             return
         if req.first_token is None:
@@ -578,6 +581,8 @@ class Engine:
                 self._retire(req, error=e)
                 return
         req.outputs += toks
+        if advance:
+            self.scheduler.advance(req, len(toks))
         new = []
         if req.n_top is not None:
             new = [(float(lp), ids[:req.n_top], top[:req.n_top]) for lp, ids, top in lps]
@@ -654,10 +659,6 @@ class Engine:
                     f"the model produced NaN/inf logits (new token {int(out.bad[i])}); check the "
                     "weights, or use float32 if a low-precision dtype overflowed"))
                 continue
-            # Appended before the advance, which hashes the blocks these tokens fill for the prefix
-            # cache (hashed before, a block missing its last tokens got a hash no prompt matches, and
-            # one that another answer sharing all but those tokens could take). A request that
-            # stopped here is retired already; its full blocks were registered then.
-            self._accept(r, toks, step_logprobs(out, i, ran))
-            if r.slot >= 0:
-                self.scheduler.advance(r, len(toks))
+            # Advanced once appended (hashed before, a block missing its last tokens got a hash no
+            # prompt matches, and one that another answer sharing all but those tokens could take).
+            self._accept(r, toks, step_logprobs(out, i, ran), advance=True)

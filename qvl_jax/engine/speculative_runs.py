@@ -187,6 +187,4 @@ class EngineSpeculation:
                     f"the model produced NaN/inf logits (new token {int(out.bad[i])}); check the "
                     "weights, or use float32 if a low-precision dtype overflowed"))
                 continue
-            # Appended first, so that the blocks the advance fills are hashed over these tokens.
-            eng._accept(r, toks)
-            eng.scheduler.advance(r, len(toks))
+            eng._accept(r, toks, advance=True)  # advanced once appended, before a stop retires it
