@@ -651,14 +651,18 @@ class Engine:
         """Takes the tokens rows first.. of out (`steps.Tokens` on the host) hold for the requests dec."""
         for i, r in enumerate(dec, first):
             ran = out.tokens[i] >= 0
-            toks = out.tokens[i][ran].tolist()
-            self.stats["decode_tokens"] += len(toks)
-            if out.bad[i] >= 0:
-                self.scheduler.advance(r, len(toks))
-                self._retire(r, error=NumericalError(
-                    f"the model produced NaN/inf logits (new token {int(out.bad[i])}); check the "
-                    "weights, or use float32 if a low-precision dtype overflowed"))
-                continue
-            # Advanced once appended (hashed before, a block missing its last tokens got a hash no
-            # prompt matches, and one that another answer sharing all but those tokens could take).
-            self._accept(r, toks, step_logprobs(out, i, ran), advance=True)
+            self._take_decoded(r, out.tokens[i][ran].tolist(), int(out.bad[i]), step_logprobs(out, i, ran))
+
+    def _take_decoded(self, r: EngineRequest, toks: list[int], bad: int, lps: list | None = None) -> None:
+        """A decoding request's new tokens from a decode call (plain or speculative): accepted and
+        advanced, or with bad >= 0 (the n_out index of non-finite logits) the request retired."""
+        self.stats["decode_tokens"] += len(toks)
+        if bad >= 0:
+            self.scheduler.advance(r, len(toks))
+            self._retire(r, error=NumericalError(
+                f"the model produced NaN/inf logits (new token {bad}); check the "
+                "weights, or use float32 if a low-precision dtype overflowed"))
+            return
+        # Advanced once appended (hashed before, a block missing its last tokens got a hash no
+        # prompt matches, and one that another answer sharing all but those tokens could take).
+        self._accept(r, toks, lps, advance=True)

@@ -180,11 +180,4 @@ class EngineSpeculation:
             r.accepted += int(out.accepted[i])
             eng.stats["spec_decode_num_draft_tokens"] += int(out.proposed[i])
             eng.stats["spec_decode_num_accepted_tokens"] += int(out.accepted[i])
-            eng.stats["decode_tokens"] += len(toks)
-            if out.bad[i] >= 0:
-                eng.scheduler.advance(r, len(toks))
-                eng._retire(r, error=NumericalError(
-                    f"the model produced NaN/inf logits (new token {int(out.bad[i])}); check the "
-                    "weights, or use float32 if a low-precision dtype overflowed"))
-                continue
-            eng._accept(r, toks, advance=True)  # advanced once appended, before a stop retires it
+            eng._take_decoded(r, toks, int(out.bad[i]))
