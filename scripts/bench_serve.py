@@ -36,6 +36,11 @@ every core (VLLM_CPU_OMP_THREADS_BIND=0-(N-1), VLLM_CPU_NUM_OF_RESERVED_CPU=0), 
 --peer-kv-gib, --dtype, --max-num-seqs and --max-model-len as ours, one image and no video a prompt.
 It warms itself up before /health (70-100 s here); no untimed requests are sent to it.
 
+--probe REPEATS: after the levels, one request at a time to each server: TTFT of fresh prompts of
+16 / 256 / 1024 words (max_tokens 1), their slope (prefill seconds a token at the margin) and
+intercept, a 448x448 image's extra TTFT, and decode seconds a token at batch 1; medians of REPEATS.
+Where each server's seconds go, measured the same way on both (`--concurrency ""` probes alone).
+
 --dtype float32|bfloat16: both servers' working dtype (ours: `serve --dtype`; default: as stored).
 
 --peer transformers --peer-venv VENV (the default peer): runs `VENV/bin/transformers serve <checkpoint> --continuous-batching --device
@@ -49,7 +54,9 @@ continuously batched only text-only models; for Qwen3-VL it falls back to one `g
 Exact output lengths: random weights almost never pick an end-of-sequence token, but they may. Our
 server is sent vLLM's `ignore_eos`, the peer generation_config {"min_new_tokens": max_tokens}
 (transformers serve's own request field), so both generate max_tokens; every line reports
-output_tokens against requested_tokens (short_requests > 0 if a server stopped early anyway).
+output_tokens against requested_tokens (short_requests > 0 if a server stopped early anyway), and
+prompt_tokens (the sum of the usage each server reports: equal when both expanded the same images
+into the same number of tokens, which the comparison assumes).
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
-    ttft, itl, out_tokens, errors, short = [], [], [0], [0], [0]
+    ttft, itl, out_tokens, errors, short, prompt_tokens = [], [], [0], [0], [0], [0]
     lock = threading.Lock()
     it = iter(jobs)
 
@@ -126,7 +133,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
             if job is None:
                 return
             t0 = time.perf_counter()
-            first, last, n = None, None, 0
+            first, last, n, p = None, None, 0, 0
             # Ours (and vLLM) take ignore_eos; transformers serve its own generation_config field.
             extra = {"generation_config": json.dumps({"max_new_tokens": job["max_tokens"], "do_sample": False,
                                                       "min_new_tokens": job["max_tokens"]})} if exact_tokens \
@@ -148,7 +155,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                             gaps.append(now - last)
                         last = now
                     if ch.usage is not None:
-                        n = ch.usage.completion_tokens
+                        n, p = ch.usage.completion_tokens, ch.usage.prompt_tokens
             except Exception as e:  # counted, and the run goes on
                 with lock:
                     errors[0] += 1
@@ -156,6 +163,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                 continue
             with lock:
                 out_tokens[0] += n
+                prompt_tokens[0] += p
                 short[0] += n < job["max_tokens"]
                 if first is not None:
                     ttft.append(first - t0)
@@ -172,10 +180,61 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": len(jobs), "errors": errors[0], "wall_s": round(wall, 2),
             "output_tok_s": round(out_tokens[0] / wall, 1), "req_s": round(len(jobs) / wall, 2),
-            "output_tokens": out_tokens[0], "requested_tokens": sum(j["max_tokens"] for j in jobs),
+            "output_tokens": out_tokens[0], "prompt_tokens": prompt_tokens[0], "requested_tokens": sum(j["max_tokens"] for j in jobs),
             "short_requests": short[0],
             "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99), "itl_p50_ms": _pct(itl, 50),
             "itl_p99_ms": _pct(itl, 99)}
+
+
+PROBE_WORDS = (16, 256, 1024)  # unique words a text probe's prompt holds (about one token each)
+
+
+def probe(base_url: str, model: str, api_key: str, repeats: int, seed: int, exact_tokens: bool = False) -> dict:
+    """Where a request's seconds go on a server, one request at a time (--probe): prompts of fresh random
+    words (no shared prefix, so no prefix-cache hits) with max_tokens 1 at each PROBE_WORDS length, the
+    shortest again with a 448x448 image, and the shortest with 64 new tokens. Medians of repeats each:
+    TTFT per prompt length, their slope (seconds a prompt token at the margin, from usage's prompt
+    tokens) and intercept, the image's extra TTFT (its vision tower and image tokens) and the decode
+    seconds a token at batch 1 ((end - TTFT) / 63)."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+    rng = np.random.RandomState(seed)
+
+    def one(words: int, image: bool = False, max_tokens: int = 1) -> tuple[float, float, int]:
+        content = [{"type": "text", "text": " ".join(rng.choice(WORDS, size=words))}]
+        if image:
+            content.insert(0, {"type": "image_url", "image_url": {"url": _png(rng, 448, 448)}})
+        extra = {"generation_config": json.dumps({"max_new_tokens": max_tokens, "do_sample": False,
+                                                  "min_new_tokens": max_tokens})} if exact_tokens \
+            else {"ignore_eos": True}
+        t0, first, prompt = time.perf_counter(), None, 0
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                                temperature=0, max_tokens=max_tokens, stream=True,
+                                                stream_options={"include_usage": True}, extra_body=extra)
+        for ch in stream:
+            if first is None and ch.choices and ch.choices[0].delta.content:
+                first = time.perf_counter()
+            if ch.usage is not None:
+                prompt = ch.usage.prompt_tokens
+        end = time.perf_counter()
+        return (first or end) - t0, end - t0, prompt
+
+    def med(f) -> tuple[float, float, int]:
+        runs = [f() for _ in range(repeats)]
+        return tuple(float(np.median([r[i] for r in runs])) for i in range(3))
+
+    text = {w: med(lambda w=w: one(w)) for w in PROBE_WORDS}
+    (t_lo, _, n_lo), (t_hi, _, n_hi) = text[PROBE_WORDS[0]], text[PROBE_WORDS[-1]]
+    slope = (t_hi - t_lo) / max(1, n_hi - n_lo)
+    img = med(lambda: one(PROBE_WORDS[0], image=True))
+    dec = med(lambda: one(PROBE_WORDS[0], max_tokens=64))
+    out = {f"ttft_ms_{int(n)}_tokens": round(t * 1000, 1) for t, _, n in text.values()}
+    out.update({"prefill_ms_per_token": round(slope * 1000, 3),
+                "prefill_intercept_ms": round((t_lo - slope * n_lo) * 1000, 1),
+                "image_448_extra_ms": round((img[0] - t_lo) * 1000, 1), "image_448_prompt_tokens": int(img[2]),
+                "decode_ms_per_token_batch1": round((dec[1] - dec[0]) / 63 * 1000, 1)})
+    return out
 
 
 def engine_counters(base_url: str) -> dict | None:
@@ -440,12 +499,14 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize")
+    ap.add_argument("--probe", type=int, default=0, metavar="REPEATS",
+                    help="after the levels, each server's one-request probes, REPEATS of each (see probe())")
     args = ap.parse_args()
     if args.peer_url and args.peer_venv:
         ap.error("--peer-url and --peer-venv are alternatives")
     if args.config and args.model:
         ap.error("--config and --model are alternatives")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the servers (finally below)
     procs: list[subprocess.Popen] = []
     results: dict[str, dict[int, dict]] = {}
@@ -476,6 +537,10 @@ def main() -> int:
                     line["server_rss_bytes"] = _rss(procs[0].pid)
                 results.setdefault(name, {})[c] = line
                 print(json.dumps(line), flush=True)
+            if args.probe:
+                results.setdefault(name, {})["probe"] = line = {"server": name, "probe": probe(
+                    url, served, args.api_key, args.probe, args.seed + 2000)}
+                print(json.dumps(line), flush=True)
         if args.peer_venv:
             _stop(procs)  # ours is done: the peer gets the CPU to itself, as ours had
             procs.clear()
@@ -494,6 +559,10 @@ def main() -> int:
                     line["continuous_batching"] = _peer_batching(log)
                 results.setdefault(args.peer, {})[c] = line
                 print(json.dumps(line), flush=True)
+            if args.probe:
+                results.setdefault(args.peer, {})["probe"] = line = {"server": args.peer, "probe": probe(
+                    url, peer_dir, args.api_key, args.probe, args.seed + 2000, hf)}
+                print(json.dumps(line), flush=True)
         peer = next((p for p in ("transformers", "vllm", "peer") if p in results), None)
         if peer and "qvl_jax" in results:
             ours, theirs = results["qvl_jax"], results[peer]
@@ -505,6 +574,9 @@ def main() -> int:
                 ratios[f"output_tok_s_c{c}"] = round(a["output_tok_s"] / b["output_tok_s"], 2) if b["output_tok_s"] else None
                 ratios[f"ttft_p50_c{c}"] = (round(a["ttft_p50_ms"] / b["ttft_p50_ms"], 3)
                                             if a["ttft_p50_ms"] and b["ttft_p50_ms"] else None)
+            if "probe" in ours and "probe" in theirs:
+                a, b = ours["probe"]["probe"], theirs["probe"]["probe"]
+                ratios["probe"] = {k: round(a[k] / b[k], 2) for k in a if k in b and isinstance(a[k], float) and b[k] > 0}
             print(json.dumps(ratios), flush=True)
     finally:
         _stop(procs)

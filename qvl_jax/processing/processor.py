@@ -5,9 +5,11 @@ What it holds:
     `VideoProcessor` + chat template. `Processor.from_pretrained(dir)` reads a checkpoint directory.
       * `proc(text=..., images=..., videos=...)` expands every `<|image_pad|>` to
         grid_t * grid_h * grid_w / merge_size**2 pads and every `<|video_pad|>` to one
-        `<{t:.1f} seconds><|vision_start|>pads<|vision_end|>` group per temporal grid step, tokenizes,
-        pads, and returns numpy arrays under Hugging Face's names (input_ids, attention_mask,
-        mm_token_type_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw).
+        `<{t:.1f} seconds><|vision_start|>pads<|vision_end|>` group per temporal grid step (the chat
+        template's `<|vision_start|><|video_pad|><|vision_end|>` is replaced whole, as Qwen's processor
+        and transformers >= 5.25 do: no outer pair around the frames), tokenizes, pads, and returns
+        numpy arrays under Hugging Face's names (input_ids, attention_mask, mm_token_type_ids,
+        pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw).
       * `apply_chat_template(messages, ...)` renders HF-format chat messages with the checkpoint's
         Jinja template in the same sandboxed environment transformers uses, and with tokenize=True
         collects the images / videos from the messages in order and runs `__call__`.
@@ -66,6 +68,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
 VISION_END_TOKEN = "<|vision_end|>"
+_VIDEO_WRAPPER = VISION_START_TOKEN + VIDEO_TOKEN + VISION_END_TOKEN  # how the chat template places a video
 IM_END_TOKEN = "<|im_end|>"
 ENDOFTEXT_TOKEN = "<|endoftext|>"
 
@@ -400,12 +403,24 @@ class Processor:
 
     @staticmethod
     def _expand(texts: list[str], replacements: dict[str, list[str]]) -> list[str]:
-        """Each placeholder, in order across the batch, replaced by its image's / video's expansion."""
+        """Each placeholder, in order across the batch, replaced by its image's / video's expansion.
+
+        A video's expansion wraps every frame in `<|vision_start|>...<|vision_end|>`, so where the
+        chat template wrote `<|vision_start|><|video_pad|><|vision_end|>` the whole wrapper is replaced
+        (Qwen's own processor does this; transformers 5.0-5.24 kept the outer pair, 5.25 restored it)."""
         if not replacements:
             return texts
         pending = {token: iter(reps) for token, reps in replacements.items()}
-        pattern = re.compile("|".join(re.escape(token) for token in replacements))
-        return [pattern.sub(lambda m: next(pending[m.group()]), t) for t in texts]
+        alternatives = [re.escape(token) for token in replacements]
+        if VIDEO_TOKEN in replacements:  # the wrapped form first, so that it wins over the bare token
+            alternatives.insert(0, re.escape(_VIDEO_WRAPPER))
+
+        def expansion(match: re.Match) -> str:
+            token = VIDEO_TOKEN if match.group() == _VIDEO_WRAPPER else match.group()
+            return next(pending[token])
+
+        pattern = re.compile("|".join(alternatives))
+        return [pattern.sub(expansion, t) for t in texts]
 
     def _tokenize(self, texts: list[str], padding, padding_side: str, add_special_tokens: bool,
                   literal: bool = False) -> dict:
