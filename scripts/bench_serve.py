@@ -37,7 +37,7 @@ every core (VLLM_CPU_OMP_THREADS_BIND=0-(N-1), VLLM_CPU_NUM_OF_RESERVED_CPU=0), 
 It warms itself up before /health (70-100 s here); no untimed requests are sent to it.
 
 --probe REPEATS: after the levels, one request at a time to each server: TTFT of fresh prompts of
-16 / 256 / 1024 words (max_tokens 1), their slope (prefill seconds a token at the margin) and
+16 / 128 / 512 words (max_tokens 1), their slope (prefill seconds a token at the margin) and
 intercept, a 448x448 image's extra TTFT, and decode seconds a token at batch 1; medians of REPEATS.
 Where each server's seconds go, measured the same way on both (`--concurrency ""` probes alone).
 
@@ -186,7 +186,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
             "itl_p99_ms": _pct(itl, 99)}
 
 
-PROBE_WORDS = (16, 256, 1024)  # unique words a text probe's prompt holds (about one token each)
+PROBE_WORDS = (16, 128, 512)  # random words in a text probe (2-3 tokens a word here)
 
 
 def probe(base_url: str, model: str, api_key: str, repeats: int, seed: int, exact_tokens: bool = False) -> dict:

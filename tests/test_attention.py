@@ -132,17 +132,19 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
     assert "--attention: invalid choice: 'flash'" in run.stderr.strip().splitlines()[-1], run.stderr
 
 
-@pytest.mark.parametrize("rows", [1, 8, 16])
-def test_one_query_attention_matches_torch(rows):
-    """A decode step's attention (one query per row; from ONE_QUERY_MIN_ROWS rows the multiply-reduce
-    form) equals torch's GQA attention in float64 over the same keys, values and mask."""
+@pytest.mark.parametrize("rows,s", [(1, 40), (8, 40), (16, 40), (1, 520)])
+def test_one_query_attention_matches_torch(rows, s):
+    """A decode step's attention (one query per row; from ONE_QUERY_MIN_ROWS rows or ONE_QUERY_MIN_KEYS
+    keys the multiply-reduce form) equals torch's GQA attention in float64 over the same keys, values
+    and mask."""
     import torch
 
-    from qvl_jax.modeling.attention import ONE_QUERY_MIN_ROWS, attend
+    from qvl_jax.modeling.attention import ONE_QUERY_MIN_KEYS, ONE_QUERY_MIN_ROWS, attend
 
-    assert ONE_QUERY_MIN_ROWS in range(2, 17)  # both forms are exercised by the rows above
+    # both forms are exercised by the cases above: einsums at (1, 40), the multiply-reduce at the others
+    assert ONE_QUERY_MIN_ROWS in range(2, 9) and ONE_QUERY_MIN_KEYS in range(41, 521)
     r = np.random.RandomState(rows)
-    n, kv, h, s = 4, 2, 16, 40
+    n, kv, h = 4, 2, 16
     q, k, v = (r.randn(rows, t, heads, h).astype(np.float32) for t, heads in ((1, n), (s, kv), (s, kv)))
     mask = np.arange(s)[None, None, :] <= r.randint(0, s, size=(rows, 1, 1))
     got = np.asarray(attend(q, k, v, mask)).reshape(rows, n, h)

@@ -66,7 +66,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
     if impl != "einsum":
         return fused(q, k, v, impl, mask=mask).reshape(b, t, n * h)
     kv_heads = k.shape[2]
-    if t == 1 and b >= ONE_QUERY_MIN_ROWS:
+    if t == 1 and (b >= ONE_QUERY_MIN_ROWS or k.shape[1] >= ONE_QUERY_MIN_KEYS):
         return _attend_one(q, k, v, mask)
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -80,6 +80,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
 # faster (batch 1 on the quick config: 0.31-0.37 ms a decode step with the einsums, 0.54-0.56 with
 # `_attend_one` in the whole model; docs/performance.md, "What was tried").
 ONE_QUERY_MIN_ROWS = 8
+# ... and at any row count from this many keys: the einsums' keys and values are first copied into the
+# dot's layout (a transposing copy of the whole window each step), which grows with the window. At 2B
+# widths, 4 layers, a 1558-token prompt: 1 row 90.5 -> 72.0 ms a decode step, 4 rows over a 679-token
+# prompt 132 -> 101 ms; at a 49-token prompt (64 keys) the einsums stay (docs/performance.md).
+ONE_QUERY_MIN_KEYS = 512
 
 
 def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
