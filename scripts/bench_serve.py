@@ -114,6 +114,15 @@ BENCH_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "ite
                 "required": ["notes"]}
 
 
+def _exact_length(max_tokens: int, exact_tokens: bool) -> dict:
+    """The request field that makes a server generate exactly max_tokens: ours (and vLLM) take
+    ignore_eos; transformers serve (exact_tokens) its own generation_config field."""
+    if exact_tokens:
+        return {"generation_config": json.dumps({"max_new_tokens": max_tokens, "do_sample": False,
+                                                 "min_new_tokens": max_tokens})}
+    return {"ignore_eos": True}
+
+
 def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurrency: int,
               exact_tokens: bool = False, json_schema: bool = False) -> dict:
     """exact_tokens: send transformers serve's generation_config field asking for max_tokens exactly.
@@ -134,10 +143,7 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
                 return
             t0 = time.perf_counter()
             first, last, n, p = None, None, 0, 0
-            # Ours (and vLLM) take ignore_eos; transformers serve its own generation_config field.
-            extra = {"generation_config": json.dumps({"max_new_tokens": job["max_tokens"], "do_sample": False,
-                                                      "min_new_tokens": job["max_tokens"]})} if exact_tokens \
-                else {"ignore_eos": True}
+            extra = _exact_length(job["max_tokens"], exact_tokens)
             if json_schema:
                 extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "notes",
                                                                                      "schema": BENCH_SCHEMA}}}
@@ -205,9 +211,7 @@ def probe(base_url: str, model: str, api_key: str, repeats: int, seed: int, exac
         content = [{"type": "text", "text": " ".join(rng.choice(WORDS, size=words))}]
         if image:
             content.insert(0, {"type": "image_url", "image_url": {"url": _png(rng, 448, 448)}})
-        extra = {"generation_config": json.dumps({"max_new_tokens": max_tokens, "do_sample": False,
-                                                  "min_new_tokens": max_tokens})} if exact_tokens \
-            else {"ignore_eos": True}
+        extra = _exact_length(max_tokens, exact_tokens)
         t0, first, prompt = time.perf_counter(), None, 0
         stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                                 temperature=0, max_tokens=max_tokens, stream=True,
