@@ -33,7 +33,7 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal", units
 
 # Up to this many rows, on the CPU, `matmul_t` multiplies with the weight on the left. Measured on the
 # 2-core AVX-512 CI machine by scripts/bench_matmul.py (a 4-layer decoder at 2B widths and its tied
-# lm_head, ms per step; docs/performance.md, seventh session):
+# lm_head, ms per step, 2026-12-02; docs/performance.md):
 #   rows          1     2     4     8    16    32    64   128   256   512
 #   x @ w.T      63   127   122   121   159   207   288   330   368   691
 #   (w @ x.T).T  59    68    69    66    84   132   214   294   363   697
