@@ -392,8 +392,7 @@ def _rows_logits(m, last: jax.Array, ran: jax.Array) -> jax.Array:
     def none(last):
         return jnp.zeros((n, vocab), jnp.float32)
 
-    if n == 1:
-        return jax.lax.cond(ran[0], every, none, last)
+    # n >= 2: a mixed step has at least one decode row (`batch.mixed_rows`).
     return jax.lax.switch(jnp.where(jnp.any(ran[1:]), 2, ran[0].astype(jnp.int32)), [none, first, every], last)
 
 
