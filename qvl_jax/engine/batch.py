@@ -18,14 +18,20 @@ def padded_rows(n: int, max_rows: int) -> int:
     return min(max_rows, 1 << (n - 1).bit_length())
 
 
-# The decode rows of a mixed step (`steps.mixed`): this many, or max_num_seqs beyond (two programs per
-# chunk length at most; idle rows read the smallest window, so padding costs little).
+# The rows of a mixed step (`steps.mixed`): the chunk's and this many decode rows in all, or the chunk's
+# and max_num_seqs - 1 beyond (two programs per chunk length at most; idle rows read the smallest
+# window, so padding costs little). A multiple of 8: the tied lm_head over the step's rows costs
+# about the same at 8 and 16 rows on the CPU, and a fifth more at 9 (at 2B widths, 2-core CPU:
+# 39 / 39 / 48 ms; docs/performance.md).
 MIXED_ROWS = 8
 
 
 def mixed_rows(n: int, max_rows: int) -> int:
-    """Decode rows of a mixed step carrying n decoding requests."""
-    return min(MIXED_ROWS, max_rows) if n <= MIXED_ROWS else max_rows
+    """Decode rows of a mixed step carrying n decoding requests. The chunk's own request holds one of
+    max_rows slots, so at most max_rows - 1 others decode."""
+    top = max(1, max_rows - 1)
+    s = min(MIXED_ROWS - 1, top) if n <= MIXED_ROWS - 1 else top
+    return max(s, n)
 
 
 def stop_width(n: int) -> int:

@@ -44,8 +44,9 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 def mixed_row_buckets(max_rows: int) -> list[int]:
-    """Every decode row count of a mixed step (`batch.mixed_rows`)."""
-    return sorted({batch.mixed_rows(n, max_rows) for n in range(0, max_rows + 1)})
+    """Every decode row count of a mixed step (`batch.mixed_rows`: the chunk's request is not among
+    the at most max_rows - 1 decoding)."""
+    return sorted({batch.mixed_rows(n, max_rows) for n in range(0, max(1, max_rows - 1) + 1)})
 
 
 def patch_buckets(max_patches: int) -> list[int]:
