@@ -4,12 +4,17 @@ window copy (the loop gathers its rows' windows once into kept buffers; the defa
 (a gather from the pages every step), alternated in one process.
 
     python scripts/bench_decode_step.py [--config 2b] [--layers 4] [--cases 8x2048,8x1024,4x2048,1x2048]
-        [--repeats 6] [--steps 8]
+        [--repeats 6] [--steps 8] [--watch SECONDS]
 
 Each case ROWSxWINDOW runs `steps.decode` (the engine's decode loop) on ROWS rows whose sequences are WINDOW - 100 tokens
 long, their blocks scattered over the pool (random weights of --config widths, --layers decoder
 layers; greedy). The first call of each form compiles and is not timed. One JSON line per case:
-the median ms per step of each form and their ratio."""
+the median ms per step of each form and their ratio.
+
+--watch SECONDS: then the first case's loop (window copy) again for that long, three loops every
+two seconds, and one JSON line with each round's ms per step: whether this machine's speed moves
+while nothing in the process changes (on the shared 2-core CPU it does, between about 32 and 45 ms
+a one-row step; docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def main() -> int:
     ap.add_argument("--cases", default="8x2048,8x1024,4x2048,1x2048")
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--steps", type=int, default=8, help="decode steps per loop (the engine's decode_steps)")
+    ap.add_argument("--watch", type=float, default=0, help="seconds to re-time the first case afterwards")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench import hf_config_dict
@@ -46,7 +52,7 @@ def main() -> int:
                        num_blocks=max(r * w for r, w in cases) // bs * 2 + 1)
     rng = np.random.RandomState(0)
     flags = sampling.SamplingFlags()
-    for rows, window in cases:
+    def setup(rows, window):
         nb = window // bs
         table = rng.permutation(np.arange(1, eng.num_blocks))[:rows * nb].reshape(rows, nb).astype(np.int32)
         seq = np.full(rows, window - 100, np.int32)
@@ -56,24 +62,43 @@ def main() -> int:
                              n_out=jnp.zeros(rows, jnp.int32), max_new=jnp.full(rows, 1 << 20, jnp.int32),
                              limit=jnp.asarray(seq + args.steps), keys=jnp.zeros((rows, 2), jnp.uint32),
                              stop_ids=jnp.full((rows, 1), -1, jnp.int32), sampling=sp)
-        bufs = paged.window_buffers(model.config.text, rows, window, model.dtype)
+        return table, rows_in, {"window_copy": paged.window_buffers(model.config.text, rows, window, model.dtype),
+                                "gather_each_step": ()}
+
+    def run(rows, window, table, rows_in, bufs, name) -> float:
+        """ms per step of one decode loop; keeps the window buffers it hands back."""
+        cache = paged.PagedCache(eng._pages, jnp.asarray(table), bufs[name], bs)
+        t0 = time.perf_counter()
+        cache, eng._seen, eng._counts, out = steps.decode(
+            *model.split, flags, window, args.steps, False, cache, eng._seen, eng._counts,
+            jnp.zeros(rows, jnp.int32), jnp.ones(rows, bool), rows_in)
+        jax.block_until_ready(out)
+        eng._pages = cache.pages
+        if name == "window_copy":
+            bufs[name] = cache.windows
+        return (time.perf_counter() - t0) / args.steps * 1000
+
+    for rows, window in cases:
+        table, rows_in, bufs = setup(rows, window)
         times = {"window_copy": [], "gather_each_step": []}
         for i in range(args.repeats + 1):
             for name in times:
-                cache = paged.PagedCache(eng._pages, jnp.asarray(table), bufs if name == "window_copy" else (), bs)
-                t0 = time.perf_counter()
-                cache, eng._seen, eng._counts, out = steps.decode(
-                    *model.split, flags, window, args.steps, False, cache, eng._seen, eng._counts,
-                    jnp.zeros(rows, jnp.int32), jnp.ones(rows, bool), rows_in)
-                jax.block_until_ready(out)
-                eng._pages = cache.pages
-                if name == "window_copy":
-                    bufs = cache.windows
+                ms = run(rows, window, table, rows_in, bufs, name)
                 if i:
-                    times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+                    times[name].append(ms)
         med = {k: round(float(np.median(v)), 1) for k, v in times.items()}
         print(json.dumps({"rows": rows, "window": window, "device": jax.default_backend(), "ms_per_step": med,
                           "speedup": round(med["gather_each_step"] / med["window_copy"], 2)}), flush=True)
+    if args.watch > 0:
+        rows, window = cases[0]
+        table, rows_in, bufs = setup(rows, window)
+        run(rows, window, table, rows_in, bufs, "window_copy")  # compiles if the case did not
+        rounds, start = [], time.perf_counter()
+        while time.perf_counter() - start < args.watch:
+            rounds.append(round(float(np.median([run(rows, window, table, rows_in, bufs, "window_copy")
+                                                 for _ in range(3)])), 1))
+            time.sleep(2)
+        print(json.dumps({"watch": f"{rows}x{window}", "seconds": args.watch, "ms_per_step": rounds}), flush=True)
     eng.close()
     return 0
 

@@ -5,14 +5,19 @@
 every jitted call timed on its own (each waits for its result):
 
     python scripts/profile_engine.py [--config 2b] [--layers 4] [--requests 24] [--concurrency 8]
-        [--max-tokens 32] [--image-every 3] [--max-num-seqs 8] [--engine-arg KEY=VALUE ...]
+        [--max-tokens 32] [--image-every 3] [--max-num-seqs 8] [--engine-arg KEY=VALUE ...] [--replay 6]
 
 Prints one JSON line per kind of call (mixed steps by chunk length bucket, decode loops by row
 count, the vision tower, chunk feature gathers): calls, total and median ms, tokens; then one line
 with the wall time, output tok/s, TTFT p50 and the seconds not inside any timed call (host work:
 tokenization happens before the clock starts; this is the scheduler, output handling and
 dispatch). Timing each call on its own removes the overlap of host work with device work that the
-engine otherwise gets, so the wall time here is an upper bound of the engine's."""
+engine otherwise gets, so the wall time here is an upper bound of the engine's.
+
+--replay N: after the run, the last mixed step of each chunk length up to 64 tokens and the last
+decode loop of each row count run N times more, back to back, with the same inputs over the engine's
+pools as they then are (one JSON line each, ms per call): the same call's cost without the other
+calls between them, against its live median above."""
 
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-arg", action="append", default=[], help="KEY=VALUE for Engine(...) (ints)")
+    ap.add_argument("--replay", type=int, default=0, help="run the last short mixed steps and decode loops N times more")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_serve import random_checkpoint, workload
@@ -79,8 +85,14 @@ def main() -> int:
 
     calls = collections.defaultdict(list)  # kind -> [(ms, tokens)]
 
+    last = {}  # (kind, shape) -> (args, kwargs) of the last such call, for --replay
+
     def timed(kind, fn, tokens):
         def run(*a, **k):
+            if args.replay and fn is orig[0] and a[7].shape[1] <= 64:
+                last[("mixed", a[7].shape[1], a[14].shape[0])] = (a, k)
+            elif args.replay and fn is orig[1]:
+                last[("decode", a[9].shape[0], a[4])] = (a, k)
             t0 = time.perf_counter()
             out = jax.block_until_ready(fn(*a, **k))
             calls[kind(*a, **k)].append(((time.perf_counter() - t0) * 1e3, tokens(out, *a, **k)))
@@ -144,8 +156,35 @@ def main() -> int:
     print(json.dumps({"wall_s": round(wall, 2), "output_tok_s": round(out_tokens[0] / wall, 2),
                       "ttft_p50_s": round(float(np.median(ttft)), 2), "in_calls_s": round(timed_s, 2),
                       "outside_calls_s": round(wall - timed_s, 2), "stats": stats}))
+    for key, (a, k) in sorted(last.items()):
+        print(json.dumps({"replay": f"{key[0]} " + (f"t={key[1]} s={key[2]}" if key[0] == "mixed"
+                                                     else f"rows={key[1]} steps={key[2]}"),
+                          "ms": _replay(eng, key[0], a, k, args.replay)}))
     eng.close()
     return 0
+
+
+def _replay(eng, kind: str, a: tuple, k: dict, n: int) -> list[float]:
+    """ms of n more runs of a captured step call (`steps.mixed` or `steps.decode`) over the engine's
+    pools as they are now (its cache, penalty history and, for a decode loop, window buffers were
+    donated by the call: fresh ones take their place)."""
+    import dataclasses
+
+    from qvl_jax.engine import steps
+
+    fn, at = (steps.mixed, 4) if kind == "mixed" else (steps.decode, 6)
+    a, out = list(a), []
+    for _ in range(n):
+        windows = eng._window_buffers(a[9].shape[0]) if kind == "decode" else a[at].windows
+        a[at] = dataclasses.replace(a[at], pages=eng._pages, windows=windows)
+        a[at + 1], a[at + 2] = eng._seen, eng._counts
+        t0 = time.perf_counter()
+        cache, eng._seen, eng._counts, _ = jax.block_until_ready(fn(*a, **k))
+        out.append(round((time.perf_counter() - t0) * 1e3, 1))
+        eng._pages = cache.pages
+        if kind == "decode" and cache.windows:
+            eng._windows = (a[9].shape[0], cache.windows)
+    return out
 
 
 if __name__ == "__main__":
