@@ -21,8 +21,8 @@ def padded_rows(n: int, max_rows: int) -> int:
 # The rows of a mixed step (`steps.mixed`): the chunk's and this many decode rows in all, or the chunk's
 # and max_num_seqs - 1 beyond (two programs per chunk length at most; idle rows read the smallest
 # window, so padding costs little). A multiple of 8: the tied lm_head over the step's rows costs
-# about the same at 8 and 16 rows on the CPU, and a fifth more at 9 (at 2B widths, 2-core CPU:
-# 39 / 39 / 48 ms; docs/performance.md).
+# about the same at 8 and 16 rows on the CPU, and a third more at 9 (2B widths, the 2-core CPU,
+# `scripts/bench_matmul.py --layers 0`: 34.8 / 37.2 / 46.1 ms at 8 / 16 / 9 rows; docs/performance.md).
 MIXED_ROWS = 8
 
 
