@@ -13,8 +13,8 @@ the median ms per step of each form and their ratio.
 
 --watch SECONDS: then the first case's loop (window copy) again for that long, three loops every
 two seconds, and one JSON line with each round's ms per step: whether this machine's speed moves
-while nothing in the process changes (on the shared 2-core CPU it does, between about 32 and 45 ms
-a one-row step; docs/performance.md)."""
+while nothing in the process changes (on the shared 2-core CPU it does: a one-row step between 32
+and 66 ms in one process; docs/performance.md)."""
 
 from __future__ import annotations
 
