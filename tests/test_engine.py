@@ -242,24 +242,29 @@ def test_bad_requests_fail_alone(setup, engine):
 
 
 def test_window_copy_gives_what_the_per_step_gather_gives(setup):
-    """A decode loop gathers its rows' attention windows into kept buffers once and updates them each
-    step (window_copy_bytes); without room for them it gathers from the pages every step. Both give
-    model.generate's answers, and the same tokens, as requests come and go (row counts and windows
-    change, so the kept buffers are replaced)."""
+    """Three ways a decode row attends: XLA gathering its rows' attention windows into kept buffers
+    once a loop and updating them each step (window_copy_bytes); XLA gathering from the pages every
+    step (no room for buffers); and the CPU kernel reading the pages in place (`cpu_kernel`, the
+    default on the CPU, also in mixed steps). All give model.generate's answers, and the same
+    tokens, as requests come and go (row counts and windows change, so the kept buffers are
+    replaced)."""
     hf, m = setup
     rng = np.random.RandomState(11)
     cases = [(_one(PromptBuilder(rng).text(n), hf, rng), k) for n, k in ((5, 14), (40, 9), (3, 22), (70, 6))]
     cases.append((_one(PromptBuilder(rng).text(4).image(4, 4).text(6), hf, rng), 12))
     got = {}
-    for budget in (1 << 30, 0):
+    for name, kw in [("copy", dict(window_copy_bytes=1 << 30, cpu_kernel=False)),
+                     ("gather", dict(window_copy_bytes=0, cpu_kernel=False)), ("kernel", dict(cpu_kernel=True))]:
         eng = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=140, decode_steps=4,
-                       max_num_batched_tokens=32, window_copy_bytes=budget)
+                       max_num_batched_tokens=32, **kw)
+        assert eng._cpu == (name == "kernel")
         outs = [eng.submit(inp, max_new_tokens=k, stop_token_ids=[]) for inp, k in cases]
-        got[budget] = [o.result(timeout=120).tokens for o in outs]
-        assert (eng._windows is not None) == (budget > 0)  # the copy path ran and kept its buffers
+        got[name] = [o.result(timeout=120).tokens for o in outs]
+        assert (eng._windows is not None) == (name == "copy")  # the copy path ran and kept its buffers
         eng.close()
-    for (inp, k), a, b in zip(cases, got[1 << 30], got[0]):
+    for (inp, k), a, b, c in zip(cases, got["copy"], got["gather"], got["kernel"]):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
         ref, logits = _alone(m, inp, k)
         _assert_same_greedy(a[None], ref, logits)
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from qvl_jax import sharding
 from qvl_jax.config import check_attention
-from qvl_jax.engine import batch, memory, paged, speculative, steps, warmup
+from qvl_jax.engine import batch, cpu_kernel, memory, paged, speculative, steps, warmup
 from qvl_jax.engine.generate import INPUT_NAMES, controls
 from qvl_jax.engine.output import OutputStream, TokenTable
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
@@ -122,13 +122,18 @@ class Engine:
     `Processor` whose tokens' bytes stop strings are matched on (default: the model's own, read from
     its directory when a request first has stop strings). speculative_config: prompt-lookup
     speculative decoding, vLLM's dict form (`qvl_jax.engine.speculative`), for the requests whose
-    settings it serves; the others decode plainly (`qvl_jax.engine.speculative_runs`)."""
+    settings it serves; the others decode plainly (`qvl_jax.engine.speculative_runs`). cpu_kernel:
+    on the CPU, decode rows attend through the engine's C++ kernel over the pages
+    (`qvl_jax.engine.cpu_kernel`: the same tokens as XLA's gather, several times faster at long
+    windows; compiled on first use). None (default): wherever it can run (the CPU backend, one
+    device, attention "xla", float32 or bfloat16, a C++ compiler); False: never; True: required
+    (an error where it cannot run)."""
 
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int | None = None,
                  memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20,
                  window_copy_bytes: int = 1 << 30, attention: str | None = None, processor=None,
-                 kv_cache_memory: int | str | None = None, speculative_config=None):
+                 kv_cache_memory: int | str | None = None, speculative_config=None, cpu_kernel: bool | None = None):
         self.model = model
         self.cfg = model.config
         self.mesh = getattr(model, "mesh", None)  # the params' (and the pools') mesh; None: one device
@@ -171,6 +176,7 @@ class Engine:
         # The paged kernel: the model's attention setting unless given here ("pallas": Pallas decode).
         self.attention = model.config.attention if attention is None else check_attention(attention)
         self._pallas = self.attention == "pallas"
+        self._cpu = self._use_cpu_kernel(cpu_kernel)
         self.speculative_config = speculative.SpeculativeConfig.of(speculative_config)
         self._spec = None
         if self.speculative_config is not None:
@@ -187,6 +193,23 @@ class Engine:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    def _use_cpu_kernel(self, wanted: bool | None) -> bool:
+        """Whether decode rows attend through `cpu_kernel` (see the class docstring)."""
+        if wanted is not None and not wanted:
+            return False
+        why = None
+        if self.attention != "xla":
+            why = f"attention={self.attention!r} has its own kernel"
+        elif self.mesh is not None:
+            why = "the model is sharded over a mesh"
+        elif jnp.dtype(self.model.dtype) not in (jnp.float32, jnp.bfloat16):
+            why = f"the kernel takes float32 or bfloat16, not {jnp.dtype(self.model.dtype).name}"
+        else:
+            why = cpu_kernel.unavailable_reason()
+        if why is not None and wanted:
+            raise InputError(f"cpu_kernel=True cannot run here: {why}")
+        return why is None
 
     def _reset_device_state(self) -> None:
         """Fresh pages, penalty history, scheduler (block pool, slots, queues) and caches (at start,
@@ -600,7 +623,7 @@ class Engine:
         jitted step as they are), and the window bucket that n_tokens need as a traced index, so that
         one compiled step serves every window (`paged.PagedCache`)."""
         return paged.PagedCache(self._pages, table, windows, self._bucket(n_tokens), self.block_size, self._pallas,
-                                self._sizes)
+                                self._sizes, self._cpu)
 
     def _bucket(self, n_tokens: int) -> np.int32:
         """The index of the window bucket n_tokens need, in `_sizes`."""
@@ -614,7 +637,7 @@ class Engine:
         than the gathers it saves)."""
         fit = [w for w in self._sizes
                if paged.block_bytes(self.cfg.text, rows * w, self.model.dtype) <= self.window_copy_bytes]
-        if self._pallas or not fit:
+        if self._pallas or self._cpu or not fit:
             return ()
         kept, self._windows = self._windows, None  # donated to the loop, which hands them back
         if kept is not None and kept[0] == rows:

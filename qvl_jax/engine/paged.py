@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from qvl_jax.config import TextConfig
+from qvl_jax.engine import cpu_kernel
 from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.errors import ConfigError
 from qvl_jax.modeling import attention
@@ -89,7 +90,7 @@ def slots(table: jax.Array, index: jax.Array, block_size: int) -> jax.Array:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["pages", "table", "windows", "bucket"],
-                   meta_fields=["block_size", "pallas", "sizes"])
+                   meta_fields=["block_size", "pallas", "sizes", "cpu"])
 @dataclasses.dataclass
 class PagedCache:
     """The paged cache as one jitted step takes it (`qvl_jax.engine.steps`): the pools, the block
@@ -100,7 +101,11 @@ class PagedCache:
     attention reads only the first sizes[bucket] cache indices of each row, bucket a traced
     scalar: one compiled step serves every window (`lax.switch` over the sizes, each branch the
     same attention over its window as a step compiled for that window alone). The window buffers
-    may be shorter than the table (sizes up to their length read them, longer ones the pages)."""
+    may be shorter than the table (sizes up to their length read them, longer ones the pages).
+
+    cpu: one query per row (decode steps, a mixed step's decode rows) attends through the CPU kernel
+    (`qvl_jax.engine.cpu_kernel`), which reads the allowed keys where they lie: no window buffers,
+    no bucket."""
 
     pages: Pages
     table: jax.Array
@@ -109,6 +114,7 @@ class PagedCache:
     block_size: int = 16
     pallas: bool = False
     sizes: tuple = ()
+    cpu: bool = False
 
     def view(self, index: jax.Array, valid: jax.Array, window: int) -> "PagedView":
         """The decoder's view for tokens at cache indices index [r, t] (valid [r, t]: real tokens;
@@ -124,7 +130,8 @@ class PagedCache:
         if index.shape[1] != 1:
             return cls(self.pages, write, read, buckets=buckets)
         at = jnp.where(valid[:, 0], index[:, 0], window)
-        return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at, buckets)
+        return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at, buckets,
+                   self.block_size if self.cpu else 0)
 
     def merge(self, view: "PagedView") -> "PagedCache":
         return dataclasses.replace(self, pages=view.pages, windows=view.windows if self.windows else ())
@@ -174,19 +181,24 @@ class PagedView(KVCache):
     at [b] the window index this step's token goes to (s: nowhere, an inactive row). The step then
     writes its token into the pages and into the windows, and attention reads the windows: the
     same keys and values as gathering them every step, without the gather (on the CPU, 8 rows over
-    2048 tokens at 2B widths, 4 layers: 149 -> 113 ms a step; 1 row: 92 -> 60 ms)."""
+    2048 tokens at 2B widths, 4 layers: 149 -> 113 ms a step; 1 row: 92 -> 60 ms).
+
+    cpu_block (a decode step's view, > 0: the block size): attention runs the CPU kernel over the
+    pages through table instead (`qvl_jax.engine.cpu_kernel.paged_decode`); windows and buckets are
+    then not read."""
 
     def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
                  lengths: jax.Array | None = None, windows: tuple = (), at: jax.Array | None = None,
-                 buckets: tuple | None = None):
+                 buckets: tuple | None = None, cpu_block: int = 0):
         self.pages, self.write, self.read = pages, write, read
         self.table, self.lengths = table, lengths
         self.windows, self.at = windows, at
         self.buckets = buckets  # (bucket, sizes): attention reads the first sizes[bucket] indices
+        self.cpu_block = cpu_block
 
     def _replace(self, **kw) -> "PagedView":
         fields = dict(pages=self.pages, write=self.write, read=self.read, table=self.table, lengths=self.lengths,
-                      windows=self.windows, at=self.at, buckets=self.buckets)
+                      windows=self.windows, at=self.at, buckets=self.buckets, cpu_block=self.cpu_block)
         return type(self)(**{**fields, **kw})
 
     def _scatter(self, kp: jax.Array, vp: jax.Array, flat: jax.Array, k: jax.Array, v: jax.Array):
@@ -226,7 +238,7 @@ class PagedView(KVCache):
         """As `KVCache.attend`; with window buckets, over the first sizes[bucket] cache indices only
         (one `lax.switch` branch per size: the window buffers where the size fits them, else a gather
         of that many indices from the pages)."""
-        if self.buckets is None:
+        if self.buckets is None and not self.cpu_block:
             return super().attend(layer, q, k, v, mask, impl)
         kp, vp, view = self._store(layer, k, v)
         wk, wv = self._store_windows(layer, k, v, view) if self.windows else (None, None)
@@ -236,6 +248,10 @@ class PagedView(KVCache):
                        wk: jax.Array | None = None, wv: jax.Array | None = None) -> jax.Array:
         """Attention of q over the pools kp, vp of one layer that already hold this call's keys and
         values (and over the window buffers wk, wv where the bucket fits them)."""
+        if self.cpu_block and q.shape[1] == 1:
+            r, _, n, h = q.shape
+            out = cpu_kernel.paged_decode(q[:, 0], kp, vp, self.table, mask[:, 0], self.cpu_block)
+            return out.reshape(r, 1, n * h)
         if self.buckets is None:
             keys, values = self._gather(kp, vp)
             return attention.attend(q, keys, values, mask, impl)
