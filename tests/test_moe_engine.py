@@ -75,8 +75,12 @@ def test_save_pretrained_round_trips_through_transformers(tiny_moe, tmp_path):
     ids = np.random.RandomState(0).randint(0, 400, (2, 11))
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
-    assert rel_err(tiny_moe.logits(ids), ref) <= LOGITS_RTOL
-    assert rel_err(qvl_jax.load(tmp_path / "hf").logits(ids), ref) <= 1e-6
+    ours = np.asarray(tiny_moe.logits(ids))
+    assert rel_err(ours, ref) <= LOGITS_RTOL
+    # Loading the saved checkpoint back gives the same model, bit for bit. (This compared the
+    # reloaded model with transformers at 1e-6, which is float32 rounding between two libraries, not
+    # the round trip: it read 1.07e-6 on a fresh install of 2026-12-04 with the reload still exact.)
+    np.testing.assert_array_equal(np.asarray(qvl_jax.load(tmp_path / "hf").logits(ids)), ours)
 
 
 def test_info_counts_total_and_active_params(tiny_moe, capsys):

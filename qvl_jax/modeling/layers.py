@@ -54,10 +54,29 @@ def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
     w may be a `qwix.QArray` (weight-only quantization, `qvl_jax.modeling.quant`): qwix's dot_general
     then dequantizes it (int8/int4 values times their scales, in the scales' dtype) into the dot."""
     rows = int(np.prod(x.shape[:-1]))
+    if jax.default_backend() == "cpu" and x.dtype == w.dtype == jnp.bfloat16 and not isinstance(w, qwix.QArray):
+        return _matmul_t_bf16(x, w, rows)
     if 1 < rows <= WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu":
         y = _dot(w)(w, x.reshape(rows, x.shape[-1]), (((1,), (1,)), ((), ())))
         return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
     return _dot(w)(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _matmul_t_bf16(x: jax.Array, w: jax.Array, rows: int) -> jax.Array:
+    """`matmul_t` of bfloat16 operands on the CPU: the products accumulate into a float32 result,
+    rounded to bfloat16 once (as torch's bfloat16 matmul), and one row is computed as two. XLA:CPU
+    runs that as its native AVX512_BF16 product; a bfloat16 result, or a single row, takes a generic
+    path 4-12x slower (the tied lm_head at one row: 450-610 ms against 37-49; at 8 rows 612 against
+    46-52; `scripts/bench_matmul.py --dtype bfloat16`, docs/performance.md)."""
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        x2 = jnp.concatenate([x2, x2])
+    dims = (((1,), (1,)), ((), ()))
+    if x2.shape[0] <= WEIGHT_LEFT_MAX_ROWS:
+        y = jax.lax.optimization_barrier(jax.lax.dot_general(w, x2, dims, preferred_element_type=jnp.float32)).T
+    else:
+        y = jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)
+    return y[:rows].astype(jnp.bfloat16).reshape(*x.shape[:-1], w.shape[0])
 
 
 def _dot(w):
