@@ -116,7 +116,8 @@ class Engine:
     reuse full blocks of identical prefixes. vision_cache_bytes: memory for cached image / video
     features. window_copy_bytes: a decode loop whose rows' attention windows (every layer's keys and
     values) fit in this many bytes gathers them once per loop, into buffers kept beside the pool,
-    rather than once per step (the same numbers, faster; 0: never). attention: the paged kernel,
+    rather than once per step (the same numbers, faster; 0: never; unused where the CPU kernel reads
+    the pages, below). attention: the paged kernel,
     one of `qvl_jax.config.ATTENTION_KERNELS` (default: the model's; "pallas" runs decode steps
     through JAX's Pallas paged attention kernel, `paged.PallasPagedView`). processor: the
     `Processor` whose tokens' bytes stop strings are matched on (default: the model's own, read from

@@ -12,8 +12,9 @@ attention kernel (`qvl_jax.load(path, attention=...)`, or the engine's own `atte
 - `PagedView` (every kernel but "pallas"): the gather above, plain jnp indexing, then the decoder's
   own attention. A decode loop gathers its rows' windows once, into buffers the engine keeps, and
   writes each step's token into them as well as into the pages (`window_buffers`; up to the
-  engine's window_copy_bytes, else it gathers every step). Runs on every backend; every engine
-  test runs it.
+  engine's window_copy_bytes, else it gathers every step). Runs on every backend. On the CPU the
+  engine's decode rows skip the gather: the C++ kernel of `qvl_jax.engine.cpu_kernel` reads their
+  keys and values in the pools (`PagedCache.cpu`); the engine tests run both.
 - `PallasPagedView` ("pallas"): decode steps run JAX's Pallas paged attention kernel
   (`jax.experimental.pallas.ops.gpu.paged_attention`, Triton on a GPU, interpret mode elsewhere),
   which reads each row's blocks in place instead of gathering a window first. The pools are then

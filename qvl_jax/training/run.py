@@ -7,7 +7,8 @@ references (JAX arrays are immutable, so this copies nothing). Whatever stops th
 Ctrl-C at any point of a step, a record that fails to encode, an out-of-memory step, a non-finite
 loss) puts that state back in the trainer and saves it if it is not on disk yet, so `--resume`
 goes on from a state where the weights and the data position agree and ends with the same adapter
-as a run that never stopped. Checkpoint and adapter writes run with SIGINT held until they finish,
+as a run that never stopped. A Ctrl-C stops the run at the next step boundary (`StopAtStep`; a
+second one at once). Checkpoint and adapter writes run with SIGINT held until they finish,
 and are atomic besides (TrainCheckpoints, save_adapter), so a Ctrl-C during the final save leaves
 a whole checkpoint that `--resume` finds.
 """
@@ -44,6 +45,34 @@ def sigint_held():
         signal.signal(signal.SIGINT, previous)
     if got and callable(previous):  # what the signal would have done (SIG_IGN: nothing)
         previous(signal.SIGINT, None)
+
+
+class StopAtStep:
+    """Ctrl-C during a run asks it to stop at the next step boundary: SIGINT sets a flag, and
+    `check()` (called between steps) raises KeyboardInterrupt there; a second SIGINT raises at once.
+    Raised wherever the main thread happened to be, the interrupt could land in code that swallows
+    it (a destructor, a library's cleanup) and the run went on stepping. A plain object outside the
+    main thread (signals reach only the main thread)."""
+
+    def __init__(self):
+        self.asked = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def check(self) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 @jax.jit
@@ -89,8 +118,10 @@ def train(trainer, batches, total: int, ckpt, meta: dict, write_final, *, schedu
     # Redrawn at most once a second when the log is a file rather than a terminal.
     bar = tqdm(total=total, initial=trainer.steps, file=log, unit="step", dynamic_ncols=True,
                mininterval=0.1 if log.isatty() else 1.0)
+    stop = StopAtStep()
     try:
         while trainer.steps < total:
+            stop.check()
             t0 = time.perf_counter()
             batch = batches.next()
             rate = float(schedule(trainer.steps))
@@ -110,14 +141,18 @@ def train(trainer, batches, total: int, ckpt, meta: dict, write_final, *, schedu
                 last_eval = run_eval()
                 bar.write(f"step {trainer.steps}: eval loss {last_eval:.4f}", file=log)
         bar.close()
+        stop.check()
         if trainer.steps != saved_at:
             save()
         if evaluate is not None:
             last_eval = run_eval()
             print(f"step {trainer.steps}: eval loss {last_eval:.4f}", file=log)
+        stop.check()
         with sigint_held():
             write_final()
+        stop.check()  # a Ctrl-C held while the adapter was written
     except BaseException as e:
+        stop.close()
         bar.close()
         with sigint_held():  # a second Ctrl-C waits until this is on disk
             # Back to the last committed state: a step cut short, or one that went non-finite, is undone.
@@ -131,6 +166,7 @@ def train(trainer, batches, total: int, ckpt, meta: dict, write_final, *, schedu
         elif isinstance(e, QvlError):
             raise type(e)(f"{e}; {where}") from None
         raise
+    stop.close()
     speeds = sorted(speeds)
     summary = {"steps": trainer.steps, "loss": losses[-1] if losses else None, "eval_loss": last_eval,
                "tokens_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
