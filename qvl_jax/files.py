@@ -10,6 +10,12 @@ import shutil
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """The project's cache: $QVL_JAX_CACHE, else ~/.cache/qvl_jax (converted checkpoints, the XLA
+    compilation cache, the CPU kernel's library)."""
+    return Path(os.environ.get("QVL_JAX_CACHE", Path.home() / ".cache" / "qvl_jax"))
+
+
 def temp_sibling(directory: Path) -> Path:
     """A new hidden directory beside `directory` to write into and rename into place. Made with
     os.mkdir, not mkdtemp (0700), so that the finished directory has the umask's permissions."""

@@ -20,13 +20,10 @@ import sys
 from pathlib import Path
 
 from qvl_jax.errors import CheckpointError, InputError
+from qvl_jax.files import cache_dir  # noqa: F401  (qvl_jax.hub.cache_dir, as the CLI imports it)
 
 DEFAULT_MODEL = "tiny-random"
 TINY_MOE_MODEL = "tiny-random-moe"  # its Mixture-of-Experts sibling (qvl_jax.tiny)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QVL_JAX_CACHE", Path.home() / ".cache" / "qvl_jax"))
 
 
 def _log(msg: str, log: bool) -> None:

@@ -23,12 +23,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from qvl_jax.files import cache_dir, temp_sibling
 
 TARGET = "qvl_paged_decode"
 _SOURCE = Path(__file__).with_name("paged_decode.cc")
@@ -52,11 +53,6 @@ def _compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    """kernels/ in the project's cache (as `qvl_jax.hub.cache_dir`: $QVL_JAX_CACHE, else ~/.cache/qvl_jax)."""
-    return Path(os.environ.get("QVL_JAX_CACHE", Path.home() / ".cache" / "qvl_jax")) / "kernels"
-
-
 def _build() -> Path:
     """The compiled library's path (built now if the cache lacks it). Raises RuntimeError."""
     import jaxlib
@@ -66,23 +62,20 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX)")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, _cpu_id(), cxx, *flags]).encode())
-    out = _cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / "kernels" / f"paged_decode-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    tmp = temp_sibling(out)  # compiled there, then renamed into place
     try:
-        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(tmp / out.name)]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             lines = (run.stderr or run.stdout).strip().splitlines()
             why = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {run.returncode}")
             raise RuntimeError(f"{Path(cxx).name} failed: {why.strip()}")
-        os.replace(tmp, out)
+        os.replace(tmp / out.name, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -111,12 +104,26 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+def why_not_for(attention: str, mesh, dtype) -> str | None:
+    """Why an engine with this attention setting, mesh and model dtype cannot run its decode rows
+    through the kernel; None if it can."""
+    if attention != "xla":
+        return f"attention={attention!r} has its own kernel"
+    if mesh is not None:
+        return "the model is sharded over a mesh"
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+        return f"the kernel takes float32 or bfloat16, not {jnp.dtype(dtype).name}"
+    return unavailable_reason()
+
+
 def paged_decode(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, mask: jax.Array,
                  block_size: int) -> jax.Array:
     """Attention of one query per row q [r, n, h] over pools kp, vp [slots, kv, h] (q's dtype,
     float32 or bfloat16) through table [r, blocks], keys where mask [r, window] (window <= blocks *
-    block_size) holds. Returns [r, n, h]; zeros for a row with no allowed key."""
+    block_size) holds. Returns [r, n, h]; zeros for a row with no allowed key. The pools are read as
+    they are: a dtype other than q's is an error here, never a conversion of whole pools."""
     assert available(), unavailable_reason()
+    if not kp.dtype == vp.dtype == q.dtype:
+        raise TypeError(f"paged_decode: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
-    return call(q, kp.astype(q.dtype), vp.astype(q.dtype), table.astype(jnp.int32), mask.astype(bool),
-                block_size=int(block_size))
+    return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), block_size=int(block_size))

@@ -199,15 +199,7 @@ class Engine:
         """Whether decode rows attend through `cpu_kernel` (see the class docstring)."""
         if wanted is not None and not wanted:
             return False
-        why = None
-        if self.attention != "xla":
-            why = f"attention={self.attention!r} has its own kernel"
-        elif self.mesh is not None:
-            why = "the model is sharded over a mesh"
-        elif jnp.dtype(self.model.dtype) not in (jnp.float32, jnp.bfloat16):
-            why = f"the kernel takes float32 or bfloat16, not {jnp.dtype(self.model.dtype).name}"
-        else:
-            why = cpu_kernel.unavailable_reason()
+        why = cpu_kernel.why_not_for(self.attention, self.mesh, self.model.dtype)
         if why is not None and wanted:
             raise InputError(f"cpu_kernel=True cannot run here: {why}")
         return why is None
