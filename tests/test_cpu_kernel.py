@@ -1,6 +1,8 @@
-"""The engine's CPU decode-attention kernel (`qvl_jax.engine.cpu_kernel`) against the XLA path it
-replaces: gather each row's window from the pools, then `attention.attend` (itself tested against
-transformers' attention through the decoder parity tests)."""
+"""The engine's CPU kernels (`qvl_jax.engine.cpu_kernel`) against the XLA paths they replace: the
+decode attention against gathering each row's window from the pools, then `attention.attend` (itself
+tested against transformers' attention through the decoder parity tests); the row lookup and the
+in-place row write against jnp.take and XLA's scatter, bit for bit; a bfloat16 engine against
+model.generate."""
 
 from __future__ import annotations
 
@@ -61,6 +63,89 @@ def test_kernel_equals_gather_then_attend(rows, heads, kv, h, bs, blocks, dtype,
     assert not np.asarray(got[~live], np.float32).any()  # an idle row: zeros, never NaN
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_take_rows_equals_take(dtype):
+    """Rows of a table at ids of any shape, bit for bit jnp.take's, inside a jitted loop too (how a
+    decode step looks tokens up); an id outside the table gives a zero row."""
+    rng = np.random.RandomState(5)
+    table = jnp.asarray(rng.randn(50, 3, 7) * 100, dtype)
+    ids = jnp.asarray(rng.randint(0, 50, (4, 6)), jnp.int32)
+    got = jax.jit(cpu_kernel.take_rows)(table, ids)
+    assert got.dtype == dtype and got.shape == (4, 6, 3, 7)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.take(table, ids, axis=0)))
+
+    def loop(table, ids, f):
+        return jax.lax.fori_loop(0, 3, lambda i, acc: acc + f(table, (ids + i) % 50).astype(jnp.float32),
+                                 jnp.zeros((*ids.shape, 3, 7), jnp.float32))
+    np.testing.assert_array_equal(jax.jit(loop, static_argnums=2)(table, ids, cpu_kernel.take_rows),
+                                  jax.jit(loop, static_argnums=2)(table, ids, lambda t, i: jnp.take(t, i, axis=0)))
+    edge = cpu_kernel.take_rows(table, jnp.asarray([49, 50, -1, 0]))
+    np.testing.assert_array_equal(np.asarray(edge[0]), np.asarray(table[49]))
+    assert not np.asarray(edge[1:3]).any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_put_rows_equals_scatter(dtype):
+    """Rows written at indices, bit for bit XLA's scatter: inside a jitted loop over a donated table
+    (where XLA hands the kernel the table's own buffer, as a decode loop's pools), reading the table
+    between writes; an index outside the table is dropped. A dtype or shape mismatch is an error."""
+    rng = np.random.RandomState(7)
+    table = jnp.asarray(rng.randn(40, 2, 5), dtype)
+    at = jnp.asarray(rng.permutation(40)[:6].reshape(3, 2), jnp.int32).at[1, 1].set(40)  # one outside
+    rows = jnp.asarray(rng.randn(3, 2, 2, 5), dtype)
+
+    def loop(table, put):
+        def body(i, carry):
+            t, seen = carry
+            t = put(t, at[i], rows[i] + t[i].astype(dtype))  # reads the table it writes
+            return t, seen + t.astype(jnp.float32).sum()
+        return jax.lax.fori_loop(0, 3, body, (table, jnp.zeros((), jnp.float32)))
+
+    want = jax.jit(loop, static_argnums=1)(table, lambda t, i, r: t.at[i].set(r))
+    got = jax.jit(loop, static_argnums=1, donate_argnums=0)(jnp.array(table), cpu_kernel.put_rows)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    kept = jnp.array(table)
+    out = jax.jit(cpu_kernel.put_rows)(kept, at[0], rows[0])  # not donated: the caller's table is kept
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(table))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(table.at[at[0]].set(rows[0])))
+    with pytest.raises(TypeError, match="put_rows: rows float16"):
+        cpu_kernel.put_rows(table, at[0], rows[0].astype(jnp.float16))
+
+
+def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path):
+    """A bfloat16 engine on the CPU (its pools written and its tokens looked up by the kernels, decode
+    rows attending through the decode kernel) gives model.generate's tokens in bfloat16 (XLA's
+    scatter, lookup and gather), as requests come and go. A first difference is allowed only at a
+    bfloat16 tie: the logits are bfloat16 values, and where the top two are one bfloat16 step apart
+    a different order of additions anywhere (a chunked prompt, a mixed step's rows) can swap them.
+    The engine without the kernels (`cpu_kernel=False`) meets that tie in the 40-token prompt too
+    (token 8, top two 2.40625 / 2.390625), with the same tokens as the kernels."""
+    import qvl_jax
+    from mm_inputs import PromptBuilder
+    from test_engine import _alone, _one
+
+    hf, _ = hf_checkpoint("untied")
+    m = qvl_jax.load(converted("untied"), dtype="bfloat16")
+    rng = np.random.RandomState(2)
+    cases = [(_one(PromptBuilder(rng).text(n), hf, rng), k) for n, k in ((5, 14), (40, 9), (3, 22))]
+    cases.append((_one(PromptBuilder(rng).text(4).image(4, 4).text(6), hf, rng), 12))
+    eng = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=140, decode_steps=4,
+                   max_num_batched_tokens=32, cpu_kernel=True)
+    assert eng._cpu and str(m.dtype) == "bfloat16"
+    outs = [eng.submit(inp, max_new_tokens=k, stop_token_ids=[]) for inp, k in cases]
+    got = [o.result(timeout=120).tokens for o in outs]
+    eng.close()
+    for (inp, k), toks in zip(cases, got):
+        ref, logits = _alone(m, inp, k)
+        assert len(toks) == k
+        diff = np.flatnonzero(toks != ref[0])
+        if diff.size:  # a tie in bfloat16: the top two logits one bfloat16 step apart, or equal
+            top2 = np.sort(logits[0, diff[0]])[-2:]
+            step = 2.0 ** (np.floor(np.log2(abs(top2[1]))) - 7)  # bfloat16 keeps 8 significant bits
+            assert top2[1] - top2[0] <= step, f"differs at step {diff[0]} (margin {top2[1] - top2[0]})"
+
+
 def test_kernel_reads_only_the_allowed_keys():
     """A key outside the mask never reaches the answer, even an infinite or NaN one (whatever a
     trash block or a freed block holds): the answer is bit for bit the one over clean pools."""
@@ -79,7 +164,7 @@ def test_kernel_reads_only_the_allowed_keys():
 def test_a_failed_build_leaves_nothing_and_says_why(tmp_path, monkeypatch):
     """No working compiler: a one-line reason, no library (or temporary file) left in the cache."""
     cxx = tmp_path / "broken-c++"
-    cxx.write_text("#!/bin/sh\necho 'paged_decode.cc:1: error: this compiler is broken' >&2\nexit 1\n")
+    cxx.write_text("#!/bin/sh\necho 'cpu_kernels.cc:1: error: this compiler is broken' >&2\nexit 1\n")
     cxx.chmod(cxx.stat().st_mode | stat.S_IEXEC)
     cache = tmp_path / "cache"
     monkeypatch.setenv("CXX", str(cxx))

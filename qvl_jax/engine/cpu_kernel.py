@@ -1,10 +1,15 @@
-"""The engine's CPU decode-attention kernel: `paged_decode.cc`, compiled on first use and called
-through XLA's FFI.
+"""The engine's CPU kernels: `cpu_kernels.cc`, compiled on first use and called through XLA's FFI.
 
-On the CPU, XLA runs a decode step's attention over the paged cache as a gather of every row's
-window bucket into fresh memory, then the products: at 8 rows over a 2048-token bucket that is most
-of the step (docs/performance.md). The kernel reads each row's allowed keys where they lie in the
-pools instead (`PagedView` calls it for one query per row when the engine runs on the CPU).
+- `paged_decode`: on the CPU, XLA runs a decode step's attention over the paged cache as a gather of
+  every row's window bucket into fresh memory, then the products: at 8 rows over a 2048-token
+  bucket that is most of the step (docs/performance.md). The kernel reads each row's allowed keys
+  where they lie in the pools instead (`PagedView` calls it for one query per row when the engine
+  runs on the CPU).
+- `take_rows` / `put_rows`: rows of a table read, or written in place. XLA:CPU computes a bfloat16
+  gather or scatter on a float32 copy of the whole operand: writing a step's tokens into a layer's
+  pools, or looking up tokens in the embedding table inside a loop, then costs more than the step's
+  arithmetic. These copy the rows' bytes (`PagedView` writes the pools with `put_rows`, the engine's
+  steps look tokens up with `take_rows`, at every dtype, when the engine runs on the CPU).
 
 It is built with the system's C++ compiler ($CXX, else c++ / g++ / clang++) against the FFI
 headers jaxlib ships, for this machine's CPU (-march=native), into kernels/ of the project's cache
@@ -31,8 +36,9 @@ import jax.numpy as jnp
 
 from qvl_jax.files import cache_dir, temp_sibling
 
-TARGET = "qvl_paged_decode"
-_SOURCE = Path(__file__).with_name("paged_decode.cc")
+# FFI target names -> the library's handler symbols.
+TARGETS = {"qvl_paged_decode": "QvlPagedDecode", "qvl_take_rows": "QvlTakeRows", "qvl_put_rows": "QvlPutRows"}
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lock = threading.Lock()
 
 
@@ -62,7 +68,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX)")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, _cpu_id(), cxx, *flags]).encode())
-    out = cache_dir() / "kernels" / f"paged_decode-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     tmp = temp_sibling(out)  # compiled there, then renamed into place
@@ -87,7 +93,8 @@ def _load() -> str | None:
     with _lock:
         try:
             lib = ctypes.cdll.LoadLibrary(str(_build()))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QvlPagedDecode), platform="cpu")
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
             return f"{type(e).__name__}: {e}"
     return None
@@ -125,5 +132,28 @@ def paged_decode(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, m
     assert available(), unavailable_reason()
     if not kp.dtype == vp.dtype == q.dtype:
         raise TypeError(f"paged_decode: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
+    call = jax.ffi.ffi_call("qvl_paged_decode", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), block_size=int(block_size))
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [n, ...] at ids (any shape, int): [*ids.shape, ...], as `jnp.take(table, ids, axis=0)`
+    for ids in [0, n) (another id gives a zero row). No gradient: inference only."""
+    assert available(), unavailable_reason()
+    flat = ids.reshape(-1).astype(jnp.int32)
+    call = jax.ffi.ffi_call("qvl_take_rows", jax.ShapeDtypeStruct((flat.shape[0], *table.shape[1:]), table.dtype),
+                            vmap_method="sequential")
+    return call(table, flat).reshape(*ids.shape, *table.shape[1:])
+
+
+def put_rows(table: jax.Array, at: jax.Array, rows: jax.Array) -> jax.Array:
+    """`table.at[at].set(rows)` for at [m] (int) and rows [m, ...] in table's dtype, written in place
+    where XLA can give the kernel table's buffer (table not read after this call); an index outside
+    [0, n) is dropped, as XLA's scatter drops it."""
+    assert available(), unavailable_reason()
+    if rows.dtype != table.dtype or rows.shape != (at.shape[0], *table.shape[1:]):
+        raise TypeError(f"put_rows: rows {rows.dtype}{list(rows.shape)} for a table {table.dtype}{list(table.shape)} "
+                        f"at {at.shape[0]} indices")
+    call = jax.ffi.ffi_call("qvl_put_rows", jax.ShapeDtypeStruct(table.shape, table.dtype),
+                            input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(table, at.astype(jnp.int32), rows)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qvl_jax import sharding
-from qvl_jax.engine import sampling
+from qvl_jax.engine import cpu_kernel, sampling
 from qvl_jax.engine.paged import MixedView
 from qvl_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingFlags
 from qvl_jax.modeling.model import Structure
@@ -97,6 +97,16 @@ def row_keys(seed: int | None, rows: int) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=1)
 def _row_keys(key: jax.Array, rows: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(key, r)))(jnp.arange(rows))
+
+
+def _lookup(m, cache):
+    """The token embedding lookup a step runs: where the engine's paged cache uses the CPU kernels
+    (`PagedCache.cpu`), a copy of the rows (XLA:CPU looks up bfloat16 rows inside a loop on a
+    float32 copy of the whole table, ~250 ms a call at 2B widths); else the model's own."""
+    if getattr(cache, "cpu", False):
+        table = m.model.language_model.embed_tokens.weight[...]
+        return lambda ids: cpu_kernel.take_rows(table, ids)
+    return m.embed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +300,7 @@ def prefill(structure: Structure, leaves: list, flags: SamplingFlags, window: in
     m = structure.merge(leaves)
     r, t = ids.shape
     index, mask = _chunk_mask(valid, offset, rows.lo, window)
-    x, deepstack = m.embed_inputs(ids, vision)
+    x, deepstack = m.embed_inputs(ids, vision, _lookup(m, cache))
     h, view = m.model.language_model(x, positions, mask, deepstack, cache.view(index, valid, window))
     last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
     logits = m.lm_logits(last)[:, 0].astype(jnp.float32)
@@ -318,7 +328,7 @@ def _decode_step(m, flags: SamplingFlags, window: int, rows: Rows, mesh, carry: 
     positions = jnp.broadcast_to((s.seq_len + rows.delta)[None, :, None], (3, r, 1))
     j = jnp.arange(window)
     mask = ((j[None] >= rows.lo[:, None]) & (j[None] <= s.seq_len[:, None]))[:, None, :]
-    x = m.embed(s.last_tok[:, None]) if s.embed is None else s.embed
+    x = _lookup(m, s.cache)(s.last_tok[:, None]) if s.embed is None else s.embed
     view = s.cache.view(s.seq_len[:, None], s.active[:, None], window)
     h, view = m.model.language_model(x, positions, mask, None, view)
     logits = m.lm_logits(h)[:, 0].astype(jnp.float32)
@@ -420,8 +430,9 @@ def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int,
     j = jnp.arange(window)
     seq = rows.seq_len[1:]
     mask_second = ((j[None] >= rows.lo[1:, None]) & (j[None] <= seq[:, None]))[:, None, :]
-    x, deepstack = m.embed_inputs(ids, vision)
-    x = jnp.concatenate([x, m.embed(last_tok[:, None]).reshape(1, s, -1).astype(x.dtype)], axis=1)
+    lookup = _lookup(m, cache)
+    x, deepstack = m.embed_inputs(ids, vision, lookup)
+    x = jnp.concatenate([x, lookup(last_tok[:, None]).reshape(1, s, -1).astype(x.dtype)], axis=1)
     if deepstack is not None:
         deepstack = jnp.concatenate([deepstack, jnp.zeros((deepstack.shape[0], 1, s, deepstack.shape[-1]),
                                                           deepstack.dtype)], axis=2)

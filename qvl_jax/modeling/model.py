@@ -53,12 +53,13 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             return self.model.language_model.embed_tokens.attend(h)
         return self.lm_head(h)
 
-    def embed_inputs(self, input_ids: jax.Array, vision: tuple | None):
+    def embed_inputs(self, input_ids: jax.Array, vision: tuple | None, lookup=None):
         """Token embeddings with vision features spliced in, and the per-token DeepStack features.
 
         vision: (features [n, d], deepstack [K, n, d], feat_index [b, t]: the feature row of each
-        placeholder token, -1 for every other token) or None."""
-        x = self.embed(input_ids)
+        placeholder token, -1 for every other token) or None. lookup: ids -> their embeddings, in
+        place of `embed` (the engine's CPU kernel)."""
+        x = (lookup or self.embed)(input_ids)
         if vision is None:
             return x, None
         feats, deepstack, feat_index = vision

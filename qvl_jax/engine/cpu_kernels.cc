@@ -1,7 +1,12 @@
-// Decode attention over the paged KV cache on the CPU, reading each row's blocks where they lie.
+// The engine's CPU kernels, XLA FFI handlers (`qvl_jax.engine.cpu_kernel` compiles this file on
+// first use and registers them):
+// - QvlPagedDecode: decode attention over the paged KV cache, reading each row's blocks where they lie;
+// - QvlTakeRows / QvlPutRows: rows of a table read / written in place (the token embeddings' lookup,
+//   the KV pools' writes). XLA:CPU has no bfloat16 gather or scatter of its own: it converts the
+//   whole operand to float32 and back around one (docs/performance.md), which for a layer's pools is
+//   more than the step's arithmetic. These copy the rows' bytes, whatever the dtype.
 //
-// An XLA FFI handler (`qvl_jax.engine.cpu_kernel` compiles this file on first use and registers
-// it). One query token per row: q [r, n, h]; the layer's pools kp, vp [num_blocks * block_size,
+// QvlPagedDecode: one query token per row: q [r, n, h]; the layer's pools kp, vp [num_blocks * block_size,
 // kv, h]; table [r, blocks] (each row's blocks); mask [r, blocks * block_size] (the cache indices
 // each row attends to). out [r, n, h]: query head i uses kv head i / (n / kv), as transformers'
 // repeat_kv. The same arithmetic as `qvl_jax.modeling.attention.attend` on the gathered window:
@@ -187,7 +192,62 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp
   return ffi::Error::Success();
 }
 
+// Bytes of one row of a buffer [n, ...] (its leading dimension indexed), and n.
+inline void RowShape(const ffi::AnyBuffer& b, int64_t& n, size_t& bytes) {
+  auto d = b.dimensions();
+  n = d.size() == 0 ? 0 : d[0];
+  bytes = n == 0 ? 0 : b.size_bytes() / n;
+}
+
+// out[i] = table[ids[i]] for ids [m] (an id outside [0, n) gives a zero row).
+ffi::Error TakeRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::AnyBuffer> out) {
+  int64_t n, m = ids.element_count();
+  size_t bytes;
+  RowShape(table, n, bytes);
+  if (out->element_type() != table.element_type() || out->size_bytes() != m * bytes)
+    return ffi::Error::InvalidArgument("qvl_take_rows: out must be [ids, row of table] in table's dtype");
+  const char* src = static_cast<const char*>(table.untyped_data());
+  char* dst = static_cast<char*>(out->untyped_data());
+  const int32_t* id = ids.typed_data();
+  for (int64_t i = 0; i < m; ++i) {
+    if (id[i] >= 0 && id[i] < n)
+      std::memcpy(dst + i * bytes, src + static_cast<int64_t>(id[i]) * bytes, bytes);
+    else
+      std::memset(dst + i * bytes, 0, bytes);
+  }
+  return ffi::Error::Success();
+}
+
+// table[at[i]] = rows[i] for at [m], in place: out is table's buffer (the caller aliases them). An
+// index outside [0, n) is dropped, as XLA's scatter drops it; of two rows for one index the later wins.
+ffi::Error PutRows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> at, ffi::AnyBuffer rows,
+                   ffi::Result<ffi::AnyBuffer> out) {
+  int64_t n, m = at.element_count();
+  size_t bytes;
+  RowShape(table, n, bytes);
+  if (rows.element_type() != table.element_type() || rows.size_bytes() != m * bytes ||
+      out->size_bytes() != table.size_bytes())
+    return ffi::Error::InvalidArgument("qvl_put_rows: rows must be [at, row of table] in table's dtype");
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != table.untyped_data()) std::memcpy(dst, table.untyped_data(), table.size_bytes());
+  const char* src = static_cast<const char*>(rows.untyped_data());
+  const int32_t* idx = at.typed_data();
+  for (int64_t i = 0; i < m; ++i)
+    if (idx[i] >= 0 && idx[i] < n) std::memcpy(dst + static_cast<int64_t>(idx[i]) * bytes, src + i * bytes, bytes);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlTakeRows, TakeRows,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPutRows, PutRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedDecode, PagedDecode,
                               ffi::Ffi::Bind()
