@@ -5,7 +5,7 @@
 every jitted call timed on its own (each waits for its result):
 
     python scripts/profile_engine.py [--config 2b] [--layers 4] [--requests 24] [--concurrency 8]
-        [--max-tokens 32] [--image-every 3] [--max-num-seqs 8] [--engine-arg KEY=VALUE ...] [--replay 6]
+        [--max-tokens 32] [--image-every 3] [--max-num-seqs 8] [--dtype float32] [--engine-arg KEY=VALUE ...] [--replay 6]
 
 Prints one JSON line per kind of call (mixed steps by chunk length bucket, decode loops by row
 count, the vision tower, chunk feature gathers): calls, total and median ms, tokens; then one line
@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--image-every", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the params (and so the pools)")
     ap.add_argument("--engine-arg", action="append", default=[], help="KEY=VALUE for Engine(...) (ints)")
     ap.add_argument("--replay", type=int, default=0, help="run the last short mixed steps and decode loops N times more")
     args = ap.parse_args()
@@ -64,7 +65,7 @@ def main() -> int:
     from qvl_jax.processing.processor import Processor
 
     path = random_checkpoint(args.config, args.layers, 0)
-    model = qvl_jax.load(str(path))
+    model = qvl_jax.load(str(path), dtype=args.dtype)
     processor = Processor.from_pretrained(str(path))
     jobs = workload(args.requests, args.seed, args.image_every, args.max_tokens)
     prompts = []
