@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
 from qvl_jax.engine import batch, speculative, steps, structured
@@ -112,7 +113,9 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             m = vc.spatial_merge_size
             vis = vision_mod.VisionInputs.build(np.zeros((p, vc.patch_dim), np.float32), np.array([[1, m, p // m]]),
                                                 vc, p)
-            vision_tower(*engine.model.split, vis)
+            # Waited for: its outputs are not the pools, and a tower still running when warm-up
+            # returns would delay the first request (at 2B widths in float32, ~10 s of the buckets').
+            jax.block_until_ready(vision_tower(*engine.model.split, vis))
             continue
         kind, flags, n = prog
         if kind == "verify":  # the speculative decode loop (`speculative_runs.EngineSpeculation`)
