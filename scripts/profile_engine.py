@@ -150,7 +150,7 @@ def main() -> int:
         ms = [c[0] for c in calls[kind]]
         timed_s += sum(ms) / 1e3
         print(json.dumps({"call": kind, "calls": len(ms), "total_s": round(sum(ms) / 1e3, 2),
-                          "median_ms": round(float(np.median(ms)), 1),
+                          "median_ms": round(float(np.median(ms)), 1), "max_ms": round(max(ms), 1),
                           "tokens": sum(c[1] for c in calls[kind])}))
     stats = {k: round(v - before.get(k, 0), 3) if isinstance(v, float) else v - before.get(k, 0)
              for k, v in eng.stats.items()}
