@@ -501,7 +501,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="prompt tokens prefilled per scheduler step, across requests (chunked prefill)")
     s.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps per jitted loop between scheduler visits: more saves host round trips, "
-                        "fewer lets new requests in sooner (default: 4 on the CPU, 8 elsewhere)")
+                        "fewer lets new requests in sooner (default: 1 on the CPU, 8 elsewhere)")
     s.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="memory for the KV cache pool, e.g. 4GiB, 512MiB or bytes (default: half the free "
                         "device memory at start, at most 4GiB on the CPU)")

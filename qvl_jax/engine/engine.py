@@ -79,9 +79,11 @@ def _chunk_features(feats: np.ndarray, deepstack: np.ndarray, index: np.ndarray)
 
 # Decode steps per jitted loop (`Engine(decode_steps=None)`). A request that arrives during a loop
 # waits for its end; a loop's host round trip costs ~1% of a step on the CPU (2B widths) and more of
-# one on an accelerator, where steps are short.
+# one on an accelerator, where steps are short. On the CPU one step a call: at concurrency 8 (2B
+# widths, `scripts/profile_engine.py`) TTFT p50 0.82 s against 1.34 s with 4 (bfloat16), 1.76
+# against 2.94 s (float32), and more output tok/s; at concurrency 1, 3% fewer (docs/performance.md).
 DECODE_STEPS = 8
-CPU_DECODE_STEPS = 4
+CPU_DECODE_STEPS = 1
 
 
 def _round_down(n: int) -> int:
