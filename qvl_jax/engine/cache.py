@@ -34,6 +34,8 @@ class StaticCache(NamedTuple):
     k: jax.Array  # [layers, b, max_len, kv_heads, head_dim]
     v: jax.Array
 
+    cpu = False  # not a field: the steps look tokens up through the model (`paged.PagedCache.cpu`)
+
     @property
     def max_len(self) -> int:
         return self.k.shape[2]

@@ -112,8 +112,8 @@ def available() -> bool:
 
 
 def why_not_for(attention: str, mesh, dtype) -> str | None:
-    """Why an engine with this attention setting, mesh and model dtype cannot run its decode rows
-    through the kernel; None if it can."""
+    """Why an engine with this attention setting, mesh and model dtype cannot run its decode rows,
+    pool writes and token lookups through the kernels (`PagedCache.cpu`); None if it can."""
     if attention != "xla":
         return f"attention={attention!r} has its own kernel"
     if mesh is not None:

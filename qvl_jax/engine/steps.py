@@ -2,7 +2,8 @@
 path. `model.generate`, `model.stream` and `ChatSession` run them over the static preallocated
 cache (`cache.StaticCache`); the `Engine` runs them over the paged cache (`paged.PagedCache`). A
 cache is a pytree with `view(index, valid, window)`, the `qvl_jax.modeling.kv_cache.KVCache` that the
-decoder writes and reads inside the trace, and `merge(view)`, the cache after the call.
+decoder writes and reads inside the trace, `merge(view)`, the cache after the call, and `cpu`
+(static): whether the steps look tokens up through the CPU kernels (`_lookup`).
 
 Rows are the unit of work: a row of a static batch, or one engine request. Everything a row needs
 travels in `Rows` (per-row arrays): where its next token goes in its cache (`seq_len`), where its
@@ -103,7 +104,7 @@ def _lookup(m, cache):
     """The token embedding lookup a step runs: where the engine's paged cache uses the CPU kernels
     (`PagedCache.cpu`), a copy of the rows (XLA:CPU looks up bfloat16 rows inside a loop on a
     float32 copy of the whole table, ~250 ms a call at 2B widths); else the model's own."""
-    if getattr(cache, "cpu", False):
+    if cache.cpu:
         table = m.model.language_model.embed_tokens.weight[...]
         return lambda ids: cpu_kernel.take_rows(table, ids)
     return m.embed
