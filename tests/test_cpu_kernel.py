@@ -63,6 +63,54 @@ def test_kernel_equals_gather_then_attend(rows, heads, kv, h, bs, blocks, dtype,
     assert not np.asarray(got[~live], np.float32).any()  # an idle row: zeros, never NaN
 
 
+def _chunk_case(rng, rows, t, heads, kv, h, bs, blocks, dtype):
+    """Pools, tables, t queries a row and their masks as a prefill chunk sees them: query i of a row at
+    cache index offset + i sees indices lo.. up to itself, padding queries (past the row's n real
+    tokens) up to the last real one; one query (and any whose index is below lo) sees nothing; every slot no query may see is NaN."""
+    slots = (rows * blocks + 3) * bs
+    kp = rng.randn(slots, kv, h).astype(np.float32)
+    vp = rng.randn(slots, kv, h).astype(np.float32)
+    table = rng.permutation(slots // bs)[:rows * blocks].reshape(rows, blocks).astype(np.int32)
+    q = jnp.asarray(rng.randn(rows, t, heads, h) * 2, dtype)
+    window = blocks * bs
+    j = np.arange(window)
+    mask = np.zeros((rows, t, window), bool)
+    for r in range(rows):
+        offset, n, lo = rng.randint(0, window - t + 1), rng.randint(1, t + 1), rng.randint(0, 3)
+        index = offset + np.minimum(np.arange(t), n - 1)
+        mask[r] = (j[None] >= lo) & (j[None] <= index[:, None])
+    mask[0, 1] = False  # a query with no allowed key
+    seen = np.zeros(slots, bool)
+    for r in range(rows):
+        seen[(table[r][:, None] * bs + np.arange(bs)).reshape(-1)[mask[r].any(axis=0)]] = True
+    kp[~seen], vp[~seen] = np.nan, np.nan
+    return q, jnp.asarray(kp, dtype), jnp.asarray(vp, dtype), table, mask
+
+
+@pytest.mark.parametrize("rows,t,heads,kv,h,bs,blocks,dtype,tol", [
+    (1, 45, 16, 8, 128, 16, 8, jnp.float32, 2e-6),   # the 2B model's heads: the vector tiles
+    (3, 21, 4, 2, 8, 4, 9, jnp.float32, 2e-6),       # a tiny head_dim: the scalar weighted sums
+    (2, 17, 6, 2, 20, 4, 7, jnp.float32, 2e-6),      # 3 query heads per kv head, head_dim 16 + 4
+    (2, 40, 8, 8, 64, 8, 8, jnp.float32, 2e-6),      # no grouping
+    (1, 45, 16, 8, 128, 16, 8, jnp.bfloat16, 1e-2),  # bfloat16 pools and activations
+])
+def test_prefill_kernel_equals_gather_then_attend(rows, t, heads, kv, h, bs, blocks, dtype, tol):
+    rng = np.random.RandomState(rows * 100 + t + h)
+    q, kp, vp, table, mask = _chunk_case(rng, rows, t, heads, kv, h, bs, blocks, dtype)
+    got = jax.jit(cpu_kernel.paged_prefill, static_argnums=5)(q, kp, vp, jnp.asarray(table), jnp.asarray(mask), bs)
+    assert got.dtype == dtype and got.shape == q.shape
+    read = (table[:, :, None] * bs + np.arange(bs)).reshape(rows, -1)
+    # The reference reads every window slot: the ones no query may see hold zeros for it (a NaN there
+    # would reach every output through the 0 * NaN of its weighted sum, in XLA's product as in any).
+    seen = mask.any(axis=1)[:, :, None, None]
+    keys, values = (jnp.where(seen, p[read], 0) for p in (kp, vp))
+    want = attention.attend(q, keys, values, jnp.asarray(mask)).reshape(q.shape)
+    live = mask.any(axis=2)
+    assert not live[0, 1] and live.sum() >= live.size // 2
+    np.testing.assert_allclose(np.asarray(got[live], np.float32), np.asarray(want[live], np.float32), rtol=tol, atol=tol)
+    assert np.all(np.asarray(got[~live], np.float32) == 0)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
 def test_take_rows_equals_take(dtype):
     """Rows of a table at ids of any shape, bit for bit jnp.take's, inside a jitted loop too (how a

@@ -1,6 +1,7 @@
 // The engine's CPU kernels, XLA FFI handlers (`qvl_jax.engine.cpu_kernel` compiles this file on
 // first use and registers them):
 // - QvlPagedDecode: decode attention over the paged KV cache, reading each row's blocks where they lie;
+// - QvlPagedPrefill: the same for several query tokens a row (a prefill chunk), in register tiles;
 // - QvlTakeRows / QvlPutRows: rows of a table read / written in place (the token embeddings' lookup,
 //   the KV pools' writes). XLA:CPU has no bfloat16 gather or scatter of its own: it converts the
 //   whole operand to float32 and back around one (docs/performance.md), which for a layer's pools is
@@ -22,8 +23,13 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -139,30 +145,39 @@ void Task(const Problem& p, int64_t row, int64_t k0, int64_t k1, std::vector<flo
   for (int64_t i = 0; i < nh * h; ++i) Elem<T>::store(out + i, acc[i]);
 }
 
+// Runs fn(task) for task in [0, tasks) on this thread and on helpers of XLA's intra-op pool; returns
+// when every task is done. A helper that starts late finds no task left, so this never waits on a
+// helper that has not begun.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, Fn fn) {
+  if (tasks <= 0) return;
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [tasks, shared, fn]() {
+    for (int64_t t; (t = shared->next.fetch_add(1)) < tasks;) {
+      fn(t);
+      shared->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (shared->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
+
 template <typename T>
 void Run(const Problem& p, ffi::ThreadPool& pool) {
   // Tasks of whole rows read each key's heads as one contiguous run; a few rows are split over kv
   // heads so that every thread has work.
   int64_t split = 1;
   while (p.rows * split < 8 && p.kv % (split * 2) == 0) split *= 2;
-  const int64_t per = p.kv / split, tasks = p.rows * split;
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [p, tasks, split, per, shared]() {
-    std::vector<float> buf;
-    for (int64_t t; (t = shared->next.fetch_add(1)) < tasks;) {
-      Task<T>(p, t / split, (t % split) * per, (t % split + 1) * per, buf);
-      shared->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  // Helpers on XLA's intra-op pool take tasks while this thread takes them too; a helper that starts
-  // late finds none left, so this never waits on a helper that has not begun.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (shared->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+  const int64_t per = p.kv / split;
+  ParallelFor(pool, p.rows * split, [&p, split, per](int64_t t) {
+    thread_local std::vector<float> buf;
+    Task<T>(p, t / split, (t % split) * per, (t % split + 1) * per, buf);
+  });
 }
 
 ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi::AnyBuffer vp,
@@ -188,6 +203,360 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp
       break;
     default:
       return ffi::Error::InvalidArgument("qvl_paged_decode: float32 or bfloat16 only");
+  }
+  return ffi::Error::Success();
+}
+
+// Float buffers kept between calls: fresh memory of a chunk's size costs page faults on every call
+// (about as much as the attention's arithmetic), so each call takes a kept buffer and gives it back.
+class BufferPool {
+ public:
+  std::unique_ptr<std::vector<float>> Take(size_t n) {
+    std::unique_ptr<std::vector<float>> b;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        b = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (!b) b = std::make_unique<std::vector<float>>();
+    if (b->size() < n) b->resize(n);
+    return b;
+  }
+  void Give(std::unique_ptr<std::vector<float>> b) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.size() < 4) free_.push_back(std::move(b));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<std::vector<float>>> free_;
+};
+
+BufferPool& Buffers() {
+  static BufferPool* pool = new BufferPool();  // never destroyed: helpers may outlive static teardown
+  return *pool;
+}
+
+// QvlPagedPrefill: several query tokens per row (a prefill chunk; a speculative verify's tokens):
+// q [r, t, n, h]; the layer's pools kp, vp [slots, kv, h]; table [r, blocks]; mask [r, t, window]
+// (the cache indices each query attends to). out [r, t, n, h], the same arithmetic as PagedDecode
+// (scores and softmax in float32, the probabilities rounded to the activation dtype, the weighted
+// sum in float32; only the order of the additions differs; the normalisation multiplies by the
+// reciprocal of the sum, as XLA computes jax.nn.softmax). A query with no allowed key gets zeros.
+//
+// Each row's keys and values up to its last allowed index are first read from their blocks into
+// float32 (keys transposed, [kv, h, keys]); then each task, one kv head of a block of query tokens,
+// computes its scores as register tiles of 8 queries x 16 keys, the softmax over each query's own
+// keys, and the weighted sums as tiles of 4 queries x 64 values. Only keys up to the last one a
+// block's queries may see are computed: XLA's attention over a window bucket computes every key of
+// the bucket and materialises the [queries, window] scores in float32 several times.
+struct Prefill {
+  int64_t rows, t, heads, kv, h, blocks, window, block_size, slots;
+  const void *q, *kp, *vp;
+  const int32_t* table;
+  const bool* mask;
+  void* out;
+};
+
+constexpr int64_t kQueryBlock = 16;  // query tokens a task
+constexpr int64_t kKeyAlign = 16;
+
+#if defined(__AVX512F__)
+// exp(x) in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
+// scaled by 2^n), within about 1 ulp; underflows to 0 below about -104.
+inline __m512 Exp512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+  x = _mm512_min_ps(x, hi);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 mask bytes (bool) as a lane mask.
+inline __mmask16 Mask16(const bool* m) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+  return _mm_test_epi8_mask(b, b);
+}
+
+// x rounded to bfloat16 (nearest even, as XLA's convert) and back to float32, NaN kept.
+inline __m512 RoundBf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// out[u, 0:64] = sum_{j < e} w[u * ep + j] * v[j * stride, 0:64] for ROWS queries u (out rows h apart).
+template <int ROWS>
+inline void PvTile(const float* w, int64_t ep, const float* v, int64_t stride, int64_t e, float* out) {
+  __m512 c[ROWS][4];
+  for (int u = 0; u < ROWS; ++u)
+    for (int x = 0; x < 4; ++x) c[u][x] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < e; ++j) {
+    const float* vj = v + j * stride;
+    const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
+                 v3 = _mm512_loadu_ps(vj + 48);
+    for (int u = 0; u < ROWS; ++u) {
+      const __m512 b = _mm512_set1_ps(w[u * ep + j]);
+      c[u][0] = _mm512_fmadd_ps(b, v0, c[u][0]);
+      c[u][1] = _mm512_fmadd_ps(b, v1, c[u][1]);
+      c[u][2] = _mm512_fmadd_ps(b, v2, c[u][2]);
+      c[u][3] = _mm512_fmadd_ps(b, v3, c[u][3]);
+    }
+  }
+  for (int u = 0; u < ROWS; ++u)
+    for (int x = 0; x < 4; ++x) _mm512_storeu_ps(out + u * stride + x * 16, c[u][x]);
+}
+constexpr int64_t kPvRows = 6;  // a tile of the weighted sums: 6 queries x 64 values (24 accumulators)
+#endif
+
+template <typename T>
+void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
+  const int64_t g = p.heads / p.kv, h = p.h, t = p.t;
+  // ends[r * t + i]: 1 + the last key query i of row r may see (0: none).
+  std::vector<int64_t> ends(p.rows * t), span(p.rows, 0), base(p.rows + 1, 0);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t i = 0; i < t; ++i) {
+      const bool* m = p.mask + (r * t + i) * p.window;
+      int64_t e = p.window;
+      while (e > 0 && !m[e - 1]) --e;
+      ends[r * t + i] = e;
+      span[r] = std::max(span[r], e);
+    }
+    span[r] = (span[r] + kKeyAlign - 1) / kKeyAlign * kKeyAlign;  // keys gathered (a multiple of 16)
+    base[r + 1] = base[r] + span[r] * p.kv * h;
+  }
+  auto kbuf = Buffers().Take(base[p.rows]);
+  auto vbuf = Buffers().Take(base[p.rows]);
+  float* kt = kbuf->data();  // row r at base[r]: [kv, h, span[r]]
+  float* vf = vbuf->data();  // row r at base[r]: [kv, span[r], h]
+  const T* kp = static_cast<const T*>(p.kp);
+  const T* vp = static_cast<const T*>(p.vp);
+  constexpr int64_t kGather = 64;
+  std::vector<int64_t> gather_start(p.rows + 1, 0);
+  for (int64_t r = 0; r < p.rows; ++r) gather_start[r + 1] = gather_start[r] + (span[r] + kGather - 1) / kGather;
+  ParallelFor(pool, gather_start[p.rows], [&](int64_t task) {
+    const int64_t r = std::upper_bound(gather_start.begin(), gather_start.end(), task) - gather_start.begin() - 1;
+    const int64_t j0 = (task - gather_start[r]) * kGather, j1 = std::min(span[r], j0 + kGather), s = span[r];
+    const int32_t* table = p.table + r * p.blocks;
+    for (int64_t j = j0; j < j1; ++j) {
+      // A key no query of the row may see is read as zeros (whatever its slot holds; its weight is 0).
+      bool seen = false;
+      for (int64_t i = t - 1; i >= 0 && !seen && j < p.window; --i) seen = p.mask[(r * t + i) * p.window + j];
+      const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
+      const int64_t slot = block * p.block_size + j % p.block_size;
+      const bool ok = seen && block >= 0 && slot < p.slots;
+      for (int64_t k = 0; k < p.kv; ++k) {
+        float* kd = kt + base[r] + k * h * s + j;
+        float* vd = vf + base[r] + (k * s + j) * h;
+        if (!ok) {
+          for (int64_t d = 0; d < h; ++d) kd[d * s] = vd[d] = 0.0f;
+          continue;
+        }
+        const T* ks = kp + (slot * p.kv + k) * h;
+        const T* vs = vp + (slot * p.kv + k) * h;
+        for (int64_t d = 0; d < h; ++d) {
+          kd[d * s] = Elem<T>::load(ks + d);
+          vd[d] = Elem<T>::load(vs + d);
+        }
+      }
+    }
+  });
+
+  const int64_t qblocks = (t + kQueryBlock - 1) / kQueryBlock;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
+  const bool wide = h % 64 == 0;  // the vector tiles' shape
+  ParallelFor(pool, p.rows * p.kv * qblocks, [&](int64_t task) {
+    const int64_t r = task / (p.kv * qblocks), k = (task / qblocks) % p.kv, qb = task % qblocks;
+    const int64_t i0 = qb * kQueryBlock, i1 = std::min(t, i0 + kQueryBlock), nq = (i1 - i0) * g;
+    const int64_t s = span[r];
+    int64_t e_max = 0;
+    for (int64_t i = i0; i < i1; ++i) e_max = std::max(e_max, ends[r * t + i]);
+    const int64_t ep = (e_max + kKeyAlign - 1) / kKeyAlign * kKeyAlign;
+    const int64_t nq8 = (nq + 7) / 8 * 8;
+    thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < nq8 * h + nq8 * std::max<int64_t>(ep, 1) + nq8 * h)
+      scratch.resize(nq8 * h + nq8 * std::max<int64_t>(ep, 1) + nq8 * h);
+    float* qf = scratch.data();     // [nq8, h]: query rows (token-major, then the group's heads)
+    float* sc = qf + nq8 * h;       // [nq8, ep]: scores, then probabilities
+    float* acc = sc + nq8 * std::max<int64_t>(ep, 1);  // [nq8, h]
+    const T* qsrc = static_cast<const T*>(p.q);
+    for (int64_t a = 0; a < nq8; ++a) {
+      if (a >= nq) {
+        std::fill(qf + a * h, qf + (a + 1) * h, 0.0f);
+        continue;
+      }
+      const int64_t i = i0 + a / g, n = k * g + a % g;
+      const T* src = qsrc + ((r * t + i) * p.heads + n) * h;
+      for (int64_t d = 0; d < h; ++d) qf[a * h + d] = Elem<T>::load(src + d);
+    }
+    const float* kr = kt + base[r] + k * h * s;  // [h, s]
+    const float* vr = vf + base[r] + k * s * h;  // [s, h]
+    // Scores.
+#if defined(__AVX512F__)
+    for (int64_t a0 = 0; a0 < nq8; a0 += 8) {
+      const float* qa = qf + a0 * h;
+      int64_t j0 = 0;
+      for (; j0 + 32 <= ep; j0 += 32) {  // 8 queries x 32 keys
+        __m512 c[8], c2[8];
+        for (int u = 0; u < 8; ++u) c[u] = c2[u] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < h; ++d) {
+          const __m512 k0 = _mm512_loadu_ps(kr + d * s + j0), k1 = _mm512_loadu_ps(kr + d * s + j0 + 16);
+          for (int u = 0; u < 8; ++u) {
+            const __m512 b = _mm512_set1_ps(qa[u * h + d]);
+            c[u] = _mm512_fmadd_ps(b, k0, c[u]);
+            c2[u] = _mm512_fmadd_ps(b, k1, c2[u]);
+          }
+        }
+        for (int u = 0; u < 8; ++u) {
+          _mm512_storeu_ps(sc + (a0 + u) * ep + j0, _mm512_mul_ps(c[u], _mm512_set1_ps(scale)));
+          _mm512_storeu_ps(sc + (a0 + u) * ep + j0 + 16, _mm512_mul_ps(c2[u], _mm512_set1_ps(scale)));
+        }
+      }
+      for (; j0 < ep; j0 += 16) {  // 8 queries x 16 keys
+        __m512 c[8];
+        for (int u = 0; u < 8; ++u) c[u] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < h; ++d) {
+          const __m512 kv = _mm512_loadu_ps(kr + d * s + j0);
+          for (int u = 0; u < 8; ++u) c[u] = _mm512_fmadd_ps(_mm512_set1_ps(qa[u * h + d]), kv, c[u]);
+        }
+        for (int u = 0; u < 8; ++u) _mm512_storeu_ps(sc + (a0 + u) * ep + j0, _mm512_mul_ps(c[u], _mm512_set1_ps(scale)));
+      }
+    }
+#else
+    for (int64_t a = 0; a < nq; ++a)
+      for (int64_t j = 0; j < ep; ++j) {
+        float c = 0.0f;
+        for (int64_t d = 0; d < h; ++d) c += qf[a * h + d] * kr[d * s + j];
+        sc[a * ep + j] = c * scale;
+      }
+#endif
+    // Softmax over each query's allowed keys; the probabilities rounded to T.
+    for (int64_t a = 0; a < nq; ++a) {
+      const int64_t i = i0 + a / g, e = ends[r * t + i];
+      const bool* m = p.mask + (r * t + i) * p.window;
+      float* row = sc + a * ep;
+      if (e == 0) {
+        std::fill(row, row + ep, 0.0f);
+        continue;
+      }
+      int64_t j = 0;
+      float top = -INFINITY, total = 0.0f;
+#if defined(__AVX512F__)
+      __m512 vtop = _mm512_set1_ps(-INFINITY);
+      for (; j + 16 <= e; j += 16)
+        vtop = _mm512_mask_max_ps(vtop, Mask16(m + j), vtop, _mm512_loadu_ps(row + j));
+      top = _mm512_reduce_max_ps(vtop);
+#endif
+      for (int64_t jj = j; jj < e; ++jj)
+        if (m[jj]) top = std::max(top, row[jj]);
+      j = 0;
+#if defined(__AVX512F__)
+      __m512 vsum = _mm512_setzero_ps();
+      const __m512 vt = _mm512_set1_ps(top);
+      for (; j + 16 <= e; j += 16) {
+        const __m512 x = _mm512_maskz_mov_ps(Mask16(m + j), Exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), vt)));
+        _mm512_storeu_ps(row + j, x);
+        vsum = _mm512_add_ps(vsum, x);
+      }
+      total = _mm512_reduce_add_ps(vsum);
+#endif
+      for (; j < e; ++j) {
+        row[j] = m[j] ? std::exp(row[j] - top) : 0.0f;
+        total += row[j];
+      }
+      const float inv = 1.0f / total;
+      j = 0;
+#if defined(__AVX512F__)
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (; j + 16 <= e; j += 16) {
+        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), vinv);
+        if (sizeof(T) == 2) x = RoundBf16(x);
+        _mm512_storeu_ps(row + j, x);
+      }
+#endif
+      for (; j < e; ++j) row[j] = Elem<T>::round(row[j] * inv);
+      std::fill(row + e, row + ep, 0.0f);
+    }
+    // Weighted sums of the values.
+    std::fill(acc, acc + nq8 * h, 0.0f);
+#if defined(__AVX512F__)
+    if (wide) {
+      for (int64_t a0 = 0; a0 < nq; a0 += kPvRows) {
+        const int64_t na = std::min<int64_t>(kPvRows, nq - a0);
+        int64_t e = 0;
+        for (int64_t u = 0; u < na; ++u) e = std::max(e, ends[r * t + i0 + (a0 + u) / g]);
+        for (int64_t d0 = 0; d0 < h; d0 += 64) {
+          float* dst = acc + a0 * h + d0;
+          const float* w = sc + a0 * ep;
+          if (na == kPvRows)
+            PvTile<kPvRows>(w, ep, vr + d0, h, e, dst);
+          else
+            for (int64_t u = 0; u < na; ++u) PvTile<1>(w + u * ep, ep, vr + d0, h, e, dst + u * h);
+        }
+      }
+    } else
+#endif
+    {
+      for (int64_t a = 0; a < nq; ++a) {
+        const int64_t e = ends[r * t + i0 + a / g];
+        for (int64_t j = 0; j < e; ++j) {
+          const float w = sc[a * ep + j];
+          for (int64_t d = 0; d < h; ++d) acc[a * h + d] += w * vr[j * h + d];
+        }
+      }
+    }
+    T* out = static_cast<T*>(p.out);
+    for (int64_t a = 0; a < nq; ++a) {
+      const int64_t i = i0 + a / g, n = k * g + a % g;
+      T* dst = out + ((r * t + i) * p.heads + n) * h;
+      for (int64_t d = 0; d < h; ++d) Elem<T>::store(dst + d, acc[a * h + d]);
+    }
+  });
+  Buffers().Give(std::move(kbuf));
+  Buffers().Give(std::move(vbuf));
+}
+
+ffi::Error PagedPrefill(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi::AnyBuffer vp,
+                        ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out,
+                        int64_t block_size) {
+  auto qd = q.dimensions(), kd = kp.dimensions(), td = table.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 3 || td.size() != 2 || md.size() != 3)
+    return ffi::Error::InvalidArgument(
+        "qvl_paged_prefill: q [r, t, n, h], pools [slots, kv, h], table [r, blocks], mask [r, t, window]");
+  if (q.element_type() != kp.element_type() || kp.element_type() != vp.element_type() ||
+      out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("qvl_paged_prefill: q, the pools and out must share one dtype");
+  Prefill p{qd[0], qd[1], qd[2], kd[1], qd[3], td[1], md[2], block_size, kd[0], q.untyped_data(),
+            kp.untyped_data(), vp.untyped_data(), table.typed_data(), mask.typed_data(), out->untyped_data()};
+  if (kd[2] != p.h || p.heads % p.kv != 0 || td[0] != p.rows || md[0] != p.rows || md[1] != p.t ||
+      p.window > p.blocks * block_size || vp.dimensions()[0] != kd[0])
+    return ffi::Error::InvalidArgument("qvl_paged_prefill: shapes do not agree");
+  if (p.rows == 0 || p.t == 0) return ffi::Error::Success();
+  switch (q.element_type()) {
+    case ffi::DataType::F32:
+      PrefillRun<float>(p, pool);
+      break;
+    case ffi::DataType::BF16:
+      PrefillRun<uint16_t>(p, pool);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("qvl_paged_prefill: float32 or bfloat16 only");
   }
   return ffi::Error::Success();
 }
@@ -250,6 +619,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPutRows, PutRows,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedDecode, PagedDecode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("block_size"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefill, PagedPrefill,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

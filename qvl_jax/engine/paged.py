@@ -13,8 +13,9 @@ attention kernel (`qvl_jax.load(path, attention=...)`, or the engine's own `atte
   own attention. A decode loop gathers its rows' windows once, into buffers the engine keeps, and
   writes each step's token into them as well as into the pages (`window_buffers`; up to the
   engine's window_copy_bytes, else it gathers every step). Runs on every backend. On the CPU the
-  engine's decode rows skip the gather: the C++ kernel of `qvl_jax.engine.cpu_kernel` reads their
-  keys and values in the pools (`PagedCache.cpu`); the engine tests run both.
+  engine skips the gather: the C++ kernels of `qvl_jax.engine.cpu_kernel` read the keys and values
+  in the pools, for decode rows (one query a row) and for prefill chunks (several), each query up
+  to its last allowed key (`PagedCache.cpu`); the engine tests run both.
 - `PallasPagedView` ("pallas"): decode steps run JAX's Pallas paged attention kernel
   (`jax.experimental.pallas.ops.gpu.paged_attention`, Triton on a GPU, interpret mode elsewhere),
   which reads each row's blocks in place instead of gathering a window first. The pools are then
@@ -105,8 +106,9 @@ class PagedCache:
     may be shorter than the table (sizes up to their length read them, longer ones the pages).
 
     cpu: the CPU kernels (`qvl_jax.engine.cpu_kernel`) write this call's keys and values into the
-    pools in place, and one query per row (decode steps, a mixed step's decode rows) attends through
-    the decode kernel, which reads the allowed keys where they lie: no window buffers, no bucket."""
+    pools in place, and attention reads the allowed keys where they lie: one query per row (decode
+    steps, a mixed step's decode rows) through the decode kernel, several (a prefill chunk, a
+    speculative verify) through the prefill kernel: no window buffers, no bucket."""
 
     pages: Pages
     table: jax.Array
@@ -130,7 +132,7 @@ class PagedCache:
         buckets = (self.bucket, self.sizes) if self.sizes else None
         cpu_block = self.block_size if self.cpu else 0
         if index.shape[1] != 1:
-            return cls(self.pages, write, read, buckets=buckets, cpu_block=cpu_block)
+            return cls(self.pages, write, read, self.table if self.cpu else None, buckets=buckets, cpu_block=cpu_block)
         at = jnp.where(valid[:, 0], index[:, 0], window)
         return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at, buckets, cpu_block)
 
@@ -185,8 +187,9 @@ class PagedView(KVCache):
     2048 tokens at 2B widths, 4 layers: 149 -> 113 ms a step; 1 row: 92 -> 60 ms).
 
     cpu_block (> 0: the block size; `PagedCache.cpu`): the keys and values are written with
-    `cpu_kernel.put_rows`, and one query per row attends through the CPU kernel over the pages
-    through table (`cpu_kernel.paged_decode`); windows and buckets are then not read."""
+    `cpu_kernel.put_rows`, and attention runs in the CPU kernels over the pages through table
+    (`cpu_kernel.paged_decode` for one query per row, `cpu_kernel.paged_prefill` for more); windows
+    and buckets are then not read."""
 
     def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
                  lengths: jax.Array | None = None, windows: tuple = (), at: jax.Array | None = None,
@@ -257,6 +260,9 @@ class PagedView(KVCache):
             r, _, n, h = q.shape
             out = cpu_kernel.paged_decode(q[:, 0], kp, vp, self.table, mask[:, 0], self.cpu_block)
             return out.reshape(r, 1, n * h)
+        if self.cpu_block:
+            r, t, n, h = q.shape
+            return cpu_kernel.paged_prefill(q, kp, vp, self.table, mask, self.cpu_block).reshape(r, t, n * h)
         if self.buckets is None:
             keys, values = self._gather(kp, vp)
             return attention.attend(q, keys, values, mask, impl)
