@@ -82,6 +82,18 @@ inline float dot(const float* a, const T* b, int64_t h) {
   return s;
 }
 
+// 1 + the index of the last true entry of mask [0, n) (0: none), scanning back 8 entries at a time.
+inline int64_t MaskEnd(const bool* mask, int64_t n) {
+  while (n >= 8) {
+    uint64_t word;
+    std::memcpy(&word, mask + n - 8, 8);
+    if (word) break;
+    n -= 8;
+  }
+  while (n > 0 && !mask[n - 1]) --n;
+  return n;
+}
+
 struct Problem {
   int64_t rows, heads, kv, h, blocks, window, block_size;
   const void *q, *kp, *vp;
@@ -97,8 +109,7 @@ void Task(const Problem& p, int64_t row, int64_t k0, int64_t k1, std::vector<flo
   const bool* mask = p.mask + row * p.window;
   const int32_t* table = p.table + row * p.blocks;
   T* out = static_cast<T*>(p.out) + (row * p.heads + k0 * g) * h;
-  int64_t end = p.window;
-  while (end > 0 && !mask[end - 1]) --end;
+  const int64_t end = MaskEnd(mask, p.window);
   if (end == 0) {
     for (int64_t i = 0; i < nh * h; ++i) Elem<T>::store(out + i, 0.0f);
     return;
@@ -332,9 +343,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
   std::vector<int64_t> ends(p.rows * t), span(p.rows, 0), base(p.rows + 1, 0);
   for (int64_t r = 0; r < p.rows; ++r) {
     for (int64_t i = 0; i < t; ++i) {
-      const bool* m = p.mask + (r * t + i) * p.window;
-      int64_t e = p.window;
-      while (e > 0 && !m[e - 1]) --e;
+      const int64_t e = MaskEnd(p.mask + (r * t + i) * p.window, p.window);
       ends[r * t + i] = e;
       span[r] = std::max(span[r], e);
     }

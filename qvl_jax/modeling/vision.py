@@ -187,7 +187,8 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
     scores = jnp.einsum("pjh,qjh->jpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("jpq,qjh->pjh", probs, v)
+    # float32 result, rounded once (as `attention.attend`: XLA:CPU's bfloat16-result product is slow)
+    return jnp.einsum("jpq,qjh->pjh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, loop: bool | None = None):
