@@ -27,8 +27,13 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AMX_TILE__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QVL_AMX 1
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -271,8 +276,10 @@ struct Prefill {
   void* out;
 };
 
+typedef uint16_t __attribute__((may_alias)) u16a;
+
 constexpr int64_t kQueryBlock = 16;  // query tokens a task
-constexpr int64_t kKeyAlign = 16;
+constexpr int64_t kKeyAlign = 32;  // keys gathered and scored in multiples of this
 
 #if defined(__AVX512F__)
 // exp(x) in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
@@ -336,6 +343,106 @@ inline void PvTile(const float* w, int64_t ep, const float* v, int64_t stride, i
 constexpr int64_t kPvRows = 6;  // a tile of the weighted sums: 6 queries x 64 values (24 accumulators)
 #endif
 
+
+#if defined(QVL_AMX)
+// AMX (Intel's tile unit): bfloat16 products into float32 tiles of 16 x 16, what XLA's own bfloat16
+// products run on where the CPU has it. Linux grants the tile state to a process on request.
+bool AmxReady() {
+  static const bool ready = [] {
+    constexpr long kReqPerm = 0x1023, kXTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqPerm, kXTileData) == 0;
+  }();
+  return ready;
+}
+
+struct TileConfig {  // the LDTILECFG layout, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {0};
+  uint16_t colsb[16] = {0};
+  uint8_t rows[16] = {0};
+};
+
+// Tiles 0, 1: float32 accumulators [16, 16]; 4: the left operand [16, 32 bfloat16]; 5: the right
+// operand [16 pairs, 16 columns] (pairs of bfloat16 along the contraction, as the gather lays keys
+// and values out).
+inline void AmxConfigure() {
+  TileConfig c;
+  for (int i : {0, 1, 4, 5}) {
+    c.colsb[i] = 64;
+    c.rows[i] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+#else
+bool AmxReady() { return false; }
+#endif
+
+#if defined(QVL_AMX)
+// A task's scores sc [nq16, ep] (unscaled) of its nq query rows (token-major, then the group's heads;
+// rows nq.. zero) over the row's keys kw ([kv, h/2, s] bfloat16 pairs), on the tile unit.
+template <typename T>
+void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0, int64_t nq, int64_t nq16,
+               int64_t ep, int64_t s, const float* kbase, float* sc) {
+  const int64_t g = p.heads / p.kv, h = p.h, hw = h / 2;
+  thread_local std::vector<uint32_t> qwords;  // [nq16, h/2]: the query rows as bfloat16 pairs
+  if (static_cast<int64_t>(qwords.size()) < nq16 * hw) qwords.resize(nq16 * hw);
+  for (int64_t a = 0; a < nq16; ++a) {
+    if (a >= nq) {
+      std::fill(qwords.data() + a * hw, qwords.data() + (a + 1) * hw, 0u);
+      continue;
+    }
+    const int64_t i = i0 + a / g, n = k * g + a % g;
+    std::memcpy(qwords.data() + a * hw, qsrc + ((r * p.t + i) * p.heads + n) * h, h * 2);
+  }
+  const uint32_t* kw = reinterpret_cast<const uint32_t*>(kbase) + k * hw * s;
+  AmxConfigure();
+  for (int64_t a0 = 0; a0 < nq16; a0 += 16)
+    for (int64_t j0 = 0; j0 < ep; j0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t kk = 0; kk < h / 32; ++kk) {
+        _tile_loadd(4, qwords.data() + a0 * hw + kk * 16, hw * 4);
+        _tile_loadd(5, kw + kk * 16 * s + j0, s * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(5, kw + kk * 16 * s + j0 + 16, s * 4);
+        _tile_dpbf16ps(1, 4, 5);
+      }
+      _tile_stored(0, sc + a0 * ep + j0, ep * 4);
+      _tile_stored(1, sc + a0 * ep + j0 + 16, ep * 4);
+    }
+  _tile_release();
+}
+
+// acc [nq16, h] = the probabilities sc [nq16, ep] (already rounded to bfloat16) times the values vw
+// ([kv, s/2, h] pairs of keys), over keys [0, e32), on the tile unit.
+inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t ep, int64_t e32, int64_t h,
+                            int64_t s, int64_t k, const float* vbase, float* acc) {
+  thread_local std::vector<uint16_t> pw;  // [nq16, ep] the probabilities as bfloat16 (exact)
+  if (static_cast<int64_t>(pw.size()) < nq16 * ep) pw.resize(nq16 * ep);
+  for (int64_t a = 0; a < nq16; ++a)
+    for (int64_t j = 0; j < ep; j += 16) {
+      const __m512 x = a < nq ? _mm512_loadu_ps(sc + a * ep + j) : _mm512_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw.data() + a * ep + j), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  const uint32_t* vw = reinterpret_cast<const uint32_t*>(vbase) + k * (s / 2) * h;
+  AmxConfigure();
+  for (int64_t a0 = 0; a0 < nq16; a0 += 16)
+    for (int64_t d0 = 0; d0 < h; d0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t j0 = 0; j0 < e32; j0 += 32) {
+        _tile_loadd(4, pw.data() + a0 * ep + j0, ep * 2);
+        _tile_loadd(5, vw + (j0 / 2) * h + d0, h * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(5, vw + (j0 / 2) * h + d0 + 16, h * 4);
+        _tile_dpbf16ps(1, 4, 5);
+      }
+      _tile_stored(0, acc + a0 * h + d0, h * 4);
+      _tile_stored(1, acc + a0 * h + d0 + 16, h * 4);
+    }
+  _tile_release();
+}
+#endif
+
 template <typename T>
 void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
   const int64_t g = p.heads / p.kv, h = p.h, t = p.t;
@@ -356,6 +463,9 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
   float* vf = vbuf->data();  // row r at base[r]: [kv, span[r], h]
   const T* kp = static_cast<const T*>(p.kp);
   const T* vp = static_cast<const T*>(p.vp);
+  // bfloat16 on a CPU with AMX: the products run on the tile unit, which takes the bfloat16 values
+  // in pairs (keys and values then kept as bfloat16 words); else everything is read into float32.
+  const bool pairs = sizeof(T) == 2 && h % 32 == 0 && AmxReady();
   constexpr int64_t kGather = 64;
   std::vector<int64_t> gather_start(p.rows + 1, 0);
   for (int64_t r = 0; r < p.rows; ++r) gather_start[r + 1] = gather_start[r] + (span[r] + kGather - 1) / kGather;
@@ -370,6 +480,19 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
       const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
       const int64_t slot = block * p.block_size + j % p.block_size;
       const bool ok = seen && block >= 0 && slot < p.slots;
+      if (pairs) {  // bfloat16 words: keys [kv, h/2, s] (pairs along h), values [kv, s/2, h] (pairs of keys)
+        u16a* kw = reinterpret_cast<u16a*>(kt + base[r]);
+        u16a* vw = reinterpret_cast<u16a*>(vf + base[r]);
+        for (int64_t k = 0; k < p.kv; ++k) {
+          const u16a* ks = ok ? reinterpret_cast<const u16a*>(kp + (slot * p.kv + k) * h) : nullptr;
+          const u16a* vs = ok ? reinterpret_cast<const u16a*>(vp + (slot * p.kv + k) * h) : nullptr;
+          for (int64_t d = 0; d < h; ++d) {
+            kw[2 * ((k * (h / 2) + d / 2) * s + j) + d % 2] = ok ? ks[d] : 0;
+            vw[2 * ((k * (s / 2) + j / 2) * h + d) + j % 2] = ok ? vs[d] : 0;
+          }
+        }
+        continue;
+      }
       for (int64_t k = 0; k < p.kv; ++k) {
         float* kd = kt + base[r] + k * h * s + j;
         float* vd = vf + base[r] + (k * s + j) * h;
@@ -397,7 +520,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     int64_t e_max = 0;
     for (int64_t i = i0; i < i1; ++i) e_max = std::max(e_max, ends[r * t + i]);
     const int64_t ep = (e_max + kKeyAlign - 1) / kKeyAlign * kKeyAlign;
-    const int64_t nq8 = (nq + 7) / 8 * 8;
+    const int64_t nq8 = (nq + 15) / 16 * 16;  // query rows padded (to whole tiles)
     thread_local std::vector<float> scratch;
     if (static_cast<int64_t>(scratch.size()) < nq8 * h + nq8 * std::max<int64_t>(ep, 1) + nq8 * h)
       scratch.resize(nq8 * h + nq8 * std::max<int64_t>(ep, 1) + nq8 * h);
@@ -417,6 +540,14 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     const float* kr = kt + base[r] + k * h * s;  // [h, s]
     const float* vr = vf + base[r] + k * s * h;  // [s, h]
     // Scores.
+#if defined(QVL_AMX)
+    if (pairs) {
+      AmxScores(qsrc, p, r, k, i0, nq, nq8, ep, s, kt + base[r], sc);
+      for (int64_t x = 0; x < nq8 * ep; x += 16)
+        _mm512_storeu_ps(sc + x, _mm512_mul_ps(_mm512_loadu_ps(sc + x), _mm512_set1_ps(scale)));
+    } else
+#endif
+    {
 #if defined(__AVX512F__)
     for (int64_t a0 = 0; a0 < nq8; a0 += 8) {
       const float* qa = qf + a0 * h;
@@ -455,6 +586,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
         sc[a * ep + j] = c * scale;
       }
 #endif
+    }
     // Softmax over each query's allowed keys; the probabilities rounded to T.
     for (int64_t a = 0; a < nq; ++a) {
       const int64_t i = i0 + a / g, e = ends[r * t + i];
@@ -504,6 +636,13 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     }
     // Weighted sums of the values.
     std::fill(acc, acc + nq8 * h, 0.0f);
+#if defined(QVL_AMX)
+    if (pairs) {
+      int64_t e_pv = 0;
+      for (int64_t i = i0; i < i1; ++i) e_pv = std::max(e_pv, ends[r * t + i]);
+      AmxWeightedSums(sc, nq, nq8, ep, (e_pv + 31) / 32 * 32, h, s, k, vf + base[r], acc);
+    } else
+#endif
 #if defined(__AVX512F__)
     if (wide) {
       for (int64_t a0 = 0; a0 < nq; a0 += kPvRows) {
