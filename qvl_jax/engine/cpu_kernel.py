@@ -8,7 +8,8 @@
 - `paged_prefill`: the same for a prefill chunk's queries. XLA computes a chunk's scores over the
   whole window bucket and passes the [queries, window] float32 scores through memory several times
   (about 85 ms a layer for 448 queries over a 2048-key bucket at 2B widths, 2 cores); the kernel
-  reads each block of queries' keys up to its last allowed one, in register tiles (about 20 ms).
+  reads each block of queries' keys up to its last allowed one, in tiles: AMX tiles for bfloat16
+  where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms).
 - `take_rows` / `put_rows`: rows of a table read, or written in place. XLA:CPU computes a bfloat16
   gather or scatter on a float32 copy of the whole operand: writing a step's tokens into a layer's
   pools, or looking up tokens in the embedding table inside a loop, then costs more than the step's

@@ -1,7 +1,7 @@
 // The engine's CPU kernels, XLA FFI handlers (`qvl_jax.engine.cpu_kernel` compiles this file on
 // first use and registers them):
 // - QvlPagedDecode: decode attention over the paged KV cache, reading each row's blocks where they lie;
-// - QvlPagedPrefill: the same for several query tokens a row (a prefill chunk), in register tiles;
+// - QvlPagedPrefill: the same for several query tokens a row (a prefill chunk), in tiles (AMX or FMAs);
 // - QvlTakeRows / QvlPutRows: rows of a table read / written in place (the token embeddings' lookup,
 //   the KV pools' writes). XLA:CPU has no bfloat16 gather or scatter of its own: it converts the
 //   whole operand to float32 and back around one (docs/performance.md), which for a layer's pools is
@@ -262,12 +262,14 @@ BufferPool& Buffers() {
 // sum in float32; only the order of the additions differs; the normalisation multiplies by the
 // reciprocal of the sum, as XLA computes jax.nn.softmax). A query with no allowed key gets zeros.
 //
-// Each row's keys and values up to its last allowed index are first read from their blocks into
-// float32 (keys transposed, [kv, h, keys]); then each task, one kv head of a block of query tokens,
-// computes its scores as register tiles of 8 queries x 16 keys, the softmax over each query's own
-// keys, and the weighted sums as tiles of 4 queries x 64 values. Only keys up to the last one a
-// block's queries may see are computed: XLA's attention over a window bucket computes every key of
-// the bucket and materialises the [queries, window] scores in float32 several times.
+// Each row's keys and values up to its last allowed index are first read from their blocks: into
+// float32 (keys transposed, [kv, h, keys]), or for bfloat16 on AMX as bfloat16 pairs (keys [kv, h/2,
+// keys], values [kv, keys/2, h]: the tile product's layouts). Then each task, one kv head of a block
+// of query tokens, computes its scores (register tiles of 8 queries x 32 keys, or 16 x 16 AMX
+// tiles), the softmax over each query's own keys, and the weighted sums (tiles of 6 queries x 64
+// values, or AMX tiles). Only keys up to the last one a block's queries may see are computed: XLA's
+// attention over a window bucket computes every key of the bucket and materialises the [queries,
+// window] scores in float32 several times.
 struct Prefill {
   int64_t rows, t, heads, kv, h, blocks, window, block_size, slots;
   const void *q, *kp, *vp;
