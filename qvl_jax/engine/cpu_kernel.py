@@ -135,11 +135,7 @@ def paged_decode(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, m
     float32 or bfloat16) through table [r, blocks], keys where mask [r, window] (window <= blocks *
     block_size) holds. Returns [r, n, h]; zeros for a row with no allowed key. The pools are read as
     they are: a dtype other than q's is an error here, never a conversion of whole pools."""
-    assert available(), unavailable_reason()
-    if not kp.dtype == vp.dtype == q.dtype:
-        raise TypeError(f"paged_decode: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
-    call = jax.ffi.ffi_call("qvl_paged_decode", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
-    return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), block_size=int(block_size))
+    return _attention("paged_decode", q, kp, vp, table, mask, block_size)
 
 
 def paged_prefill(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, mask: jax.Array,
@@ -148,10 +144,15 @@ def paged_prefill(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, 
     kv, h] (q's dtype) through table [r, blocks], query i of row r seeing the keys where mask [r, t,
     window] holds; `paged_decode`'s arithmetic, computed only up to each block of queries' last
     allowed key. Returns [r, t, n, h]; zeros for a query with no allowed key."""
+    return _attention("paged_prefill", q, kp, vp, table, mask, block_size)
+
+
+def _attention(name: str, q, kp, vp, table, mask, block_size: int) -> jax.Array:
+    """The call of the attention handler qvl_<name> (its output shaped as q)."""
     assert available(), unavailable_reason()
     if not kp.dtype == vp.dtype == q.dtype:
-        raise TypeError(f"paged_prefill: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
-    call = jax.ffi.ffi_call("qvl_paged_prefill", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
+        raise TypeError(f"{name}: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
+    call = jax.ffi.ffi_call(f"qvl_{name}", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), block_size=int(block_size))
 
 

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -196,31 +197,36 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   });
 }
 
+// Runs run(float{}) or run(uint16_t{}) (bfloat16) for an attention handler's q, pools and out, which
+// must share one of those dtypes; else an InvalidArgument naming the handler.
+template <typename Run>
+ffi::Error ForAttentionDtype(const char* name, const ffi::AnyBuffer& q, const ffi::AnyBuffer& kp,
+                             const ffi::AnyBuffer& vp, const ffi::AnyBuffer& out, Run run) {
+  const auto type = q.element_type();
+  if (kp.element_type() != type || vp.element_type() != type || out.element_type() != type)
+    return ffi::Error::InvalidArgument(std::string(name) + ": q, the pools and out must share one dtype");
+  if (type == ffi::DataType::F32)
+    run(float{});
+  else if (type == ffi::DataType::BF16)
+    run(uint16_t{});
+  else
+    return ffi::Error::InvalidArgument(std::string(name) + ": float32 or bfloat16 only");
+  return ffi::Error::Success();
+}
+
 ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi::AnyBuffer vp,
                        ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out,
                        int64_t block_size) {
   auto qd = q.dimensions(), kd = kp.dimensions(), td = table.dimensions(), md = mask.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || td.size() != 2 || md.size() != 2)
     return ffi::Error::InvalidArgument("qvl_paged_decode: q [r, n, h], pools [slots, kv, h], table [r, blocks], mask [r, window]");
-  if (q.element_type() != kp.element_type() || kp.element_type() != vp.element_type() ||
-      out->element_type() != q.element_type())
-    return ffi::Error::InvalidArgument("qvl_paged_decode: q, the pools and out must share one dtype");
   Problem p{qd[0], qd[1], kd[1], qd[2], td[1], md[1], block_size, q.untyped_data(), kp.untyped_data(),
             vp.untyped_data(), table.typed_data(), mask.typed_data(), out->untyped_data()};
   if (kd[2] != p.h || p.heads % p.kv != 0 || td[0] != p.rows || md[0] != p.rows || p.window > p.blocks * block_size)
     return ffi::Error::InvalidArgument("qvl_paged_decode: shapes do not agree");
-  if (p.rows == 0) return ffi::Error::Success();
-  switch (q.element_type()) {
-    case ffi::DataType::F32:
-      Run<float>(p, pool);
-      break;
-    case ffi::DataType::BF16:
-      Run<uint16_t>(p, pool);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("qvl_paged_decode: float32 or bfloat16 only");
-  }
-  return ffi::Error::Success();
+  return ForAttentionDtype("qvl_paged_decode", q, kp, vp, *out, [&](auto elem) {
+    if (p.rows > 0) Run<decltype(elem)>(p, pool);
+  });
 }
 
 // Float buffers kept between calls: fresh memory of a chunk's size costs page faults on every call
@@ -281,7 +287,7 @@ struct Prefill {
 typedef uint16_t __attribute__((may_alias)) u16a;
 
 constexpr int64_t kQueryBlock = 16;  // query tokens a task
-constexpr int64_t kKeyAlign = 32;  // keys gathered and scored in multiples of this
+constexpr int64_t kKeyAlign = 32;  // keys gathered and scored in multiples of this: whole 32-key tiles
 
 #if defined(__AVX512F__)
 // exp(x) in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
@@ -456,7 +462,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
       ends[r * t + i] = e;
       span[r] = std::max(span[r], e);
     }
-    span[r] = (span[r] + kKeyAlign - 1) / kKeyAlign * kKeyAlign;  // keys gathered (a multiple of 16)
+    span[r] = (span[r] + kKeyAlign - 1) / kKeyAlign * kKeyAlign;  // keys gathered (a multiple of kKeyAlign)
     base[r + 1] = base[r] + span[r] * p.kv * h;
   }
   auto kbuf = Buffers().Take(base[p.rows]);
@@ -522,15 +528,15 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     int64_t e_max = 0;
     for (int64_t i = i0; i < i1; ++i) e_max = std::max(e_max, ends[r * t + i]);
     const int64_t ep = (e_max + kKeyAlign - 1) / kKeyAlign * kKeyAlign;
-    const int64_t nq8 = (nq + 15) / 16 * 16;  // query rows padded (to whole tiles)
+    const int64_t nq16 = (nq + 15) / 16 * 16;  // query rows padded to whole tiles (8 x 32 FMA, 16 x 16 AMX)
     thread_local std::vector<float> scratch;
-    if (static_cast<int64_t>(scratch.size()) < nq8 * h + nq8 * std::max<int64_t>(ep, 1) + nq8 * h)
-      scratch.resize(nq8 * h + nq8 * std::max<int64_t>(ep, 1) + nq8 * h);
-    float* qf = scratch.data();     // [nq8, h]: query rows (token-major, then the group's heads)
-    float* sc = qf + nq8 * h;       // [nq8, ep]: scores, then probabilities
-    float* acc = sc + nq8 * std::max<int64_t>(ep, 1);  // [nq8, h]
+    if (static_cast<int64_t>(scratch.size()) < nq16 * h + nq16 * std::max<int64_t>(ep, 1) + nq16 * h)
+      scratch.resize(nq16 * h + nq16 * std::max<int64_t>(ep, 1) + nq16 * h);
+    float* qf = scratch.data();     // [nq16, h]: query rows (token-major, then the group's heads)
+    float* sc = qf + nq16 * h;       // [nq16, ep]: scores, then probabilities
+    float* acc = sc + nq16 * std::max<int64_t>(ep, 1);  // [nq16, h]
     const T* qsrc = static_cast<const T*>(p.q);
-    for (int64_t a = 0; a < nq8; ++a) {
+    for (int64_t a = 0; a < nq16 && !pairs; ++a) {  // float32 copies (the AMX path reads q itself)
       if (a >= nq) {
         std::fill(qf + a * h, qf + (a + 1) * h, 0.0f);
         continue;
@@ -544,17 +550,16 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     // Scores.
 #if defined(QVL_AMX)
     if (pairs) {
-      AmxScores(qsrc, p, r, k, i0, nq, nq8, ep, s, kt + base[r], sc);
-      for (int64_t x = 0; x < nq8 * ep; x += 16)
+      AmxScores(qsrc, p, r, k, i0, nq, nq16, ep, s, kt + base[r], sc);
+      for (int64_t x = 0; x < nq16 * ep; x += 16)
         _mm512_storeu_ps(sc + x, _mm512_mul_ps(_mm512_loadu_ps(sc + x), _mm512_set1_ps(scale)));
     } else
 #endif
     {
 #if defined(__AVX512F__)
-    for (int64_t a0 = 0; a0 < nq8; a0 += 8) {
+    for (int64_t a0 = 0; a0 < nq16; a0 += 8) {
       const float* qa = qf + a0 * h;
-      int64_t j0 = 0;
-      for (; j0 + 32 <= ep; j0 += 32) {  // 8 queries x 32 keys
+      for (int64_t j0 = 0; j0 < ep; j0 += 32) {  // 8 queries x 32 keys (ep: a multiple of kKeyAlign)
         __m512 c[8], c2[8];
         for (int u = 0; u < 8; ++u) c[u] = c2[u] = _mm512_setzero_ps();
         for (int64_t d = 0; d < h; ++d) {
@@ -569,15 +574,6 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
           _mm512_storeu_ps(sc + (a0 + u) * ep + j0, _mm512_mul_ps(c[u], _mm512_set1_ps(scale)));
           _mm512_storeu_ps(sc + (a0 + u) * ep + j0 + 16, _mm512_mul_ps(c2[u], _mm512_set1_ps(scale)));
         }
-      }
-      for (; j0 < ep; j0 += 16) {  // 8 queries x 16 keys
-        __m512 c[8];
-        for (int u = 0; u < 8; ++u) c[u] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < h; ++d) {
-          const __m512 kv = _mm512_loadu_ps(kr + d * s + j0);
-          for (int u = 0; u < 8; ++u) c[u] = _mm512_fmadd_ps(_mm512_set1_ps(qa[u * h + d]), kv, c[u]);
-        }
-        for (int u = 0; u < 8; ++u) _mm512_storeu_ps(sc + (a0 + u) * ep + j0, _mm512_mul_ps(c[u], _mm512_set1_ps(scale)));
       }
     }
 #else
@@ -637,12 +633,12 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
       std::fill(row + e, row + ep, 0.0f);
     }
     // Weighted sums of the values.
-    std::fill(acc, acc + nq8 * h, 0.0f);
+    std::fill(acc, acc + nq16 * h, 0.0f);
 #if defined(QVL_AMX)
     if (pairs) {
       int64_t e_pv = 0;
       for (int64_t i = i0; i < i1; ++i) e_pv = std::max(e_pv, ends[r * t + i]);
-      AmxWeightedSums(sc, nq, nq8, ep, (e_pv + 31) / 32 * 32, h, s, k, vf + base[r], acc);
+      AmxWeightedSums(sc, nq, nq16, ep, (e_pv + 31) / 32 * 32, h, s, k, vf + base[r], acc);
     } else
 #endif
 #if defined(__AVX512F__)
@@ -689,26 +685,14 @@ ffi::Error PagedPrefill(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (qd.size() != 4 || kd.size() != 3 || td.size() != 2 || md.size() != 3)
     return ffi::Error::InvalidArgument(
         "qvl_paged_prefill: q [r, t, n, h], pools [slots, kv, h], table [r, blocks], mask [r, t, window]");
-  if (q.element_type() != kp.element_type() || kp.element_type() != vp.element_type() ||
-      out->element_type() != q.element_type())
-    return ffi::Error::InvalidArgument("qvl_paged_prefill: q, the pools and out must share one dtype");
   Prefill p{qd[0], qd[1], qd[2], kd[1], qd[3], td[1], md[2], block_size, kd[0], q.untyped_data(),
             kp.untyped_data(), vp.untyped_data(), table.typed_data(), mask.typed_data(), out->untyped_data()};
   if (kd[2] != p.h || p.heads % p.kv != 0 || td[0] != p.rows || md[0] != p.rows || md[1] != p.t ||
       p.window > p.blocks * block_size || vp.dimensions()[0] != kd[0])
     return ffi::Error::InvalidArgument("qvl_paged_prefill: shapes do not agree");
-  if (p.rows == 0 || p.t == 0) return ffi::Error::Success();
-  switch (q.element_type()) {
-    case ffi::DataType::F32:
-      PrefillRun<float>(p, pool);
-      break;
-    case ffi::DataType::BF16:
-      PrefillRun<uint16_t>(p, pool);
-      break;
-    default:
-      return ffi::Error::InvalidArgument("qvl_paged_prefill: float32 or bfloat16 only");
-  }
-  return ffi::Error::Success();
+  return ForAttentionDtype("qvl_paged_prefill", q, kp, vp, *out, [&](auto elem) {
+    if (p.rows > 0 && p.t > 0) PrefillRun<decltype(elem)>(p, pool);
+  });
 }
 
 // Bytes of one row of a buffer [n, ...] (its leading dimension indexed), and n.
