@@ -138,6 +138,20 @@ class Embedding(nnx.Module):
         return matmul_t(h, self.weight[...])
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU as torch computes it: x / (1 + exp(-x)) in float32, rounded once to x's dtype.
+    (`jax.nn.silu` on bfloat16 rounds the sigmoid to bfloat16 before the product, and XLA:CPU runs
+    that form at twice the time: [512, 6144] 3.5 against 1.9 ms.)"""
+    x32 = x.astype(jnp.float32)
+    return (x32 / (1 + jnp.exp(-x32))).astype(x.dtype)
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """GELU (tanh approximation or exact erf) in float32, rounded once to x's dtype, as torch's
+    opmath does for bfloat16 (`jax.nn.gelu` on bfloat16 rounds every intermediate to bfloat16)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # As the reference: normalise in float32, cast back to the input dtype, then apply the weight.
     x32 = x.astype(jnp.float32)

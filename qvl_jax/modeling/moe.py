@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qvl_jax.config import TextConfig
-from qvl_jax.modeling.layers import matmul_t, param
+from qvl_jax.modeling.layers import matmul_t, param, silu
 
 
 class TopKRouter(nnx.Module):
@@ -111,7 +111,7 @@ def expert_mlp(x: jax.Array, weights: jax.Array, idx: jax.Array, gate_up: jax.Ar
 
 def _swiglu(h: jax.Array) -> jax.Array:
     f = h.shape[-1] // 2
-    return jax.nn.silu(h[..., :f]) * h[..., f:]
+    return silu(h[..., :f]) * h[..., f:]
 
 
 def _gather(x, weights, idx, gate_up, down):

@@ -20,7 +20,7 @@ from flax import nnx
 from qvl_jax.config import TextConfig
 from qvl_jax.modeling import attention
 from qvl_jax.modeling.kv_cache import KVCache
-from qvl_jax.modeling.layers import Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq
+from qvl_jax.modeling.layers import Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq, silu
 from qvl_jax.modeling.moe import SparseMoeBlock
 
 
@@ -76,7 +76,7 @@ class TextMLP(nnx.Module):
         self.down_proj = Linear(F, D, bias=False, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):

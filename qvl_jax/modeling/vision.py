@@ -33,7 +33,7 @@ from flax import nnx
 from qvl_jax.config import VisionConfig
 from qvl_jax.errors import InputError
 from qvl_jax.modeling import attention
-from qvl_jax.modeling.layers import Embedding, LayerNorm, Linear, apply_rope, rope_inv_freq
+from qvl_jax.modeling.layers import Embedding, LayerNorm, Linear, apply_rope, gelu, rope_inv_freq
 
 
 def _merge_block_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +248,7 @@ class VisionMLP(nnx.Module):
         self.linear_fc2 = Linear(F, D, bias=True, axes=("vision_embed", "vision_mlp"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))  # tanh-GELU, as the reference
+        return self.linear_fc2(gelu(self.linear_fc1(x), approximate=True))  # tanh-GELU, as the reference
 
 
 class VisionBlock(nnx.Module):
@@ -288,7 +288,7 @@ class PatchMerger(nnx.Module):
             x = self.norm(x.reshape(-1, x.shape[-1] * self.group))
         else:
             x = self.norm(x).reshape(-1, x.shape[-1] * self.group)
-        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
+        return self.linear_fc2(gelu(self.linear_fc1(x), approximate=False))
 
 
 class VisionModel(nnx.Module):
