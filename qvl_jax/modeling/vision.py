@@ -182,18 +182,31 @@ class VisionInputs:
         )
 
 
+@jax.custom_jvp
+def _same(p: jax.Array) -> jax.Array:
+    """p itself, through nextafter(p, p) (see `_attend`); differentiable as the identity."""
+    return jax.lax.nextafter(p, p)
+
+
+_same.defjvp(lambda primals, tangents: (_same(primals[0]), tangents[0]))
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Attention inside one block: q, k, v [S, heads, head_dim], mask [S, S]; softmax in float32."""
     scores = jnp.einsum("pjh,qjh->jpq", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
+    # The same values as the softmax alone. Without an op YNNPACK does not take between them, XLA:CPU
+    # fuses the whole softmax into YNNPACK's product of the probabilities and the values, which runs
+    # it several times slower than XLA's own fusion (18 blocks over 256 patches: bfloat16 224 -> 200
+    # ms, float32 594-601 -> 552-555 ms; the same bits out). bfloat16 rounds to its bits first
+    # (reduce_precision); float32 takes nextafter(p, p) = p (a float32 reduce_precision is folded
+    # away). In the decoder's `attention.attend` the bfloat16 form measured slower (512 queries over
+    # 512 keys: 15-18 against 14-15 ms), so it is not used there.
     if v.dtype == jnp.bfloat16:
-        # The same values as the convert alone. Without it XLA:CPU fuses the whole softmax into
-        # YNNPACK's product of the probabilities and the values, which runs it several times slower
-        # than XLA's own fusion (18 blocks over 256 patches: 224 -> 200 ms, the same bits out). In
-        # the decoder's `attention.attend` the same rounding measured slower (512 queries over 512
-        # keys: 15-18 against 14-15 ms), so it is not used there.
         probs = jax.lax.reduce_precision(probs, exponent_bits=8, mantissa_bits=7)
+    else:
+        probs = _same(probs)
     probs = probs.astype(v.dtype)
     # float32 result, rounded once (as `attention.attend`: XLA:CPU's bfloat16-result product is slow)
     return jnp.einsum("jpq,qjh->pjh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
