@@ -288,6 +288,7 @@ typedef uint16_t __attribute__((may_alias)) u16a;
 
 constexpr int64_t kQueryBlock = 16;  // query tokens a task
 constexpr int64_t kKeyAlign = 32;  // keys gathered and scored in multiples of this: whole 32-key tiles
+static_assert(kKeyAlign % 32 == 0, "the AMX weighted sums take whole 32-key tiles of the scored keys");
 
 #if defined(__AVX512F__)
 // exp(x) in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
@@ -421,8 +422,9 @@ void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0
 }
 
 // acc [nq16, h] = the probabilities sc [nq16, ep] (already rounded to bfloat16) times the values vw
-// ([kv, s/2, h] pairs of keys), over keys [0, e32), on the tile unit.
-inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t ep, int64_t e32, int64_t h,
+// ([kv, s/2, h] pairs of keys), over keys [0, ep) (ep: the block's last allowed key, rounded up to
+// kKeyAlign = 32, one tile's pairs), on the tile unit.
+inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t ep, int64_t h,
                             int64_t s, int64_t k, const float* vbase, float* acc) {
   thread_local std::vector<uint16_t> pw;  // [nq16, ep] the probabilities as bfloat16 (exact)
   if (static_cast<int64_t>(pw.size()) < nq16 * ep) pw.resize(nq16 * ep);
@@ -437,7 +439,7 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
     for (int64_t d0 = 0; d0 < h; d0 += 32) {
       _tile_zero(0);
       _tile_zero(1);
-      for (int64_t j0 = 0; j0 < e32; j0 += 32) {
+      for (int64_t j0 = 0; j0 < ep; j0 += 32) {
         _tile_loadd(4, pw.data() + a0 * ep + j0, ep * 2);
         _tile_loadd(5, vw + (j0 / 2) * h + d0, h * 4);
         _tile_dpbf16ps(0, 4, 5);
@@ -636,9 +638,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     std::fill(acc, acc + nq16 * h, 0.0f);
 #if defined(QVL_AMX)
     if (pairs) {
-      int64_t e_pv = 0;
-      for (int64_t i = i0; i < i1; ++i) e_pv = std::max(e_pv, ends[r * t + i]);
-      AmxWeightedSums(sc, nq, nq16, ep, (e_pv + 31) / 32 * 32, h, s, k, vf + base[r], acc);
+      AmxWeightedSums(sc, nq, nq16, ep, h, s, k, vf + base[r], acc);
     } else
 #endif
 #if defined(__AVX512F__)
