@@ -113,6 +113,39 @@ def test_prefill_kernel_equals_gather_then_attend(rows, t, heads, kv, h, bs, blo
     assert np.all(np.asarray(got[~live], np.float32) == 0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_prefill_kernel_equals_each_row_alone(dtype):
+    """The chunks of several rows packed into one sequence (a mixed step's): each row's first n_r
+    queries (one row none, one longer than a 16-query block) at starts, tokens before the first and
+    after the last row's zero; each packed token gets bit for bit what `paged_prefill` gives it in
+    its own row (itself tested against gather-then-attend above): the same query blocks, the same
+    arithmetic."""
+    rows, t, heads, kv, h, bs, blocks = 4, 37, 16, 8, 128, 16, 8
+    rng = np.random.RandomState(11)
+    q, kp, vp, table, mask = _chunk_case(rng, rows, t, heads, kv, h, bs, blocks, dtype)
+    alone = jax.jit(cpu_kernel.paged_prefill, static_argnums=5)(q, kp, vp, jnp.asarray(table), jnp.asarray(mask), bs)
+    n = [20, 0, 5, 37]
+    starts = np.concatenate([[3], 3 + np.cumsum(n)]).astype(np.int32)
+    total = int(starts[-1]) + 6
+    qp = np.zeros((1, total, heads, h), np.float32)
+    mp = np.zeros((1, total, blocks * bs), bool)
+    for r in range(rows):
+        qp[0, starts[r]:starts[r + 1]] = np.asarray(q[r, :n[r]], np.float32)
+        mp[0, starts[r]:starts[r + 1]] = mask[r, :n[r]]
+    qp[0, :3] = qp[0, starts[-1]:] = 1.0  # outside every row: zeros out
+    mp[0, :3] = mp[0, starts[-1]:] = True
+    got = jax.jit(cpu_kernel.paged_prefill_packed, static_argnums=6)(
+        jnp.asarray(qp, dtype), kp, vp, jnp.asarray(table), jnp.asarray(mp), jnp.asarray(starts), bs)
+    assert got.dtype == dtype and got.shape == qp.shape
+    for r in range(rows):
+        np.testing.assert_array_equal(np.asarray(got[0, starts[r]:starts[r + 1]], np.float32),
+                                      np.asarray(alone[r, :n[r]], np.float32))
+    assert not np.asarray(got[0, :3], np.float32).any() and not np.asarray(got[0, starts[-1]:], np.float32).any()
+    with pytest.raises(Exception, match="starts must ascend"):
+        cpu_kernel.paged_prefill_packed(jnp.asarray(qp, dtype), kp, vp, jnp.asarray(table), jnp.asarray(mp),
+                                        jnp.asarray(starts[::-1].copy()), bs).block_until_ready()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
 def test_take_rows_equals_take(dtype):
     """Rows of a table at ids of any shape, bit for bit jnp.take's, inside a jitted loop too (how a

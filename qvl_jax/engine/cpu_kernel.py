@@ -5,7 +5,8 @@
   bucket that is most of the step (docs/performance.md). The kernel reads each row's allowed keys
   where they lie in the pools instead (`PagedView` calls it for one query per row when the engine
   runs on the CPU).
-- `paged_prefill`: the same for a prefill chunk's queries. XLA computes a chunk's scores over the
+- `paged_prefill`: the same for a prefill chunk's queries (`paged_prefill_packed`: for the chunks
+  of several requests packed into one sequence, a mixed step's). XLA computes a chunk's scores over the
   whole window bucket and passes the [queries, window] float32 scores through memory several times
   (about 85 ms a layer for 448 queries over a 2048-key bucket at 2B widths, 2 cores); the kernel
   reads each block of queries' keys up to its last allowed one, in tiles: AMX tiles for bfloat16
@@ -42,7 +43,8 @@ import jax.numpy as jnp
 from qvl_jax.files import cache_dir, temp_sibling
 
 # FFI target names -> the library's handler symbols.
-TARGETS = {"qvl_paged_decode": "QvlPagedDecode", "qvl_paged_prefill": "QvlPagedPrefill", "qvl_take_rows": "QvlTakeRows",
+TARGETS = {"qvl_paged_decode": "QvlPagedDecode", "qvl_paged_prefill": "QvlPagedPrefill",
+           "qvl_paged_prefill_packed": "QvlPagedPrefillPacked", "qvl_take_rows": "QvlTakeRows",
            "qvl_put_rows": "QvlPutRows"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lock = threading.Lock()
@@ -147,13 +149,24 @@ def paged_prefill(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, 
     return _attention("paged_prefill", q, kp, vp, table, mask, block_size)
 
 
-def _attention(name: str, q, kp, vp, table, mask, block_size: int) -> jax.Array:
+def paged_prefill_packed(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.Array, mask: jax.Array,
+                         starts: jax.Array, block_size: int) -> jax.Array:
+    """`paged_prefill` over the prompt chunks of several rows packed into one sequence (a mixed
+    step's, `steps.mixed`): q [1, T, n, h]; row r of table [r, blocks] owns the query tokens
+    [starts[r], starts[r + 1]) (starts [r + 1] int, ascending, at most T), each seeing the keys of
+    its own row where its line of mask [1, T, window] holds. Returns [1, T, n, h]: each token's
+    attention over its row's keys, zeros for a token with no allowed key or outside
+    [starts[0], starts[r])."""
+    return _attention("paged_prefill_packed", q, kp, vp, table, mask, block_size, starts.astype(jnp.int32))
+
+
+def _attention(name: str, q, kp, vp, table, mask, block_size: int, *extra) -> jax.Array:
     """The call of the attention handler qvl_<name> (its output shaped as q)."""
     assert available(), unavailable_reason()
     if not kp.dtype == vp.dtype == q.dtype:
         raise TypeError(f"{name}: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
     call = jax.ffi.ffi_call(f"qvl_{name}", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
-    return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), block_size=int(block_size))
+    return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), *extra, block_size=int(block_size))
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

@@ -2,6 +2,7 @@
 // first use and registers them):
 // - QvlPagedDecode: decode attention over the paged KV cache, reading each row's blocks where they lie;
 // - QvlPagedPrefill: the same for several query tokens a row (a prefill chunk), in tiles (AMX or FMAs);
+//   QvlPagedPrefillPacked: for the chunks of several rows packed into one sequence (a mixed step);
 // - QvlTakeRows / QvlPutRows: rows of a table read / written in place (the token embeddings' lookup,
 //   the KV pools' writes). XLA:CPU has no bfloat16 gather or scatter of its own: it converts the
 //   whole operand to float32 and back around one (docs/performance.md), which for a layer's pools is
@@ -282,6 +283,7 @@ struct Prefill {
   const int32_t* table;
   const bool* mask;
   void* out;
+  const int64_t* qs;  // [rows + 1]: row r's queries are the flat query tokens [qs[r], qs[r + 1])
 };
 
 typedef uint16_t __attribute__((may_alias)) u16a;
@@ -400,7 +402,7 @@ void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0
       continue;
     }
     const int64_t i = i0 + a / g, n = k * g + a % g;
-    std::memcpy(qwords.data() + a * hw, qsrc + ((r * p.t + i) * p.heads + n) * h, h * 2);
+    std::memcpy(qwords.data() + a * hw, qsrc + ((p.qs[r] + i) * p.heads + n) * h, h * 2);
   }
   const uint32_t* kw = reinterpret_cast<const uint32_t*>(kbase) + k * hw * s;
   AmxConfigure();
@@ -455,13 +457,14 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
 
 template <typename T>
 void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
-  const int64_t g = p.heads / p.kv, h = p.h, t = p.t;
-  // ends[r * t + i]: 1 + the last key query i of row r may see (0: none).
-  std::vector<int64_t> ends(p.rows * t), span(p.rows, 0), base(p.rows + 1, 0);
+  const int64_t g = p.heads / p.kv, h = p.h;
+  const int64_t* qs = p.qs;
+  // ends[qs[r] + i]: 1 + the last key query i of row r may see (0: none).
+  std::vector<int64_t> ends(qs[p.rows]), span(p.rows, 0), base(p.rows + 1, 0);
   for (int64_t r = 0; r < p.rows; ++r) {
-    for (int64_t i = 0; i < t; ++i) {
-      const int64_t e = MaskEnd(p.mask + (r * t + i) * p.window, p.window);
-      ends[r * t + i] = e;
+    for (int64_t i = 0; i < qs[r + 1] - qs[r]; ++i) {
+      const int64_t e = MaskEnd(p.mask + (qs[r] + i) * p.window, p.window);
+      ends[qs[r] + i] = e;
       span[r] = std::max(span[r], e);
     }
     span[r] = (span[r] + kKeyAlign - 1) / kKeyAlign * kKeyAlign;  // keys gathered (a multiple of kKeyAlign)
@@ -486,7 +489,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     for (int64_t j = j0; j < j1; ++j) {
       // A key no query of the row may see is read as zeros (whatever its slot holds; its weight is 0).
       bool seen = false;
-      for (int64_t i = t - 1; i >= 0 && !seen && j < p.window; --i) seen = p.mask[(r * t + i) * p.window + j];
+      for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
       const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
       const int64_t slot = block * p.block_size + j % p.block_size;
       const bool ok = seen && block >= 0 && slot < p.slots;
@@ -520,15 +523,20 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     }
   });
 
-  const int64_t qblocks = (t + kQueryBlock - 1) / kQueryBlock;
+  // Tasks: one kv head of a block of kQueryBlock query tokens of one row; row r's from task_start[r].
+  std::vector<int64_t> task_start(p.rows + 1, 0);
+  for (int64_t r = 0; r < p.rows; ++r)
+    task_start[r + 1] = task_start[r] + p.kv * ((qs[r + 1] - qs[r] + kQueryBlock - 1) / kQueryBlock);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
   const bool wide = h % 64 == 0;  // the vector tiles' shape
-  ParallelFor(pool, p.rows * p.kv * qblocks, [&](int64_t task) {
-    const int64_t r = task / (p.kv * qblocks), k = (task / qblocks) % p.kv, qb = task % qblocks;
+  ParallelFor(pool, task_start[p.rows], [&](int64_t task) {
+    const int64_t r = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
+    const int64_t t = qs[r + 1] - qs[r], qblocks = (t + kQueryBlock - 1) / kQueryBlock;
+    const int64_t k = (task - task_start[r]) / qblocks, qb = (task - task_start[r]) % qblocks;
     const int64_t i0 = qb * kQueryBlock, i1 = std::min(t, i0 + kQueryBlock), nq = (i1 - i0) * g;
     const int64_t s = span[r];
     int64_t e_max = 0;
-    for (int64_t i = i0; i < i1; ++i) e_max = std::max(e_max, ends[r * t + i]);
+    for (int64_t i = i0; i < i1; ++i) e_max = std::max(e_max, ends[qs[r] + i]);
     const int64_t ep = (e_max + kKeyAlign - 1) / kKeyAlign * kKeyAlign;
     const int64_t nq16 = (nq + 15) / 16 * 16;  // query rows padded to whole tiles (8 x 32 FMA, 16 x 16 AMX)
     thread_local std::vector<float> scratch;
@@ -544,7 +552,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
         continue;
       }
       const int64_t i = i0 + a / g, n = k * g + a % g;
-      const T* src = qsrc + ((r * t + i) * p.heads + n) * h;
+      const T* src = qsrc + ((qs[r] + i) * p.heads + n) * h;
       for (int64_t d = 0; d < h; ++d) qf[a * h + d] = Elem<T>::load(src + d);
     }
     const float* kr = kt + base[r] + k * h * s;  // [h, s]
@@ -589,8 +597,8 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     }
     // Softmax over each query's allowed keys; the probabilities rounded to T.
     for (int64_t a = 0; a < nq; ++a) {
-      const int64_t i = i0 + a / g, e = ends[r * t + i];
-      const bool* m = p.mask + (r * t + i) * p.window;
+      const int64_t i = i0 + a / g, e = ends[qs[r] + i];
+      const bool* m = p.mask + (qs[r] + i) * p.window;
       float* row = sc + a * ep;
       if (e == 0) {
         std::fill(row, row + ep, 0.0f);
@@ -646,7 +654,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
       for (int64_t a0 = 0; a0 < nq; a0 += kPvRows) {
         const int64_t na = std::min<int64_t>(kPvRows, nq - a0);
         int64_t e = 0;
-        for (int64_t u = 0; u < na; ++u) e = std::max(e, ends[r * t + i0 + (a0 + u) / g]);
+        for (int64_t u = 0; u < na; ++u) e = std::max(e, ends[qs[r] + i0 + (a0 + u) / g]);
         for (int64_t d0 = 0; d0 < h; d0 += 64) {
           float* dst = acc + a0 * h + d0;
           const float* w = sc + a0 * ep;
@@ -660,7 +668,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
 #endif
     {
       for (int64_t a = 0; a < nq; ++a) {
-        const int64_t e = ends[r * t + i0 + a / g];
+        const int64_t e = ends[qs[r] + i0 + a / g];
         for (int64_t j = 0; j < e; ++j) {
           const float w = sc[a * ep + j];
           for (int64_t d = 0; d < h; ++d) acc[a * h + d] += w * vr[j * h + d];
@@ -670,7 +678,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     T* out = static_cast<T*>(p.out);
     for (int64_t a = 0; a < nq; ++a) {
       const int64_t i = i0 + a / g, n = k * g + a % g;
-      T* dst = out + ((r * t + i) * p.heads + n) * h;
+      T* dst = out + ((qs[r] + i) * p.heads + n) * h;
       for (int64_t d = 0; d < h; ++d) Elem<T>::store(dst + d, acc[a * h + d]);
     }
   });
@@ -685,13 +693,50 @@ ffi::Error PagedPrefill(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   if (qd.size() != 4 || kd.size() != 3 || td.size() != 2 || md.size() != 3)
     return ffi::Error::InvalidArgument(
         "qvl_paged_prefill: q [r, t, n, h], pools [slots, kv, h], table [r, blocks], mask [r, t, window]");
+  std::vector<int64_t> qs(qd[0] + 1);
+  for (int64_t r = 0; r <= qd[0]; ++r) qs[r] = r * qd[1];
   Prefill p{qd[0], qd[1], qd[2], kd[1], qd[3], td[1], md[2], block_size, kd[0], q.untyped_data(),
-            kp.untyped_data(), vp.untyped_data(), table.typed_data(), mask.typed_data(), out->untyped_data()};
+            kp.untyped_data(), vp.untyped_data(), table.typed_data(), mask.typed_data(), out->untyped_data(), qs.data()};
   if (kd[2] != p.h || p.heads % p.kv != 0 || td[0] != p.rows || md[0] != p.rows || md[1] != p.t ||
       p.window > p.blocks * block_size || vp.dimensions()[0] != kd[0])
     return ffi::Error::InvalidArgument("qvl_paged_prefill: shapes do not agree");
   return ForAttentionDtype("qvl_paged_prefill", q, kp, vp, *out, [&](auto elem) {
     if (p.rows > 0 && p.t > 0) PrefillRun<decltype(elem)>(p, pool);
+  });
+}
+
+// QvlPagedPrefillPacked: QvlPagedPrefill over the prompt chunks of several rows packed into one
+// sequence (a mixed step's): q [1, T, n, h], table [r, blocks], mask [1, T, window] (query i's
+// allowed cache indices in its own row), starts [r + 1] (int32, ascending, starts[r] <= T): row r's
+// queries are tokens [starts[r], starts[r + 1]). Tokens outside [starts[0], starts[r]) get zeros.
+ffi::Error PagedPrefillPacked(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kp, ffi::AnyBuffer vp,
+                              ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::S32> starts,
+                              ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  auto qd = q.dimensions(), kd = kp.dimensions(), td = table.dimensions(), md = mask.dimensions();
+  auto sd = starts.dimensions();
+  if (qd.size() != 4 || kd.size() != 3 || td.size() != 2 || md.size() != 3 || sd.size() != 1 || qd[0] != 1)
+    return ffi::Error::InvalidArgument(
+        "qvl_paged_prefill_packed: q [1, T, n, h], pools [slots, kv, h], table [r, blocks], mask [1, T, window], "
+        "starts [r + 1]");
+  const int64_t rows = td[0], t = qd[1];
+  std::vector<int64_t> qs(rows + 1);
+  if (sd[0] != rows + 1) return ffi::Error::InvalidArgument("qvl_paged_prefill_packed: starts must be [rows + 1]");
+  for (int64_t r = 0; r <= rows; ++r) {
+    qs[r] = starts.typed_data()[r];
+    if (qs[r] < 0 || qs[r] > t || (r > 0 && qs[r] < qs[r - 1]))
+      return ffi::Error::InvalidArgument("qvl_paged_prefill_packed: starts must ascend within [0, T]");
+  }
+  Prefill p{rows, t, qd[2], kd[1], qd[3], td[1], md[2], block_size, kd[0], q.untyped_data(),
+            kp.untyped_data(), vp.untyped_data(), table.typed_data(), mask.typed_data(), out->untyped_data(), qs.data()};
+  if (kd[2] != p.h || p.heads % p.kv != 0 || md[0] != 1 || md[1] != t || p.window > p.blocks * block_size ||
+      vp.dimensions()[0] != kd[0])
+    return ffi::Error::InvalidArgument("qvl_paged_prefill_packed: shapes do not agree");
+  const size_t token_bytes = out->size_bytes() / std::max<int64_t>(t, 1);
+  char* o = static_cast<char*>(out->untyped_data());
+  std::memset(o, 0, qs[0] * token_bytes);
+  std::memset(o + qs[rows] * token_bytes, 0, (t - qs[rows]) * token_bytes);
+  return ForAttentionDtype("qvl_paged_prefill_packed", q, kp, vp, *out, [&](auto elem) {
+    if (rows > 0 && qs[rows] > qs[0]) PrefillRun<decltype(elem)>(p, pool);
   });
 }
 
@@ -760,6 +805,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedDecode, PagedDecode,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("block_size"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefillPacked, PagedPrefillPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size"));
 
