@@ -91,7 +91,7 @@ def main() -> int:
     def timed(kind, fn, tokens):
         def run(*a, **k):
             if args.replay and fn is orig[0] and a[7].shape[1] <= 64:
-                last[("mixed", a[7].shape[1], a[14].shape[0])] = (a, k)
+                last[("mixed", a[7].shape[1], a[16].shape[0])] = (a, k)
             elif args.replay and fn is orig[1]:
                 last[("decode", a[9].shape[0], a[4])] = (a, k)
             t0 = time.perf_counter()
@@ -100,14 +100,13 @@ def main() -> int:
             return out
         return run
 
-    orig = steps.mixed, steps.decode, engine_mod.vision_tower, engine_mod._chunk_features
+    orig = steps.mixed, steps.decode, engine_mod.vision_tower
     # tokens: prompt tokens + decode tokens of a mixed step; tokens chosen by a decode loop
-    steps.mixed = timed(lambda *a, **k: f"mixed t={a[7].shape[1]} s={a[14].shape[0]}", orig[0],
-                        lambda out, *a, **k: int(np.sum(a[9])) + int(np.sum(a[15])))
+    steps.mixed = timed(lambda *a, **k: f"mixed t={a[7].shape[1]} rows={a[16].shape[0]}", orig[0],
+                        lambda out, *a, **k: int(np.sum(a[9])) + int(np.sum(a[17])))
     steps.decode = timed(lambda *a, **k: f"decode rows={a[9].shape[0]} steps={a[4]}", orig[1],
                          lambda out, *a, **k: int(np.sum(np.asarray(out[3].tokens) >= 0)))
     engine_mod.vision_tower = timed(lambda *a, **k: "vision", orig[2], lambda out, *a, **k: 0)
-    engine_mod._chunk_features = timed(lambda *a, **k: "chunk_features", orig[3], lambda out, *a, **k: 0)
 
     done, lock, ttft = threading.Event(), threading.Lock(), []
     it = iter(prompts)
@@ -144,7 +143,7 @@ def main() -> int:
         next_one()
     done.wait()
     wall = time.perf_counter() - t0
-    steps.mixed, steps.decode, engine_mod.vision_tower, engine_mod._chunk_features = orig
+    steps.mixed, steps.decode, engine_mod.vision_tower = orig
     timed_s = 0.0
     for kind in sorted(calls):
         ms = [c[0] for c in calls[kind]]
@@ -158,7 +157,7 @@ def main() -> int:
                       "ttft_p50_s": round(float(np.median(ttft)), 2), "in_calls_s": round(timed_s, 2),
                       "outside_calls_s": round(wall - timed_s, 2), "stats": stats}))
     for key, (a, k) in sorted(last.items()):
-        print(json.dumps({"replay": f"{key[0]} " + (f"t={key[1]} s={key[2]}" if key[0] == "mixed"
+        print(json.dumps({"replay": f"{key[0]} " + (f"t={key[1]} rows={key[2]}" if key[0] == "mixed"
                                                      else f"rows={key[1]} steps={key[2]}"),
                           "ms": _replay(eng, key[0], a, k, args.replay)}))
     eng.close()

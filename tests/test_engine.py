@@ -147,6 +147,41 @@ def test_follow_up_reuses_the_answers_blocks(setup, engine):
     _check(m, follow, out, 6)
 
 
+def test_chunks_of_several_prompts_packed_in_one_step_equal_alone(setup, monkeypatch):
+    """Prompts waiting together prefill in one step, packed one after another (the CPU kernels
+    attend over each one's own blocks; `steps.mixed`): texts and images (the features of two
+    requests in one step), a prompt split between two steps, prefix-cache hits, a request already
+    decoding beside them; every answer equals model.generate's."""
+    hf, m = setup
+    rng = np.random.RandomState(3)
+    shared = list(rng.randint(0, 290, size=8))
+    builders = [PromptBuilder(rng).text(6), PromptBuilder(rng).text(3).image(4, 4).text(4),
+                PromptBuilder(rng).image(2, 6).text(9), PromptBuilder(rng).text(50)]
+    for b in (PromptBuilder(rng), PromptBuilder(rng)):
+        b.ids += shared
+        builders.append(b.text(5))
+    inputs = [_one(b, hf, rng) for b in builders]
+    eng = m.engine(max_num_seqs=8, max_model_len=128, block_size=4, num_blocks=200, decode_steps=2,
+                   max_num_batched_tokens=64, cpu_kernel=True)
+    release = threading.Event()
+    step = eng._step
+
+    def held_step():  # the first visit waits until every request is queued, then takes them all
+        release.wait()
+        eng._drain(block=False)
+        step()
+
+    monkeypatch.setattr(eng, "_step", held_step)
+    first = eng.submit(inputs[0], max_new_tokens=12, stop_token_ids=[])
+    handles = [first] + [eng.submit(inp, max_new_tokens=7, stop_token_ids=[]) for inp in inputs[1:]]
+    release.set()
+    outs = [h.result(timeout=300) for h in handles]
+    assert eng.stats["packed_steps"] >= 2, eng.stats  # the first visit's chunks, and the rest with a decode row
+    eng.close()
+    for inp, out, n in zip(inputs, outs, [12] + [7] * (len(inputs) - 1)):
+        _check(m, inp, out, n)
+
+
 def test_prefill_chunks_pad_under_an_eighth(setup):
     """A chunk runs padded to one of four lengths an octave, not to the next power of two (a 100-token
     prompt under a 64-token budget: chunks of 64 and 36, run as 64 and 40, not 64 and 64), and the

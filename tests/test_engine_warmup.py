@@ -24,15 +24,15 @@ def test_buckets():
     assert warmup.chunk_buckets(64) == [16, 20, 24, 28, 32, 40, 48, 56, 64]
     assert warmup.row_buckets(6) == [1, 2, 4, 6]
     assert warmup.row_buckets(8) == [1, 2, 4, 8]
-    # The chunk's request holds a slot: 3 others decode at 4 slots; 7 (8 rows with the chunk's) or 31.
-    assert warmup.mixed_row_buckets(4) == [3] and warmup.mixed_row_buckets(32) == [7, 31]
-    assert warmup.mixed_row_buckets(1) == [1] and warmup.mixed_row_buckets(8) == [7]
+    # A mixed step's rows (its prefilling and decoding requests, one a slot): 8, or every slot beyond.
+    assert warmup.mixed_row_buckets(4) == [4] and warmup.mixed_row_buckets(32) == [8, 32]
+    assert warmup.mixed_row_buckets(1) == [1] and warmup.mixed_row_buckets(8) == [8]
     assert warmup.patch_buckets(100) == [64, 80, 96, 112]
 
 
 def test_nothing_compiles_after_warm_up(setup):
     hf, m = setup
-    # 10 slots: a mixed step's decode rows are 7, or 9 with more than 7 decoding (both compiled).
+    # 10 slots: a mixed step's rows are 8, or 10 with more than 8 requests in it (both compiled).
     eng = m.engine(max_num_seqs=10, max_model_len=128, block_size=4, num_blocks=400, decode_steps=4,
                    max_num_batched_tokens=32)
     seen = []

@@ -18,20 +18,18 @@ def padded_rows(n: int, max_rows: int) -> int:
     return min(max_rows, 1 << (n - 1).bit_length())
 
 
-# The rows of a mixed step (`steps.mixed`): the chunk's and this many decode rows in all, or the chunk's
-# and max_num_seqs - 1 beyond (two programs per chunk length at most; idle rows read the smallest
-# window, so padding costs little). A multiple of 8: the tied lm_head over the step's rows costs
-# about the same at 8 and 16 rows on the CPU, and a third more at 9 (2B widths, the 2-core CPU,
-# `scripts/bench_matmul.py --layers 0`: 34.8 / 37.2 / 46.1 ms at 8 / 16 / 9 rows; docs/performance.md).
+# The rows of a mixed step (`steps.mixed`: its prefilling and decoding requests, then idle rows): this
+# many, or max_num_seqs when more requests take part (two programs per chunk length bucket at most;
+# idle rows read nothing, so padding costs little). A multiple of 8: the tied lm_head over the step's
+# rows costs about the same at 8 and 16 rows on the CPU, and a third more at 9 (2B widths, the 2-core
+# CPU, `scripts/bench_matmul.py --layers 0`: 34.8 / 37.2 / 46.1 ms at 8 / 16 / 9 rows;
+# docs/performance.md).
 MIXED_ROWS = 8
 
 
 def mixed_rows(n: int, max_rows: int) -> int:
-    """Decode rows of a mixed step carrying n decoding requests. The chunk's own request holds one of
-    max_rows slots, so at most max_rows - 1 others decode."""
-    top = max(1, max_rows - 1)
-    s = min(MIXED_ROWS - 1, top) if n <= MIXED_ROWS - 1 else top
-    return max(s, n)
+    """Rows of a mixed step in which n requests (at most max_rows, one a slot) prefill or decode."""
+    return min(MIXED_ROWS, max_rows) if n <= MIXED_ROWS else max(n, max_rows)
 
 
 def stop_width(n: int) -> int:
@@ -75,10 +73,10 @@ def tables(reqs: list, s: int, slot_tables: np.ndarray) -> np.ndarray:
     return out
 
 
-def last_tokens(reqs: list, s: int) -> np.ndarray:
-    """[s] the token each decoding request feeds next (its last output)."""
+def last_tokens(reqs: list, s: int, first: int = 0) -> np.ndarray:
+    """[s] the token each decoding request feeds next (its last output), request i at row first + i."""
     out = np.zeros(s, np.int32)
-    out[:len(reqs)] = [r.outputs[-1] for r in reqs]
+    out[first:first + len(reqs)] = [r.outputs[-1] for r in reqs]
     return out
 
 

@@ -2,9 +2,10 @@
 
 A background thread owns the device state (the pools, the penalty history, the window buffers) and
 runs the scheduler (`qvl_jax.engine.scheduler`, host-only) in visits. Each visit (1) runs the prompt
-chunks the scheduler plans within a token budget, each in one jitted call together with one decode
-step of every decoding request (`steps.mixed`: the decode tokens ride on the chunk's reads of the
-weights, as vLLM schedules prefill and decode in one step), (2) when no prompt waits to be
+chunks the scheduler plans within a token budget together with one decode step of every decoding
+request (`steps.mixed`: the decode tokens ride on the chunks' reads of the weights, as vLLM
+schedules prefill and decode in one step): all the visit's chunks packed into one jitted call where
+the CPU kernels attend (`cpu_kernel`), else one call per chunk, (2) when no prompt waits to be
 prefilled, runs up to `decode_steps` decode steps for every decoding request inside one jitted
 `lax.while_loop` over those requests (rows padded to a power of two, each size compiled once), so
 the host round trip is paid once per loop, and (3) hands new tokens to their handles
@@ -39,7 +40,6 @@ from qvl_jax.config import check_attention
 from qvl_jax.engine import batch, cpu_kernel, memory, paged, speculative, steps, warmup
 from qvl_jax.engine.generate import INPUT_NAMES, controls
 from qvl_jax.engine.output import OutputStream, TokenTable
-from qvl_jax.engine.prefix_cache import TRASH_BLOCK
 from qvl_jax.engine.request import (EngineRequest, RequestHandle, RequestOutput, TokenChunk, logprob_fields,
                                     step_logprobs)
 from qvl_jax.engine.scheduler import PrefillChunk, Scheduler
@@ -63,18 +63,6 @@ def _dummy_vision(vc):
     """Tower inputs of one all-zero image of 64 patches (for shapes and dtypes only)."""
     m = vc.spatial_merge_size
     return VisionInputs.build(np.zeros((64, vc.patch_dim), np.float32), np.array([[1, m, 64 // m]]), vc, 64)
-
-
-def _chunk_features(feats: np.ndarray, deepstack: np.ndarray, index: np.ndarray) -> tuple:
-    """One prefill chunk's vision input in chunk order: (features [t, d], DeepStack features [K, t,
-    d], feature index [1, t]) from the request's features [n, d] / [K, n, d] (host arrays) and the
-    chunk's feature index [t] (-1 at text). Their shapes depend on the chunk's length alone, so the
-    prefill step compiles once per chunk length whatever the media (`Engine.warm_up` compiles them
-    all). Gathered on the host: a jitted gather compiled once per (features, chunk) size pair, new
-    image sizes compiled inside requests (~0.1 s each on the CPU)."""
-    at = np.maximum(index, 0)
-    return (jnp.asarray(feats[at]), jnp.asarray(deepstack[:, at]),
-            jnp.asarray(np.where(index >= 0, np.arange(index.shape[0]), -1)[None].astype(np.int32)))
 
 
 # Decode steps per jitted loop (`Engine(decode_steps=None)`). A request that arrives during a loop
@@ -189,7 +177,8 @@ class Engine:
         self._prefix_caching, self._vision_cache_bytes = prefix_caching, vision_cache_bytes
         self._processor, self._token_table = processor, None
         self._features_dtype = None
-        self.stats = collections.Counter()  # prefill_tokens, decode_tokens, decode_chunks, preemptions, ...
+        # prefill_tokens, decode_tokens, decode_chunks, mixed_steps, packed_steps (several chunks), preemptions, ...
+        self.stats = collections.Counter()
         self._reset_device_state()
         self._commands: queue.Queue = queue.Queue()
         self._ids = itertools.count()
@@ -417,11 +406,13 @@ class Engine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         chunks = self.scheduler.schedule_prefill()
-        for chunk in chunks:
+        if self._cpu and chunks:  # the visit's chunks in one step, packed (the CPU kernels attend over them)
+            self._mixed(chunks, self.scheduler.schedule_decode_one())
+        for chunk in [] if self._cpu else chunks:
             if self._pallas:
                 self._prefill(chunk)
             else:  # the decoding requests take a token each with every chunk
-                self._mixed(chunk, self.scheduler.schedule_decode_one())
+                self._mixed([chunk], self.scheduler.schedule_decode_one())
         if chunks:
             # A prefill chunk that is not a prompt's last returns nothing to the host, so its work would
             # otherwise still run when the decode phase starts and be counted there: wait for it, so
@@ -481,7 +472,7 @@ class Engine:
 
     def _text_vision(self, t: int) -> tuple:
         """The vision input of a chunk of t padded tokens without media: zero features, no feature
-        rows (-1), shaped as `_chunk_features` shapes a chunk with media, so that both run one
+        rows (-1), shaped as `_packed_inputs` shapes chunks with media, so that both run one
         compiled prefill step (adding zero DeepStack features leaves the hidden states as they are)."""
         if t not in self._no_vision:
             d, k = self.cfg.text.hidden_size, len(self.cfg.vision.deepstack_visual_indexes)
@@ -490,7 +481,7 @@ class Engine:
         return self._no_vision[t]
 
     def _vision_dtype(self):
-        """The dtype of the vision tower's features (what `_features` hands `_chunk_features`)."""
+        """The dtype of the vision tower's features (what `_features` hands `_packed_inputs`)."""
         if self._features_dtype is None:
             vis = self.model.split
             out = jax.eval_shape(lambda leaves: vision_tower(vis[0], leaves, _dummy_vision(self.cfg.vision))[0],
@@ -500,29 +491,55 @@ class Engine:
 
     def _chunk_inputs(self, chunk: PrefillChunk) -> tuple:
         """(t, ids [1, t], positions [3, 1, t], valid [1, t], vision) of a prefill chunk, padded to its
-        length bucket; a final chunk of a request with penalties also resets its penalty history."""
-        req, o, n, end = chunk.request, chunk.start, chunk.n, chunk.end
+        length bucket (`_packed_inputs` of the one chunk)."""
+        t, ids, positions, valid, _, _, _, vision = self._packed_inputs([chunk], 1)
+        return t, ids, positions, valid, vision
+
+    def _packed_inputs(self, chunks: list[PrefillChunk], r: int) -> tuple:
+        """(t, ids [1, t], positions [3, 1, t], valid [1, t], index [1, t], row [1, t], starts [r + 1],
+        vision) of prefill chunks packed one after another (chunk i is row i's), padded to the
+        length bucket of their sum; a final chunk of a request with penalties also resets its
+        penalty history."""
+        total = sum(c.n for c in chunks)
         # Four length buckets an octave: a chunk pads by under an eighth, not up to a power of two (a
         # 300-token chunk ran as 512 tokens; under a shared budget most chunks are such remainders).
-        t = bucket_length(n, 16, per_octave=warmup.CHUNK_PER_OCTAVE)
-        ids = np.zeros((1, t), np.int32)
-        ids[0, :n] = req.seq(o, end)
+        t = bucket_length(total, 16, per_octave=warmup.CHUNK_PER_OCTAVE)
+        ids, index, row = (np.zeros((1, t), np.int32) for _ in range(3))
         positions = np.zeros((3, 1, t), np.int32)
-        positions[:, 0, :n] = req.seq_positions(o, end)
-        vision = self._text_vision(t)
-        if req.layout.items_overlapping(o, end):
-            if req.features is None:
-                req.features = self._features(req, o)
-            feats, deepstack, items = req.features
-            vision = _chunk_features(feats, deepstack, req.layout.chunk_feat_index(items, o, end, t))
-        if chunk.final and req.flags.penalties:
-            hist = np.full((1, bucket_length(req.seq_len, 16)), -1, np.int32)
-            hist[0, :req.seq_len] = req.seq(0, req.seq_len)
-            self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([req.slot], np.int32), hist,
-                                                         np.array([len(req.prompt)], np.int32))
-        self.stats["prefill_tokens"] += n
+        starts = np.full(r + 1, total, np.int32)
+        feats = deepstack = feat_index = None
+        at = 0
+        for i, chunk in enumerate(chunks):
+            req, o, n, end = chunk.request, chunk.start, chunk.n, chunk.end
+            starts[i] = at
+            ids[0, at:at + n] = req.seq(o, end)
+            positions[:, 0, at:at + n] = req.seq_positions(o, end)
+            index[0, at:at + n] = np.arange(o, end)
+            index[0, at + n:] = end  # padding after the last chunk: past it, masked
+            row[0, at:] = i
+            if req.layout.items_overlapping(o, end):
+                if req.features is None:
+                    req.features = self._features(req, o)
+                f, d, items = req.features
+                if feats is None:
+                    feats = np.zeros((t, f.shape[1]), f.dtype)
+                    deepstack = np.zeros((d.shape[0], t, d.shape[2]), d.dtype)
+                    feat_index = np.full((1, t), -1, np.int32)
+                ci = req.layout.chunk_feat_index(items, o, end)
+                hit = np.flatnonzero(ci >= 0)
+                feats[at + hit] = f[ci[hit]]
+                deepstack[:, at + hit] = d[:, ci[hit]]
+                feat_index[0, at + hit] = at + hit
+            if chunk.final and req.flags.penalties:
+                hist = np.full((1, bucket_length(req.seq_len, 16)), -1, np.int32)
+                hist[0, :req.seq_len] = req.seq(0, req.seq_len)
+                self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([req.slot], np.int32),
+                                                             hist, np.array([len(req.prompt)], np.int32))
+            at += n
+        vision = self._text_vision(t) if feats is None else tuple(map(jnp.asarray, (feats, deepstack, feat_index)))
+        self.stats["prefill_tokens"] += total
         self.stats["prefill_padded_tokens"] += t
-        return t, ids, positions, (np.arange(t) < n)[None], vision
+        return t, ids, positions, (np.arange(t) < total)[None], index, row, starts, vision
 
     def _prefill(self, chunk: PrefillChunk) -> None:
         """A prefill chunk alone (the Pallas kernel's path; otherwise `_mixed`)."""
@@ -537,45 +554,50 @@ class Engine:
         if chunk.final:
             self._prefilled(req, jax.device_get(out))
 
-    def _mixed(self, chunk: PrefillChunk, dec) -> None:
-        """A prefill chunk and one decode step of the decoding requests dec (a `DecodeBatch` of one
-        token each, or None) in one jitted call (`steps.mixed`): the decode rows ride on the chunk's
-        weight reads. Rows: the chunk's, then the decode rows (`batch.mixed_rows`: at most two
-        compiled programs per chunk length)."""
-        req = chunk.request
-        t, ids, positions, valid, vision = self._chunk_inputs(chunk)
+    def _mixed(self, chunks: list[PrefillChunk], dec) -> None:
+        """Prefill chunks (one, or with the CPU kernels the visit's) and one decode step of the
+        decoding requests dec (a `DecodeBatch` of one token each, or None) in one jitted call
+        (`steps.mixed`): the decode rows and the chunks share the weight reads. Rows: the chunks',
+        then the decode rows, then idle ones (`batch.mixed_rows`: at most two compiled programs per
+        chunk length bucket)."""
+        reqs = [c.request for c in chunks]
         decs, limits = ([], []) if dec is None else (dec.requests, dec.limits)
-        s = batch.mixed_rows(len(decs), self.max_num_seqs)
-        rows = batch.rows([req] + decs, 1 + s, [0] + limits)
-        active = np.zeros(s, bool)
-        active[:len(decs)] = rows.seq_len[1:1 + len(decs)] < rows.limit[1:1 + len(decs)]
-        table = np.full((1 + s, self.max_blocks_per_seq), TRASH_BLOCK, np.int32)
-        table[0] = self.scheduler.table[req.slot]
-        table[1:1 + len(decs)] = self.scheduler.table[[r.slot for r in decs]]
-        cache = self._cache(table, chunk.end)
+        c = len(chunks)
+        r = batch.mixed_rows(c + len(decs), self.max_num_seqs)
+        t, ids, positions, valid, index, row, starts, vision = self._packed_inputs(chunks, r)
+        rows = batch.rows(reqs + decs, r, [0] * c + limits)
+        active = np.zeros(r, bool)
+        active[c:c + len(decs)] = rows.seq_len[c:c + len(decs)] < rows.limit[c:c + len(decs)]
+        final = np.zeros(r, bool)
+        final[:c] = [ch.final for ch in chunks]
+        last_idx = np.zeros(r, np.int32)
+        last_idx[:c] = starts[1:c + 1] - 1
+        table = batch.tables(reqs + decs, r, self.scheduler.table)
+        cache = self._cache(table, max(ch.end for ch in chunks))
         cache, self._seen, self._counts, out = steps.mixed(
-            *self.model.split, batch.flags([req] + decs), self.max_blocks_per_seq * self.block_size, cache, self._seen,
-            self._counts, ids, positions, valid, np.array([chunk.start], np.int32), np.array([chunk.n - 1], np.int32),
-            vision, np.array([chunk.final]), batch.last_tokens(decs, s), active, rows,
-            self._bucket(max(limits, default=1)), mesh=self.mesh)
+            *self.model.split, batch.flags(reqs + decs), self.max_blocks_per_seq * self.block_size, cache, self._seen,
+            self._counts, ids, positions, valid, index, row, starts, last_idx, vision, final,
+            batch.last_tokens(decs, r, c), active, rows, self._bucket(max(limits, default=1)), mesh=self.mesh)
         self._pages = cache.pages
-        if not chunk.final and not active.any():
+        self.stats["packed_steps"] += c > 1
+        if not final.any() and not active.any():
             return
         out = jax.device_get(out)
-        if chunk.final:
-            self._prefilled(req, out)
+        for i, chunk in enumerate(chunks):
+            if chunk.final:
+                self._prefilled(chunk.request, out, i)
         self.stats["mixed_steps"] += 1
-        self._decoded(decs, out, first=1)
+        self._decoded(decs, out, first=c)
 
-    def _prefilled(self, req: EngineRequest, out) -> None:
-        """Takes the token a request's final prefill chunk chose (row 0 of out)."""
+    def _prefilled(self, req: EngineRequest, out, i: int = 0) -> None:
+        """Takes the token a request's final prefill chunk chose (row i of out)."""
         req.features = None  # the vision cache keeps what may be needed again
-        if out.bad[0] >= 0:
+        if out.bad[i] >= 0:
             self._retire(req, error=NumericalError("the model produced NaN/inf logits (prefill); check the "
                                                    "weights, or use float32 if a low-precision dtype overflowed"))
             return
         req.decoding = True
-        self._accept(req, [int(out.tokens[0, 0])], step_logprobs(out, 0, np.ones(1, bool)))
+        self._accept(req, [int(out.tokens[i, 0])], step_logprobs(out, i, np.ones(1, bool)))
 
     def _accept(self, req: EngineRequest, toks: list[int], lps: list | None = None, advance: bool = False) -> None:
         """Appends new tokens (and their log-probabilities when req asked), streams them, and retires

@@ -136,6 +136,17 @@ class PagedCache:
         at = jnp.where(valid[:, 0], index[:, 0], window)
         return cls(self.pages, write, read, self.table, index[:, 0] + 1, self.windows, at, buckets, cpu_block)
 
+    def packed_view(self, index: jax.Array, row: jax.Array, valid: jax.Array, starts: jax.Array) -> "PagedView":
+        """The CPU kernels' view of the prompt chunks of several rows packed into one sequence (a
+        mixed step's): token i [1, t] is row[0, i]'s (of the table's rows) at cache index
+        index[0, i] (valid: real tokens; the rest go to the trash block); row r's tokens are
+        [starts[r], starts[r + 1]) (`cpu_kernel.paged_prefill_packed`)."""
+        assert self.cpu, "a packed chunk runs through the CPU kernels"
+        bs = self.block_size
+        block = self.table[row, jnp.minimum(index // bs, self.table.shape[1] - 1)]
+        write = jnp.where(valid, block * bs + index % bs, TRASH_BLOCK)
+        return PagedView(self.pages, write, None, self.table, cpu_block=bs, starts=starts)
+
     def merge(self, view: "PagedView") -> "PagedCache":
         return dataclasses.replace(self, pages=view.pages, windows=view.windows if self.windows else ())
 
@@ -191,18 +202,20 @@ class PagedView(KVCache):
     (`cpu_kernel.paged_decode` for one query per row, `cpu_kernel.paged_prefill` for more); windows
     and buckets are then not read."""
 
-    def __init__(self, pages: Pages, write: jax.Array, read: jax.Array, table: jax.Array | None = None,
+    def __init__(self, pages: Pages, write: jax.Array, read: jax.Array | None, table: jax.Array | None = None,
                  lengths: jax.Array | None = None, windows: tuple = (), at: jax.Array | None = None,
-                 buckets: tuple | None = None, cpu_block: int = 0):
+                 buckets: tuple | None = None, cpu_block: int = 0, starts: jax.Array | None = None):
         self.pages, self.write, self.read = pages, write, read
         self.table, self.lengths = table, lengths
         self.windows, self.at = windows, at
         self.buckets = buckets  # (bucket, sizes): attention reads the first sizes[bucket] indices
         self.cpu_block = cpu_block
+        self.starts = starts  # [rows + 1]: a packed chunk's rows' spans (`PagedCache.packed_view`)
 
     def _replace(self, **kw) -> "PagedView":
         fields = dict(pages=self.pages, write=self.write, read=self.read, table=self.table, lengths=self.lengths,
-                      windows=self.windows, at=self.at, buckets=self.buckets, cpu_block=self.cpu_block)
+                      windows=self.windows, at=self.at, buckets=self.buckets, cpu_block=self.cpu_block,
+                      starts=self.starts)
         return type(self)(**{**fields, **kw})
 
     def _scatter(self, kp: jax.Array, vp: jax.Array, flat: jax.Array, k: jax.Array, v: jax.Array):
@@ -260,6 +273,10 @@ class PagedView(KVCache):
             r, _, n, h = q.shape
             out = cpu_kernel.paged_decode(q[:, 0], kp, vp, self.table, mask[:, 0], self.cpu_block)
             return out.reshape(r, 1, n * h)
+        if self.cpu_block and self.starts is not None:
+            r, t, n, h = q.shape
+            out = cpu_kernel.paged_prefill_packed(q, kp, vp, self.table, mask, self.starts, self.cpu_block)
+            return out.reshape(r, t, n * h)
         if self.cpu_block:
             r, t, n, h = q.shape
             return cpu_kernel.paged_prefill(q, kp, vp, self.table, mask, self.cpu_block).reshape(r, t, n * h)
@@ -315,11 +332,12 @@ class PallasPagedView(PagedView):
 
 
 class MixedView(KVCache):
-    """The view of a mixed step (`steps.mixed`): one sequence of t + s tokens whose first t are a
-    prefill chunk of one row (`first`, a `PagedView` of that row) and whose last s are one decode
-    token of each of s rows (`second`, a `PagedView` of those rows). Per layer, one scatter stores
-    both parts' keys and values, then each part attends over its own rows' windows of the updated
-    pools (a row's window holds only its own blocks, so each reads what it would have read alone).
+    """The view of a mixed step (`steps.mixed`): one sequence of t + s tokens whose first t are
+    prefill chunks (`first`: a `PagedView` of one row's chunk, or through the CPU kernels the packed
+    chunks of several rows, `PagedCache.packed_view`) and whose last s are one decode token of each
+    of s rows (`second`, a `PagedView` of those rows). Per layer, one scatter stores both parts' keys
+    and values, then each part attends over its own rows' windows of the updated pools (a row's
+    window holds only its own blocks, so each reads what it would have read alone).
 
     One scatter, not one per part: with the first part's attention reading the pools between two
     scatters into them, XLA could not update them in place and copied every layer's pools twice a

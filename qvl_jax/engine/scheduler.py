@@ -7,8 +7,9 @@ A visit has two phases, each planned right before it runs:
 1. `schedule_prefill`: a token budget (max_num_batched_tokens) is spent on prompt chunks, first for
    the requests already prefilling (in admission order), then for waiting requests admitted into
    free slots, whose cached prefix blocks are taken instead of recomputed.
-   Each chunk runs with one decode token of every decoding request that `schedule_decode_one`
-   grants a block without preempting anyone (the chunks planned in this visit keep theirs).
+   The chunks run (packed into one step, or one step each: the engine's choice) with one decode
+   token of every decoding request that `schedule_decode_one` grants a block without preempting
+   anyone (the chunks planned in this visit keep theirs).
 2. `schedule_decode`, once no prompt is left to prefill (`prefill_pending`): every decoding request
    is granted room for up to decode_steps more tokens.
 

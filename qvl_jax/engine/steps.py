@@ -383,14 +383,27 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
     return state.cache.end_decode(), state.seen, state.counts, out
 
 
+def _embed_aligned(ids: jax.Array, vision: tuple, lookup):
+    """`embed_inputs` of chunk tokens ids [1, t] whose vision input is already in token order:
+    (features [t, d], DeepStack features [K, t, d], feature index [1, t]), row i token i's where
+    index[0, i] >= 0, every DeepStack row of another token zero (`Engine._packed_inputs`). The same
+    values as `embed_inputs`' gathers, without them: XLA:CPU gathers bfloat16 rows on float32 copies
+    of the operand (~57 ms a 512-token step at 2B widths, 2 cores, for the features and the
+    DeepStack features, even for a chunk without media)."""
+    x = lookup(ids)
+    feats, deepstack, index = vision
+    x = jnp.where((index >= 0)[..., None], feats[None].astype(x.dtype), x)
+    return x, (deepstack[:, None].astype(x.dtype) if deepstack.shape[0] else None)
+
+
 def _rows_logits(m, last: jax.Array, ran: jax.Array) -> jax.Array:
-    """Float32 logits [n, vocab] of a mixed step's last hidden states last [n, d] (the chunk's row,
-    then the decode rows), computed only where they are used: the lm_head (at 2B widths a 1.24 GB
-    read) over every row when a decode row ran, over the chunk's row alone when only it ran (a
-    final chunk with no decode row: the lone request's prompt), and not at all for a non-final
-    chunk with no decode row. Rows not computed hold zeros, which nothing reads (`ran` is False
-    there). One program for the three cases (`lax.switch`): at 9 rows the product took 58 ms
-    against ~25 ms at one row on the 2-core CPU, most of the fixed cost of a short chunk."""
+    """Float32 logits [n, vocab] of a mixed step's last hidden states last [n, d] (one a row),
+    computed only where they are used: the lm_head (at 2B widths a 1.24 GB read) over every row
+    when a row other than the first ran (a decode token, a final chunk), over the first row alone
+    when only it ran (the lone request's prompt), and not at all when none did (non-final chunks
+    alone). Rows not computed hold zeros, which nothing reads (`ran` is False there). One program
+    for the three cases (`lax.switch`): at 9 rows the product took 58 ms against ~25 ms at one row
+    on the 2-core CPU, most of the fixed cost of a short chunk."""
     n, vocab = last.shape[0], m.config.text.vocab_size
 
     def every(last):
@@ -403,53 +416,71 @@ def _rows_logits(m, last: jax.Array, ran: jax.Array) -> jax.Array:
     def none(last):
         return jnp.zeros((n, vocab), jnp.float32)
 
-    # n >= 2: a mixed step has at least one decode row (`batch.mixed_rows`).
     return jax.lax.switch(jnp.where(jnp.any(ran[1:]), 2, ran[0].astype(jnp.int32)), [none, first, every], last)
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "flags", "window", "mesh"),
                    donate_argnames=("cache", "seen", "counts"))
 def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int, cache, seen, counts, ids: jax.Array,
-          positions: jax.Array, valid: jax.Array, offset: jax.Array, last_idx: jax.Array, vision, final: jax.Array,
-          last_tok: jax.Array, active: jax.Array, rows: Rows, decode_bucket: jax.Array, mesh=None):
-    """A prefill chunk of one row and a decode step of s rows in one forward (the engine's paged
-    cache only): the chunk's t tokens and the s decode tokens run through the decoder as one
-    sequence of t + s tokens, each attending over its own row's cache (`paged.MixedView`), so the
-    decode rows ride on the chunk's reads of the weights instead of a step of their own.
+          positions: jax.Array, valid: jax.Array, index: jax.Array, row: jax.Array, starts: jax.Array,
+          last_idx: jax.Array, vision, final: jax.Array, last_tok: jax.Array, active: jax.Array, rows: Rows,
+          decode_bucket: jax.Array, mesh=None):
+    """Prefill chunks and a decode step in one forward (the engine's paged cache only): the chunks'
+    t tokens (packed one after another) and one decode token of each of the r rows run through the
+    decoder as one sequence of t + r tokens, each attending over its own row's cache
+    (`paged.MixedView`), so the decode rows and every chunk share one read of the weights.
 
-    Row 0 of rows (and of cache.table) is the chunk's: ids, positions, valid [1, t], offset,
-    last_idx, final [1] and vision as `prefill` takes them. Rows 1..s decode: row 1 + i feeds
-    last_tok[i] at rows.seq_len[1 + i] when active[i]. The chunk reads the window bucket cache.bucket,
-    the decode rows decode_bucket (idle rows then cost little).
-    Returns (cache, seen, counts, Tokens [1 + s, 1]): row 0 the chunk's next token (kept only when
-    final), then the decode rows' (-1 where not active)."""
+    Rows (of rows and cache.table, r of them): a row prefills (tokens [starts[i], starts[i + 1]) of
+    the chunk sequence are its), or decodes (active[i]: feeds last_tok[i] at rows.seq_len[i]), or
+    idles. Chunk tokens: ids, positions [3, 1, t], valid [1, t] (real tokens), index [1, t] (each
+    token's cache index in its row), row [1, t] (its row), vision in token order (`_embed_aligned`);
+    last_idx [r]: a prefilling row's last token in the sequence; final [r]: its chunk ends its known
+    sequence (its next token counts). Several prefilling rows need the CPU kernels (`cache.cpu`:
+    `paged.PagedCache.packed_view`); otherwise only row 0 may prefill, its chunk at index
+    starts[0] = 0 on. The chunk reads the window bucket cache.bucket, the decode rows decode_bucket
+    (idle rows then cost little).
+    Returns (cache, seen, counts, Tokens [r, 1]): each row's next token (-1 where neither a final
+    chunk nor a decode token ran)."""
     m = structure.merge(leaves)
-    t, s = ids.shape[1], last_tok.shape[0]
-    first = dataclasses.replace(cache, table=cache.table[:1])
-    second = dataclasses.replace(cache, table=cache.table[1:], bucket=decode_bucket)
-    index, mask_first = _chunk_mask(valid, offset, rows.lo[:1], window)
+    t, r = ids.shape[1], last_tok.shape[0]
     j = jnp.arange(window)
-    seq = rows.seq_len[1:]
-    mask_second = ((j[None] >= rows.lo[1:, None]) & (j[None] <= seq[:, None]))[:, None, :]
+    prefilling = starts[1:] > starts[:-1]  # [r]
+    if cache.cpu:
+        first = cache.packed_view(index, row, valid, starts)
+        # Query i sees its own row's cache indices from the row's lo up to its own (a padding token
+        # none). The bounds [1, t] first, behind a barrier: fused into the [1, t, window] compare,
+        # the gather of lo took ~20 ms a 512-token step (2 cores) instead of ~2.
+        lo, hi = jax.lax.optimization_barrier((rows.lo[row], jnp.where(valid, index, -1)))
+        mask_first = (j[None, None] >= lo[..., None]) & (j[None, None] <= hi[..., None])
+    else:
+        one = dataclasses.replace(cache, table=cache.table[:1])
+        _, mask_first = _chunk_mask(valid, index[:, 0], rows.lo[:1], window)
+        first = one.view(index, valid, window)
+    second = dataclasses.replace(cache, bucket=decode_bucket)
+    seq = rows.seq_len
+    mask_second = ((j[None] >= rows.lo[:, None]) & (j[None] <= seq[:, None]))[:, None, :]
+    if cache.cpu:  # the kernel skips a row with no allowed key (a prefilling or idle row)
+        mask_second = mask_second & active[:, None, None]
     lookup = _lookup(m, cache)
-    x, deepstack = m.embed_inputs(ids, vision, lookup)
-    x = jnp.concatenate([x, lookup(last_tok[:, None]).reshape(1, s, -1).astype(x.dtype)], axis=1)
+    x, deepstack = _embed_aligned(ids, vision, lookup)
+    x = jnp.concatenate([x, lookup(last_tok[:, None]).reshape(1, r, -1).astype(x.dtype)], axis=1)
     if deepstack is not None:
-        deepstack = jnp.concatenate([deepstack, jnp.zeros((deepstack.shape[0], 1, s, deepstack.shape[-1]),
+        deepstack = jnp.concatenate([deepstack, jnp.zeros((deepstack.shape[0], 1, r, deepstack.shape[-1]),
                                                           deepstack.dtype)], axis=2)
-    positions = jnp.concatenate([positions, jnp.broadcast_to((seq + rows.delta[1:])[None, None], (3, 1, s))], axis=2)
-    view = MixedView(first.view(index, valid, window), second.view(seq[:, None], active[:, None], window), t)
+    positions = jnp.concatenate([positions, jnp.broadcast_to((seq + rows.delta)[None, None], (3, 1, r))], axis=2)
+    view = MixedView(first, second.view(seq[:, None], active[:, None], window), t)
     h, view = m.model.language_model(x, positions, (mask_first, mask_second), deepstack, view)
-    last = jnp.concatenate([jnp.take_along_axis(h[:, :t], last_idx[:, None, None], axis=1), h[:, t:]], axis=1)
-    ran = jnp.concatenate([final, active])
-    logits = _rows_logits(m, last[0], ran)  # [1 + s, vocab]
+    last = jnp.where(prefilling[:, None], jnp.take(h[0, :t], last_idx, axis=0), h[0, t:])  # [r, d]
+    ran = final | active
+    logits = _rows_logits(m, last, ran)  # [r, vocab]
     tok, finite, lp, top, _ = choose(m, flags, logits, rows, rows.n_out, seen, counts, mesh)
     seen, counts = _record_history(flags, seen, counts, rows.slot, tok, ran & finite)
     n_out = rows.n_out + ran
-    out = Tokens(tokens=jnp.where(jnp.concatenate([jnp.ones(1, bool), active]), tok, -1)[:, None],
+    out = Tokens(tokens=jnp.where(ran, tok, -1)[:, None],
                  logprobs=None if lp is None else lp[:, None],
                  top_ids=None if top is None else top[0][:, None], top_logprobs=None if top is None else top[1][:, None],
-                 logits=None, seq_len=jnp.concatenate([offset + last_idx + 1, seq + active]), last_tok=tok, n_out=n_out,
+                 logits=None, seq_len=jnp.where(prefilling, jnp.take(index[0], last_idx) + 1, seq + active),
+                 last_tok=tok, n_out=n_out,
                  active=ran & finite & ~_stopped(tok, rows.stop_ids) & (n_out < rows.max_new),
                  bad=jnp.where(finite | ~ran, -1, rows.n_out).astype(jnp.int32))
     return cache.merge(view), seen, counts, out

@@ -1,7 +1,7 @@
 """Compiling an engine's steps before its first request (`Engine.warm_up`).
 
 The engine's jitted programs have few shapes by design: a prefill step per chunk length bucket (with
-the decode rows that ride on it, `steps.mixed`: 8 of them, or max_num_seqs beyond; the chunk's
+the decode rows that ride on it, `steps.mixed`: 8 rows, or max_num_seqs beyond; the chunk's
 vision input is shaped by its length alone, and the attention window is a traced index into
 the engine's window buckets, `paged.PagedCache`), a decode loop per power-of-two row count, and the
 vision tower per patch bucket. Each also compiles per sampler configuration (`SamplingFlags`). So
@@ -45,9 +45,8 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 def mixed_row_buckets(max_rows: int) -> list[int]:
-    """Every decode row count of a mixed step (`batch.mixed_rows`: the chunk's request is not among
-    the at most max_rows - 1 decoding)."""
-    return sorted({batch.mixed_rows(n, max_rows) for n in range(0, max(1, max_rows - 1) + 1)})
+    """Every row count of a mixed step (`batch.mixed_rows`)."""
+    return sorted({batch.mixed_rows(n, max_rows) for n in range(1, max_rows + 1)})
 
 
 def patch_buckets(max_patches: int) -> list[int]:
@@ -78,7 +77,7 @@ def _rows(n: int, flags, words: int):
 
 
 def plan(engine, flag_sets, vision_patches: int = 0) -> list[tuple]:
-    """The programs `run` compiles: ("mixed", flags, (t, decode rows)) (or under the Pallas kernel
+    """The programs `run` compiles: ("mixed", flags, (t, rows)) (or under the Pallas kernel
     ("prefill", flags, t)), ("decode", flags, rows), with speculation ("verify", flags, rows), ("vision", patches)."""
     out = []
     for flags in flag_sets:
@@ -123,20 +122,22 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             continue
         t, s = n if kind == "mixed" else (n, 0)
         words = structured.mask_words(cfg.text.vocab_size)
-        chunk = (np.zeros((1, t), np.int32), np.zeros((3, 1, t), np.int32), np.zeros((1, t), bool),
-                 np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(t))
+        ids, positions, valid = np.zeros((1, t), np.int32), np.zeros((3, 1, t), np.int32), np.zeros((1, t), bool)
         if kind == "prefill":  # a chunk alone (the Pallas kernel's path)
             table = np.full((1, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _, _ = steps.prefill(
-                *engine.model.split, flags, width, False, cache, engine._seen, engine._counts, *chunk,
-                _rows(1, flags, words), np.zeros(1, bool), mesh=engine.mesh)
-        elif kind == "mixed":  # a chunk with s decode rows (`Engine._mixed`)
-            table = np.full((1 + s, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
+                *engine.model.split, flags, width, False, cache, engine._seen, engine._counts, ids, positions, valid,
+                np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(t), _rows(1, flags, words),
+                np.zeros(1, bool), mesh=engine.mesh)
+        elif kind == "mixed":  # chunks and decode rows, s rows in all (`Engine._mixed`)
+            table = np.full((s, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _ = steps.mixed(
-                *engine.model.split, flags, width, cache, engine._seen, engine._counts, *chunk, np.zeros(1, bool),
-                np.zeros(s, np.int32), np.zeros(s, bool), _rows(1 + s, flags, words), engine._bucket(1), mesh=engine.mesh)
+                *engine.model.split, flags, width, cache, engine._seen, engine._counts, ids, positions, valid,
+                np.zeros((1, t), np.int32), np.zeros((1, t), np.int32), np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
+                engine._text_vision(t), np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, bool),
+                _rows(s, flags, words), engine._bucket(1), mesh=engine.mesh)
         else:
             rows = _rows(n, flags, words)
             table = np.full((n, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
