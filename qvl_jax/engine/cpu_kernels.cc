@@ -455,6 +455,105 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
 }
 #endif
 
+#if defined(QVL_AMX) && defined(__AVX512BW__)
+// The AMX layouts of 16 keys [jb, jb + 16) of row r (jb a multiple of 16, the row's span s a multiple
+// of kKeyAlign): keys as bfloat16 pairs along h, kw words [kv, h/2, s] (word w of key j: its
+// elements 2w, 2w + 1, the pair the tile product takes), values as pairs of consecutive keys, vw
+// words [kv, s/2, h] (word d of pair j/2: element d of keys j and j + 1). A key no query of the row
+// may see, or one outside the table or the pools, is zeros. Word gathers for the keys (16 keys'
+// word w in one 64-byte store) and 16-bit interleaves for the values: the same words as storing
+// every element on its own (that cost ~3.5 ms a layer for 1024 keys at 2B widths, 2 cores).
+inline void GatherPairs16(const Prefill& p, const int64_t* qs, int64_t r, int64_t jb, int64_t s,
+                          const int32_t* table, float* kbase, float* vbase) {
+  const int64_t h = p.h, hw = h / 2;
+  alignas(64) int32_t slot_words[16];
+  const uint16_t* vrow[16];
+  __mmask16 ok = 0;
+  for (int u = 0; u < 16; ++u) {
+    const int64_t j = jb + u;
+    bool seen = false;
+    for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
+    const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
+    const int64_t slot = block * p.block_size + j % p.block_size;
+    const bool good = seen && block >= 0 && slot < p.slots;
+    ok |= static_cast<__mmask16>(good) << u;
+    slot_words[u] = good ? static_cast<int32_t>(slot * p.kv * hw) : 0;
+    vrow[u] = good ? static_cast<const uint16_t*>(p.vp) + slot * p.kv * h : nullptr;
+  }
+  const int32_t* kwords = static_cast<const int32_t*>(p.kp);
+  uint32_t* kw = reinterpret_cast<uint32_t*>(kbase);
+  uint32_t* vw = reinterpret_cast<uint32_t*>(vbase);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i base = _mm512_load_si512(slot_words);
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 32; ++i) {
+    lo_idx[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + i / 2);
+    hi_idx[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + 16 + i / 2);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t k = 0; k < p.kv; ++k) {
+    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int32_t>(k * hw)));
+    for (int64_t w = 0; w < hw; ++w) {
+      const __m512i got = _mm512_mask_i32gather_epi32(zero, ok, idx, kwords, 4);
+      _mm512_storeu_si512(kw + (k * hw + w) * s + jb, got);
+      idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
+    }
+    for (int u = 0; u < 16; u += 2) {
+      uint32_t* dst = vw + (k * (s / 2) + (jb + u) / 2) * h;
+      const uint16_t* a = vrow[u] ? vrow[u] + k * h : nullptr;
+      const uint16_t* b = vrow[u + 1] ? vrow[u + 1] + k * h : nullptr;
+      for (int64_t d0 = 0; d0 < h; d0 += 32) {
+        const __m512i va = a ? _mm512_loadu_si512(a + d0) : zero;
+        const __m512i vb = b ? _mm512_loadu_si512(b + d0) : zero;
+        _mm512_storeu_si512(dst + d0, _mm512_permutex2var_epi16(va, lo, vb));
+        _mm512_storeu_si512(dst + d0 + 16, _mm512_permutex2var_epi16(va, hi, vb));
+      }
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+// Float32 pools: keys [jb, jb + 16) of row r transposed into kt [kv, h, s] (16 keys' element d in
+// one 64-byte store, from a gather), values copied row by row into vf [kv, s, h]; a key no query of
+// the row may see, or one outside the table or the pools, is zeros (as the scalar loop below).
+inline void GatherFloat16(const Prefill& p, const int64_t* qs, int64_t r, int64_t jb, int64_t s,
+                          const int32_t* table, float* kt, float* vf) {
+  const int64_t h = p.h;
+  alignas(64) int32_t slot_elems[16];
+  const float* vrow[16];
+  __mmask16 ok = 0;
+  for (int u = 0; u < 16; ++u) {
+    const int64_t j = jb + u;
+    bool seen = false;
+    for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
+    const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
+    const int64_t slot = block * p.block_size + j % p.block_size;
+    const bool good = seen && block >= 0 && slot < p.slots;
+    ok |= static_cast<__mmask16>(good) << u;
+    slot_elems[u] = good ? static_cast<int32_t>(slot * p.kv * h) : 0;
+    vrow[u] = good ? static_cast<const float*>(p.vp) + slot * p.kv * h : nullptr;
+  }
+  const float* kp = static_cast<const float*>(p.kp);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i base = _mm512_load_si512(slot_elems);
+  for (int64_t k = 0; k < p.kv; ++k) {
+    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int32_t>(k * h)));
+    for (int64_t d = 0; d < h; ++d) {
+      _mm512_storeu_ps(kt + (k * h + d) * s + jb, _mm512_mask_i32gather_ps(zero, ok, idx, kp, 4));
+      idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
+    }
+    for (int u = 0; u < 16; ++u) {
+      float* dst = vf + (k * s + jb + u) * h;
+      if (vrow[u])
+        std::memcpy(dst, vrow[u] + k * h, h * sizeof(float));
+      else
+        std::fill(dst, dst + h, 0.0f);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
   const int64_t g = p.heads / p.kv, h = p.h;
@@ -486,6 +585,20 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     const int64_t r = std::upper_bound(gather_start.begin(), gather_start.end(), task) - gather_start.begin() - 1;
     const int64_t j0 = (task - gather_start[r]) * kGather, j1 = std::min(span[r], j0 + kGather), s = span[r];
     const int32_t* table = p.table + r * p.blocks;
+#if defined(QVL_AMX) && defined(__AVX512BW__)
+    if (pairs && p.slots * p.kv * (h / 2) < (int64_t{1} << 31)) {  // word indices fit int32 gathers
+      for (int64_t jb = j0; jb < j1; jb += 16) GatherPairs16(p, qs, r, jb, s, table, kt + base[r], vf + base[r]);
+      return;
+    }
+#endif
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) {
+      if (p.slots * p.kv * h < (int64_t{1} << 31)) {  // element indices fit int32 gathers
+        for (int64_t jb = j0; jb < j1; jb += 16) GatherFloat16(p, qs, r, jb, s, table, kt + base[r], vf + base[r]);
+        return;
+      }
+    }
+#endif
     for (int64_t j = j0; j < j1; ++j) {
       // A key no query of the row may see is read as zeros (whatever its slot holds; its weight is 0).
       bool seen = false;

@@ -470,15 +470,17 @@ class Engine:
         deepstack = np.concatenate([d for _, d in parts], axis=1)
         return np.pad(feats, ((0, pad), (0, 0))), np.pad(deepstack, ((0, 0), (0, pad), (0, 0))), need
 
-    def _text_vision(self, t: int) -> tuple:
-        """The vision input of a chunk of t padded tokens without media: zero features, no feature
-        rows (-1), shaped as `_packed_inputs` shapes chunks with media, so that both run one
-        compiled prefill step (adding zero DeepStack features leaves the hidden states as they are)."""
-        if t not in self._no_vision:
+    def _text_vision(self, t: int, r: int = 0) -> tuple:
+        """The vision input of a chunk of t padded tokens without media (and r decode rows in its
+        step: DeepStack rows for their tokens too): zero features, no feature rows (-1), shaped as
+        `_packed_inputs` shapes chunks with media, so that both run one compiled step (adding zero
+        DeepStack features leaves the hidden states as they are)."""
+        if (t, r) not in self._no_vision:
             d, k = self.cfg.text.hidden_size, len(self.cfg.vision.deepstack_visual_indexes)
             dt = self._vision_dtype()
-            self._no_vision[t] = (jnp.zeros((t, d), dt), jnp.zeros((k, t, d), dt), jnp.full((1, t), -1, jnp.int32))
-        return self._no_vision[t]
+            self._no_vision[t, r] = (jnp.zeros((t, d), dt), jnp.zeros((k, t + r, d), dt),
+                                     jnp.full((1, t), -1, jnp.int32))
+        return self._no_vision[t, r]
 
     def _vision_dtype(self):
         """The dtype of the vision tower's features (what `_features` hands `_packed_inputs`)."""
@@ -492,14 +494,16 @@ class Engine:
     def _chunk_inputs(self, chunk: PrefillChunk) -> tuple:
         """(t, ids [1, t], positions [3, 1, t], valid [1, t], vision) of a prefill chunk, padded to its
         length bucket (`_packed_inputs` of the one chunk)."""
-        t, ids, positions, valid, _, _, _, vision = self._packed_inputs([chunk], 1)
+        t, ids, positions, valid, _, _, _, vision = self._packed_inputs([chunk], 1, decode_rows=False)
         return t, ids, positions, valid, vision
 
-    def _packed_inputs(self, chunks: list[PrefillChunk], r: int) -> tuple:
+    def _packed_inputs(self, chunks: list[PrefillChunk], r: int, decode_rows: bool = True) -> tuple:
         """(t, ids [1, t], positions [3, 1, t], valid [1, t], index [1, t], row [1, t], starts [r + 1],
         vision) of prefill chunks packed one after another (chunk i is row i's), padded to the
-        length bucket of their sum; a final chunk of a request with penalties also resets its
-        penalty history."""
+        length bucket of their sum, for a mixed step of r rows (the vision input in token order,
+        `steps._embed_aligned`; with decode_rows, DeepStack rows for the step's r decode tokens
+        too); a final chunk of a request with penalties also resets its penalty history."""
+        extra = r if decode_rows else 0
         total = sum(c.n for c in chunks)
         # Four length buckets an octave: a chunk pads by under an eighth, not up to a power of two (a
         # 300-token chunk ran as 512 tokens; under a shared budget most chunks are such remainders).
@@ -523,7 +527,7 @@ class Engine:
                 f, d, items = req.features
                 if feats is None:
                     feats = np.zeros((t, f.shape[1]), f.dtype)
-                    deepstack = np.zeros((d.shape[0], t, d.shape[2]), d.dtype)
+                    deepstack = np.zeros((d.shape[0], t + extra, d.shape[2]), d.dtype)
                     feat_index = np.full((1, t), -1, np.int32)
                 ci = req.layout.chunk_feat_index(items, o, end)
                 hit = np.flatnonzero(ci >= 0)
@@ -536,7 +540,7 @@ class Engine:
                 self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([req.slot], np.int32),
                                                              hist, np.array([len(req.prompt)], np.int32))
             at += n
-        vision = self._text_vision(t) if feats is None else tuple(map(jnp.asarray, (feats, deepstack, feat_index)))
+        vision = self._text_vision(t, extra) if feats is None else tuple(map(jnp.asarray, (feats, deepstack, feat_index)))
         self.stats["prefill_tokens"] += total
         self.stats["prefill_padded_tokens"] += t
         return t, ids, positions, (np.arange(t) < total)[None], index, row, starts, vision

@@ -385,11 +385,13 @@ def decode(structure: Structure, leaves: list, flags: SamplingFlags, window: int
 
 def _embed_aligned(ids: jax.Array, vision: tuple, lookup):
     """`embed_inputs` of chunk tokens ids [1, t] whose vision input is already in token order:
-    (features [t, d], DeepStack features [K, t, d], feature index [1, t]), row i token i's where
-    index[0, i] >= 0, every DeepStack row of another token zero (`Engine._packed_inputs`). The same
-    values as `embed_inputs`' gathers, without them: XLA:CPU gathers bfloat16 rows on float32 copies
-    of the operand (~57 ms a 512-token step at 2B widths, 2 cores, for the features and the
-    DeepStack features, even for a chunk without media)."""
+    (features [t, d], DeepStack features [K, t + r, d], feature index [1, t]), row i token i's where
+    index[0, i] >= 0, every DeepStack row of another token zero, the last r rows those of the step's
+    r decode tokens (`Engine._packed_inputs`). Returns the chunk's embeddings [1, t, d] and the
+    DeepStack features [K, 1, t + r, d]: the same values as `embed_inputs`' gathers (and a
+    concatenation of zeros for the decode tokens), without them: XLA:CPU gathers bfloat16 rows on
+    float32 copies of the operand (~57 ms a 512-token step at 2B widths, 2 cores, for the features
+    and the DeepStack features, even for a chunk without media), and pads them so too (~5 ms)."""
     x = lookup(ids)
     feats, deepstack, index = vision
     x = jnp.where((index >= 0)[..., None], feats[None].astype(x.dtype), x)
@@ -464,9 +466,6 @@ def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int,
     lookup = _lookup(m, cache)
     x, deepstack = _embed_aligned(ids, vision, lookup)
     x = jnp.concatenate([x, lookup(last_tok[:, None]).reshape(1, r, -1).astype(x.dtype)], axis=1)
-    if deepstack is not None:
-        deepstack = jnp.concatenate([deepstack, jnp.zeros((deepstack.shape[0], 1, r, deepstack.shape[-1]),
-                                                          deepstack.dtype)], axis=2)
     positions = jnp.concatenate([positions, jnp.broadcast_to((seq + rows.delta)[None, None], (3, 1, r))], axis=2)
     view = MixedView(first, second.view(seq[:, None], active[:, None], window), t)
     h, view = m.model.language_model(x, positions, (mask_first, mask_second), deepstack, view)

@@ -136,7 +136,7 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             cache, engine._seen, engine._counts, _ = steps.mixed(
                 *engine.model.split, flags, width, cache, engine._seen, engine._counts, ids, positions, valid,
                 np.zeros((1, t), np.int32), np.zeros((1, t), np.int32), np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
-                engine._text_vision(t), np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, bool),
+                engine._text_vision(t, s), np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, bool),
                 _rows(s, flags, words), engine._bucket(1), mesh=engine.mesh)
         else:
             rows = _rows(n, flags, words)
