@@ -271,7 +271,8 @@ BufferPool& Buffers() {
 //
 // Each row's keys and values up to its last allowed index are first read from their blocks: into
 // float32 (keys transposed, [kv, h, keys]), or for bfloat16 on AMX as bfloat16 pairs (keys [kv, h/2,
-// keys], values [kv, keys/2, h]: the tile product's layouts). Then each task, one kv head of a block
+// keys], values [kv, keys/2, h]: the tile product's layouts), 16 keys at a time with AVX-512
+// (GatherPairs16, GatherFloat16; element by element elsewhere). Then each task, one kv head of a block
 // of query tokens, computes its scores (register tiles of 8 queries x 32 keys, or 16 x 16 AMX
 // tiles), the softmax over each query's own keys, and the weighted sums (tiles of 6 queries x 64
 // values, or AMX tiles). Only keys up to the last one a block's queries may see are computed: XLA's
