@@ -456,12 +456,23 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
 }
 #endif
 
+// The pool slot of key j of row r (its queries [qs[r], qs[r + 1])), or -1 where no query of the row
+// may see it, or it lies outside the table or the pools: such a key is read as zeros (whatever its
+// slot holds; its weight is 0).
+inline int64_t KeySlot(const Prefill& p, const int64_t* qs, int64_t r, const int32_t* table, int64_t j) {
+  bool seen = false;
+  for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
+  const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
+  const int64_t slot = block * p.block_size + j % p.block_size;
+  return seen && block >= 0 && slot < p.slots ? slot : -1;
+}
+
 #if defined(QVL_AMX) && defined(__AVX512BW__)
 // The AMX layouts of 16 keys [jb, jb + 16) of row r (jb a multiple of 16, the row's span s a multiple
 // of kKeyAlign): keys as bfloat16 pairs along h, kw words [kv, h/2, s] (word w of key j: its
 // elements 2w, 2w + 1, the pair the tile product takes), values as pairs of consecutive keys, vw
 // words [kv, s/2, h] (word d of pair j/2: element d of keys j and j + 1). A key no query of the row
-// may see, or one outside the table or the pools, is zeros. Word gathers for the keys (16 keys'
+// may see, or one outside the table or the pools, is zeros (`KeySlot`). Word gathers for the keys (16 keys'
 // word w in one 64-byte store) and 16-bit interleaves for the values: the same words as storing
 // every element on its own (that cost ~3.5 ms a layer for 1024 keys at 2B widths, 2 cores).
 inline void GatherPairs16(const Prefill& p, const int64_t* qs, int64_t r, int64_t jb, int64_t s,
@@ -471,27 +482,22 @@ inline void GatherPairs16(const Prefill& p, const int64_t* qs, int64_t r, int64_
   const uint16_t* vrow[16];
   __mmask16 ok = 0;
   for (int u = 0; u < 16; ++u) {
-    const int64_t j = jb + u;
-    bool seen = false;
-    for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
-    const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
-    const int64_t slot = block * p.block_size + j % p.block_size;
-    const bool good = seen && block >= 0 && slot < p.slots;
-    ok |= static_cast<__mmask16>(good) << u;
-    slot_words[u] = good ? static_cast<int32_t>(slot * p.kv * hw) : 0;
-    vrow[u] = good ? static_cast<const uint16_t*>(p.vp) + slot * p.kv * h : nullptr;
+    const int64_t slot = KeySlot(p, qs, r, table, jb + u);
+    ok |= static_cast<__mmask16>(slot >= 0) << u;
+    slot_words[u] = slot >= 0 ? static_cast<int32_t>(slot * p.kv * hw) : 0;
+    vrow[u] = slot >= 0 ? static_cast<const uint16_t*>(p.vp) + slot * p.kv * h : nullptr;
   }
   const int32_t* kwords = static_cast<const int32_t*>(p.kp);
   uint32_t* kw = reinterpret_cast<uint32_t*>(kbase);
   uint32_t* vw = reinterpret_cast<uint32_t*>(vbase);
   const __m512i zero = _mm512_setzero_si512();
   const __m512i base = _mm512_load_si512(slot_words);
-  alignas(64) uint16_t lo_idx[32], hi_idx[32];
-  for (int i = 0; i < 32; ++i) {
-    lo_idx[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + i / 2);
-    hi_idx[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + 16 + i / 2);
-  }
-  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  // Element i of an interleave: a[i / 2] (even i) or b[i / 2] (odd: index 32 + i / 2); hi from a[16].
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
   for (int64_t k = 0; k < p.kv; ++k) {
     __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int32_t>(k * hw)));
     for (int64_t w = 0; w < hw; ++w) {
@@ -517,7 +523,7 @@ inline void GatherPairs16(const Prefill& p, const int64_t* qs, int64_t r, int64_
 #if defined(__AVX512F__)
 // Float32 pools: keys [jb, jb + 16) of row r transposed into kt [kv, h, s] (16 keys' element d in
 // one 64-byte store, from a gather), values copied row by row into vf [kv, s, h]; a key no query of
-// the row may see, or one outside the table or the pools, is zeros (as the scalar loop below).
+// the row may see, or one outside the table or the pools, is zeros (`KeySlot`).
 inline void GatherFloat16(const Prefill& p, const int64_t* qs, int64_t r, int64_t jb, int64_t s,
                           const int32_t* table, float* kt, float* vf) {
   const int64_t h = p.h;
@@ -525,15 +531,10 @@ inline void GatherFloat16(const Prefill& p, const int64_t* qs, int64_t r, int64_
   const float* vrow[16];
   __mmask16 ok = 0;
   for (int u = 0; u < 16; ++u) {
-    const int64_t j = jb + u;
-    bool seen = false;
-    for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
-    const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
-    const int64_t slot = block * p.block_size + j % p.block_size;
-    const bool good = seen && block >= 0 && slot < p.slots;
-    ok |= static_cast<__mmask16>(good) << u;
-    slot_elems[u] = good ? static_cast<int32_t>(slot * p.kv * h) : 0;
-    vrow[u] = good ? static_cast<const float*>(p.vp) + slot * p.kv * h : nullptr;
+    const int64_t slot = KeySlot(p, qs, r, table, jb + u);
+    ok |= static_cast<__mmask16>(slot >= 0) << u;
+    slot_elems[u] = slot >= 0 ? static_cast<int32_t>(slot * p.kv * h) : 0;
+    vrow[u] = slot >= 0 ? static_cast<const float*>(p.vp) + slot * p.kv * h : nullptr;
   }
   const float* kp = static_cast<const float*>(p.kp);
   const __m512 zero = _mm512_setzero_ps();
@@ -601,12 +602,8 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     }
 #endif
     for (int64_t j = j0; j < j1; ++j) {
-      // A key no query of the row may see is read as zeros (whatever its slot holds; its weight is 0).
-      bool seen = false;
-      for (int64_t i = qs[r + 1] - 1; i >= qs[r] && !seen && j < p.window; --i) seen = p.mask[i * p.window + j];
-      const int64_t block = j / p.block_size < p.blocks ? table[j / p.block_size] : -1;
-      const int64_t slot = block * p.block_size + j % p.block_size;
-      const bool ok = seen && block >= 0 && slot < p.slots;
+      const int64_t slot = KeySlot(p, qs, r, table, j);
+      const bool ok = slot >= 0;
       if (pairs) {  // bfloat16 words: keys [kv, h/2, s] (pairs along h), values [kv, s/2, h] (pairs of keys)
         u16a* kw = reinterpret_cast<u16a*>(kt + base[r]);
         u16a* vw = reinterpret_cast<u16a*>(vf + base[r]);

@@ -406,13 +406,12 @@ class Engine:
     def _step(self) -> None:
         t0 = time.perf_counter()
         chunks = self.scheduler.schedule_prefill()
-        if self._cpu and chunks:  # the visit's chunks in one step, packed (the CPU kernels attend over them)
-            self._mixed(chunks, self.scheduler.schedule_decode_one())
-        for chunk in [] if self._cpu else chunks:
+        # The visit's chunks in one step, packed, where the CPU kernels attend over them; else a step each.
+        for group in ([chunks] if self._cpu and chunks else [[c] for c in chunks]):
             if self._pallas:
-                self._prefill(chunk)
-            else:  # the decoding requests take a token each with every chunk
-                self._mixed([chunk], self.scheduler.schedule_decode_one())
+                self._prefill(group[0])
+            else:  # the decoding requests take a token with every step
+                self._mixed(group, self.scheduler.schedule_decode_one())
         if chunks:
             # A prefill chunk that is not a prompt's last returns nothing to the host, so its work would
             # otherwise still run when the decode phase starts and be counted there: wait for it, so
