@@ -154,6 +154,8 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # As the reference: normalise in float32, cast back to the input dtype, then apply the weight.
+    # (At bfloat16 XLA drops that cast, its default excess precision: the weight multiplies the
+    # float32 value, where torch rounds it first; docs/design-notes.md.)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * y.astype(x.dtype)
