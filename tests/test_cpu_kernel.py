@@ -146,6 +146,29 @@ def test_packed_prefill_kernel_equals_each_row_alone(dtype):
                                         jnp.asarray(starts[::-1].copy()), bs).block_until_ready()
 
 
+@pytest.mark.parametrize("m, k, n", [(7, 64, 96), (33, 96, 32), (130, 160, 64)])
+def test_packed_product_equals_xla_product(m, k, n):
+    """gemm_packed(x, pack_weight(w)) is x . w^T: within the bfloat16 rounding of the float64 product
+    (and float32 sums); on the tile unit bit for bit XLA's own bfloat16 product (`matmul_t`), whose
+    AMX sums run in the same order. A misplaced pair or block in the packing fails both."""
+    from qvl_jax.modeling.layers import matmul_t
+
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.randn(m, k), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(n, k) * 0.1, jnp.bfloat16)
+    y = np.asarray(jax.jit(cpu_kernel.gemm_packed)(x, cpu_kernel.pack_weight(w)), np.float64)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    ref = x64 @ w64.T
+    bound = 2.0 ** -8 * np.abs(ref) + 2.0 ** -20 * (np.abs(x64) @ np.abs(w64).T)
+    assert (np.abs(y - ref) <= bound).all()
+    if cpu_kernel.has_amx():
+        np.testing.assert_array_equal(y, np.asarray(jax.jit(matmul_t)(x, w), np.float64))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        cpu_kernel.pack_weight(w[:, :k - 1])
+    with pytest.raises(TypeError, match="bfloat16"):
+        cpu_kernel.gemm_packed(x.astype(jnp.float32), cpu_kernel.pack_weight(w))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
 def test_take_rows_equals_take(dtype):
     """Rows of a table at ids of any shape, bit for bit jnp.take's, inside a jitted loop too (how a

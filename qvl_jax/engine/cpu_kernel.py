@@ -11,6 +11,9 @@
   (about 85 ms a layer for 448 queries over a 2048-key bucket at 2B widths, 2 cores); the kernel
   reads each block of queries' keys up to its last allowed one, in tiles: AMX tiles for bfloat16
   where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms).
+- `gemm_packed` (with `pack_weight`): a bfloat16 product x . w^T over a weight rearranged once into
+  the tile unit's operand layout: XLA's product bit for bit, 1.5x faster at a prompt chunk's rows,
+  as fast as oneDNN's (`scripts/bench_products.py`). Not used by the model yet (docs/design-notes.md).
 - `take_rows` / `put_rows`: rows of a table read, or written in place. XLA:CPU computes a bfloat16
   gather or scatter on a float32 copy of the whole operand: writing a step's tokens into a layer's
   pools, or looking up tokens in the embedding table inside a loop, then costs more than the step's
@@ -39,13 +42,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qvl_jax.files import cache_dir, temp_sibling
 
 # FFI target names -> the library's handler symbols.
 TARGETS = {"qvl_paged_decode": "QvlPagedDecode", "qvl_paged_prefill": "QvlPagedPrefill",
            "qvl_paged_prefill_packed": "QvlPagedPrefillPacked", "qvl_take_rows": "QvlTakeRows",
-           "qvl_put_rows": "QvlPutRows"}
+           "qvl_put_rows": "QvlPutRows", "qvl_gemm_packed": "QvlGemmPacked"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lock = threading.Lock()
 
@@ -167,6 +171,44 @@ def _attention(name: str, q, kp, vp, table, mask, block_size: int, *extra) -> ja
         raise TypeError(f"{name}: q is {q.dtype}, the pools {kp.dtype} / {vp.dtype}; they must match")
     call = jax.ffi.ffi_call(f"qvl_{name}", jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), *extra, block_size=int(block_size))
+
+
+def has_amx() -> bool:
+    """Whether this CPU has the tile unit with bfloat16 products (AMX-TILE and AMX-BF16), which the
+    kernels use where the compiler targets it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_tile" in flags and "amx_bf16" in flags
+
+
+def pack_weight(w: jax.Array) -> jax.Array:
+    """A bfloat16 weight w [n, k] (n and k multiples of 32) rearranged as `gemm_packed` reads it:
+    [n/32, k/32, 2, 16, 32], block (nb, kb, h) holding the pairs (w[j', 2i], w[j', 2i + 1]) of rows
+    j' = nb*32 + h*16 + j and columns kb*32 + 2i at [i, 2j], [i, 2j + 1]: the same values, moved."""
+    n, k = w.shape
+    if w.dtype != jnp.bfloat16 or n % 32 or k % 32:
+        raise ValueError(f"pack_weight: a bfloat16 [n, k] weight with n and k multiples of 32, not "
+                         f"{w.dtype}{list(w.shape)}")
+    blocks = w.reshape(n // 32, 2, 16, k // 32, 16, 2)  # [nb, h, j, kb, i, e]
+    return blocks.transpose(0, 3, 1, 4, 2, 5).reshape(n // 32, k // 32, 2, 16, 32)
+
+
+def gemm_packed(x: jax.Array, wp: jax.Array) -> jax.Array:
+    """x [..., k] times the packed weight wp (`pack_weight` of w [n, k]) transposed: [..., n] in
+    bfloat16, the float32 sums of each output rounded once (XLA's bfloat16 product's arithmetic; only
+    the order of the additions differs). On the CPU's tile unit (AMX) where it has one, else a
+    float32 loop. No gradient: inference only."""
+    assert available(), unavailable_reason()
+    *lead, k = x.shape
+    n = wp.shape[0] * 32
+    if x.dtype != jnp.bfloat16 or wp.dtype != jnp.bfloat16 or wp.shape[1] * 32 != k:
+        raise TypeError(f"gemm_packed: x {x.dtype}{list(x.shape)} and a packed weight {wp.dtype}{list(wp.shape)} "
+                        "(bfloat16, the same k)")
+    m = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call("qvl_gemm_packed", jax.ShapeDtypeStruct((m, n), jnp.bfloat16), vmap_method="sequential")
+    return call(x.reshape(m, k), wp).reshape(*lead, n)
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

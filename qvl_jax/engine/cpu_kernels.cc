@@ -3,6 +3,7 @@
 // - QvlPagedDecode: decode attention over the paged KV cache, reading each row's blocks where they lie;
 // - QvlPagedPrefill: the same for several query tokens a row (a prefill chunk), in tiles (AMX or FMAs);
 //   QvlPagedPrefillPacked: for the chunks of several rows packed into one sequence (a mixed step);
+// - QvlGemmPacked: a bfloat16 product x . w^T with w packed as the tile unit reads it;
 // - QvlTakeRows / QvlPutRows: rows of a table read / written in place (the token embeddings' lookup,
 //   the KV pools' writes). XLA:CPU has no bfloat16 gather or scatter of its own: it converts the
 //   whole operand to float32 and back around one (docs/performance.md), which for a layer's pools is
@@ -851,6 +852,126 @@ ffi::Error PagedPrefillPacked(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   });
 }
 
+// QvlGemmPacked: y [M, N] = x [M, K] . w^T in bfloat16 (float32 sums, rounded once, as XLA's
+// bfloat16 product with a float32 accumulator), with w [N, K] given packed as the tile unit reads
+// its right operand (`cpu_kernel.pack_weight`): wp [N/32, K/32, 2, 16, 32], block (nb, kb, h) the
+// 16 x 16 pairs (w[n, k], w[n, k + 1]) of rows n = nb*32 + h*16 + j and k = kb*32 + 2i at [i, 2j..].
+// A weight's column panel is then contiguous; x is copied into [16 rows x 32] blocks once a call.
+// On the tile unit: 2 x 2 accumulator tiles of 16 x 16 (32 rows of x by 32 of w) over the whole
+// contraction, x in chunks of ~1 MB that stay in L2 while the panels stream past them (the order
+// that made this as fast as oneDNN's product here, 1.5x XLA's: docs/performance.md). Elsewhere a
+// float32 loop with the same sums in another order.
+constexpr int64_t kGemmChunkBytes = 1 << 20;
+
+#if defined(QVL_AMX)
+inline void GemmConfigure() {  // tiles 0-3: accumulators; 4, 5: x blocks; 6, 7: weight blocks
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) {
+    c.colsb[i] = 64;
+    c.rows[i] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+inline void StoreRowsBf16(const float* c, uint16_t* y, int64_t ldy, int64_t m0, int64_t m, int64_t n0) {
+  for (int j = 0; j < 16 && m0 + j < m; ++j) {
+    __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(c + j * 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + j) * ldy + n0), (__m256i)b);
+  }
+}
+
+// Rows [mc, mend) of y (multiples of 32 of the padded rows) by weight blocks [nb0, nb1).
+void GemmTask(const uint16_t* xp, const uint16_t* wp, uint16_t* y, int64_t m, int64_t n, int64_t kb_count,
+              int64_t mc, int64_t mend, int64_t nb0, int64_t nb1) {
+  GemmConfigure();
+  alignas(64) float c[4][256];
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const uint16_t* bp = wp + nb * kb_count * 1024;
+    for (int64_t r = mc; r < mend; r += 32) {
+      const uint16_t* a0 = xp + (r / 16) * kb_count * 512;
+      const uint16_t* a1 = a0 + kb_count * 512;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < kb_count; ++kb) {
+        _tile_loadd(4, a0 + kb * 512, 64);
+        _tile_loadd(6, bp + kb * 1024, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, bp + kb * 1024 + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a1 + kb * 512, 64);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      StoreRowsBf16(c[0], y, n, r, m, nb * 32);
+      StoreRowsBf16(c[1], y, n, r, m, nb * 32 + 16);
+      StoreRowsBf16(c[2], y, n, r + 16, m, nb * 32);
+      StoreRowsBf16(c[3], y, n, r + 16, m, nb * 32 + 16);
+    }
+  }
+}
+#endif
+
+ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out) {
+  auto xd = x.dimensions(), wd = wp.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[2] != 2 || wd[3] != 16 || wd[4] != 32)
+    return ffi::Error::InvalidArgument("qvl_gemm_packed: x [m, k], wp [n/32, k/32, 2, 16, 32], out [m, n]");
+  const int64_t m = xd[0], k = xd[1], nbs = wd[0], kbs = wd[1], n = nbs * 32;
+  if (kbs * 32 != k || od[0] != m || od[1] != n)
+    return ffi::Error::InvalidArgument("qvl_gemm_packed: shapes do not agree");
+  if (x.element_type() != ffi::DataType::BF16 || wp.element_type() != ffi::DataType::BF16 ||
+      out->element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("qvl_gemm_packed: bfloat16 only");
+  const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const uint16_t* ws = static_cast<const uint16_t*>(wp.untyped_data());
+  uint16_t* y = static_cast<uint16_t*>(out->untyped_data());
+  if (m == 0) return ffi::Error::Success();
+#if defined(QVL_AMX)
+  if (AmxReady()) {
+    const int64_t mp = (m + 31) / 32 * 32;
+    auto buf = Buffers().Take(static_cast<size_t>(mp * k / 2));
+    uint16_t* xp = reinterpret_cast<uint16_t*>(buf->data());
+    ParallelFor(pool, mp / 16, [&](int64_t b) {  // x into [16 rows x 32] blocks, rows past m zero
+      for (int64_t kb = 0; kb < kbs; ++kb)
+        for (int j = 0; j < 16; ++j) {
+          const int64_t r = b * 16 + j;
+          __m512i v = r < m ? _mm512_loadu_si512(xs + r * k + kb * 32) : _mm512_setzero_si512();
+          _mm512_storeu_si512(xp + ((b * kbs + kb) * 16 + j) * 32, v);
+        }
+    });
+    const int64_t chunk = std::max<int64_t>(32, std::min<int64_t>(mp, kGemmChunkBytes / (2 * k) / 32 * 32));
+    const int64_t chunks = (mp + chunk - 1) / chunk, groups = std::min<int64_t>(nbs, 8);
+    ParallelFor(pool, chunks * groups, [&](int64_t t) {  // chunk-major: the threads share a chunk of x
+      const int64_t ch = t / groups, g = t % groups;
+      GemmTask(xp, ws, y, m, n, kbs, ch * chunk, std::min(mp, (ch + 1) * chunk), g * nbs / groups,
+               (g + 1) * nbs / groups);
+    });
+    Buffers().Give(std::move(buf));
+    return ffi::Error::Success();
+  }
+#endif
+  ParallelFor(pool, m, [&](int64_t r) {
+    std::vector<float> acc(n, 0.0f);
+    for (int64_t nb = 0; nb < nbs; ++nb)
+      for (int64_t kb = 0; kb < kbs; ++kb)
+        for (int h = 0; h < 2; ++h) {
+          const uint16_t* blk = ws + ((nb * kbs + kb) * 2 + h) * 512;
+          for (int i = 0; i < 16; ++i) {
+            const float x0 = bf16_to_f32(xs[r * k + kb * 32 + 2 * i]), x1 = bf16_to_f32(xs[r * k + kb * 32 + 2 * i + 1]);
+            for (int j = 0; j < 16; ++j)
+              acc[nb * 32 + h * 16 + j] += x0 * bf16_to_f32(blk[i * 32 + 2 * j]) + x1 * bf16_to_f32(blk[i * 32 + 2 * j + 1]);
+          }
+        }
+    for (int64_t j = 0; j < n; ++j) y[r * n + j] = f32_to_bf16(acc[j]);
+  });
+  return ffi::Error::Success();
+}
+
 // Bytes of one row of a buffer [n, ...] (its leading dimension indexed), and n.
 inline void RowShape(const ffi::AnyBuffer& b, int64_t& n, size_t& bytes) {
   auto d = b.dimensions();
@@ -930,6 +1051,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefillPacked, PagedPrefillPacked,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlGemmPacked, GemmPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefill, PagedPrefill,
                               ffi::Ffi::Bind()
