@@ -150,7 +150,8 @@ def test_packed_prefill_kernel_equals_each_row_alone(dtype):
 def test_packed_product_equals_xla_product(m, k, n):
     """gemm_packed(x, pack_weight(w)) is x . w^T: within the bfloat16 rounding of the float64 product
     (and float32 sums); on the tile unit bit for bit XLA's own bfloat16 product (`matmul_t`), whose
-    AMX sums run in the same order. A misplaced pair or block in the packing fails both."""
+    AMX sums run in the same order, and its float32 sums those of XLA's dot with a float32 result.
+    A misplaced pair or block in the packing fails both."""
     from qvl_jax.modeling.layers import matmul_t
 
     rng = np.random.RandomState(3)
@@ -163,6 +164,9 @@ def test_packed_product_equals_xla_product(m, k, n):
     assert (np.abs(y - ref) <= bound).all()
     if cpu_kernel.has_amx():
         np.testing.assert_array_equal(y, np.asarray(jax.jit(matmul_t)(x, w), np.float64))
+        sums = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
+        np.testing.assert_array_equal(np.asarray(cpu_kernel.gemm_packed(x, cpu_kernel.pack_weight(w), jnp.float32)),
+                                      np.asarray(sums(x, w)))
     with pytest.raises(ValueError, match="multiples of 32"):
         cpu_kernel.pack_weight(w[:, :k - 1])
     with pytest.raises(TypeError, match="bfloat16"):

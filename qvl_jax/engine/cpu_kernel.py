@@ -195,11 +195,11 @@ def pack_weight(w: jax.Array) -> jax.Array:
     return blocks.transpose(0, 3, 1, 4, 2, 5).reshape(n // 32, k // 32, 2, 16, 32)
 
 
-def gemm_packed(x: jax.Array, wp: jax.Array) -> jax.Array:
-    """x [..., k] times the packed weight wp (`pack_weight` of w [n, k]) transposed: [..., n] in
-    bfloat16, the float32 sums of each output rounded once (XLA's bfloat16 product's arithmetic; only
-    the order of the additions differs). On the CPU's tile unit (AMX) where it has one, else a
-    float32 loop. No gradient: inference only."""
+def gemm_packed(x: jax.Array, wp: jax.Array, out_dtype=jnp.bfloat16) -> jax.Array:
+    """x [..., k] times the packed weight wp (`pack_weight` of w [n, k]) transposed: [..., n], the
+    float32 sums of each output as they are (out_dtype float32) or rounded once (bfloat16): XLA's
+    bfloat16 product with a float32 accumulator, bit for bit on the CPU's tile unit (AMX), where it
+    runs; elsewhere a float32 loop (the same sums in another order). No gradient: inference only."""
     assert available(), unavailable_reason()
     *lead, k = x.shape
     n = wp.shape[0] * 32
@@ -207,7 +207,7 @@ def gemm_packed(x: jax.Array, wp: jax.Array) -> jax.Array:
         raise TypeError(f"gemm_packed: x {x.dtype}{list(x.shape)} and a packed weight {wp.dtype}{list(wp.shape)} "
                         "(bfloat16, the same k)")
     m = int(np.prod(lead, dtype=np.int64))
-    call = jax.ffi.ffi_call("qvl_gemm_packed", jax.ShapeDtypeStruct((m, n), jnp.bfloat16), vmap_method="sequential")
+    call = jax.ffi.ffi_call("qvl_gemm_packed", jax.ShapeDtypeStruct((m, n), out_dtype), vmap_method="sequential")
     return call(x.reshape(m, k), wp).reshape(*lead, n)
 
 

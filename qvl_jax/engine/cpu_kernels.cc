@@ -852,8 +852,9 @@ ffi::Error PagedPrefillPacked(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   });
 }
 
-// QvlGemmPacked: y [M, N] = x [M, K] . w^T in bfloat16 (float32 sums, rounded once, as XLA's
-// bfloat16 product with a float32 accumulator), with w [N, K] given packed as the tile unit reads
+// QvlGemmPacked: y [M, N] = x [M, K] . w^T of bfloat16 operands, the float32 sums as they are (a
+// float32 out) or rounded once (a bfloat16 out), as XLA's bfloat16 product with a float32
+// accumulator, with w [N, K] given packed as the tile unit reads
 // its right operand (`cpu_kernel.pack_weight`): wp [N/32, K/32, 2, 16, 32], block (nb, kb, h) the
 // 16 x 16 pairs (w[n, k], w[n, k + 1]) of rows n = nb*32 + h*16 + j and k = kb*32 + 2i at [i, 2j..].
 // A weight's column panel is then contiguous; x is copied into [16 rows x 32] blocks once a call.
@@ -873,15 +874,20 @@ inline void GemmConfigure() {  // tiles 0-3: accumulators; 4, 5: x blocks; 6, 7:
   _tile_loadconfig(&c);
 }
 
-inline void StoreRowsBf16(const float* c, uint16_t* y, int64_t ldy, int64_t m0, int64_t m, int64_t n0) {
+inline void StoreRows(const float* c, uint16_t* y, int64_t ldy, int64_t m0, int64_t m, int64_t n0) {
   for (int j = 0; j < 16 && m0 + j < m; ++j) {
     __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(c + j * 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + j) * ldy + n0), (__m256i)b);
   }
 }
 
+inline void StoreRows(const float* c, float* y, int64_t ldy, int64_t m0, int64_t m, int64_t n0) {
+  for (int j = 0; j < 16 && m0 + j < m; ++j) _mm512_storeu_ps(y + (m0 + j) * ldy + n0, _mm512_loadu_ps(c + j * 16));
+}
+
 // Rows [mc, mend) of y (multiples of 32 of the padded rows) by weight blocks [nb0, nb1).
-void GemmTask(const uint16_t* xp, const uint16_t* wp, uint16_t* y, int64_t m, int64_t n, int64_t kb_count,
+template <typename Out>
+void GemmTask(const uint16_t* xp, const uint16_t* wp, Out* y, int64_t m, int64_t n, int64_t kb_count,
               int64_t mc, int64_t mend, int64_t nb0, int64_t nb1) {
   GemmConfigure();
   alignas(64) float c[4][256];
@@ -908,12 +914,13 @@ void GemmTask(const uint16_t* xp, const uint16_t* wp, uint16_t* y, int64_t m, in
       _tile_stored(1, c[1], 64);
       _tile_stored(2, c[2], 64);
       _tile_stored(3, c[3], 64);
-      StoreRowsBf16(c[0], y, n, r, m, nb * 32);
-      StoreRowsBf16(c[1], y, n, r, m, nb * 32 + 16);
-      StoreRowsBf16(c[2], y, n, r + 16, m, nb * 32);
-      StoreRowsBf16(c[3], y, n, r + 16, m, nb * 32 + 16);
+      StoreRows(c[0], y, n, r, m, nb * 32);
+      StoreRows(c[1], y, n, r, m, nb * 32 + 16);
+      StoreRows(c[2], y, n, r + 16, m, nb * 32);
+      StoreRows(c[3], y, n, r + 16, m, nb * 32 + 16);
     }
   }
+  _tile_release();
 }
 #endif
 
@@ -924,17 +931,19 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
   const int64_t m = xd[0], k = xd[1], nbs = wd[0], kbs = wd[1], n = nbs * 32;
   if (kbs * 32 != k || od[0] != m || od[1] != n)
     return ffi::Error::InvalidArgument("qvl_gemm_packed: shapes do not agree");
+  const bool f32_out = out->element_type() == ffi::DataType::F32;
   if (x.element_type() != ffi::DataType::BF16 || wp.element_type() != ffi::DataType::BF16 ||
-      out->element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("qvl_gemm_packed: bfloat16 only");
+      (!f32_out && out->element_type() != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("qvl_gemm_packed: bfloat16 operands, a bfloat16 or float32 result");
   const uint16_t* xs = static_cast<const uint16_t*>(x.untyped_data());
   const uint16_t* ws = static_cast<const uint16_t*>(wp.untyped_data());
   uint16_t* y = static_cast<uint16_t*>(out->untyped_data());
+  float* y32 = static_cast<float*>(out->untyped_data());
   if (m == 0) return ffi::Error::Success();
 #if defined(QVL_AMX)
   if (AmxReady()) {
     const int64_t mp = (m + 31) / 32 * 32;
-    auto buf = Buffers().Take(static_cast<size_t>(mp * k / 2));
+    auto buf = Buffers().Take(static_cast<size_t>(mp * k / 2));  // mp * k bfloat16
     uint16_t* xp = reinterpret_cast<uint16_t*>(buf->data());
     ParallelFor(pool, mp / 16, [&](int64_t b) {  // x into [16 rows x 32] blocks, rows past m zero
       for (int64_t kb = 0; kb < kbs; ++kb)
@@ -948,8 +957,11 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
     const int64_t chunks = (mp + chunk - 1) / chunk, groups = std::min<int64_t>(nbs, 8);
     ParallelFor(pool, chunks * groups, [&](int64_t t) {  // chunk-major: the threads share a chunk of x
       const int64_t ch = t / groups, g = t % groups;
-      GemmTask(xp, ws, y, m, n, kbs, ch * chunk, std::min(mp, (ch + 1) * chunk), g * nbs / groups,
-               (g + 1) * nbs / groups);
+      const int64_t r0 = ch * chunk, r1 = std::min(mp, (ch + 1) * chunk), n0 = g * nbs / groups, n1 = (g + 1) * nbs / groups;
+      if (f32_out)
+        GemmTask(xp, ws, y32, m, n, kbs, r0, r1, n0, n1);
+      else
+        GemmTask(xp, ws, y, m, n, kbs, r0, r1, n0, n1);
     });
     Buffers().Give(std::move(buf));
     return ffi::Error::Success();
@@ -967,7 +979,12 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
               acc[nb * 32 + h * 16 + j] += x0 * bf16_to_f32(blk[i * 32 + 2 * j]) + x1 * bf16_to_f32(blk[i * 32 + 2 * j + 1]);
           }
         }
-    for (int64_t j = 0; j < n; ++j) y[r * n + j] = f32_to_bf16(acc[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      if (f32_out)
+        y32[r * n + j] = acc[j];
+      else
+        y[r * n + j] = f32_to_bf16(acc[j]);
+    }
   });
   return ffi::Error::Success();
 }
