@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qvl_jax.engine import cpu_kernel
 from qvl_jax.errors import InputError
@@ -223,14 +224,17 @@ def test_put_rows_equals_scatter(dtype):
         cpu_kernel.put_rows(table, at[0], rows[0].astype(jnp.float16))
 
 
-def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path, packed):
     """A bfloat16 engine on the CPU (its pools written and its tokens looked up by the kernels, decode
-    rows attending through the decode kernel) gives model.generate's tokens in bfloat16 (XLA's
-    scatter, lookup and gather), as requests come and go. A first difference is allowed only at a
-    bfloat16 tie: the logits are bfloat16 values, and where the top two are one bfloat16 step apart
-    a different order of additions anywhere (a chunked prompt, a mixed step's rows) can swap them.
-    The engine without the kernels (`cpu_kernel=False`) meets that tie in the 40-token prompt too
-    (token 8, top two 2.40625 / 2.390625), with the same tokens as the kernels."""
+    rows attending through the decode kernel; packed: its decoder products through
+    `cpu_kernel.gemm_packed` over packed weights) gives model.generate's tokens in bfloat16 (XLA's
+    scatter, lookup, gather and products), as requests come and go. A first difference is allowed
+    only at a bfloat16 tie: the logits are bfloat16 values, and where the top two are one bfloat16
+    step apart a different order of additions anywhere (a chunked prompt, a mixed step's rows), or a
+    product rounded to bfloat16 where XLA kept it unrounded, can swap them. The engine without the
+    kernels (`cpu_kernel=False`) meets that tie in the 40-token prompt too (token 8, top two
+    2.40625 / 2.390625), with the same tokens as the kernels."""
     import qvl_jax
     from mm_inputs import PromptBuilder
     from test_engine import _alone, _one
@@ -241,8 +245,11 @@ def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path):
     cases = [(_one(PromptBuilder(rng).text(n), hf, rng), k) for n, k in ((5, 14), (40, 9), (3, 22))]
     cases.append((_one(PromptBuilder(rng).text(4).image(4, 4).text(6), hf, rng), 12))
     eng = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=140, decode_steps=4,
-                   max_num_batched_tokens=32, cpu_kernel=True)
-    assert eng._cpu and str(m.dtype) == "bfloat16"
+                   max_num_batched_tokens=32, cpu_kernel=True, packed_weights=packed)
+    assert eng._cpu and str(m.dtype) == "bfloat16" and (eng._packed is not None) == packed
+    if packed:  # the steps see packed weights (the projections whose dims are multiples of 32)
+        assert sum(type(v).__name__ == "PackedWeight" for v in jax.tree.leaves(
+            nnx.state(eng.params[0].merge(eng.params[1])), is_leaf=lambda x: isinstance(x, nnx.Variable))) > 0
     outs = [eng.submit(inp, max_new_tokens=k, stop_token_ids=[]) for inp, k in cases]
     got = [o.result(timeout=120).tokens for o in outs]
     eng.close()
@@ -254,6 +261,16 @@ def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path):
             top2 = np.sort(logits[0, diff[0]])[-2:]
             step = 2.0 ** (np.floor(np.log2(abs(top2[1]))) - 7)  # bfloat16 keeps 8 significant bits
             assert top2[1] - top2[0] <= step, f"differs at step {diff[0]} (margin {top2[1] - top2[0]})"
+
+
+def test_packed_weights_refused_where_they_cannot_run(jax_model):
+    """packed_weights=True on a float32 model (or without the CPU kernels) is a clear error, not a
+    silent fallback."""
+    with pytest.raises(InputError, match="packed_weights=True cannot run here: the model is float32"):
+        jax_model("untied").engine(max_num_seqs=1, max_model_len=64, num_blocks=20, packed_weights=True)
+    with pytest.raises(InputError, match="packed_weights=True cannot run here: the engine does not run the CPU"):
+        jax_model("untied").engine(max_num_seqs=1, max_model_len=64, num_blocks=20, cpu_kernel=False,
+                                   packed_weights=True)
 
 
 def test_kernel_reads_only_the_allowed_keys():

@@ -13,7 +13,8 @@
   where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms).
 - `gemm_packed` (with `pack_weight`): a bfloat16 product x . w^T over a weight rearranged once into
   the tile unit's operand layout: XLA's product bit for bit, 1.5x faster at a prompt chunk's rows,
-  as fast as oneDNN's (`scripts/bench_products.py`). Not used by the model yet (docs/design-notes.md).
+  as fast as oneDNN's (`scripts/bench_products.py`); the engine's decoder products with
+  `Engine(packed_weights=True)` (`qvl_jax.engine.packed`).
 - `take_rows` / `put_rows`: rows of a table read, or written in place. XLA:CPU computes a bfloat16
   gather or scatter on a float32 copy of the whole operand: writing a step's tokens into a layer's
   pools, or looking up tokens in the embedding table inside a loop, then costs more than the step's

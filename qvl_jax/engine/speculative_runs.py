@@ -149,7 +149,7 @@ class EngineSpeculation:
         window = eng.max_blocks_per_seq * eng.block_size
         table = np.full((s, eng.max_blocks_per_seq), TRASH_BLOCK, np.int32)
         cache, _ = speculative.verify(
-            *eng.model.split, flags, window, eng.decode_steps, self.spec, eng._cache(table, 1),
+            *eng.params, flags, window, eng.decode_steps, self.spec, eng._cache(table, 1),
             np.full((s, window + 1), -1, np.int32), np.zeros(s, np.int32), np.zeros(s, bool), batch.rows([], s),
             mesh=eng.mesh)
         eng._pages = cache.pages
@@ -169,7 +169,7 @@ class EngineSpeculation:
             hist[i, :r.seq_len] = r.seq(0, r.seq_len)
         cache = eng._cache(batch.tables(reqs, s, eng.scheduler.table), int(rows.limit.max()))
         cache, out = speculative.verify(
-            *eng.model.split, batch.flags(reqs), window, eng.decode_steps, self.spec, cache, hist,
+            *eng.params, batch.flags(reqs), window, eng.decode_steps, self.spec, cache, hist,
             batch.last_tokens(reqs, s), active, rows, mesh=eng.mesh)
         eng._pages = cache.pages
         out = jax.device_get(out._replace(hist=None))

@@ -127,14 +127,14 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             table = np.full((1, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _, _ = steps.prefill(
-                *engine.model.split, flags, width, False, cache, engine._seen, engine._counts, ids, positions, valid,
+                *engine.params, flags, width, False, cache, engine._seen, engine._counts, ids, positions, valid,
                 np.zeros(1, np.int32), np.zeros(1, np.int32), engine._text_vision(t), _rows(1, flags, words),
                 np.zeros(1, bool), mesh=engine.mesh)
         elif kind == "mixed":  # chunks and decode rows, s rows in all (`Engine._mixed`)
             table = np.full((s, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1)
             cache, engine._seen, engine._counts, _ = steps.mixed(
-                *engine.model.split, flags, width, cache, engine._seen, engine._counts, ids, positions, valid,
+                *engine.params, flags, width, cache, engine._seen, engine._counts, ids, positions, valid,
                 np.zeros((1, t), np.int32), np.zeros((1, t), np.int32), np.zeros(s + 1, np.int32), np.zeros(s, np.int32),
                 engine._text_vision(t, s), np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, bool),
                 _rows(s, flags, words), engine._bucket(1), mesh=engine.mesh)
@@ -143,7 +143,7 @@ def run(engine, programs: list[tuple], progress=None) -> float:
             table = np.full((n, engine.max_blocks_per_seq), TRASH_BLOCK, np.int32)
             cache = engine._cache(table, 1, engine._window_buffers(n))
             cache, engine._seen, engine._counts, _ = steps.decode(
-                *engine.model.split, flags, width, decode_steps(engine, flags), False, cache, engine._seen, engine._counts,
+                *engine.params, flags, width, decode_steps(engine, flags), False, cache, engine._seen, engine._counts,
                 np.zeros(n, np.int32), np.zeros(n, bool), rows, mesh=engine.mesh)
             if cache.windows:
                 engine._windows = (n, cache.windows)

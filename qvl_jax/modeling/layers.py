@@ -100,6 +100,11 @@ def weight_value(var: nnx.Variable):
     return var.get_value()
 
 
+class PackedWeight(nnx.Variable):
+    """A `Linear`'s weight rearranged for a product kernel, beside its Param (the engine packs the
+    decoder's for its CPU kernels: `qvl_jax.engine.packed`); not a Param: no gradient, not saved."""
+
+
 class Linear(nnx.Module):
     """y = x @ weight.T (+ bias), weight [*out, *in] in Hugging Face's [out, in] layout.
 
@@ -114,11 +119,20 @@ class Linear(nnx.Module):
         self.bias = param(rngs, (out_features,), axes[:1], dtype, "zeros", units and units[:1]) if bias else None
 
     def __call__(self, x: jax.Array, out_shape: tuple[int, ...] | None = None) -> jax.Array:
-        """x [..., in] -> [..., out], or [..., *out_shape] (heads split out of the output)."""
-        w = weight_value(self.weight)
-        if w.ndim > 2:
-            w = w.reshape(w.shape[0], -1)
-        y = matmul_t(x, w)
+        """x [..., in] -> [..., out], or [..., *out_shape] (heads split out of the output). Where a
+        packed copy of the weight sits beside it (`PackedWeight`, with the kernel that reads it in
+        `packed_product`: the engine's, `qvl_jax.engine.packed`), the product runs there (the same
+        float32 sums, rounded to the dtype)."""
+        packed = getattr(self, "packed", None)
+        if packed is not None:
+            # The float32 sums, rounded here as `matmul_t` rounds its dot's: XLA then treats the
+            # rounding as it does there (it drops it where a float32 op takes the value next).
+            y = self.packed_product(x, packed[...])
+        else:
+            w = weight_value(self.weight)
+            if w.ndim > 2:
+                w = w.reshape(w.shape[0], -1)
+            y = matmul_t(x, w)
         if self.bias is not None:
             y = y + self.bias[...]
         return y if out_shape is None else y.reshape(*x.shape[:-1], *out_shape)

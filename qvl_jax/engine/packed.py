@@ -1,0 +1,66 @@
+"""The decoder's weights packed for the CPU kernels' bfloat16 product (`cpu_kernel.gemm_packed`):
+`Engine(packed_weights=True)` (`qvl-jax serve --packed-weights`).
+
+On the CPU at bfloat16 XLA's product of a prompt chunk with a decoder weight runs at about two
+thirds of what the tile unit gives over a weight laid out for it, and the products are three
+quarters of a chunk's step (`scripts/bench_products.py`, docs/performance.md). `PackedParams` gives
+the engine's steps the model with each decoder `Linear`'s weight also packed (`PackedWeight` beside
+its Param); such a Linear computes through `gemm_packed`: the same float32 sums as XLA's product,
+rounded to bfloat16 there, where XLA's own path may keep them unrounded into the next op (its excess
+precision; design notes). A 512-token step at 2B widths, 4 layers: ~1.6x faster. The packed copies
+hold the decoder projections' weights once more (the 2B model: ~2.8 GB), so this is a choice, off
+by default. The copies follow the model: when its params change (training, LoRA, `set_attention`),
+the next step packs them again. Only the engine's steps use them; generate, training and the
+vision tower keep the model's own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qvl_jax.engine import cpu_kernel
+from qvl_jax.modeling.layers import Linear, PackedWeight
+from qvl_jax.modeling.model import split
+
+
+def why_not(model, cpu_kernels: bool) -> str | None:
+    """Why the engine cannot pack this model's decoder weights; None if it can."""
+    if not cpu_kernels:
+        return "the engine does not run the CPU kernels here"
+    if jnp.dtype(model.dtype) != jnp.bfloat16:
+        return f"the model is {jnp.dtype(model.dtype).name}; the packed product is bfloat16"
+    if model.quantization is not None:
+        return f"the decoder's weights are quantized ({model.quantization})"
+    return None
+
+
+def _decoder_linears(module):
+    """(Linear, weight) of each decoder layer's plain bfloat16 projection whose dims are multiples of 32."""
+    for layer in module.model.language_model.layers:
+        for _, node in nnx.iter_graph(layer):
+            if type(node) is Linear:
+                w = node.weight.get_value()
+                if (isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.bfloat16
+                        and not w.shape[0] % 32 and not w.shape[1] % 32):
+                    yield node, w
+
+
+class PackedParams:
+    """The (Structure, leaves) the engine's steps take: the model's, its decoder weights packed."""
+
+    def __init__(self, model):
+        self.model = model
+        self._for = self._split = None
+
+    @property
+    def split(self):
+        current = self.model.split
+        if self._for is not current:
+            module = self.model.module  # a new view: the packed Variables stay out of the model
+            for linear, w in _decoder_linears(module):
+                linear.packed = PackedWeight(cpu_kernel.pack_weight(w))
+                linear.packed_product = cpu_kernel.gemm_packed
+            self._split, self._for = split(*nnx.split(module)), current
+        return self._split
