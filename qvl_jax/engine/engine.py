@@ -173,10 +173,12 @@ class Engine:
         self.attention = model.config.attention if attention is None else check_attention(attention)
         self._pallas = self.attention == "pallas"
         self._cpu = self._use_cpu_kernel(cpu_kernel)
-        why = packed.why_not(model, self._cpu)
-        if packed_weights and why is not None:
-            raise InputError(f"packed_weights=True cannot run here: {why}")
-        self._packed = packed.PackedParams(model) if packed_weights else None
+        self._packed = None
+        if packed_weights:
+            why = packed.why_not(model, self._cpu)
+            if why is not None:
+                raise InputError(f"packed_weights=True cannot run here: {why}")
+            self._packed = packed.PackedParams(model)
         self.speculative_config = speculative.SpeculativeConfig.of(speculative_config)
         self._spec = None
         if self.speculative_config is not None:
