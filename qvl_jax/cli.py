@@ -502,10 +502,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps per jitted loop between scheduler visits: more saves host round trips, "
                         "fewer lets new requests in sooner (default: 1 on the CPU, 8 elsewhere)")
-    s.add_argument("--packed-weights", action="store_true",
+    s.add_argument("--packed-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU, bfloat16: a packed copy of the decoder's weights for the engine's own product "
                         "kernel (prompt chunks ~1.6x faster at 2B widths; the decoder's projection weights' "
-                        "memory once more)")
+                        "memory once more). Default: on where the CPU has AMX and the copy fits in half the "
+                        "host memory left beside the KV pool")
     s.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="memory for the KV cache pool, e.g. 4GiB, 512MiB or bytes (default: half the free "
                         "device memory at start, at most 4GiB on the CPU)")

@@ -273,6 +273,30 @@ def test_packed_weights_refused_where_they_cannot_run(jax_model):
                                    packed_weights=True)
 
 
+def test_packed_weights_by_default_where_the_tile_unit_runs_them(jax_model, converted, monkeypatch):
+    """By default a bfloat16 engine packs its decoder weights where the kernels' product runs on AMX
+    tiles and the copy fits in half of the host memory beside the pool; elsewhere it says why not,
+    and a float32 model or packed_weights=False never packs."""
+    import qvl_jax
+    from qvl_jax.engine import engine as engine_mod
+
+    kw = dict(max_num_seqs=1, max_model_len=64, num_blocks=20)
+    eng = jax_model("untied").engine(**kw)
+    assert eng._packed is None and "float32" in eng.packed_weights_off
+    m = qvl_jax.load(converted("untied"), dtype="bfloat16")
+    eng = m.engine(**kw)
+    if cpu_kernel.tile_products():
+        assert eng._packed is not None and eng.packed_weights_off is None
+    else:
+        assert eng._packed is None and "AMX" in eng.packed_weights_off
+    assert m.engine(packed_weights=False, **kw)._packed is None
+    monkeypatch.setattr(engine_mod, "device_free_bytes", lambda: 4096)  # no room for the copy
+    eng = m.engine(**kw)
+    assert eng._packed is None and eng.packed_weights_off is not None
+    if cpu_kernel.tile_products():
+        assert "half of the free host memory" in eng.packed_weights_off
+
+
 def test_kernel_reads_only_the_allowed_keys():
     """A key outside the mask never reaches the answer, even an infinite or NaN one (whatever a
     trash block or a freed block holds): the answer is bit for bit the one over clean pools."""

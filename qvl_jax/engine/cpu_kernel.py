@@ -53,6 +53,7 @@ TARGETS = {"qvl_paged_decode": "QvlPagedDecode", "qvl_paged_prefill": "QvlPagedP
            "qvl_put_rows": "QvlPutRows", "qvl_gemm_packed": "QvlGemmPacked"}
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _lock = threading.Lock()
+_lib: list = []  # the loaded library, once built
 
 
 def _cpu_id() -> str:
@@ -108,6 +109,7 @@ def _load() -> str | None:
             lib = ctypes.cdll.LoadLibrary(str(_build()))
             for target, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            _lib.append(lib)
         except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
             return f"{type(e).__name__}: {e}"
     return None
@@ -182,6 +184,13 @@ def has_amx() -> bool:
     except OSError:
         return False
     return "amx_tile" in flags and "amx_bf16" in flags
+
+
+def tile_products() -> bool:
+    """Whether the built kernels run their bfloat16 products on the tile unit (AMX): the CPU has it
+    and the compiler targeted it. Without it `gemm_packed` computes in a plain float32 loop (the same
+    values, far slower than XLA's product)."""
+    return unavailable_reason() is None and bool(_lib[0].QvlTileProducts())
 
 
 def pack_weight(w: jax.Array) -> jax.Array:

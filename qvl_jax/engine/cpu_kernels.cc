@@ -1086,3 +1086,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefill, PagedPrefill,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size"));
+
+// 1 where this build runs the bfloat16 products on AMX tiles (the compiler targeted them), else 0:
+// what `cpu_kernel.tile_products()` reads to choose packed weights by default.
+extern "C" int QvlTileProducts() {
+#if defined(QVL_AMX)
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -122,14 +122,17 @@ class Engine:
     model, the steps' decoder products go through `cpu_kernel.gemm_packed` over a packed copy of the
     decoder's weights (`qvl_jax.engine.packed`: a 512-token chunk ~1.6x faster at 2B widths; the
     decoder projections' memory once more; each product rounded to bfloat16 as written, where XLA's
-    own path may keep it unrounded into the next op); an error where it cannot. Default off."""
+    own path may keep it unrounded into the next op); an error where it cannot. None (default):
+    where it can run, the CPU's tile unit (AMX) runs the product, and the copy fits in half of the
+    host memory left beside the KV pool (`packed_weights_off` says why not, else None). False:
+    never."""
 
     def __init__(self, model, max_num_seqs: int = 16, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512, decode_steps: int | None = None,
                  memory_fraction: float = 0.5, prefix_caching: bool = True, vision_cache_bytes: int = 256 << 20,
                  window_copy_bytes: int = 1 << 30, attention: str | None = None, processor=None,
                  kv_cache_memory: int | str | None = None, speculative_config=None, cpu_kernel: bool | None = None,
-                 packed_weights: bool = False):
+                 packed_weights: bool | None = None):
         self.model = model
         self.cfg = model.config
         self.mesh = getattr(model, "mesh", None)  # the params' (and the pools') mesh; None: one device
@@ -178,6 +181,12 @@ class Engine:
             why = packed.why_not(model, self._cpu)
             if why is not None:
                 raise InputError(f"packed_weights=True cannot run here: {why}")
+        elif packed_weights is None:
+            why = packed.default_off(model, self._cpu, device_free_bytes(), self.kv_cache_bytes)
+        else:
+            why = "packed_weights=False"
+        self.packed_weights_off = why  # None: the steps' decoder products run over packed weights
+        if why is None:
             self._packed = packed.PackedParams(model)
         self.speculative_config = speculative.SpeculativeConfig.of(speculative_config)
         self._spec = None

@@ -1,5 +1,6 @@
 """The decoder's weights packed for the CPU kernels' bfloat16 product (`cpu_kernel.gemm_packed`):
-`Engine(packed_weights=True)` (`qvl-jax serve --packed-weights`).
+the engine's default on a CPU with AMX (`Engine(packed_weights=...)`, `qvl-jax serve
+--packed-weights / --no-packed-weights`).
 
 On the CPU at bfloat16 XLA's product of a prompt chunk with a decoder weight runs at about two
 thirds of what the tile unit gives over a weight laid out for it, and the products are three
@@ -8,8 +9,9 @@ the engine's steps the model with each decoder `Linear`'s weight also packed (`P
 its Param); such a Linear computes through `gemm_packed`: the same float32 sums as XLA's product,
 rounded to bfloat16 there, where XLA's own path may keep them unrounded into the next op (its excess
 precision; design notes). A 512-token step at 2B widths, 4 layers: ~1.6x faster. The packed copies
-hold the decoder projections' weights once more (the 2B model: ~2.8 GB), so this is a choice, off
-by default. The copies follow the model: when its params change (training, LoRA, `set_attention`),
+hold the decoder projections' weights once more (the 2B model: ~2.8 GB). `Engine(packed_weights=None)`,
+the default, packs where the tile unit runs the product and that copy fits in half of the host
+memory left beside the KV pool (`default_off` says why not elsewhere). The copies follow the model: when its params change (training, LoRA, `set_attention`),
 the next step packs them again. Only the engine's steps use them; generate, training and the
 vision tower keep the model's own.
 """
@@ -34,6 +36,28 @@ def why_not(model, cpu_kernels: bool) -> str | None:
     if model.quantization is not None:
         return f"the decoder's weights are quantized ({model.quantization})"
     return None
+
+
+def default_off(model, cpu_kernels: bool, free: int | None, pool_bytes: int) -> str | None:
+    """Why the engine does not pack by default here (None: it packs): where packing cannot run, where
+    the kernels' product would not run on the tile unit (the plain loop it falls back to is far
+    slower than XLA's product), or where the packed copy would take more than half of the host
+    memory left free beside the KV pool (`free`: the free host memory before the pool)."""
+    why = why_not(model, cpu_kernels)
+    if why is not None:
+        return why
+    if not cpu_kernel.tile_products():
+        return "the CPU kernels' product does not run on AMX tiles here"
+    need = nbytes(model)
+    if free is not None and need > (free - pool_bytes) // 2:
+        return (f"the packed copy ({need >> 20} MiB) would take more than half of the free host memory "
+                f"beside the KV pool ({max(free - pool_bytes, 0) >> 20} MiB)")
+    return None
+
+
+def nbytes(model) -> int:
+    """The packed copy's size: the packed decoder projections' weights, once more."""
+    return sum(w.nbytes for _, w in _decoder_linears(model.module))
 
 
 def _decoder_linears(module):

@@ -65,7 +65,7 @@ def run(args) -> int:
     engine = model.engine(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, processor=processor,
                           kv_cache_memory=args.kv_cache_memory, memory_fraction=args.kv_cache_memory_fraction,
                           max_num_batched_tokens=args.max_num_batched_tokens, decode_steps=args.decode_steps,
-                          speculative_config=spec, packed_weights=getattr(args, "packed_weights", False))
+                          speculative_config=spec, packed_weights=getattr(args, "packed_weights", None))
     name = args.served_model_name or (args.model if args.model else "tiny-random")
     config = ServerConfig(served_model_name=name, api_key=args.api_key, media=policy,
                           max_body_bytes=args.max_body_bytes,
@@ -85,6 +85,8 @@ def run(args) -> int:
     print(f"KV cache: {engine.num_blocks} blocks x {engine.block_size} tokens = "
           f"{engine.num_blocks * engine.block_size} tokens, {engine.kv_cache_bytes} bytes "
           f"({format_size(engine.kv_cache_bytes)}; --kv-cache-memory)", file=sys.stderr, flush=True)
+    if engine.packed_weights_off is None:
+        print("decoder weights packed for the CPU's tile unit (--no-packed-weights: off)", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
