@@ -174,6 +174,30 @@ def test_packed_product_equals_xla_product(m, k, n):
         cpu_kernel.gemm_packed(x.astype(jnp.float32), cpu_kernel.pack_weight(w))
 
 
+def test_bfloat16_product_is_rounded_before_a_float32_op():
+    """`matmul_t`'s bfloat16 product reaches the next op rounded to bfloat16, also where that op takes
+    it to float32 inside the same jit (q_norm after q_proj, at a prompt chunk's rows and 16 heads of
+    128), as torch rounds it and as `gemm_packed` returns it. Without `reduce_precision` XLA's
+    default excess precision hands the norm the float32 sums here (277,020 of 1,064,960 outputs
+    differed), and the engine's packed and unpacked weights then gave different tokens."""
+    from qvl_jax.modeling.layers import matmul_t, rms_norm
+
+    rng = np.random.RandomState(4)
+    x = jnp.asarray(rng.randn(520, 256), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(2048, 256) * 0.05, jnp.bfloat16)
+    g = jnp.asarray(1 + rng.rand(128), jnp.bfloat16)
+
+    def norm(y):
+        return rms_norm(y.reshape(520, 16, 128), g, 1e-6)
+
+    fused = jax.jit(lambda x, w: norm(matmul_t(x, w)))(x, w)
+    apart = jax.jit(norm)(jax.jit(matmul_t)(x, w))  # the product stored, so rounded
+    np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(apart, np.float32))
+    if cpu_kernel.tile_products():
+        packed = jax.jit(lambda x, wp: norm(cpu_kernel.gemm_packed(x, wp)))(x, cpu_kernel.pack_weight(w))
+        np.testing.assert_array_equal(np.asarray(fused, np.float32), np.asarray(packed, np.float32))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
 def test_take_rows_equals_take(dtype):
     """Rows of a table at ids of any shape, bit for bit jnp.take's, inside a jitted loop too (how a
@@ -231,8 +255,8 @@ def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path, pac
     `cpu_kernel.gemm_packed` over packed weights) gives model.generate's tokens in bfloat16 (XLA's
     scatter, lookup, gather and products), as requests come and go. A first difference is allowed
     only at a bfloat16 tie: the logits are bfloat16 values, and where the top two are one bfloat16
-    step apart a different order of additions anywhere (a chunked prompt, a mixed step's rows), or a
-    product rounded to bfloat16 where XLA kept it unrounded, can swap them. The engine without the
+    step apart a different order of additions anywhere (a chunked prompt, a mixed step's rows) can
+    swap them (the packed product is XLA's bit for bit, and rounded where `matmul_t` rounds). The engine without the
     kernels (`cpu_kernel=False`) meets that tie in the 40-token prompt too (token 8, top two
     2.40625 / 2.390625), with the same tokens as the kernels."""
     import qvl_jax

@@ -120,9 +120,8 @@ class Engine:
     device, attention "xla", float32 or bfloat16, a C++ compiler); False: never; True: required
     (an error where it cannot run). packed_weights: True: where the CPU kernels run a bfloat16
     model, the steps' decoder products go through `cpu_kernel.gemm_packed` over a packed copy of the
-    decoder's weights (`qvl_jax.engine.packed`: a 512-token chunk ~1.6x faster at 2B widths; the
-    decoder projections' memory once more; each product rounded to bfloat16 as written, where XLA's
-    own path may keep it unrounded into the next op); an error where it cannot. None (default):
+    decoder's weights (`qvl_jax.engine.packed`: a 512-token chunk ~1.25-1.6x faster at 2B widths,
+    the same tokens; the decoder projections' memory once more); an error where it cannot. None (default):
     where it can run, the CPU's tile unit (AMX) runs the product, and the copy fits in half of the
     host memory left beside the KV pool (`packed_weights_off` says why not, else None). False:
     never."""

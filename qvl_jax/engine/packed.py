@@ -6,13 +6,14 @@ On the CPU at bfloat16 XLA's product of a prompt chunk with a decoder weight run
 thirds of what the tile unit gives over a weight laid out for it, and the products are three
 quarters of a chunk's step (`scripts/bench_products.py`, docs/performance.md). `PackedParams` gives
 the engine's steps the model with each decoder `Linear`'s weight also packed (`PackedWeight` beside
-its Param); such a Linear computes through `gemm_packed`: the same float32 sums as XLA's product,
-rounded to bfloat16 there, where XLA's own path may keep them unrounded into the next op (its excess
-precision; design notes). A 512-token step at 2B widths, 4 layers: ~1.6x faster. The packed copies
-hold the decoder projections' weights once more (the 2B model: ~2.8 GB). `Engine(packed_weights=None)`,
-the default, packs where the tile unit runs the product and that copy fits in half of the host
-memory left beside the KV pool (`default_off` says why not elsewhere). The copies follow the model: when its params change (training, LoRA, `set_attention`),
-the next step packs them again. Only the engine's steps use them; generate, training and the
+its Param); such a Linear computes through `gemm_packed`: XLA's product bit for bit, the same
+float32 sums rounded to bfloat16 as `matmul_t` rounds them (`layers._to_bfloat16`), so the engine's
+tokens and log-probabilities are those of its unpacked weights. A 512-token step at 2B widths, 4
+layers: ~1.25-1.6x faster. The packed copies hold the decoder projections' weights once more (the 2B
+model: ~2.8 GB). `Engine(packed_weights=None)`, the default, packs where the tile unit runs the
+product and that copy fits in half of the host memory left beside the KV pool (`default_off` says
+why not elsewhere). The copies follow the model: when its params change (training, LoRA,
+`set_attention`), the next step packs them again. Only the engine's steps use them; generate, training and the
 vision tower keep the model's own.
 """
 

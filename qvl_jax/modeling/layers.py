@@ -76,7 +76,7 @@ def _matmul_t_bf16(x: jax.Array, w: jax.Array, rows: int) -> jax.Array:
         y = jax.lax.optimization_barrier(jax.lax.dot_general(w, x2, dims, preferred_element_type=jnp.float32)).T
         y = _round_row_major(y[:rows])
     else:
-        y = jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)[:rows].astype(jnp.bfloat16)
+        y = _to_bfloat16(jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)[:rows])
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -88,7 +88,15 @@ def _round_row_major(y: jax.Array) -> jax.Array:
     every call (the vision tower's MLP down projection after the bias and GELU: 64 patches through
     18 blocks 360 ms against 71). The parameter of a jitted function is row-major, and XLA keeps
     that layout for the ops inside when it inlines the call, so the convert here makes the copy."""
-    return y.astype(jnp.bfloat16)
+    return _to_bfloat16(y)
+
+
+def _to_bfloat16(y: jax.Array) -> jax.Array:
+    """A float32 product rounded to bfloat16, as torch's bfloat16 matmul rounds it. A bare convert is
+    not enough: where the next op takes the value to float32 (an RMSNorm, the rotary embedding),
+    XLA's default excess precision drops the convert pair and the op sees the unrounded sums;
+    `reduce_precision` rounds the value itself, which XLA keeps."""
+    return jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=7).astype(jnp.bfloat16)
 
 
 def _dot(w):
