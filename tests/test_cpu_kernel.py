@@ -147,6 +147,29 @@ def test_packed_prefill_kernel_equals_each_row_alone(dtype):
                                         jnp.asarray(starts[::-1].copy()), bs).block_until_ready()
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
+def test_vision_block_attention_kernel_equals_xla(dtype, tol):
+    """`cpu_kernel.block_attention` (the engine's vision blocks) is `vision.block_attention`: three
+    blocks of 40 patches, two frames packed in one, padding in another; each patch sees only its own
+    frame. Padding patches (no allowed key) get zeros, where XLA's softmax averages every value:
+    they are dropped before the merger either way."""
+    from qvl_jax.modeling.vision import block_attention
+
+    rng = np.random.RandomState(12)
+    blocks, size = 3, 40
+    q, k, v = (jnp.asarray(rng.randn(blocks * size, 4, 64), dtype) for _ in range(3))
+    frame = np.zeros((blocks, size), np.int32)
+    frame[1, 25:] = 1  # two frames in block 1
+    frame[2, 33:] = -1  # padding at the end of block 2
+    mask = jnp.asarray((frame[:, :, None] == frame[:, None, :]) & (frame[:, None, :] >= 0))
+    got = jax.jit(cpu_kernel.block_attention)(q, k, v, mask)
+    want = jax.jit(block_attention)(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == q.shape
+    live = (frame >= 0).reshape(-1)
+    np.testing.assert_allclose(np.asarray(got[live], np.float32), np.asarray(want[live], np.float32), rtol=tol, atol=tol)
+    assert not np.asarray(got[~live], np.float32).any()
+
+
 @pytest.mark.parametrize("m, k, n", [(7, 64, 96), (33, 96, 32), (130, 160, 64)])
 def test_packed_product_equals_xla_product(m, k, n):
     """gemm_packed(x, pack_weight(w)) is x . w^T: within the bfloat16 rounding of the float64 product
@@ -307,6 +330,11 @@ def test_packed_weights_by_default_where_the_tile_unit_runs_them(jax_model, conv
     kw = dict(max_num_seqs=1, max_model_len=64, num_blocks=20)
     eng = jax_model("untied").engine(**kw)
     assert eng._packed is None and "float32" in eng.packed_weights_off
+    # float32 too: the vision blocks attend through the CPU kernel in the engine's view, not the model's
+    attn = eng.params[0].merge(eng.params[1]).model.visual.blocks[0].attn
+    assert attn.attend_kernel is cpu_kernel.block_attention
+    assert getattr(eng.model.module.model.visual.blocks[0].attn, "attend_kernel", None) is None
+    assert jax_model("untied").engine(cpu_kernel=False, **kw).params is jax_model("untied").split
     m = qvl_jax.load(converted("untied"), dtype="bfloat16")
     eng = m.engine(**kw)
     if cpu_kernel.tile_products():

@@ -167,6 +167,17 @@ def paged_prefill_packed(q: jax.Array, kp: jax.Array, vp: jax.Array, table: jax.
     return _attention("paged_prefill_packed", q, kp, vp, table, mask, block_size, starts.astype(jnp.int32))
 
 
+def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """The vision tower's attention (`vision.block_attention`) through `paged_prefill`: q, k, v [B*S,
+    n, h], each query attending to the keys of its own block of S where mask [B, S, S] holds (block
+    b's keys read in place, as one table entry of S slots). Returns [B*S, n, h]; zeros for a query
+    with no allowed key (a padding patch, where XLA's softmax averages every value instead)."""
+    blocks, size = mask.shape[:2]
+    table = jnp.arange(blocks, dtype=jnp.int32)[:, None]
+    out = paged_prefill(q.reshape(blocks, size, *q.shape[1:]), k, v, table, mask, size)
+    return out.reshape(q.shape)
+
+
 def _attention(name: str, q, kp, vp, table, mask, block_size: int, *extra) -> jax.Array:
     """The call of the attention handler qvl_<name> (its output shaped as q)."""
     assert available(), unavailable_reason()

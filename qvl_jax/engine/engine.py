@@ -185,8 +185,10 @@ class Engine:
         else:
             why = "packed_weights=False"
         self.packed_weights_off = why  # None: the steps' decoder products run over packed weights
+        # The steps' and the vision tower's view of the model (`packed.StepParams`), where it differs.
+        self._view = packed.StepParams(model, why is None, self._cpu) if why is None or self._cpu else None
         if why is None:
-            self._packed = packed.PackedParams(model)
+            self._packed = self._view
         self.speculative_config = speculative.SpeculativeConfig.of(speculative_config)
         self._spec = None
         if self.speculative_config is not None:
@@ -230,9 +232,10 @@ class Engine:
 
     @property
     def params(self):
-        """(Structure, leaves) for the steps: the model's, with the decoder's weights packed where the
-        engine packs them (`qvl_jax.engine.packed`)."""
-        return self.model.split if self._packed is None else self._packed.split
+        """(Structure, leaves) for the steps and the vision tower: the model's, with the decoder's weights
+        packed where the engine packs them, and the vision blocks attending through the CPU kernel
+        where the engine runs it (`qvl_jax.engine.packed.StepParams`)."""
+        return self.model.split if self._view is None else self._view.split
 
     @property
     def blocks(self):
@@ -479,7 +482,7 @@ class Engine:
         miss = [m for m in need if got[m.digest] is None]
         if miss:
             # On the host from here: slicing and gathering device arrays compiles per image size.
-            feats, deepstack = map(np.asarray, vision_tower(*self.model.split, req.layout.vision_inputs(miss)))
+            feats, deepstack = map(np.asarray, vision_tower(*self.params, req.layout.vision_inputs(miss)))
             self.stats["vision_encoded"] += len(miss)
             at = 0
             for m in miss:

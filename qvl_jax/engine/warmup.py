@@ -114,7 +114,7 @@ def run(engine, programs: list[tuple], progress=None) -> float:
                                                 vc, p)
             # Waited for: its outputs are not the pools, and a tower still running when warm-up
             # returns would delay the first request (at 2B widths in float32, ~10 s of the buckets').
-            jax.block_until_ready(vision_tower(*engine.model.split, vis))
+            jax.block_until_ready(vision_tower(*engine.params, vis))
             continue
         kind, flags, n = prog
         if kind == "verify":  # the speculative decode loop (`speculative_runs.EngineSpeculation`)

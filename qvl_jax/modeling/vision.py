@@ -254,8 +254,9 @@ class VisionAttention(nnx.Module):
     def __call__(self, x, cos, sin, mask, lengths=None, impl: str = "einsum"):
         qkv = self.qkv(x, (3, self.num_heads, self.head_dim))  # [P, 3, heads, head_dim]
         q, k, v = apply_rope(qkv[:, 0], cos, sin), apply_rope(qkv[:, 1], cos, sin), qkv[:, 2]
+        kernel = getattr(self, "attend_kernel", None)  # the engine's CPU kernel, where its view sets one
         if impl == "einsum":
-            attn = block_attention(q, k, v, mask)
+            attn = block_attention(q, k, v, mask) if kernel is None else kernel(q, k, v, mask)
         else:
             q, k, v = (a.reshape(lengths.shape[0], -1, *a.shape[1:]) for a in (q, k, v))
             attn = attention.fused(q, k, v, impl, lengths=lengths).reshape(x.shape[0], *q.shape[2:])
