@@ -10,11 +10,12 @@
   whole window bucket and passes the [queries, window] float32 scores through memory several times
   (about 85 ms a layer for 448 queries over a 2048-key bucket at 2B widths, 2 cores); the kernel
   reads each block of queries' keys up to its last allowed one, in tiles: AMX tiles for bfloat16
-  where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms).
+  where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms). `block_attention`
+  runs the engine's vision blocks through it (each block of patches one table entry).
 - `gemm_packed` (with `pack_weight`): a bfloat16 product x . w^T over a weight rearranged once into
   the tile unit's operand layout: XLA's product bit for bit, 1.5x faster at a prompt chunk's rows,
-  as fast as oneDNN's (`scripts/bench_products.py`); the engine's decoder products with
-  `Engine(packed_weights=True)` (`qvl_jax.engine.packed`).
+  as fast as oneDNN's (`scripts/bench_products.py`); it runs the engine's decoder products where
+  the engine packs its weights (`qvl_jax.engine.packed`: by default where the CPU has AMX).
 - `take_rows` / `put_rows`: rows of a table read, or written in place. XLA:CPU computes a bfloat16
   gather or scatter on a float32 copy of the whole operand: writing a step's tokens into a layer's
   pools, or looking up tokens in the embedding table inside a loop, then costs more than the step's

@@ -4,7 +4,7 @@ the engine's default on a CPU with AMX (`Engine(packed_weights=...)`, `qvl-jax s
 
 On the CPU at bfloat16 XLA's product of a prompt chunk with a decoder weight runs at about two
 thirds of what the tile unit gives over a weight laid out for it, and the products are three
-quarters of a chunk's step (`scripts/bench_products.py`, docs/performance.md). `PackedParams` gives
+quarters of a chunk's step (`scripts/bench_products.py`, docs/performance.md). `StepParams` gives
 the engine's steps the model with each decoder `Linear`'s weight also packed (`PackedWeight` beside
 its Param); such a Linear computes through `gemm_packed`: XLA's product bit for bit, the same
 float32 sums rounded to bfloat16 as `matmul_t` rounds them (`layers._to_bfloat16`), so the engine's
