@@ -57,3 +57,31 @@ def test_bfloat16_error_comparable_to_transformers(name, hf_checkpoint, tmp_path
     err_theirs, err_ours = mean_rel_err(theirs, ref, real), mean_rel_err(ours, ref, real)
     assert err_theirs > 1e-3, "the transformers model did not run in bfloat16"
     assert err_ours <= MARGIN * err_theirs, f"bfloat16 error {err_ours:.2e} vs transformers' {err_theirs:.2e}"
+
+
+def test_bfloat16_rms_norm_rounds_where_transformers_rounds():
+    """The decoder's RMSNorm at bfloat16 under jit (q_norm's shape at a prompt chunk's rows) equals
+    transformers' Qwen3VLTextRMSNorm: the normalised value is rounded to bfloat16 before the weight
+    multiplies it. XLA drops a bare cast there (its default excess precision), which left 26% of the
+    outputs one bfloat16 step or more from torch's; what remains is the float32 mean's order of
+    additions (a handful of values, one step of the normalised value)."""
+    import jax
+    import jax.numpy as jnp
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    from qvl_jax.modeling.layers import rms_norm
+
+    rng = np.random.RandomState(0)
+    x = torch.from_numpy(rng.randn(520, 16, 128).astype(np.float32) * 3).to(torch.bfloat16)
+    norm = Qwen3VLTextRMSNorm(128, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(1 + rng.rand(128).astype(np.float32) * 0.5))
+        want = norm(x).float().numpy()
+    got = np.asarray(jax.jit(rms_norm, static_argnums=2)(jnp.asarray(x.float().numpy(), jnp.bfloat16),
+                                                          jnp.asarray(norm.weight.detach().float().numpy(), jnp.bfloat16),
+                                                          1e-6), np.float32)
+    differ = got != want
+    assert differ.mean() < 1e-4, f"{int(differ.sum())} of {differ.size} outputs differ from transformers'"
+    # One bfloat16 step of the normalised value, times the weight (below 2): within two of the output's.
+    step = 2.0 ** (np.floor(np.log2(np.abs(want[differ]))) - 7)
+    assert (np.abs(got[differ] - want[differ]) <= 2 * step).all()

@@ -176,11 +176,18 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # As the reference: normalise in float32, cast back to the input dtype, then apply the weight.
-    # (At bfloat16 XLA drops that cast, its default excess precision: the weight multiplies the
-    # float32 value, where torch rounds it first; docs/design-notes.md.)
+    # At bfloat16 XLA drops a bare cast (its default excess precision: the weight would multiply the
+    # float32 value, where torch rounds it first; docs/design-notes.md), so it is rounded first.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * y.astype(x.dtype)
+    return weight * _round_to(y, x.dtype)
+
+
+def _round_to(y: jax.Array, dtype) -> jax.Array:
+    """y cast to a narrower float dtype, rounded there even where XLA would drop the cast."""
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return _to_bfloat16(y)
+    return y.astype(dtype)
 
 
 class RMSNorm(nnx.Module):
