@@ -186,7 +186,7 @@ def test_packed_product_equals_xla_product(m, k, n):
     ref = x64 @ w64.T
     bound = 2.0 ** -8 * np.abs(ref) + 2.0 ** -20 * (np.abs(x64) @ np.abs(w64).T)
     assert (np.abs(y - ref) <= bound).all()
-    if cpu_kernel.has_amx():
+    if cpu_kernel.tile_products():
         np.testing.assert_array_equal(y, np.asarray(jax.jit(matmul_t)(x, w), np.float64))
         sums = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
         np.testing.assert_array_equal(np.asarray(cpu_kernel.gemm_packed(x, cpu_kernel.pack_weight(w), jnp.float32)),
@@ -293,7 +293,7 @@ def test_bfloat16_engine_equals_generate(hf_checkpoint, converted, tmp_path, pac
     cases.append((_one(PromptBuilder(rng).text(4).image(4, 4).text(6), hf, rng), 12))
     eng = m.engine(max_num_seqs=4, max_model_len=128, block_size=4, num_blocks=140, decode_steps=4,
                    max_num_batched_tokens=32, cpu_kernel=True, packed_weights=packed)
-    assert eng._cpu and str(m.dtype) == "bfloat16" and (eng._packed is not None) == packed
+    assert eng._cpu and str(m.dtype) == "bfloat16" and (eng.packed_weights_off is None) == packed
     if packed:  # the steps see packed weights (the projections whose dims are multiples of 32)
         assert sum(type(v).__name__ == "PackedWeight" for v in jax.tree.leaves(
             nnx.state(eng.params[0].merge(eng.params[1])), is_leaf=lambda x: isinstance(x, nnx.Variable))) > 0
@@ -329,22 +329,28 @@ def test_packed_weights_by_default_where_the_tile_unit_runs_them(jax_model, conv
 
     kw = dict(max_num_seqs=1, max_model_len=64, num_blocks=20)
     eng = jax_model("untied").engine(**kw)
-    assert eng._packed is None and "float32" in eng.packed_weights_off
+    assert "float32" in eng.packed_weights_off
     # float32 too: the vision blocks attend through the CPU kernel in the engine's view, not the model's
     attn = eng.params[0].merge(eng.params[1]).model.visual.blocks[0].attn
     assert attn.attend_kernel is cpu_kernel.block_attention
     assert getattr(eng.model.module.model.visual.blocks[0].attn, "attend_kernel", None) is None
     assert jax_model("untied").engine(cpu_kernel=False, **kw).params is jax_model("untied").split
     m = qvl_jax.load(converted("untied"), dtype="bfloat16")
+
+    def packed_leaves(eng):
+        return sum(type(v).__name__ == "PackedWeight" for v in jax.tree.leaves(
+            nnx.state(eng.params[0].merge(eng.params[1])), is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
     eng = m.engine(**kw)
     if cpu_kernel.tile_products():
-        assert eng._packed is not None and eng.packed_weights_off is None
+        assert eng.packed_weights_off is None and packed_leaves(eng) > 0
     else:
-        assert eng._packed is None and "AMX" in eng.packed_weights_off
-    assert m.engine(packed_weights=False, **kw)._packed is None
+        assert "AMX" in eng.packed_weights_off and packed_leaves(eng) == 0
+    eng = m.engine(packed_weights=False, **kw)
+    assert eng.packed_weights_off == "packed_weights=False" and packed_leaves(eng) == 0
     monkeypatch.setattr(engine_mod, "device_free_bytes", lambda: 4096)  # no room for the copy
     eng = m.engine(**kw)
-    assert eng._packed is None and eng.packed_weights_off is not None
+    assert eng.packed_weights_off is not None and packed_leaves(eng) == 0
     if cpu_kernel.tile_products():
         assert "half of the free host memory" in eng.packed_weights_off
 

@@ -188,16 +188,6 @@ def _attention(name: str, q, kp, vp, table, mask, block_size: int, *extra) -> ja
     return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), *extra, block_size=int(block_size))
 
 
-def has_amx() -> bool:
-    """Whether this CPU has the tile unit with bfloat16 products (AMX-TILE and AMX-BF16), which the
-    kernels use where the compiler targets it."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_tile" in flags and "amx_bf16" in flags
-
-
 def tile_products() -> bool:
     """Whether the built kernels run their bfloat16 products on the tile unit (AMX): the CPU has it
     and the compiler targeted it. Without it `gemm_packed` computes in a plain float32 loop (the same

@@ -175,7 +175,6 @@ class Engine:
         self.attention = model.config.attention if attention is None else check_attention(attention)
         self._pallas = self.attention == "pallas"
         self._cpu = self._use_cpu_kernel(cpu_kernel)
-        self._packed = None
         if packed_weights:
             why = packed.why_not(model, self._cpu)
             if why is not None:
@@ -185,10 +184,9 @@ class Engine:
         else:
             why = "packed_weights=False"
         self.packed_weights_off = why  # None: the steps' decoder products run over packed weights
-        # The steps' and the vision tower's view of the model (`packed.StepParams`), where it differs.
-        self._view = packed.StepParams(model, why is None, self._cpu) if why is None or self._cpu else None
-        if why is None:
-            self._packed = self._view
+        # The steps' and the vision tower's view of the model (`packed.StepParams`) where the CPU
+        # kernels run (packing needs them too); elsewhere the model's own.
+        self._view = packed.StepParams(model, why is None, self._cpu) if self._cpu else None
         self.speculative_config = speculative.SpeculativeConfig.of(speculative_config)
         self._spec = None
         if self.speculative_config is not None:

@@ -7,7 +7,7 @@ thirds of what the tile unit gives over a weight laid out for it, and the produc
 quarters of a chunk's step (`scripts/bench_products.py`, docs/performance.md). `StepParams` gives
 the engine's steps the model with each decoder `Linear`'s weight also packed (`PackedWeight` beside
 its Param); such a Linear computes through `gemm_packed`: XLA's product bit for bit, the same
-float32 sums rounded to bfloat16 as `matmul_t` rounds them (`layers._to_bfloat16`), so the engine's
+float32 sums rounded to bfloat16 as `matmul_t` rounds them (`layers.round_to`), so the engine's
 tokens and log-probabilities are those of its unpacked weights. A 512-token step at 2B widths, 4
 layers: ~1.25-1.6x faster. The packed copies hold the decoder projections' weights once more (the 2B
 model: ~2.8 GB). `Engine(packed_weights=None)`, the default, packs where the tile unit runs the

@@ -76,7 +76,7 @@ def _matmul_t_bf16(x: jax.Array, w: jax.Array, rows: int) -> jax.Array:
         y = jax.lax.optimization_barrier(jax.lax.dot_general(w, x2, dims, preferred_element_type=jnp.float32)).T
         y = _round_row_major(y[:rows])
     else:
-        y = _to_bfloat16(jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)[:rows])
+        y = round_to(jax.lax.dot_general(x2, w, dims, preferred_element_type=jnp.float32)[:rows], jnp.bfloat16)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -88,15 +88,20 @@ def _round_row_major(y: jax.Array) -> jax.Array:
     every call (the vision tower's MLP down projection after the bias and GELU: 64 patches through
     18 blocks 360 ms against 71). The parameter of a jitted function is row-major, and XLA keeps
     that layout for the ops inside when it inlines the call, so the convert here makes the copy."""
-    return _to_bfloat16(y)
+    return round_to(y, jnp.bfloat16)
 
 
-def _to_bfloat16(y: jax.Array) -> jax.Array:
-    """A float32 product rounded to bfloat16, as torch's bfloat16 matmul rounds it. A bare convert is
-    not enough: where the next op takes the value to float32 (an RMSNorm, the rotary embedding),
-    XLA's default excess precision drops the convert pair and the op sees the unrounded sums;
-    `reduce_precision` rounds the value itself, which XLA keeps."""
-    return jax.lax.reduce_precision(y, exponent_bits=8, mantissa_bits=7).astype(jnp.bfloat16)
+def round_to(y: jax.Array, dtype) -> jax.Array:
+    """y cast to `dtype`, rounded there as torch rounds it (a bfloat16 product's float32 sums, an
+    RMSNorm's normalised value). A bare convert to a narrower float is not enough: where the next op
+    takes the value back to float32 (an RMSNorm, the rotary embedding), XLA's default excess
+    precision drops the convert pair and that op sees the unrounded value; `reduce_precision` to the
+    narrower type's bits rounds the value itself, which XLA keeps."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < jnp.finfo(y.dtype).bits:
+        info = jnp.finfo(dtype)
+        y = jax.lax.reduce_precision(y, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return y.astype(dtype)
 
 
 def _dot(w):
@@ -133,8 +138,7 @@ class Linear(nnx.Module):
         float32 sums, rounded to the dtype)."""
         packed = getattr(self, "packed", None)
         if packed is not None:
-            # The float32 sums, rounded here as `matmul_t` rounds its dot's: XLA then treats the
-            # rounding as it does there (it drops it where a float32 op takes the value next).
+            # The float32 sums rounded to the dtype by the kernel, as `matmul_t` rounds its dot's.
             y = self.packed_product(x, packed[...])
         else:
             w = weight_value(self.weight)
@@ -180,14 +184,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # float32 value, where torch rounds it first; docs/design-notes.md), so it is rounded first.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * _round_to(y, x.dtype)
-
-
-def _round_to(y: jax.Array, dtype) -> jax.Array:
-    """y cast to a narrower float dtype, rounded there even where XLA would drop the cast."""
-    if jnp.dtype(dtype) == jnp.bfloat16:
-        return _to_bfloat16(y)
-    return y.astype(dtype)
+    return weight * round_to(y, x.dtype)
 
 
 class RMSNorm(nnx.Module):
