@@ -170,12 +170,14 @@ def test_vision_block_attention_kernel_equals_xla(dtype, tol):
     assert not np.asarray(got[~live], np.float32).any()
 
 
-@pytest.mark.parametrize("m, k, n", [(7, 64, 96), (33, 96, 32), (130, 160, 64)])
+@pytest.mark.parametrize("m, k, n", [(7, 64, 96), (33, 96, 32), (130, 160, 64), (1, 64, 320), (8, 96, 320),
+                                     (26, 1024, 64)])
 def test_packed_product_equals_xla_product(m, k, n):
     """gemm_packed(x, pack_weight(w)) is x . w^T: within the bfloat16 rounding of the float64 product
     (and float32 sums); on the tile unit bit for bit XLA's own bfloat16 product (`matmul_t`), whose
     AMX sums run in the same order, and its float32 sums those of XLA's dot with a float32 result.
-    A misplaced pair or block in the packing fails both."""
+    A misplaced pair or block in the packing fails both. The shapes reach each AVX512_BF16 tile
+    (1 row by 8 panels and single panels, 8 rows as 4 + 4 by 3 panels, blocks of 12 rows and a rest)."""
     from qvl_jax.modeling.layers import matmul_t
 
     rng = np.random.RandomState(3)
@@ -342,7 +344,7 @@ def test_packed_weights_by_default_where_the_tile_unit_runs_them(jax_model, conv
             nnx.state(eng.params[0].merge(eng.params[1])), is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
     eng = m.engine(**kw)
-    if cpu_kernel.tile_products():
+    if cpu_kernel.product_unit() is not None:
         assert eng.packed_weights_off is None and packed_leaves(eng) > 0
     else:
         assert "AMX" in eng.packed_weights_off and packed_leaves(eng) == 0
@@ -351,7 +353,7 @@ def test_packed_weights_by_default_where_the_tile_unit_runs_them(jax_model, conv
     monkeypatch.setattr(engine_mod, "device_free_bytes", lambda: 4096)  # no room for the copy
     eng = m.engine(**kw)
     assert eng.packed_weights_off is not None and packed_leaves(eng) == 0
-    if cpu_kernel.tile_products():
+    if cpu_kernel.product_unit() is not None:
         assert "half of the free host memory" in eng.packed_weights_off
 
 

@@ -13,9 +13,12 @@
   where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms). `block_attention`
   runs the engine's vision blocks through it (each block of patches one table entry).
 - `gemm_packed` (with `pack_weight`): a bfloat16 product x . w^T over a weight rearranged once into
-  the tile unit's operand layout: XLA's product bit for bit, 1.5x faster at a prompt chunk's rows,
-  as fast as oneDNN's (`scripts/bench_products.py`); it runs the engine's decoder products where
-  the engine packs its weights (`qvl_jax.engine.packed`: by default where the CPU has AMX).
+  the tile unit's operand layout. On AMX: XLA's product bit for bit, 1.5x faster at a prompt
+  chunk's rows, as fast as oneDNN's (`scripts/bench_products.py`). With AVX512_BF16 and no AMX
+  (AMD Zen 4 / 5): the same layout read as VDPBF16PS operands, as fast as XLA's product at a
+  prompt chunk's rows and 2-3x faster at a decode step's few rows (XLA's bfloat16 product of 1-8
+  rows reads the weight at ~10 GB/s there). It runs the engine's decoder and lm_head products where
+  the engine packs its weights (`qvl_jax.engine.packed`: by default where either unit runs it).
 - `take_rows` / `put_rows`: rows of a table read, or written in place. XLA:CPU computes a bfloat16
   gather or scatter on a float32 copy of the whole operand: writing a step's tokens into a layer's
   pools, or looking up tokens in the embedding table inside a loop, then costs more than the step's
@@ -188,11 +191,19 @@ def _attention(name: str, q, kp, vp, table, mask, block_size: int, *extra) -> ja
     return call(q, kp, vp, table.astype(jnp.int32), mask.astype(bool), *extra, block_size=int(block_size))
 
 
+def product_unit() -> str | None:
+    """What runs `gemm_packed` here: "amx" (Intel's tile unit: XLA's own product bit for bit),
+    "avx512_bf16" (VDPBF16PS vectors, AMD Zen 4 / 5 and others without AMX: the float32 sums in
+    another order), or None (a plain float32 loop, far slower than XLA's product), as the CPU has
+    them and the compiler targeted them."""
+    if unavailable_reason() is not None:
+        return None
+    return {1: "amx", 2: "avx512_bf16"}.get(int(_lib[0].QvlProductUnit()))
+
+
 def tile_products() -> bool:
-    """Whether the built kernels run their bfloat16 products on the tile unit (AMX): the CPU has it
-    and the compiler targeted it. Without it `gemm_packed` computes in a plain float32 loop (the same
-    values, far slower than XLA's product)."""
-    return unavailable_reason() is None and bool(_lib[0].QvlTileProducts())
+    """Whether `gemm_packed` runs on the tile unit (AMX), where it is XLA's product bit for bit."""
+    return product_unit() == "amx"
 
 
 def pack_weight(w: jax.Array) -> jax.Array:
@@ -211,7 +222,7 @@ def gemm_packed(x: jax.Array, wp: jax.Array, out_dtype=jnp.bfloat16) -> jax.Arra
     """x [..., k] times the packed weight wp (`pack_weight` of w [n, k]) transposed: [..., n], the
     float32 sums of each output as they are (out_dtype float32) or rounded once (bfloat16): XLA's
     bfloat16 product with a float32 accumulator, bit for bit on the CPU's tile unit (AMX), where it
-    runs; elsewhere a float32 loop (the same sums in another order). No gradient: inference only."""
+    runs; with AVX512_BF16 vectors or a float32 loop elsewhere (the same sums in another order). No gradient: inference only."""
     assert available(), unavailable_reason()
     *lead, k = x.shape
     n = wp.shape[0] * 32

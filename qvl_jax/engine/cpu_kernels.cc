@@ -3,7 +3,8 @@
 // - QvlPagedDecode: decode attention over the paged KV cache, reading each row's blocks where they lie;
 // - QvlPagedPrefill: the same for several query tokens a row (a prefill chunk), in tiles (AMX or FMAs);
 //   QvlPagedPrefillPacked: for the chunks of several rows packed into one sequence (a mixed step);
-// - QvlGemmPacked: a bfloat16 product x . w^T with w packed as the tile unit reads it;
+// - QvlGemmPacked: a bfloat16 product x . w^T with w packed as the tile unit reads it (AMX, or
+//   AVX512_BF16 vectors);
 // - QvlTakeRows / QvlPutRows: rows of a table read / written in place (the token embeddings' lookup,
 //   the KV pools' writes). XLA:CPU has no bfloat16 gather or scatter of its own: it converts the
 //   whole operand to float32 and back around one (docs/performance.md), which for a layer's pools is
@@ -860,8 +861,9 @@ ffi::Error PagedPrefillPacked(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
 // A weight's column panel is then contiguous; x is copied into [16 rows x 32] blocks once a call.
 // On the tile unit: 2 x 2 accumulator tiles of 16 x 16 (32 rows of x by 32 of w) over the whole
 // contraction, x in chunks of ~1 MB that stay in L2 while the panels stream past them (the order
-// that made this as fast as oneDNN's product here, 1.5x XLA's: docs/performance.md). Elsewhere a
-// float32 loop with the same sums in another order.
+// that made this as fast as oneDNN's product here, 1.5x XLA's: docs/performance.md). With AVX512_BF16
+// and no AMX (AMD Zen 4 / 5): VDPBF16PS over the same panels (DpGemm below), the float32 sums in
+// another order. Elsewhere a float32 loop, the same sums in another order again.
 constexpr int64_t kGemmChunkBytes = 1 << 20;
 
 #if defined(QVL_AMX)
@@ -924,6 +926,128 @@ void GemmTask(const uint16_t* xp, const uint16_t* wp, Out* y, int64_t m, int64_t
 }
 #endif
 
+#if defined(__AVX512BF16__) && !defined(QVL_AMX)
+#define QVL_DPBF16 1
+// AVX512_BF16 (Zen 4/5 and others without AMX): the same packed panels read as vector operands. Row
+// i of a block (nb, kb, h) holds 16 columns' pairs (w[n, k], w[n, k + 1]): one 64-byte vector, what
+// VDPBF16PS takes beside a broadcast pair of x (x[r, k], x[r, k + 1]), adding both products into 16
+// float32 sums. MR rows of x by NP panels of 32 columns, over the whole contraction, in registers.
+inline void Store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void Store16(uint16_t* y, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+constexpr int64_t kDpRows = 12;
+
+// MR rows of x (xb: their pairs, [k/2][kDpRows] as DpGemm copies them) by NP panels from nb: each
+// weight vector loaded once and used for every row, each pair of x a broadcast operand.
+template <int MR, int NP, typename Out>
+void DpTile(const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* y, int64_t n, int64_t r0, int64_t nb) {
+  __m512 acc[MR][NP][2];
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p][0] = acc[r][p][1] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < kbs; ++kb) {
+    const uint16_t* panel[NP];
+    for (int p = 0; p < NP; ++p) panel[p] = ws + ((nb + p) * kbs + kb) * 1024;
+    const int32_t* xq = xb + kb * 16 * kDpRows;
+    for (int i = 0; i < 16; ++i) {
+      __m512bh b[NP][2];
+      for (int p = 0; p < NP; ++p)
+        for (int h = 0; h < 2; ++h) {
+          if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(panel[p] + 4096 + h * 512 + i * 32), _MM_HINT_T0);
+          b[p][h] = (__m512bh)_mm512_loadu_si512(panel[p] + h * 512 + i * 32);
+        }
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(xq[i * kDpRows + r]);
+        for (int p = 0; p < NP; ++p)
+          for (int h = 0; h < 2; ++h) acc[r][p][h] = _mm512_dpbf16_ps(acc[r][p][h], a, b[p][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) {
+      Store16(y + (r0 + r) * n + (nb + p) * 32, acc[r][p][0]);
+      Store16(y + (r0 + r) * n + (nb + p) * 32 + 16, acc[r][p][1]);
+    }
+}
+
+// Rows [r0, r0 + rows) (rows <= 14) by panels [nb0, nb1): the widest tile the registers hold (MR x NP
+// x 2 accumulators in 31 of the 32), panels one at a time where NP does not divide.
+template <int MR, typename Out>
+void DpRows(const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* y, int64_t n, int64_t r0, int64_t nb0,
+            int64_t nb1) {
+  constexpr int NP = MR == 1 ? 8 : MR == 2 ? 5 : MR == 3 ? 4 : MR == 4 ? 3 : MR <= 6 ? 2 : 1;
+  int64_t nb = nb0;
+  if constexpr (MR == 7 || MR == 8) {  // two tiles of 4 and MR - 4 rows over 3 panels at a time
+    for (; nb + 3 <= nb1; nb += 3) {
+      DpTile<4, 3>(xb, ws, kbs, y, n, r0, nb);
+      DpTile<MR - 4, 3>(xb + 4, ws, kbs, y, n, r0 + 4, nb);
+    }
+  }
+  for (; nb + NP <= nb1; nb += NP) DpTile<MR, NP>(xb, ws, kbs, y, n, r0, nb);
+  for (; nb < nb1; ++nb) DpTile<MR, 1>(xb, ws, kbs, y, n, r0, nb);
+}
+
+template <typename Out>
+void DpBlock(int rows, const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* y, int64_t n, int64_t r0,
+             int64_t nb0, int64_t nb1) {
+  switch (rows) {
+#define QVL_DP_CASE(R) \
+  case R:              \
+    return DpRows<R>(xb, ws, kbs, y, n, r0, nb0, nb1);
+    QVL_DP_CASE(1) QVL_DP_CASE(2) QVL_DP_CASE(3) QVL_DP_CASE(4) QVL_DP_CASE(5) QVL_DP_CASE(6) QVL_DP_CASE(7)
+    QVL_DP_CASE(8) QVL_DP_CASE(9) QVL_DP_CASE(10) QVL_DP_CASE(11) QVL_DP_CASE(12)
+#undef QVL_DP_CASE
+    default:
+      return;
+  }
+}
+
+
+// Rows in chunks of x that stay in L2 (kGemmChunkBytes / 2), each chunk's tasks a group of panels:
+// a panel is read from memory once a chunk and from L2 for each block of 14 rows.
+template <typename Out>
+void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, const uint16_t* ws, int64_t nbs,
+            Out* y) {
+  const int64_t n = nbs * 32, kbs = k / 32, blocks = (m + kDpRows - 1) / kDpRows;
+  // x's pairs by blocks of 14 rows, [block][k/2][14] (rows past m zero): the rows' pairs of one
+  // step side by side, where rows k apart would share cache sets.
+  auto buf = Buffers().Take(static_cast<size_t>(blocks * kDpRows * k / 2));
+  int32_t* xp = reinterpret_cast<int32_t*>(buf->data());
+  ParallelFor(pool, blocks, [&](int64_t bl) {
+    int32_t* dst = xp + bl * (k / 2) * kDpRows;
+    for (int64_t j = 0; j < kDpRows; ++j) {
+      const int64_t r = bl * kDpRows + j;
+      if (r < m) {
+        const int32_t* src = reinterpret_cast<const int32_t*>(xs + r * k);
+        for (int64_t q = 0; q < k / 2; ++q) dst[q * kDpRows + j] = src[q];
+      } else {
+        for (int64_t q = 0; q < k / 2; ++q) dst[q * kDpRows + j] = 0;
+      }
+    }
+  });
+  // Blocks in chunks of x that stay in L2 (kGemmChunkBytes / 2), each chunk's tasks a group of
+  // panels: a panel is read from memory once a chunk and from L2 for each block of 14 rows.
+  const int64_t per_chunk = std::max<int64_t>(1, kGemmChunkBytes / 2 / (2 * k * kDpRows));
+  const int64_t chunks = (blocks + per_chunk - 1) / per_chunk;
+  const int64_t groups = std::min<int64_t>(nbs, chunks == 1 ? 32 : 8);
+  const int64_t sub = std::max<int64_t>(1, (256 << 10) / (64 * k));
+  ParallelFor(pool, chunks * groups, [&](int64_t t) {
+    const int64_t ch = t / groups, g = t % groups;
+    const int64_t b1 = std::min(blocks, (ch + 1) * per_chunk), nb0 = g * nbs / groups, nb1 = (g + 1) * nbs / groups;
+    for (int64_t s0 = nb0; s0 < nb1; s0 += sub) {  // a few panels (~256 KB) at a time over the chunk's blocks
+      const int64_t s1 = b1 - ch * per_chunk == 1 ? nb1 : std::min(nb1, s0 + sub);
+      for (int64_t bl = ch * per_chunk; bl < b1; ++bl) {
+        const int rows = static_cast<int>(std::min<int64_t>(kDpRows, m - bl * kDpRows));
+        DpBlock(rows, xp + bl * (k / 2) * kDpRows, ws, kbs, y, n, bl * kDpRows, s0, s1);
+      }
+      s0 = s1 - sub;  // the loop's step then lands on s1
+    }
+  });
+  Buffers().Give(std::move(buf));
+}
+#endif
+
 ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out) {
   auto xd = x.dimensions(), wd = wp.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[2] != 2 || wd[3] != 16 || wd[4] != 32)
@@ -966,6 +1090,13 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
     Buffers().Give(std::move(buf));
     return ffi::Error::Success();
   }
+#endif
+#if defined(QVL_DPBF16)
+  if (f32_out)
+    DpGemm(pool, xs, m, k, ws, nbs, y32);
+  else
+    DpGemm(pool, xs, m, k, ws, nbs, y);
+  return ffi::Error::Success();
 #endif
   ParallelFor(pool, m, [&](int64_t r) {
     std::vector<float> acc(n, 0.0f);
@@ -1087,11 +1218,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefill, PagedPrefill,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size"));
 
-// 1 where this build runs the bfloat16 products on AMX tiles (the compiler targeted them), else 0:
-// what `cpu_kernel.tile_products()` reads to choose packed weights by default.
-extern "C" int QvlTileProducts() {
+// What runs this build's packed bfloat16 products: 1 AMX tiles, 2 AVX512_BF16 vectors (the compiler
+// targeted them), 0 the plain loop: what `cpu_kernel.product_unit()` reads to choose packed weights
+// by default.
+extern "C" int QvlProductUnit() {
 #if defined(QVL_AMX)
   return 1;
+#elif defined(QVL_DPBF16)
+  return 2;
 #else
   return 0;
 #endif

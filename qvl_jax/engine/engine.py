@@ -119,10 +119,11 @@ class Engine:
     windows; compiled on first use). None (default): wherever it can run (the CPU backend, one
     device, attention "xla", float32 or bfloat16, a C++ compiler); False: never; True: required
     (an error where it cannot run). packed_weights: True: where the CPU kernels run a bfloat16
-    model, the steps' decoder products go through `cpu_kernel.gemm_packed` over a packed copy of the
-    decoder's weights (`qvl_jax.engine.packed`: a 512-token chunk ~1.25-1.6x faster at 2B widths,
-    the same tokens; the decoder projections' memory once more); an error where it cannot. None (default):
-    where it can run, the CPU's tile unit (AMX) runs the product, and the copy fits in half of the
+    model, the steps' decoder and lm_head products go through `cpu_kernel.gemm_packed` over a packed
+    copy of those weights (`qvl_jax.engine.packed`: with AMX a 512-token chunk ~1.25-1.6x faster at
+    2B widths, the same tokens; with AVX512_BF16 a decode step ~1.6x faster; their memory once
+    more); an error where it cannot. None (default):
+    where it can run, AMX tiles or AVX512_BF16 vectors run the product, and the copy fits in half of the
     host memory left beside the KV pool (`packed_weights_off` says why not, else None). False:
     never."""
 

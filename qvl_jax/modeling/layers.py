@@ -160,7 +160,11 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, h: jax.Array) -> jax.Array:
-        """h [..., width] against every row: the tied lm_head."""
+        """h [..., width] against every row: the tied lm_head (through a packed copy of the table
+        where one sits beside it, as in `Linear`)."""
+        packed = getattr(self, "packed", None)
+        if packed is not None:
+            return self.packed_product(h, packed[...])
         return matmul_t(h, self.weight[...])
 
 

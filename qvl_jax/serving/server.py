@@ -86,7 +86,8 @@ def run(args) -> int:
           f"{engine.num_blocks * engine.block_size} tokens, {engine.kv_cache_bytes} bytes "
           f"({format_size(engine.kv_cache_bytes)}; --kv-cache-memory)", file=sys.stderr, flush=True)
     if engine.packed_weights_off is None:
-        print("decoder weights packed for the CPU's tile unit (--no-packed-weights: off)", file=sys.stderr, flush=True)
+        print("decoder and lm_head weights packed for the CPU kernels' product (--no-packed-weights: off)",
+              file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
