@@ -171,13 +171,15 @@ def test_vision_block_attention_kernel_equals_xla(dtype, tol):
 
 
 @pytest.mark.parametrize("m, k, n", [(7, 64, 96), (33, 96, 32), (130, 160, 64), (1, 64, 320), (8, 96, 320),
-                                     (26, 1024, 64)])
+                                     (26, 1024, 64), (300, 1024, 160)])
 def test_packed_product_equals_xla_product(m, k, n):
     """gemm_packed(x, pack_weight(w)) is x . w^T: within the bfloat16 rounding of the float64 product
     (and float32 sums); on the tile unit bit for bit XLA's own bfloat16 product (`matmul_t`), whose
     AMX sums run in the same order, and its float32 sums those of XLA's dot with a float32 result.
-    A misplaced pair or block in the packing fails both. The shapes reach each AVX512_BF16 tile
-    (1 row by 8 panels and single panels, 8 rows as 4 + 4 by 3 panels, blocks of 12 rows and a rest)."""
+    A misplaced pair or block in the packing fails both. The shapes reach each AVX512_BF16 path: a
+    decode step's rows (1 row by 8 panels and single panels, 8 rows as 4 + 4 by 3 panels), a prompt
+    chunk's (blocks of 12 rows and a rest, two slices of the contraction, two chunks of rows, a
+    task of 4 panels and one of 1)."""
     from qvl_jax.modeling.layers import matmul_t
 
     rng = np.random.RandomState(3)

@@ -938,6 +938,7 @@ inline void Store16(uint16_t* y, __m512 v) {
 }
 
 constexpr int64_t kDpRows = 12;
+constexpr int64_t kDpPanels = 4, kDpChunk = 252, kDpSlice = 16;
 
 // MR rows of x (xb: their pairs, [k/2][kDpRows] as DpGemm copies them) by NP panels from nb: each
 // weight vector loaded once and used for every row, each pair of x a broadcast operand.
@@ -971,7 +972,54 @@ void DpTile(const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* y, int64_t 
     }
 }
 
-// Rows [r0, r0 + rows) (rows <= 14) by panels [nb0, nb1): the widest tile the registers hold (MR x NP
+// A prompt chunk's rows: MR rows of x by one panel over weight blocks [kb0, kb1) of the contraction,
+// the sums carried in c (float32, row stride ldc) from the blocks before and to the blocks after;
+// the last blocks store the sums to y.
+template <int MR, typename Out>
+void DpTileK(const int32_t* xb, const uint16_t* ws, int64_t kbs, int64_t kb0, int64_t kb1, float* c, int64_t ldc,
+             Out* y, int64_t n, int64_t r0, int64_t nb) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < 2; ++h)
+      acc[r][h] = kb0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * ldc + h * 16);
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const uint16_t* panel = ws + (nb * kbs + kb) * 1024;
+    const int32_t* xq = xb + kb * 16 * kDpRows;
+    for (int i = 0; i < 16; ++i) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + i * 32);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + 512 + i * 32);
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(xq[i * kDpRows + r]);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int h = 0; h < 2; ++h) {
+      if (kb1 == kbs)
+        Store16(y + (r0 + r) * n + nb * 32 + h * 16, acc[r][h]);
+      else
+        _mm512_storeu_ps(c + r * ldc + h * 16, acc[r][h]);
+    }
+}
+
+template <typename Out>
+void DpBlockK(int rows, const int32_t* xb, const uint16_t* ws, int64_t kbs, int64_t kb0, int64_t kb1, float* c,
+              int64_t ldc, Out* y, int64_t n, int64_t r0, int64_t nb) {
+  switch (rows) {
+#define QVL_DP_CASE(R) \
+  case R:              \
+    return DpTileK<R>(xb, ws, kbs, kb0, kb1, c, ldc, y, n, r0, nb);
+    QVL_DP_CASE(1) QVL_DP_CASE(2) QVL_DP_CASE(3) QVL_DP_CASE(4) QVL_DP_CASE(5) QVL_DP_CASE(6) QVL_DP_CASE(7)
+    QVL_DP_CASE(8) QVL_DP_CASE(9) QVL_DP_CASE(10) QVL_DP_CASE(11) QVL_DP_CASE(12)
+#undef QVL_DP_CASE
+    default:
+      return;
+  }
+}
+
+// Rows [r0, r0 + rows) (rows <= 12) by panels [nb0, nb1): the widest tile the registers hold (MR x NP
 // x 2 accumulators in 31 of the 32), panels one at a time where NP does not divide.
 template <int MR, typename Out>
 void DpRows(const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* y, int64_t n, int64_t r0, int64_t nb0,
@@ -1004,8 +1052,8 @@ void DpBlock(int rows, const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* 
 }
 
 
-// Rows in chunks of x that stay in L2 (kGemmChunkBytes / 2), each chunk's tasks a group of panels:
-// a panel is read from memory once a chunk and from L2 for each block of 14 rows.
+// y = x . w^T on AVX512_BF16: x copied into blocks of 12 rows' pairs, then a decode step's rows (one
+// block) against every panel once, or a prompt chunk's blocks by panels and slices of the contraction.
 template <typename Out>
 void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, const uint16_t* ws, int64_t nbs,
             Out* y) {
@@ -1026,24 +1074,35 @@ void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, con
       }
     }
   });
-  // Blocks in chunks of x that stay in L2 (kGemmChunkBytes / 2), each chunk's tasks a group of
-  // panels: a panel is read from memory once a chunk and from L2 for each block of 14 rows.
-  const int64_t per_chunk = std::max<int64_t>(1, kGemmChunkBytes / 2 / (2 * k * kDpRows));
-  const int64_t chunks = (blocks + per_chunk - 1) / per_chunk;
-  const int64_t groups = std::min<int64_t>(nbs, chunks == 1 ? 32 : 8);
-  const int64_t sub = std::max<int64_t>(1, (256 << 10) / (64 * k));
-  ParallelFor(pool, chunks * groups, [&](int64_t t) {
-    const int64_t ch = t / groups, g = t % groups;
-    const int64_t b1 = std::min(blocks, (ch + 1) * per_chunk), nb0 = g * nbs / groups, nb1 = (g + 1) * nbs / groups;
-    for (int64_t s0 = nb0; s0 < nb1; s0 += sub) {  // a few panels (~256 KB) at a time over the chunk's blocks
-      const int64_t s1 = b1 - ch * per_chunk == 1 ? nb1 : std::min(nb1, s0 + sub);
-      for (int64_t bl = ch * per_chunk; bl < b1; ++bl) {
-        const int rows = static_cast<int>(std::min<int64_t>(kDpRows, m - bl * kDpRows));
-        DpBlock(rows, xp + bl * (k / 2) * kDpRows, ws, kbs, y, n, bl * kDpRows, s0, s1);
+  if (blocks == 1) {  // a decode step's rows: each weight vector read once, for every row
+    const int64_t groups = std::min<int64_t>(nbs, 32);
+    ParallelFor(pool, groups, [&](int64_t g) {
+      DpBlock(static_cast<int>(m), xp, ws, kbs, y, n, 0, g * nbs / groups, (g + 1) * nbs / groups);
+    });
+  } else {
+    // A prompt chunk's rows, in the order that keeps each operand in its cache: tasks of kDpPanels
+    // panels; in each, up to kDpChunk rows at a time, the contraction in slices of kDpSlice weight
+    // blocks (a panel's slice, 16 KB, stays in L1 over the rows; the rows' slice of x in L2), the
+    // sums of the task's panels carried between slices in a float32 buffer that stays in L2.
+    const int64_t tasks = (nbs + kDpPanels - 1) / kDpPanels;
+    ParallelFor(pool, tasks, [&](int64_t t) {
+      thread_local std::vector<float> cbuf;
+      cbuf.resize(kDpChunk * kDpPanels * 32);
+      const int64_t nb0 = t * kDpPanels, nb1 = std::min(nbs, nb0 + kDpPanels), ldc = kDpPanels * 32;
+      for (int64_t b0 = 0; b0 < blocks; b0 += kDpChunk / kDpRows) {
+        const int64_t b1 = std::min(blocks, b0 + kDpChunk / kDpRows);
+        for (int64_t kb0 = 0; kb0 < kbs; kb0 += kDpSlice) {
+          const int64_t kb1 = std::min(kbs, kb0 + kDpSlice);
+          for (int64_t nb = nb0; nb < nb1; ++nb)
+            for (int64_t bl = b0; bl < b1; ++bl) {
+              const int rows = static_cast<int>(std::min<int64_t>(kDpRows, m - bl * kDpRows));
+              float* c = cbuf.data() + (bl - b0) * kDpRows * ldc + (nb - nb0) * 32;
+              DpBlockK(rows, xp + bl * (k / 2) * kDpRows, ws, kbs, kb0, kb1, c, ldc, y, n, bl * kDpRows, nb);
+            }
+        }
       }
-      s0 = s1 - sub;  // the loop's step then lands on s1
-    }
-  });
+    });
+  }
   Buffers().Give(std::move(buf));
 }
 #endif
