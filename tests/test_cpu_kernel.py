@@ -93,7 +93,7 @@ def _chunk_case(rng, rows, t, heads, kv, h, bs, blocks, dtype):
     (3, 21, 4, 2, 8, 4, 9, jnp.float32, 2e-6),       # a tiny head_dim: the scalar weighted sums
     (2, 17, 6, 2, 20, 4, 7, jnp.float32, 2e-6),      # 3 query heads per kv head, head_dim 16 + 4
     (2, 40, 8, 8, 64, 8, 8, jnp.float32, 2e-6),      # no grouping
-    (1, 45, 16, 8, 128, 16, 8, jnp.bfloat16, 1e-2),  # bfloat16 pools and activations (AMX tiles where the CPU has them)
+    (1, 45, 16, 8, 128, 16, 8, jnp.bfloat16, 1e-2),  # bfloat16 pools and activations (AMX tiles or AVX512_BF16 where the CPU has them)
     (2, 37, 6, 2, 64, 8, 9, jnp.bfloat16, 1e-2),     # bfloat16, 3 query heads per kv head, head_dim 64
     (1, 19, 4, 2, 20, 4, 8, jnp.bfloat16, 1e-2),     # bfloat16 with a head_dim the tiles do not take
 ])

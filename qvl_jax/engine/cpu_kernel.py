@@ -10,7 +10,9 @@
   whole window bucket and passes the [queries, window] float32 scores through memory several times
   (about 85 ms a layer for 448 queries over a 2048-key bucket at 2B widths, 2 cores); the kernel
   reads each block of queries' keys up to its last allowed one, in tiles: AMX tiles for bfloat16
-  where the CPU has them (about 6 ms), else float32 FMAs in registers (about 20 ms). `block_attention`
+  where the CPU has them (about 6 ms), VDPBF16PS vectors where it has AVX512_BF16 without AMX (AMD
+  Zen 4 / 5: 512 queries over 1024 keys 22 -> 11.5 ms a layer), else float32 FMAs in registers
+  (about 20 ms). `block_attention`
   runs the engine's vision blocks through it (each block of patches one table entry).
 - `gemm_packed` (with `pack_weight`): a bfloat16 product x . w^T over a weight rearranged once into
   the tile unit's operand layout. On AMX: XLA's product bit for bit, 1.5x faster at a prompt

@@ -39,6 +39,9 @@
 #include <unistd.h>
 #define QVL_AMX 1
 #endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(QVL_AMX)
+#define QVL_DPBF16 1  // AVX512_BF16 without AMX (AMD Zen 4 / 5): VDPBF16PS runs the bfloat16 products
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -272,8 +275,9 @@ BufferPool& Buffers() {
 // reciprocal of the sum, as XLA computes jax.nn.softmax). A query with no allowed key gets zeros.
 //
 // Each row's keys and values up to its last allowed index are first read from their blocks: into
-// float32 (keys transposed, [kv, h, keys]), or for bfloat16 on AMX as bfloat16 pairs (keys [kv, h/2,
-// keys], values [kv, keys/2, h]: the tile product's layouts), 16 keys at a time with AVX-512
+// float32 (keys transposed, [kv, h, keys]), or for bfloat16 on AMX or AVX512_BF16 as bfloat16 pairs
+// (keys [kv, h/2, keys], values [kv, keys/2, h]: the tile product's layouts, which VDPBF16PS reads as
+// vectors of 16 pairs), 16 keys at a time with AVX-512
 // (GatherPairs16, GatherFloat16; element by element elsewhere). Then each task, one kv head of a block
 // of query tokens, computes its scores (register tiles of 8 queries x 32 keys, or 16 x 16 AMX
 // tiles), the softmax over each query's own keys, and the weighted sums (tiles of 6 queries x 64
@@ -458,6 +462,79 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
 }
 #endif
 
+#if defined(QVL_DPBF16)
+// AVX512_BF16 without AMX: the same layouts as the tile unit's (keys as pairs along h, values as
+// pairs of keys), read as VDPBF16PS operands: 16 keys' (or 16 elements') pairs in one vector, a
+// query's (or a probability's) pair broadcast beside it. The float32 sums run in another order.
+template <typename T>
+void DpScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0, int64_t nq, int64_t nq16,
+              int64_t ep, int64_t s, const float* kbase, float* sc) {
+  const int64_t g = p.heads / p.kv, h = p.h, hw = h / 2;
+  thread_local std::vector<int32_t> qwords;  // [nq16, h/2]: the query rows as bfloat16 pairs
+  if (static_cast<int64_t>(qwords.size()) < nq16 * hw) qwords.resize(nq16 * hw);
+  for (int64_t a = 0; a < nq16; ++a) {
+    if (a >= nq) {
+      std::fill(qwords.data() + a * hw, qwords.data() + (a + 1) * hw, 0);
+      continue;
+    }
+    const int64_t i = i0 + a / g, n = k * g + a % g;
+    std::memcpy(qwords.data() + a * hw, qsrc + ((p.qs[r] + i) * p.heads + n) * h, h * 2);
+  }
+  const int32_t* kw = reinterpret_cast<const int32_t*>(kbase) + k * hw * s;
+  for (int64_t a0 = 0; a0 < nq16; a0 += 8)
+    for (int64_t j0 = 0; j0 < ep; j0 += 32) {  // 8 queries x 32 keys
+      __m512 c[8][2];
+      for (int u = 0; u < 8; ++u) c[u][0] = c[u][1] = _mm512_setzero_ps();
+      for (int64_t w = 0; w < hw; ++w) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kw + w * s + j0);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kw + w * s + j0 + 16);
+        for (int u = 0; u < 8; ++u) {
+          const __m512bh q = (__m512bh)_mm512_set1_epi32(qwords[(a0 + u) * hw + w]);
+          c[u][0] = _mm512_dpbf16_ps(c[u][0], q, k0);
+          c[u][1] = _mm512_dpbf16_ps(c[u][1], q, k1);
+        }
+      }
+      for (int u = 0; u < 8; ++u) {
+        _mm512_storeu_ps(sc + (a0 + u) * ep + j0, c[u][0]);
+        _mm512_storeu_ps(sc + (a0 + u) * ep + j0 + 16, c[u][1]);
+      }
+    }
+}
+
+// acc [nq16, h] = the probabilities sc [nq16, ep] (already rounded to bfloat16) times the values vw
+// ([kv, s/2, h] pairs of keys) over keys [0, ep) (a multiple of 32).
+inline void DpWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t ep, int64_t h, int64_t s,
+                           int64_t k, const float* vbase, float* acc) {
+  thread_local std::vector<uint16_t> pw;  // [nq16, ep] the probabilities as bfloat16 (exact)
+  if (static_cast<int64_t>(pw.size()) < nq16 * ep) pw.resize(nq16 * ep);
+  for (int64_t a = 0; a < nq16; ++a)
+    for (int64_t j = 0; j < ep; j += 16) {
+      const __m512 x = a < nq ? _mm512_loadu_ps(sc + a * ep + j) : _mm512_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw.data() + a * ep + j), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  const int32_t* pwords = reinterpret_cast<const int32_t*>(pw.data());  // [nq16, ep / 2]
+  const int32_t* vw = reinterpret_cast<const int32_t*>(vbase) + k * (s / 2) * h;
+  for (int64_t a0 = 0; a0 < nq16; a0 += 8)
+    for (int64_t d0 = 0; d0 < h; d0 += 32) {  // 8 queries x 32 elements
+      __m512 c[8][2];
+      for (int u = 0; u < 8; ++u) c[u][0] = c[u][1] = _mm512_setzero_ps();
+      for (int64_t jw = 0; jw < ep / 2; ++jw) {
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vw + jw * h + d0);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(vw + jw * h + d0 + 16);
+        for (int u = 0; u < 8; ++u) {
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(pwords[(a0 + u) * (ep / 2) + jw]);
+          c[u][0] = _mm512_dpbf16_ps(c[u][0], w, v0);
+          c[u][1] = _mm512_dpbf16_ps(c[u][1], w, v1);
+        }
+      }
+      for (int u = 0; u < 8; ++u) {
+        _mm512_storeu_ps(acc + (a0 + u) * h + d0, c[u][0]);
+        _mm512_storeu_ps(acc + (a0 + u) * h + d0 + 16, c[u][1]);
+      }
+    }
+}
+#endif
+
 // The pool slot of key j of row r (its queries [qs[r], qs[r + 1])), or -1 where no query of the row
 // may see it, or it lies outside the table or the pools: such a key is read as zeros (whatever its
 // slot holds; its weight is 0).
@@ -469,7 +546,7 @@ inline int64_t KeySlot(const Prefill& p, const int64_t* qs, int64_t r, const int
   return seen && block >= 0 && slot < p.slots ? slot : -1;
 }
 
-#if defined(QVL_AMX) && defined(__AVX512BW__)
+#if (defined(QVL_AMX) || defined(QVL_DPBF16)) && defined(__AVX512BW__)
 // The AMX layouts of 16 keys [jb, jb + 16) of row r (jb a multiple of 16, the row's span s a multiple
 // of kKeyAlign): keys as bfloat16 pairs along h, kw words [kv, h/2, s] (word w of key j: its
 // elements 2w, 2w + 1, the pair the tile product takes), values as pairs of consecutive keys, vw
@@ -581,7 +658,11 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
   const T* vp = static_cast<const T*>(p.vp);
   // bfloat16 on a CPU with AMX: the products run on the tile unit, which takes the bfloat16 values
   // in pairs (keys and values then kept as bfloat16 words); else everything is read into float32.
+#if defined(QVL_DPBF16)
+  const bool pairs = sizeof(T) == 2 && h % 32 == 0;  // VDPBF16PS takes the same pairs
+#else
   const bool pairs = sizeof(T) == 2 && h % 32 == 0 && AmxReady();
+#endif
   constexpr int64_t kGather = 64;
   std::vector<int64_t> gather_start(p.rows + 1, 0);
   for (int64_t r = 0; r < p.rows; ++r) gather_start[r + 1] = gather_start[r] + (span[r] + kGather - 1) / kGather;
@@ -589,7 +670,7 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
     const int64_t r = std::upper_bound(gather_start.begin(), gather_start.end(), task) - gather_start.begin() - 1;
     const int64_t j0 = (task - gather_start[r]) * kGather, j1 = std::min(span[r], j0 + kGather), s = span[r];
     const int32_t* table = p.table + r * p.blocks;
-#if defined(QVL_AMX) && defined(__AVX512BW__)
+#if (defined(QVL_AMX) || defined(QVL_DPBF16)) && defined(__AVX512BW__)
     if (pairs && p.slots * p.kv * (h / 2) < (int64_t{1} << 31)) {  // word indices fit int32 gathers
       for (int64_t jb = j0; jb < j1; jb += 16) GatherPairs16(p, qs, r, jb, s, table, kt + base[r], vf + base[r]);
       return;
@@ -678,6 +759,13 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
         _mm512_storeu_ps(sc + x, _mm512_mul_ps(_mm512_loadu_ps(sc + x), _mm512_set1_ps(scale)));
     } else
 #endif
+#if defined(QVL_DPBF16)
+    if (pairs) {
+      DpScores(qsrc, p, r, k, i0, nq, nq16, ep, s, kt + base[r], sc);
+      for (int64_t x = 0; x < nq16 * ep; x += 16)
+        _mm512_storeu_ps(sc + x, _mm512_mul_ps(_mm512_loadu_ps(sc + x), _mm512_set1_ps(scale)));
+    } else
+#endif
     {
 #if defined(__AVX512F__)
     for (int64_t a0 = 0; a0 < nq16; a0 += 8) {
@@ -760,6 +848,11 @@ void PrefillRun(const Prefill& p, ffi::ThreadPool& pool) {
 #if defined(QVL_AMX)
     if (pairs) {
       AmxWeightedSums(sc, nq, nq16, ep, h, s, k, vf + base[r], acc);
+    } else
+#endif
+#if defined(QVL_DPBF16)
+    if (pairs) {
+      DpWeightedSums(sc, nq, nq16, ep, h, s, k, vf + base[r], acc);
     } else
 #endif
 #if defined(__AVX512F__)
@@ -926,8 +1019,7 @@ void GemmTask(const uint16_t* xp, const uint16_t* wp, Out* y, int64_t m, int64_t
 }
 #endif
 
-#if defined(__AVX512BF16__) && !defined(QVL_AMX)
-#define QVL_DPBF16 1
+#if defined(QVL_DPBF16)
 // AVX512_BF16 (Zen 4/5 and others without AMX): the same packed panels read as vector operands. Row
 // i of a block (nb, kb, h) holds 16 columns' pairs (w[n, k], w[n, k + 1]): one 64-byte vector, what
 // VDPBF16PS takes beside a broadcast pair of x (x[r, k], x[r, k + 1]), adding both products into 16
