@@ -394,14 +394,14 @@ inline void AmxConfigure() {
 bool AmxReady() { return false; }
 #endif
 
-#if defined(QVL_AMX)
-// A task's scores sc [nq16, ep] (unscaled) of its nq query rows (token-major, then the group's heads;
-// rows nq.. zero) over the row's keys kw ([kv, h/2, s] bfloat16 pairs), on the tile unit.
+#if defined(QVL_AMX) || defined(QVL_DPBF16)
+// A task's nq query rows (token-major, then the group's heads) as bfloat16 pairs [nq16, h/2], rows
+// nq.. zero: the left operand of the tile unit's and VDPBF16PS's scores.
 template <typename T>
-void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0, int64_t nq, int64_t nq16,
-               int64_t ep, int64_t s, const float* kbase, float* sc) {
+const uint32_t* QueryWords(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0, int64_t nq,
+                           int64_t nq16) {
   const int64_t g = p.heads / p.kv, h = p.h, hw = h / 2;
-  thread_local std::vector<uint32_t> qwords;  // [nq16, h/2]: the query rows as bfloat16 pairs
+  thread_local std::vector<uint32_t> qwords;
   if (static_cast<int64_t>(qwords.size()) < nq16 * hw) qwords.resize(nq16 * hw);
   for (int64_t a = 0; a < nq16; ++a) {
     if (a >= nq) {
@@ -411,6 +411,31 @@ void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0
     const int64_t i = i0 + a / g, n = k * g + a % g;
     std::memcpy(qwords.data() + a * hw, qsrc + ((p.qs[r] + i) * p.heads + n) * h, h * 2);
   }
+  return qwords.data();
+}
+
+// The probabilities sc [nq16, ep] (already rounded to bfloat16, so exact) as bfloat16 [nq16, ep],
+// rows nq.. zero.
+inline const uint16_t* ProbabilityWords(const float* sc, int64_t nq, int64_t nq16, int64_t ep) {
+  thread_local std::vector<uint16_t> pw;
+  if (static_cast<int64_t>(pw.size()) < nq16 * ep) pw.resize(nq16 * ep);
+  for (int64_t a = 0; a < nq16; ++a)
+    for (int64_t j = 0; j < ep; j += 16) {
+      const __m512 x = a < nq ? _mm512_loadu_ps(sc + a * ep + j) : _mm512_setzero_ps();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw.data() + a * ep + j), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  return pw.data();
+}
+#endif
+
+#if defined(QVL_AMX)
+// A task's scores sc [nq16, ep] (unscaled) of its nq query rows (token-major, then the group's heads;
+// rows nq.. zero) over the row's keys kw ([kv, h/2, s] bfloat16 pairs), on the tile unit.
+template <typename T>
+void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0, int64_t nq, int64_t nq16,
+               int64_t ep, int64_t s, const float* kbase, float* sc) {
+  const int64_t h = p.h, hw = h / 2;
+  const uint32_t* qwords = QueryWords(qsrc, p, r, k, i0, nq, nq16);
   const uint32_t* kw = reinterpret_cast<const uint32_t*>(kbase) + k * hw * s;
   AmxConfigure();
   for (int64_t a0 = 0; a0 < nq16; a0 += 16)
@@ -418,7 +443,7 @@ void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0
       _tile_zero(0);
       _tile_zero(1);
       for (int64_t kk = 0; kk < h / 32; ++kk) {
-        _tile_loadd(4, qwords.data() + a0 * hw + kk * 16, hw * 4);
+        _tile_loadd(4, qwords + a0 * hw + kk * 16, hw * 4);
         _tile_loadd(5, kw + kk * 16 * s + j0, s * 4);
         _tile_dpbf16ps(0, 4, 5);
         _tile_loadd(5, kw + kk * 16 * s + j0 + 16, s * 4);
@@ -435,13 +460,7 @@ void AmxScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0
 // kKeyAlign = 32, one tile's pairs), on the tile unit.
 inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t ep, int64_t h,
                             int64_t s, int64_t k, const float* vbase, float* acc) {
-  thread_local std::vector<uint16_t> pw;  // [nq16, ep] the probabilities as bfloat16 (exact)
-  if (static_cast<int64_t>(pw.size()) < nq16 * ep) pw.resize(nq16 * ep);
-  for (int64_t a = 0; a < nq16; ++a)
-    for (int64_t j = 0; j < ep; j += 16) {
-      const __m512 x = a < nq ? _mm512_loadu_ps(sc + a * ep + j) : _mm512_setzero_ps();
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw.data() + a * ep + j), (__m256i)_mm512_cvtneps_pbh(x));
-    }
+  const uint16_t* pw = ProbabilityWords(sc, nq, nq16, ep);  // [nq16, ep]
   const uint32_t* vw = reinterpret_cast<const uint32_t*>(vbase) + k * (s / 2) * h;
   AmxConfigure();
   for (int64_t a0 = 0; a0 < nq16; a0 += 16)
@@ -449,7 +468,7 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
       _tile_zero(0);
       _tile_zero(1);
       for (int64_t j0 = 0; j0 < ep; j0 += 32) {
-        _tile_loadd(4, pw.data() + a0 * ep + j0, ep * 2);
+        _tile_loadd(4, pw + a0 * ep + j0, ep * 2);
         _tile_loadd(5, vw + (j0 / 2) * h + d0, h * 4);
         _tile_dpbf16ps(0, 4, 5);
         _tile_loadd(5, vw + (j0 / 2) * h + d0 + 16, h * 4);
@@ -469,17 +488,8 @@ inline void AmxWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t e
 template <typename T>
 void DpScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0, int64_t nq, int64_t nq16,
               int64_t ep, int64_t s, const float* kbase, float* sc) {
-  const int64_t g = p.heads / p.kv, h = p.h, hw = h / 2;
-  thread_local std::vector<int32_t> qwords;  // [nq16, h/2]: the query rows as bfloat16 pairs
-  if (static_cast<int64_t>(qwords.size()) < nq16 * hw) qwords.resize(nq16 * hw);
-  for (int64_t a = 0; a < nq16; ++a) {
-    if (a >= nq) {
-      std::fill(qwords.data() + a * hw, qwords.data() + (a + 1) * hw, 0);
-      continue;
-    }
-    const int64_t i = i0 + a / g, n = k * g + a % g;
-    std::memcpy(qwords.data() + a * hw, qsrc + ((p.qs[r] + i) * p.heads + n) * h, h * 2);
-  }
+  const int64_t h = p.h, hw = h / 2;
+  const int32_t* qwords = reinterpret_cast<const int32_t*>(QueryWords(qsrc, p, r, k, i0, nq, nq16));
   const int32_t* kw = reinterpret_cast<const int32_t*>(kbase) + k * hw * s;
   for (int64_t a0 = 0; a0 < nq16; a0 += 8)
     for (int64_t j0 = 0; j0 < ep; j0 += 32) {  // 8 queries x 32 keys
@@ -505,14 +515,8 @@ void DpScores(const T* qsrc, const Prefill& p, int64_t r, int64_t k, int64_t i0,
 // ([kv, s/2, h] pairs of keys) over keys [0, ep) (a multiple of 32).
 inline void DpWeightedSums(const float* sc, int64_t nq, int64_t nq16, int64_t ep, int64_t h, int64_t s,
                            int64_t k, const float* vbase, float* acc) {
-  thread_local std::vector<uint16_t> pw;  // [nq16, ep] the probabilities as bfloat16 (exact)
-  if (static_cast<int64_t>(pw.size()) < nq16 * ep) pw.resize(nq16 * ep);
-  for (int64_t a = 0; a < nq16; ++a)
-    for (int64_t j = 0; j < ep; j += 16) {
-      const __m512 x = a < nq ? _mm512_loadu_ps(sc + a * ep + j) : _mm512_setzero_ps();
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pw.data() + a * ep + j), (__m256i)_mm512_cvtneps_pbh(x));
-    }
-  const int32_t* pwords = reinterpret_cast<const int32_t*>(pw.data());  // [nq16, ep / 2]
+  const uint16_t* pw = ProbabilityWords(sc, nq, nq16, ep);  // [nq16, ep]
+  const int32_t* pwords = reinterpret_cast<const int32_t*>(pw);  // [nq16, ep / 2]
   const int32_t* vw = reinterpret_cast<const int32_t*>(vbase) + k * (s / 2) * h;
   for (int64_t a0 = 0; a0 < nq16; a0 += 8)
     for (int64_t d0 = 0; d0 < h; d0 += 32) {  // 8 queries x 32 elements
