@@ -51,6 +51,7 @@ def _xla(q, kp, vp, table, mask, bs):
     (3, 4, 2, 8, 4, 7, jnp.float32, 2e-6),        # a tiny head_dim (below one 16-lane step)
     (5, 6, 2, 20, 4, 5, jnp.float32, 2e-6),       # 3 query heads per kv head, head_dim 16 + 4
     (4, 8, 8, 64, 8, 6, jnp.float32, 2e-6),       # no grouping
+    (3, 4, 2, 16, 4, 9, jnp.float32, 2e-6),       # one 16-lane step a head (the tiny model's head_dim)
     (8, 16, 8, 128, 16, 12, jnp.bfloat16, 1e-2),  # bfloat16 pools and activations
 ])
 def test_kernel_equals_gather_then_attend(rows, heads, kv, h, bs, blocks, dtype, tol):

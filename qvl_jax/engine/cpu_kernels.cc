@@ -168,6 +168,146 @@ void Task(const Problem& p, int64_t row, int64_t k0, int64_t k1, std::vector<flo
   for (int64_t i = 0; i < nh * h; ++i) Elem<T>::store(out + i, acc[i]);
 }
 
+#if defined(__AVX512F__)
+// Task in 16-lane vectors, for head_dim 16 * HV (HV 1, 2, 4 or 8; other head dims take Task): the
+// scores of 16 keys at a time (each dot's 16 partial sums added as a tree, the 16 trees side by side),
+// the softmax's sums and the weights' rounding in vectors, the weighted sums of values over blocks of
+// 16 keys in registers; each block's keys (and values) prefetched while the block before is in use.
+// Keys outside the mask are never read. Per head, the same additions whatever the task's kv heads, so
+// a row's answer does not depend on how its heads were split.
+inline __m512 LoadLanes(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 LoadLanes(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+// The bfloat16 bits (in each lane's high half) nearest v, as f32_to_bf16: ties to even, NaN stays NaN.
+inline __m512i RoundBits(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
+}
+inline void StoreLanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void StoreLanes(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(RoundBits(v), 16)));
+}
+inline __m512 RoundLanes(float, __m512 v) { return v; }
+inline __m512 RoundLanes(uint16_t, __m512 v) {  // as Elem<uint16_t>::round
+  return _mm512_castsi512_ps(_mm512_and_si512(RoundBits(v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Lane k: the sum of v[k]'s 16 lanes.
+inline __m512 SumLanes16(const __m512* v) {
+  __m512 w[8], z[4];
+  for (int k = 0; k < 8; ++k)  // lanes 0-7: v[2k]'s halves added, 8-15: v[2k+1]'s
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44), _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+  for (int m = 0; m < 4; ++m)  // 128-bit block b: 4 partial sums of key 4m + b
+    z[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0x88), _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0xDD));
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x44), _mm512_shuffle_ps(z[0], z[1], 0xEE));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(z[2], z[3], 0x44), _mm512_shuffle_ps(z[2], z[3], 0xEE));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
+  // r's lane 4b + e holds key 4e + b
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+template <typename T, int HV>
+void TaskVec(const Problem& p, int64_t row, int64_t k0, int64_t k1, std::vector<float>& buf) {
+  constexpr int64_t h = HV * 16;
+  const int64_t g = p.heads / p.kv, nh = (k1 - k0) * g;
+  const bool* mask = p.mask + row * p.window;
+  const int32_t* table = p.table + row * p.blocks;
+  T* out = static_cast<T*>(p.out) + (row * p.heads + k0 * g) * h;
+  const int64_t end = MaskEnd(mask, p.window);
+  if (end == 0) {
+    for (int64_t i = 0; i < nh * h; i += 16) StoreLanes(out + i, _mm512_setzero_ps());
+    return;
+  }
+  const int64_t ep = (end + 15) / 16 * 16;
+  buf.resize(nh * h + nh * ep);
+  float* q = buf.data();
+  float* scores = q + nh * h;  // [nh, ep]: scaled scores, then the rounded weights
+  const T* qrow = static_cast<const T*>(p.q) + (row * p.heads + k0 * g) * h;
+  for (int64_t i = 0; i < nh * h; i += 16) _mm512_storeu_ps(q + i, LoadLanes(qrow + i));
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(h)));
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const T* kp = static_cast<const T*>(p.kp);
+  const T* vp = static_cast<const T*>(p.vp);
+  auto at = [&](const T* pool, int64_t j) {  // key j's kv heads k0.. (contiguous)
+    const int64_t slot = static_cast<int64_t>(table[j / p.block_size]) * p.block_size + j % p.block_size;
+    return pool + (slot * p.kv + k0) * h;
+  };
+  const int64_t lines = (k1 - k0) * h * static_cast<int64_t>(sizeof(T)) / 64;  // a key's cache lines here
+  auto gather = [&](const T* pool, int64_t j0, const T** ptr) {  // keys [j0, j0 + 16); the next 16 prefetched
+    __mmask16 live = 0;
+    for (int k = 0; k < 16; ++k) {
+      const int64_t j = j0 + k, n = j + 16;
+      const bool in = j < end && mask[j];
+      live |= static_cast<__mmask16>(in) << k;
+      ptr[k] = in ? at(pool, j) : nullptr;
+      if (n < end && mask[n]) {
+        const char* next = reinterpret_cast<const char*>(at(pool, n));
+        for (int64_t l = 0; l < lines; ++l) _mm_prefetch(next + l * 64, _MM_HINT_T0);
+      }
+    }
+    return live;
+  };
+  for (int64_t j0 = 0; j0 < ep; j0 += 16) {
+    const T* key[16];
+    const __mmask16 live = gather(kp, j0, key);
+    for (int64_t i = 0; i < nh; ++i) {
+      __m512 qv[HV], part[16];
+      for (int c = 0; c < HV; ++c) qv[c] = _mm512_loadu_ps(q + i * h + c * 16);
+      const int64_t off = (i / g) * h;
+      for (int k = 0; k < 16; ++k) {
+        if (!key[k]) {
+          part[k] = _mm512_setzero_ps();
+          continue;
+        }
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int c = 0; c + 1 < HV; c += 2) {
+          a0 = _mm512_fmadd_ps(qv[c], LoadLanes(key[k] + off + c * 16), a0);
+          a1 = _mm512_fmadd_ps(qv[c + 1], LoadLanes(key[k] + off + c * 16 + 16), a1);
+        }
+        if (HV % 2) a0 = _mm512_fmadd_ps(qv[HV - 1], LoadLanes(key[k] + off + (HV - 1) * 16), a0);
+        part[k] = _mm512_add_ps(a0, a1);
+      }
+      const __m512 s = _mm512_mul_ps(SumLanes16(part), scale);
+      _mm512_storeu_ps(scores + i * ep + j0, _mm512_mask_mov_ps(ninf, live, s));
+    }
+  }
+  for (int64_t i = 0; i < nh; ++i) {  // softmax over the live keys (the others' scores are -inf: 0)
+    float* sc = scores + i * ep;
+    __m512 top = ninf;
+    for (int64_t j = 0; j < ep; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sc + j));
+    const float t = _mm512_reduce_max_ps(top);
+    for (int64_t j = 0; j < ep; ++j) sc[j] = std::exp(sc[j] - t);
+    __m512 tot = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ep; j += 16) tot = _mm512_add_ps(tot, _mm512_loadu_ps(sc + j));
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(tot));
+    for (int64_t j = 0; j < ep; j += 16)
+      _mm512_storeu_ps(sc + j, RoundLanes(T{}, _mm512_div_ps(_mm512_loadu_ps(sc + j), total)));
+  }
+  float* sums = q;  // q is spent: each head's weighted sum of values, carried over blocks of 16 keys
+  for (int64_t i = 0; i < nh * h; i += 16) _mm512_storeu_ps(sums + i, _mm512_setzero_ps());
+  for (int64_t j0 = 0; j0 < ep; j0 += 16) {
+    const T* value[16];
+    gather(vp, j0, value);
+    for (int64_t i = 0; i < nh; ++i) {
+      const float* w = scores + i * ep + j0;
+      const int64_t off = (i / g) * h;
+      __m512 acc[HV];
+      for (int c = 0; c < HV; ++c) acc[c] = _mm512_loadu_ps(sums + i * h + c * 16);
+      for (int k = 0; k < 16; ++k) {
+        if (!value[k]) continue;
+        const __m512 wk = _mm512_set1_ps(w[k]);
+        for (int c = 0; c < HV; ++c) acc[c] = _mm512_fmadd_ps(wk, LoadLanes(value[k] + off + c * 16), acc[c]);
+      }
+      for (int c = 0; c < HV; ++c) _mm512_storeu_ps(sums + i * h + c * 16, acc[c]);
+    }
+  }
+  for (int64_t i = 0; i < nh * h; i += 16) StoreLanes(out + i, _mm512_loadu_ps(sums + i));
+}
+#endif
+
 // Runs fn(task) for task in [0, tasks) on this thread and on helpers of XLA's intra-op pool; returns
 // when every task is done. A helper that starts late finds no task left, so this never waits on a
 // helper that has not begun.
@@ -199,7 +339,14 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
   const int64_t per = p.kv / split;
   ParallelFor(pool, p.rows * split, [&p, split, per](int64_t t) {
     thread_local std::vector<float> buf;
-    Task<T>(p, t / split, (t % split) * per, (t % split + 1) * per, buf);
+    const int64_t row = t / split, k0 = (t % split) * per, k1 = (t % split + 1) * per;
+#if defined(__AVX512F__)
+    if (p.h == 128) return TaskVec<T, 8>(p, row, k0, k1, buf);
+    if (p.h == 64) return TaskVec<T, 4>(p, row, k0, k1, buf);
+    if (p.h == 32) return TaskVec<T, 2>(p, row, k0, k1, buf);
+    if (p.h == 16) return TaskVec<T, 1>(p, row, k0, k1, buf);
+#endif
+    Task<T>(p, row, k0, k1, buf);
   });
 }
 
