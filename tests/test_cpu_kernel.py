@@ -202,6 +202,41 @@ def test_packed_product_equals_xla_product(m, k, n):
         cpu_kernel.gemm_packed(x.astype(jnp.float32), cpu_kernel.pack_weight(w))
 
 
+@pytest.mark.parametrize("m, lo, hi", [(8, 3, 6), (60, 20, 50), (60, 24, 48), (300, 100, 290), (40, 0, 40)])
+def test_packed_product_skips_rows(m, lo, hi):
+    """skip=(lo, hi) (a mixed step's padding): those rows come out as zeros, every other row as without
+    it, bit for bit; the rows of x there may hold anything (NaN here). Cases: a decode step's rows,
+    blocks of 12 rows wholly and partly inside the range, two chunks of rows, every row."""
+    rng = np.random.RandomState(5)
+    x = rng.randn(m, 96).astype(np.float32)
+    w = jnp.asarray(rng.randn(64, 96) * 0.1, jnp.bfloat16)
+    wp = cpu_kernel.pack_weight(w)
+    whole = np.asarray(cpu_kernel.gemm_packed(jnp.asarray(x, jnp.bfloat16), wp, jnp.float32))
+    x[lo:hi] = np.nan
+    got = np.asarray(jax.jit(lambda x, wp, lo: cpu_kernel.gemm_packed(x, wp, jnp.float32, skip=(lo, hi)))(
+        jnp.asarray(x, jnp.bfloat16), wp, lo))
+    keep = np.r_[0:lo, hi:m]
+    np.testing.assert_array_equal(got[keep], whole[keep])
+    assert not got[lo:hi].any()
+
+
+def test_packed_product_skips_only_in_a_product_of_the_named_rows(monkeypatch):
+    """Under skip_rows (as steps.mixed traces its decoder), a packed product over that many rows leaves
+    the named rows out; one over other rows (the lm_head's over the step's rows), or outside, none."""
+    from qvl_jax.engine import packed
+
+    seen = []
+    real = cpu_kernel.gemm_packed
+    monkeypatch.setattr(cpu_kernel, "gemm_packed", lambda x, wp, out_dtype=jnp.bfloat16, skip=None:
+                        seen.append((x.size // x.shape[-1], skip)) or real(x, wp, out_dtype, skip))
+    x, wp = jnp.zeros((1, 40, 64), jnp.bfloat16), cpu_kernel.pack_weight(jnp.zeros((32, 64), jnp.bfloat16))
+    with packed.skip_rows(40, 30, 36):
+        packed.product(x, wp)
+        packed.product(x[:, :8], wp)
+    packed.product(x, wp)
+    assert seen == [(40, (30, 36)), (8, None), (40, None)]
+
+
 def test_bfloat16_product_is_rounded_before_a_float32_op():
     """`matmul_t`'s bfloat16 product reaches the next op rounded to bfloat16, also where that op takes
     it to float32 inside the same jit (q_norm after q_proj, at a prompt chunk's rows and 16 heads of

@@ -220,11 +220,14 @@ def pack_weight(w: jax.Array) -> jax.Array:
     return blocks.transpose(0, 3, 1, 4, 2, 5).reshape(n // 32, k // 32, 2, 16, 32)
 
 
-def gemm_packed(x: jax.Array, wp: jax.Array, out_dtype=jnp.bfloat16) -> jax.Array:
+def gemm_packed(x: jax.Array, wp: jax.Array, out_dtype=jnp.bfloat16, skip=None) -> jax.Array:
     """x [..., k] times the packed weight wp (`pack_weight` of w [n, k]) transposed: [..., n], the
     float32 sums of each output as they are (out_dtype float32) or rounded once (bfloat16): XLA's
     bfloat16 product with a float32 accumulator, bit for bit on the CPU's tile unit (AMX), where it
-    runs; with AVX512_BF16 vectors or a float32 loop elsewhere (the same sums in another order). No gradient: inference only."""
+    runs; with AVX512_BF16 vectors or a float32 loop elsewhere (the same sums in another order).
+    skip: (lo, hi), int scalars (traced or not): rows [lo, hi) of x flattened to [m, k] are not
+    computed and come out as zeros (the other rows' sums are the same either way). No gradient:
+    inference only."""
     assert available(), unavailable_reason()
     *lead, k = x.shape
     n = wp.shape[0] * 32
@@ -232,8 +235,9 @@ def gemm_packed(x: jax.Array, wp: jax.Array, out_dtype=jnp.bfloat16) -> jax.Arra
         raise TypeError(f"gemm_packed: x {x.dtype}{list(x.shape)} and a packed weight {wp.dtype}{list(wp.shape)} "
                         "(bfloat16, the same k)")
     m = int(np.prod(lead, dtype=np.int64))
+    rows = jnp.zeros(2, jnp.int32) if skip is None else jnp.stack([jnp.asarray(b, jnp.int32) for b in skip])
     call = jax.ffi.ffi_call("qvl_gemm_packed", jax.ShapeDtypeStruct((m, n), out_dtype), vmap_method="sequential")
-    return call(x.reshape(m, k), wp).reshape(*lead, n)
+    return call(x.reshape(m, k), wp, rows).reshape(*lead, n)
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

@@ -1107,7 +1107,9 @@ ffi::Error PagedPrefillPacked(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
 // contraction, x in chunks of ~1 MB that stay in L2 while the panels stream past them (the order
 // that made this as fast as oneDNN's product here, 1.5x XLA's: docs/performance.md). With AVX512_BF16
 // and no AMX (AMD Zen 4 / 5): VDPBF16PS over the same panels (DpGemm below), the float32 sums in
-// another order. Elsewhere a float32 loop, the same sums in another order again.
+// another order. Elsewhere a float32 loop, the same sums in another order again. skip [2] (lo, hi):
+// rows [lo, hi) of x are not computed and their outputs are zeros (a mixed step's padding tokens,
+// `packed.skip_rows`); (0, 0) computes every row.
 constexpr int64_t kGemmChunkBytes = 1 << 20;
 
 #if defined(QVL_AMX)
@@ -1134,12 +1136,13 @@ inline void StoreRows(const float* c, float* y, int64_t ldy, int64_t m0, int64_t
 // Rows [mc, mend) of y (multiples of 32 of the padded rows) by weight blocks [nb0, nb1).
 template <typename Out>
 void GemmTask(const uint16_t* xp, const uint16_t* wp, Out* y, int64_t m, int64_t n, int64_t kb_count,
-              int64_t mc, int64_t mend, int64_t nb0, int64_t nb1) {
+              int64_t mc, int64_t mend, int64_t nb0, int64_t nb1, int64_t lo, int64_t hi) {
   GemmConfigure();
   alignas(64) float c[4][256];
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const uint16_t* bp = wp + nb * kb_count * 1024;
     for (int64_t r = mc; r < mend; r += 32) {
+      if (r >= lo && r + 32 <= hi) continue;  // skipped rows: their zeros are written
       const uint16_t* a0 = xp + (r / 16) * kb_count * 512;
       const uint16_t* a1 = a0 + kb_count * 512;
       _tile_zero(0);
@@ -1301,7 +1304,7 @@ void DpBlock(int rows, const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* 
 // block) against every panel once, or a prompt chunk's blocks by panels and slices of the contraction.
 template <typename Out>
 void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, const uint16_t* ws, int64_t nbs,
-            Out* y) {
+            Out* y, int64_t lo, int64_t hi) {
   const int64_t n = nbs * 32, kbs = k / 32, blocks = (m + kDpRows - 1) / kDpRows;
   // x's pairs by blocks of 14 rows, [block][k/2][14] (rows past m zero): the rows' pairs of one
   // step side by side, where rows k apart would share cache sets.
@@ -1311,7 +1314,7 @@ void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, con
     int32_t* dst = xp + bl * (k / 2) * kDpRows;
     for (int64_t j = 0; j < kDpRows; ++j) {
       const int64_t r = bl * kDpRows + j;
-      if (r < m) {
+      if (r < m && !(r >= lo && r < hi)) {
         const int32_t* src = reinterpret_cast<const int32_t*>(xs + r * k);
         for (int64_t q = 0; q < k / 2; ++q) dst[q * kDpRows + j] = src[q];
       } else {
@@ -1340,6 +1343,7 @@ void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, con
           const int64_t kb1 = std::min(kbs, kb0 + kDpSlice);
           for (int64_t nb = nb0; nb < nb1; ++nb)
             for (int64_t bl = b0; bl < b1; ++bl) {
+              if (bl * kDpRows >= lo && std::min(m, (bl + 1) * kDpRows) <= hi) continue;  // skipped rows
               const int rows = static_cast<int>(std::min<int64_t>(kDpRows, m - bl * kDpRows));
               float* c = cbuf.data() + (bl - b0) * kDpRows * ldc + (nb - nb0) * 32;
               DpBlockK(rows, xp + bl * (k / 2) * kDpRows, ws, kbs, kb0, kb1, c, ldc, y, n, bl * kDpRows, nb);
@@ -1352,7 +1356,8 @@ void DpGemm(ffi::ThreadPool& pool, const uint16_t* xs, int64_t m, int64_t k, con
 }
 #endif
 
-ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Buffer<ffi::S32> skip,
+                      ffi::Result<ffi::AnyBuffer> out) {
   auto xd = x.dimensions(), wd = wp.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 5 || od.size() != 2 || wd[2] != 2 || wd[3] != 16 || wd[4] != 32)
     return ffi::Error::InvalidArgument("qvl_gemm_packed: x [m, k], wp [n/32, k/32, 2, 16, 32], out [m, n]");
@@ -1368,6 +1373,17 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
   uint16_t* y = static_cast<uint16_t*>(out->untyped_data());
   float* y32 = static_cast<float*>(out->untyped_data());
   if (m == 0) return ffi::Error::Success();
+  if (skip.element_count() != 2) return ffi::Error::InvalidArgument("qvl_gemm_packed: skip [2] (lo, hi)");
+  // Rows [lo, hi) (a mixed step's padding) are not computed: their outputs are zeros.
+  const int64_t lo = std::clamp<int64_t>(skip.typed_data()[0], 0, m);
+  const int64_t hi = std::clamp<int64_t>(skip.typed_data()[1], lo, m);
+  const auto skipped = [lo, hi](int64_t r) { return r >= lo && r < hi; };
+  for (int64_t r = lo; r < hi; ++r) {
+    if (f32_out)
+      std::fill(y32 + r * n, y32 + (r + 1) * n, 0.0f);
+    else
+      std::fill(y + r * n, y + (r + 1) * n, uint16_t{0});
+  }
 #if defined(QVL_AMX)
   if (AmxReady()) {
     const int64_t mp = (m + 31) / 32 * 32;
@@ -1377,7 +1393,7 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
       for (int64_t kb = 0; kb < kbs; ++kb)
         for (int j = 0; j < 16; ++j) {
           const int64_t r = b * 16 + j;
-          __m512i v = r < m ? _mm512_loadu_si512(xs + r * k + kb * 32) : _mm512_setzero_si512();
+          __m512i v = r < m && !skipped(r) ? _mm512_loadu_si512(xs + r * k + kb * 32) : _mm512_setzero_si512();
           _mm512_storeu_si512(xp + ((b * kbs + kb) * 16 + j) * 32, v);
         }
     });
@@ -1387,9 +1403,9 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
       const int64_t ch = t / groups, g = t % groups;
       const int64_t r0 = ch * chunk, r1 = std::min(mp, (ch + 1) * chunk), n0 = g * nbs / groups, n1 = (g + 1) * nbs / groups;
       if (f32_out)
-        GemmTask(xp, ws, y32, m, n, kbs, r0, r1, n0, n1);
+        GemmTask(xp, ws, y32, m, n, kbs, r0, r1, n0, n1, lo, hi);
       else
-        GemmTask(xp, ws, y, m, n, kbs, r0, r1, n0, n1);
+        GemmTask(xp, ws, y, m, n, kbs, r0, r1, n0, n1, lo, hi);
     });
     Buffers().Give(std::move(buf));
     return ffi::Error::Success();
@@ -1397,12 +1413,13 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
 #endif
 #if defined(QVL_DPBF16)
   if (f32_out)
-    DpGemm(pool, xs, m, k, ws, nbs, y32);
+    DpGemm(pool, xs, m, k, ws, nbs, y32, lo, hi);
   else
-    DpGemm(pool, xs, m, k, ws, nbs, y);
+    DpGemm(pool, xs, m, k, ws, nbs, y, lo, hi);
   return ffi::Error::Success();
 #endif
   ParallelFor(pool, m, [&](int64_t r) {
+    if (skipped(r)) return;
     std::vector<float> acc(n, 0.0f);
     for (int64_t nb = 0; nb < nbs; ++nb)
       for (int64_t kb = 0; kb < kbs; ++kb)
@@ -1509,6 +1526,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlGemmPacked, GemmPacked,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QvlPagedPrefill, PagedPrefill,

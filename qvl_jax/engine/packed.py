@@ -19,10 +19,15 @@ product and that copy fits in half of the host memory left beside the KV pool (`
 why not elsewhere). The copies follow the model: when its params change (training, LoRA,
 `set_attention`), the next step packs them again. Only the engine's steps use them; generate and
 training keep the model's own. The same view (`StepParams`) has the vision blocks attend through
-`cpu_kernel.block_attention` wherever the engine runs the CPU kernels (any dtype).
+`cpu_kernel.block_attention` wherever the engine runs the CPU kernels (any dtype). A mixed step's
+padding tokens (its chunks' length rounded up to a bucket) skip the packed products (`skip_rows`):
+a 300-token chunk in a 384-token bucket costs its 300 rows' products, not 384.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +87,28 @@ def _packable(module):
         yield head, w
 
 
+_SKIP = contextvars.ContextVar("qvl_packed_skip", default=None)
+
+
+@contextlib.contextmanager
+def skip_rows(rows: int, lo, hi: int):
+    """While a step traces its decoder over `rows` flattened rows: the packed products of that many
+    rows leave rows [lo, hi) out (a mixed step's padding tokens: `steps.mixed`), their outputs zeros.
+    A product over another row count (the lm_head over the step's rows) computes every row."""
+    token = _SKIP.set((rows, lo, hi))
+    try:
+        yield
+    finally:
+        _SKIP.reset(token)
+
+
+def product(x: jax.Array, wp: jax.Array) -> jax.Array:
+    """`cpu_kernel.gemm_packed` of a packed module, leaving out the rows `skip_rows` names."""
+    skip = _SKIP.get()
+    rows = x.size // x.shape[-1]
+    return cpu_kernel.gemm_packed(x, wp, skip=skip[1:] if skip is not None and skip[0] == rows else None)
+
+
 class StepParams:
     """The (Structure, leaves) the engine's steps and vision tower take: the model's, seen through a
     view where pack_weights packs the decoder's weights, and where vision_kernel the vision blocks
@@ -102,7 +129,7 @@ class StepParams:
             if self.pack_weights:
                 for node, w in _packable(module):
                     node.packed = PackedWeight(cpu_kernel.pack_weight(w))
-                    node.packed_product = cpu_kernel.gemm_packed
+                    node.packed_product = product
             if self.vision_kernel and module.model.visual is not None:
                 for block in module.model.visual.blocks:
                     block.attn.attend_kernel = cpu_kernel.block_attention

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qvl_jax import sharding
-from qvl_jax.engine import cpu_kernel, sampling
+from qvl_jax.engine import cpu_kernel, packed, sampling
 from qvl_jax.engine.paged import MixedView
 from qvl_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingFlags
 from qvl_jax.modeling.model import Structure
@@ -468,7 +468,9 @@ def mixed(structure: Structure, leaves: list, flags: SamplingFlags, window: int,
     x = jnp.concatenate([x, lookup(last_tok[:, None]).reshape(1, r, -1).astype(x.dtype)], axis=1)
     positions = jnp.concatenate([positions, jnp.broadcast_to((seq + rows.delta)[None, None], (3, 1, r))], axis=2)
     view = MixedView(first, second.view(seq[:, None], active[:, None], window), t)
-    h, view = m.model.language_model(x, positions, (mask_first, mask_second), deepstack, view)
+    # The chunks' padding tokens (after the last chunk, before the decode rows) skip the products.
+    with packed.skip_rows(t + r, starts[-1], t):
+        h, view = m.model.language_model(x, positions, (mask_first, mask_second), deepstack, view)
     last = jnp.where(prefilling[:, None], jnp.take(h[0, :t], last_idx, axis=0), h[0, t:])  # [r, d]
     ran = final | active
     logits = _rows_logits(m, last, ran)  # [r, vocab]
