@@ -171,28 +171,55 @@ void Task(const Problem& p, int64_t row, int64_t k0, int64_t k1, std::vector<flo
 #if defined(__AVX512F__)
 // Task in 16-lane vectors, for head_dim 16 * HV (HV 1, 2, 4 or 8; other head dims take Task): the
 // scores of 16 keys at a time (each dot's 16 partial sums added as a tree, the 16 trees side by side),
-// the softmax's sums and the weights' rounding in vectors, the weighted sums of values over blocks of
-// 16 keys in registers; each block's keys (and values) prefetched while the block before is in use.
-// Keys outside the mask are never read. Per head, the same additions whatever the task's kv heads, so
-// a row's answer does not depend on how its heads were split.
+// the softmax in vectors (Exp512 and RoundBf16 below, as the prefill kernel's), the weighted sums of
+// values over blocks of 16 keys in registers; each block's keys (and values) prefetched while the
+// block before is in use. Keys outside the mask are never read. Per head, the same additions whatever
+// the task's kv heads, so a row's answer does not depend on how its heads were split.
 inline __m512 LoadLanes(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 LoadLanes(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-// The bfloat16 bits (in each lane's high half) nearest v, as f32_to_bf16: ties to even, NaN stays NaN.
-inline __m512i RoundBits(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
+// exp(x) in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
+// scaled by 2^n), within about 1 ulp; underflows to 0 below about -104.
+inline __m512 Exp512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+  x = _mm512_min_ps(x, hi);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 mask bytes (bool) as a lane mask.
+inline __mmask16 Mask16(const bool* m) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+  return _mm_test_epi8_mask(b, b);
+}
+
+// x rounded to bfloat16 (nearest even, as XLA's convert) and back to float32, NaN kept.
+inline __m512 RoundBf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  return _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
+
 inline void StoreLanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void StoreLanes(uint16_t* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(RoundBits(v), 16)));
-}
-inline __m512 RoundLanes(float, __m512 v) { return v; }
-inline __m512 RoundLanes(uint16_t, __m512 v) {  // as Elem<uint16_t>::round
-  return _mm512_castsi512_ps(_mm512_and_si512(RoundBits(v), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+inline void StoreLanes(uint16_t* p, __m512 v) {  // as f32_to_bf16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(RoundBf16(v)), 16)));
 }
 
 // Lane k: the sum of v[k]'s 16 lanes.
@@ -279,12 +306,20 @@ void TaskVec(const Problem& p, int64_t row, int64_t k0, int64_t k1, std::vector<
     __m512 top = ninf;
     for (int64_t j = 0; j < ep; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sc + j));
     const float t = _mm512_reduce_max_ps(top);
-    for (int64_t j = 0; j < ep; ++j) sc[j] = std::exp(sc[j] - t);
     __m512 tot = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ep; j += 16) tot = _mm512_add_ps(tot, _mm512_loadu_ps(sc + j));
+    for (int64_t j = 0; j < ep; j += 16) {
+      const __m512 x = _mm512_loadu_ps(sc + j);
+      const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, Exp512(_mm512_sub_ps(x, _mm512_set1_ps(t))));
+      _mm512_storeu_ps(sc + j, e);
+      tot = _mm512_add_ps(tot, e);
+    }
     const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(tot));
-    for (int64_t j = 0; j < ep; j += 16)
-      _mm512_storeu_ps(sc + j, RoundLanes(T{}, _mm512_div_ps(_mm512_loadu_ps(sc + j), total)));
+    for (int64_t j = 0; j < ep; j += 16) {
+      __m512 w = _mm512_div_ps(_mm512_loadu_ps(sc + j), total);
+      if (sizeof(T) == 2) w = RoundBf16(w);  // the probabilities in the activation dtype
+      _mm512_storeu_ps(sc + j, w);
+    }
   }
   float* sums = q;  // q is spent: each head's weighted sum of values, carried over blocks of 16 keys
   for (int64_t i = 0; i < nh * h; i += 16) _mm512_storeu_ps(sums + i, _mm512_setzero_ps());
@@ -447,43 +482,6 @@ constexpr int64_t kKeyAlign = 32;  // keys gathered and scored in multiples of t
 static_assert(kKeyAlign % 32 == 0, "the AMX weighted sums take whole 32-key tiles of the scored keys");
 
 #if defined(__AVX512F__)
-// exp(x) in float32 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, then
-// scaled by 2^n), within about 1 ulp; underflows to 0 below about -104.
-inline __m512 Exp512(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
-  x = _mm512_min_ps(x, hi);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// 16 mask bytes (bool) as a lane mask.
-inline __mmask16 Mask16(const bool* m) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
-  return _mm_test_epi8_mask(b, b);
-}
-
-// x rounded to bfloat16 (nearest even, as XLA's convert) and back to float32, NaN kept.
-inline __m512 RoundBf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
 // out[u, 0:64] = sum_{j < e} w[u * ep + j] * v[j * stride, 0:64] for ROWS queries u (out rows h apart).
 template <int ROWS>
 inline void PvTile(const float* w, int64_t ep, const float* v, int64_t stride, int64_t e, float* out) {
