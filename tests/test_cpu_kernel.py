@@ -178,7 +178,7 @@ def test_packed_product_equals_xla_product(m, k, n):
     (and float32 sums); on the tile unit bit for bit XLA's own bfloat16 product (`matmul_t`), whose
     AMX sums run in the same order, and its float32 sums those of XLA's dot with a float32 result.
     A misplaced pair or block in the packing fails both. The shapes reach each AVX512_BF16 path: a
-    decode step's rows (1 row by 8 panels and single panels, 8 rows as 4 + 4 by 3 panels), a prompt
+    decode step's rows (1 row by 8 panels and single panels, 7 and 8 rows by single panels), a prompt
     chunk's (blocks of 12 rows and a rest, two slices of the contraction, two chunks of rows, a
     task of 4 panels and one of 1)."""
     from qvl_jax.modeling.layers import matmul_t

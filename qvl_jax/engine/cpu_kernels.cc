@@ -1266,18 +1266,15 @@ void DpBlockK(int rows, const int32_t* xb, const uint16_t* ws, int64_t kbs, int6
 }
 
 // Rows [r0, r0 + rows) (rows <= 12) by panels [nb0, nb1): the widest tile the registers hold (MR x NP
-// x 2 accumulators in 31 of the 32), panels one at a time where NP does not divide.
+// x 2 accumulators in 31 of the 32), panels one at a time where NP does not divide. Every row in one
+// tile, so each panel streams from memory once while the arithmetic runs (7 or 8 rows as two tiles
+// of 4 over 3 panels read each panel twice, the second time with nothing streaming: a 2B decode
+// step's products at 8 rows 43-46 -> 36-38 ms).
 template <int MR, typename Out>
 void DpRows(const int32_t* xb, const uint16_t* ws, int64_t kbs, Out* y, int64_t n, int64_t r0, int64_t nb0,
             int64_t nb1) {
   constexpr int NP = MR == 1 ? 8 : MR == 2 ? 5 : MR == 3 ? 4 : MR == 4 ? 3 : MR <= 6 ? 2 : 1;
   int64_t nb = nb0;
-  if constexpr (MR == 7 || MR == 8) {  // two tiles of 4 and MR - 4 rows over 3 panels at a time
-    for (; nb + 3 <= nb1; nb += 3) {
-      DpTile<4, 3>(xb, ws, kbs, y, n, r0, nb);
-      DpTile<MR - 4, 3>(xb + 4, ws, kbs, y, n, r0 + 4, nb);
-    }
-  }
   for (; nb + NP <= nb1; nb += NP) DpTile<MR, NP>(xb, ws, kbs, y, n, r0, nb);
   for (; nb < nb1; ++nb) DpTile<MR, 1>(xb, ws, kbs, y, n, r0, nb);
 }
