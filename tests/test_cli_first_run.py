@@ -200,8 +200,11 @@ def test_info_prints_text_by_default(cli_env, capsys):
 
 
 def test_ctrl_c_exits_130_with_one_line(tmp_path):
-    code = ("import os, signal, sys\nfrom qvl_jax import cli\n"
-            "def interrupted(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+    # raise_signal, not os.kill: a process-directed SIGINT may land on another thread, and the main
+    # thread then runs a few more lines before its KeyboardInterrupt (seen once under load: the CLI
+    # went on with the stub's None). raise_signal delivers to this thread and raises at once.
+    code = ("import signal, sys\nfrom qvl_jax import cli\n"
+            "def interrupted(*args, **kwargs):\n    signal.raise_signal(signal.SIGINT)\n"
             "cli.resolve_model = interrupted\n"
             "sys.exit(cli.main(['generate', '--prompt', 'x']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False,
