@@ -41,6 +41,12 @@ It warms itself up before /health (70-100 s here); no untimed requests are sent 
 intercept, a 448x448 image's extra TTFT, and decode seconds a token at batch 1; medians of REPEATS.
 Where each server's seconds go, measured the same way on both (`--concurrency ""` probes alone).
 
+--repeat N: each level's timed workload N times on each server (new prompts and images each time, the
+same ones for both servers), one line a run, then a line of medians over the runs (output tokens/s,
+wall, TTFT and ITL percentiles: the median of each run's p50, ...); the ratios use those medians. One
+run's TTFT p50 at concurrency 8 moves by tens of percent on either server (where the median request
+lands among the arrival clusters), so judge latency from several.
+
 --dtype float32|bfloat16: both servers' working dtype (ours: `serve --dtype`; default: as stored).
 
 --peer transformers --peer-venv VENV (the default peer): runs `VENV/bin/transformers serve <checkpoint> --continuous-batching --device
@@ -461,6 +467,34 @@ def _peer_files(args) -> str:
     return str(path)
 
 
+MEDIAN_KEYS = ("wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+
+
+def level_runs(run, seed: int, repeats: int, name: str) -> dict:
+    """`repeats` timed runs of one level (run(seed) -> line; repeat r's workload seeded seed + 10000 r,
+    so repeat 0 is the single run's), each printed; with more than one, a line of medians over them
+    (MEDIAN_KEYS, and the sums of errors and short requests), printed and returned."""
+    lines = []
+    for r in range(repeats):
+        line = {"server": name, **run(seed + 10000 * r)}
+        if repeats > 1:
+            line["repeat"] = r
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    if repeats == 1:
+        return lines[0]
+    med = {"server": name, "concurrency": lines[0]["concurrency"], "median_of": repeats}
+    for k in MEDIAN_KEYS:
+        xs = [x[k] for x in lines if x.get(k) is not None]
+        med[k] = round(float(np.median(xs)), 2) if xs else None
+    for k in ("errors", "short_requests"):
+        med[k] = sum(x[k] for x in lines)
+    med["ttft_p50_ms_runs"] = [x["ttft_p50_ms"] for x in lines]
+    med["output_tok_s_runs"] = [x["output_tok_s"] for x in lines]
+    print(json.dumps(med), flush=True)
+    return med
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model for our server (default: tiny-random)")
@@ -502,6 +536,8 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="timed runs of each level on each server, new prompts each; medians reported (default: 1)")
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize")
     ap.add_argument("--probe", type=int, default=0, metavar="REPEATS",
                     help="after the levels, each server's one-request probes, REPEATS of each (see probe())")
@@ -511,6 +547,8 @@ def main() -> int:
     if args.config and args.model:
         ap.error("--config and --model are alternatives")
     levels = [int(c) for c in args.concurrency.split(",") if c]
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the servers (finally below)
     procs: list[subprocess.Popen] = []
     results: dict[str, dict[int, dict]] = {}
@@ -531,16 +569,18 @@ def main() -> int:
                 run_level(url, served, args.api_key, workload(args.warmup, args.seed + 1000 + c, args.image_every,
                                                               args.max_tokens), c, json_schema=args.json_schema)
             for c in levels:
-                jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
-                before = engine_counters(url) if name == "qvl_jax" else None
-                line = {"server": name, **run_level(url, served, args.api_key, jobs, c, json_schema=args.json_schema),
-                        **({"json_schema": True} if args.json_schema else {})}
-                if before:
-                    line.update(engine_split(before, engine_counters(url)))
-                if name == "qvl_jax" and procs:
-                    line["server_rss_bytes"] = _rss(procs[0].pid)
-                results.setdefault(name, {})[c] = line
-                print(json.dumps(line), flush=True)
+                def run(seed, url=url, served=served, name=name, c=c):
+                    jobs = workload(args.requests, seed, args.image_every, args.max_tokens)
+                    before = engine_counters(url) if name == "qvl_jax" else None
+                    line = {**run_level(url, served, args.api_key, jobs, c, json_schema=args.json_schema),
+                            **({"json_schema": True} if args.json_schema else {})}
+                    if before:
+                        line.update(engine_split(before, engine_counters(url)))
+                    if name == "qvl_jax" and procs:
+                        line["server_rss_bytes"] = _rss(procs[0].pid)
+                    return line
+
+                results.setdefault(name, {})[c] = level_runs(run, args.seed + c, args.repeat, name)
             if args.probe:
                 results.setdefault(name, {})["probe"] = line = {"server": name, "probe": probe(
                     url, served, args.api_key, args.probe, args.seed + 2000)}
@@ -557,12 +597,14 @@ def main() -> int:
                 run_level(url, peer_dir, args.api_key, workload(args.peer_warmup, args.seed + 1000, args.image_every,
                                                                 args.max_tokens), 1, True)
             for c in levels:
-                jobs = workload(args.requests, args.seed + c, args.image_every, args.max_tokens)
-                line = {"server": args.peer, **run_level(url, peer_dir, args.api_key, jobs, c, hf)}
-                if hf:
-                    line["continuous_batching"] = _peer_batching(log)
-                results.setdefault(args.peer, {})[c] = line
-                print(json.dumps(line), flush=True)
+                def run(seed, url=url, c=c):
+                    jobs = workload(args.requests, seed, args.image_every, args.max_tokens)
+                    line = run_level(url, peer_dir, args.api_key, jobs, c, hf)
+                    if hf:
+                        line["continuous_batching"] = _peer_batching(log)
+                    return line
+
+                results.setdefault(args.peer, {})[c] = level_runs(run, args.seed + c, args.repeat, args.peer)
             if args.probe:
                 results.setdefault(args.peer, {})["probe"] = line = {"server": args.peer, "probe": probe(
                     url, peer_dir, args.api_key, args.probe, args.seed + 2000, hf)}
@@ -570,7 +612,7 @@ def main() -> int:
         peer = next((p for p in ("transformers", "vllm", "peer") if p in results), None)
         if peer and "qvl_jax" in results:
             ours, theirs = results["qvl_jax"], results[peer]
-            ratios = {"ratios": f"qvl_jax over {peer}"}
+            ratios = {"ratios": f"qvl_jax over {peer}", **({"of_medians": args.repeat} if args.repeat > 1 else {})}
             for c in levels:
                 a, b = ours.get(c), theirs.get(c)
                 if not a or not b:
