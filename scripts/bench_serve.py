@@ -42,10 +42,10 @@ intercept, a 448x448 image's extra TTFT, and decode seconds a token at batch 1; 
 Where each server's seconds go, measured the same way on both (`--concurrency ""` probes alone).
 
 --repeat N: each level's timed workload N times on each server (new prompts and images each time, the
-same ones for both servers), one line a run, then a line of medians over the runs (output tokens/s,
-wall, TTFT and ITL percentiles: the median of each run's p50, ...); the ratios use those medians. One
-run's TTFT p50 at concurrency 8 moves by tens of percent on either server (where the median request
-lands among the arrival clusters), so judge latency from several.
+same ones for both servers), one line a run, then a summary line: the median over the runs of output
+tokens/s (and wall, requests/s), TTFT and ITL percentiles over all the runs' requests together; the
+ratios use the summary. One run's TTFT p50 at concurrency 8 moves by tens of percent on either server
+(where the median request lands among the arrival clusters), so judge latency from several.
 
 --dtype float32|bfloat16: both servers' working dtype (ours: `serve --dtype`; default: as stored).
 
@@ -190,7 +190,8 @@ def run_level(base_url: str, model: str, api_key: str, jobs: list[dict], concurr
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": len(jobs), "errors": errors[0], "wall_s": round(wall, 2),
+    return {"_ttft": ttft, "_itl": itl,  # raw, for level_runs' pooled percentiles (not printed)
+            "concurrency": concurrency, "requests": len(jobs), "errors": errors[0], "wall_s": round(wall, 2),
             "output_tok_s": round(out_tokens[0] / wall, 1), "req_s": round(len(jobs) / wall, 2),
             "output_tokens": out_tokens[0], "prompt_tokens": prompt_tokens[0], "requested_tokens": sum(j["max_tokens"] for j in jobs),
             "short_requests": short[0],
@@ -467,30 +468,31 @@ def _peer_files(args) -> str:
     return str(path)
 
 
-MEDIAN_KEYS = ("wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-
-
 def level_runs(run, seed: int, repeats: int, name: str) -> dict:
-    """`repeats` timed runs of one level (run(seed) -> line; repeat r's workload seeded seed + 10000 r,
-    so repeat 0 is the single run's), each printed; with more than one, a line of medians over them
-    (MEDIAN_KEYS, and the sums of errors and short requests), printed and returned."""
+    """`repeats` timed runs of one level (run(seed) -> run_level's line; repeat r's workload seeded
+    seed + 10000 r, so repeat 0 is the single run's), each printed; with more than one, a summary
+    line, printed and returned: the medians over the runs of wall, output tokens/s and requests/s,
+    TTFT and ITL percentiles over all the runs' requests together (pooled), the sums of errors and
+    short requests, and each run's output tokens/s and TTFT p50."""
     lines = []
     for r in range(repeats):
-        line = {"server": name, **run(seed + 10000 * r)}
-        if repeats > 1:
-            line["repeat"] = r
+        line = run(seed + 10000 * r)
+        raw = {"ttft": line.pop("_ttft"), "itl": line.pop("_itl")}
+        line = {"server": name, **line, **({"repeat": r} if repeats > 1 else {})}
         print(json.dumps(line), flush=True)
-        lines.append(line)
+        lines.append((line, raw))
     if repeats == 1:
-        return lines[0]
-    med = {"server": name, "concurrency": lines[0]["concurrency"], "median_of": repeats}
-    for k in MEDIAN_KEYS:
-        xs = [x[k] for x in lines if x.get(k) is not None]
-        med[k] = round(float(np.median(xs)), 2) if xs else None
+        return lines[0][0]
+    med = {"server": name, "concurrency": lines[0][0]["concurrency"], "runs": repeats}
+    for k in ("wall_s", "output_tok_s", "req_s"):
+        med[k] = round(float(np.median([x[k] for x, _ in lines])), 2)
+    for k in ("ttft", "itl"):
+        pooled = [v for _, raw in lines for v in raw[k]]
+        med[f"{k}_p50_ms"], med[f"{k}_p99_ms"] = _pct(pooled, 50), _pct(pooled, 99)
     for k in ("errors", "short_requests"):
-        med[k] = sum(x[k] for x in lines)
-    med["ttft_p50_ms_runs"] = [x["ttft_p50_ms"] for x in lines]
-    med["output_tok_s_runs"] = [x["output_tok_s"] for x in lines]
+        med[k] = sum(x[k] for x, _ in lines)
+    med["output_tok_s_runs"] = [x["output_tok_s"] for x, _ in lines]
+    med["ttft_p50_ms_runs"] = [x["ttft_p50_ms"] for x, _ in lines]
     print(json.dumps(med), flush=True)
     return med
 
@@ -537,7 +539,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="timed runs of each level on each server, new prompts each; medians reported (default: 1)")
+                    help="timed runs of each level on each server, new prompts each; a summary line over them (default: 1)")
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize")
     ap.add_argument("--probe", type=int, default=0, metavar="REPEATS",
                     help="after the levels, each server's one-request probes, REPEATS of each (see probe())")
@@ -612,7 +614,7 @@ def main() -> int:
         peer = next((p for p in ("transformers", "vllm", "peer") if p in results), None)
         if peer and "qvl_jax" in results:
             ours, theirs = results["qvl_jax"], results[peer]
-            ratios = {"ratios": f"qvl_jax over {peer}", **({"of_medians": args.repeat} if args.repeat > 1 else {})}
+            ratios = {"ratios": f"qvl_jax over {peer}", **({"runs": args.repeat} if args.repeat > 1 else {})}
             for c in levels:
                 a, b = ours.get(c), theirs.get(c)
                 if not a or not b:
