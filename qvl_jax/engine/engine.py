@@ -504,8 +504,9 @@ class Engine:
         if (t, r) not in self._no_vision:
             d, k = self.cfg.text.hidden_size, len(self.cfg.vision.deepstack_visual_indexes)
             dt = self._vision_dtype()
-            self._no_vision[t, r] = (jnp.zeros((t, d), dt), jnp.zeros((k, t + r, d), dt),
-                                     jnp.full((1, t), -1, jnp.int32))
+            # device_put, not jnp.zeros: an eager jnp op compiles a program for each new shape.
+            self._no_vision[t, r] = jax.device_put((np.zeros((t, d), dt), np.zeros((k, t + r, d), dt),
+                                                    np.full((1, t), -1, np.int32)))
         return self._no_vision[t, r]
 
     def _vision_dtype(self):
@@ -566,7 +567,8 @@ class Engine:
                 self._seen, self._counts = steps.set_history(self._seen, self._counts, np.array([req.slot], np.int32),
                                                              hist, np.array([len(req.prompt)], np.int32))
             at += n
-        vision = self._text_vision(t, extra) if feats is None else tuple(map(jnp.asarray, (feats, deepstack, feat_index)))
+        # device_put, not jnp.asarray: that compiles a copy program for each new shape (kept for good).
+        vision = self._text_vision(t, extra) if feats is None else jax.device_put((feats, deepstack, feat_index))
         self.stats["prefill_tokens"] += total
         self.stats["prefill_padded_tokens"] += t
         return t, ids, positions, (np.arange(t) < total)[None], index, row, starts, vision

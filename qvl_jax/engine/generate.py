@@ -218,7 +218,7 @@ class Generator:
         vision = None
         if req.vision is not None:
             feats, deepstack = vision_tower(*self.model.split, req.vision)
-            vision = (feats, deepstack, jnp.asarray(req.feat_index))
+            vision = (feats, deepstack, jax.device_put(req.feat_index))
         seen, counts = history
         # Prefill hands the rows back on the device: the decode calls reuse them, changing only what
         # each loop hands back.

@@ -225,7 +225,7 @@ class SamplingParams:
 
     def arrays(self, batch: int) -> tuple[SamplingArrays, "SamplingFlags"]:
         """(device arrays [batch] each, the sampler's static flags)."""
-        return SamplingArrays(*(jnp.asarray(a) for a in self.rows(batch))), self.flags
+        return SamplingArrays(*jax.device_put(self.rows(batch))), self.flags
 
 
 def make_sampling(batch: int, **kw) -> tuple[SamplingArrays, "SamplingFlags"]:

@@ -168,6 +168,7 @@ def _vision_tower(structure, leaves, patches, pos_idx, pos_w, rope_pos, frame, m
 def vision_tower(structure: Structure, leaves: list, vis: VisionInputs) -> tuple[jax.Array, jax.Array]:
     """Merged features [bucket / m^2, d] and DeepStack features [K, bucket / m^2, d] of all images and
     videos of one call, in Hugging Face's token order (padding rows last)."""
-    return _vision_tower(structure, leaves, jnp.asarray(vis.patches), jnp.asarray(vis.pos_idx),
-                         jnp.asarray(vis.pos_w), jnp.asarray(vis.rope_pos), jnp.asarray(vis.frame),
-                         jnp.asarray(vis.merged_order), packed=vis.packed)
+    # The host arrays go to the jitted call as they are: jnp.asarray would first compile a copy
+    # program for each new shape.
+    return _vision_tower(structure, leaves, vis.patches, vis.pos_idx, vis.pos_w, vis.rope_pos, vis.frame,
+                         vis.merged_order, packed=vis.packed)
